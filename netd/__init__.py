@@ -1,0 +1,1 @@
+"""netd: the bridge network driver of pyengine (IPAM, bridge, veth, firewall, port mapping)."""
