@@ -1,0 +1,379 @@
+"""OCI bundle pieces: the runtime-spec config.json, the process from an image config, the
+user lookup inside the rootfs and the /etc/hosts, /etc/hostname, /etc/resolv.conf a container sees.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OCI_VERSION = "1.0.2"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+# Docker's fallback when the host only lists loopback resolvers (unreachable from a netns).
+FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
+NOFILE_LIMIT = 1048576
+
+# Docker's default (non-privileged) capability set, moby oci/caps/defaults.go.
+DEFAULT_CAPABILITIES = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+]
+
+# Docker's masked and read-only paths, moby oci/defaults.go.
+MASKED_PATHS = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+]
+READONLY_PATHS = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+]
+
+HOSTS_HEADER = (
+    "127.0.0.1\tlocalhost\n"
+    "::1\tlocalhost ip6-localhost ip6-loopback\n"
+    "fe00::0\tip6-localnet\n"
+    "ff00::0\tip6-mcastprefix\n"
+    "ff02::1\tip6-allnodes\n"
+    "ff02::2\tip6-allrouters\n"
+)
+
+
+@dataclass
+class PasswdEntry:
+    name: str
+    uid: int
+    gid: int
+
+
+@dataclass
+class GroupEntry:
+    name: str
+    gid: int
+    members: list[str]
+
+
+def _read_colon_file(path: Path) -> list[list[str]]:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            rows.append(line.split(":"))
+    return rows
+
+
+def _parse_id(text: str) -> int | None:
+    return int(text) if text.isdigit() else None
+
+
+def _passwd_entries(rootfs: Path) -> list[PasswdEntry]:
+    entries = []
+    for row in _read_colon_file(rootfs / "etc" / "passwd"):
+        if len(row) < 4:
+            continue
+        uid, gid = _parse_id(row[2]), _parse_id(row[3])
+        if uid is not None and gid is not None:
+            entries.append(PasswdEntry(name=row[0], uid=uid, gid=gid))
+    return entries
+
+
+def _group_entries(rootfs: Path) -> list[GroupEntry]:
+    entries = []
+    for row in _read_colon_file(rootfs / "etc" / "group"):
+        if len(row) < 3:
+            continue
+        gid = _parse_id(row[2])
+        if gid is None:
+            continue
+        members = [m for m in row[3].split(",") if m] if len(row) > 3 else []
+        entries.append(GroupEntry(name=row[0], gid=gid, members=members))
+    return entries
+
+
+def resolve_user(rootfs: Path, user: str) -> tuple[int, int, list[int]]:
+    """(uid, gid, additional gids) for a Docker ``--user`` spec, looked up in the image's files.
+
+    Follows runc's GetExecUser: a numeric uid without a passwd entry is used as is (gid 0);
+    supplementary groups come from /etc/group only when no group is given explicitly.
+    """
+    user_part, _, group_part = user.partition(":")
+    passwd = _passwd_entries(rootfs)
+    uid, gid = 0, 0
+    matched_name = ""
+    if user_part == "":
+        match = next((e for e in passwd if e.uid == 0), None)
+    elif user_part.isdigit():
+        match = next((e for e in passwd if e.uid == int(user_part)), None)
+        uid = int(user_part)
+    else:
+        match = next((e for e in passwd if e.name == user_part), None)
+        if match is None:
+            raise ValueError(f"unable to find user {user_part}: no matching entries in passwd file")
+    if match is not None:
+        uid, gid, matched_name = match.uid, match.gid, match.name
+
+    additional: list[int] = []
+    groups = _group_entries(rootfs)
+    if group_part:
+        if group_part.isdigit():
+            gid = int(group_part)
+        else:
+            group = next((g for g in groups if g.name == group_part), None)
+            if group is None:
+                raise ValueError(
+                    f"unable to find group {group_part}: no matching entries in group file"
+                )
+            gid = group.gid
+    elif matched_name:
+        additional = [g.gid for g in groups if matched_name in g.members]
+    return uid, gid, additional
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def container_resolv_conf(host_text: str) -> str:
+    """The host's resolv.conf minus loopback nameservers, with Docker's public fallback."""
+    lines = []
+    nameservers = 0
+    for line in host_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "nameserver" and len(fields) > 1:
+            if _is_loopback(fields[1]):
+                continue
+            nameservers += 1
+        lines.append(line)
+    if nameservers == 0:
+        lines.extend(f"nameserver {ns}" for ns in FALLBACK_NAMESERVERS)
+    return "\n".join(lines) + "\n"
+
+
+def _write_file_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, 0o644)
+    os.rename(tmp, path)
+
+
+def write_network_files(
+    container_dir: Path,
+    hostname: str,
+    ip: str | None,
+    *,
+    host_resolv_conf: Path = HOST_RESOLV_CONF,
+) -> dict[str, Path]:
+    """Write hosts, hostname and resolv.conf into ``container_dir``; map in-container path → file."""
+    container_dir.mkdir(parents=True, exist_ok=True)
+    hosts = HOSTS_HEADER + (f"{ip}\t{hostname}\n" if ip else "")
+    try:
+        host_resolv = host_resolv_conf.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        host_resolv = ""
+    files = {
+        "/etc/hosts": (container_dir / "hosts", hosts),
+        "/etc/hostname": (container_dir / "hostname", f"{hostname}\n"),
+        "/etc/resolv.conf": (container_dir / "resolv.conf", container_resolv_conf(host_resolv)),
+    }
+    for path, text in files.values():
+        _write_file_atomic(path, text)
+    return {dest: path for dest, (path, _) in files.items()}
+
+
+def _default_mounts() -> list[dict[str, Any]]:
+    return [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/dev",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+        },
+        {
+            "destination": "/dev/pts",
+            "type": "devpts",
+            "source": "devpts",
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+        },
+        {
+            "destination": "/dev/shm",
+            "type": "tmpfs",
+            "source": "shm",
+            "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+        },
+        {
+            "destination": "/dev/mqueue",
+            "type": "mqueue",
+            "source": "mqueue",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
+        {
+            "destination": "/sys",
+            "type": "sysfs",
+            "source": "sysfs",
+            "options": ["nosuid", "noexec", "nodev", "ro"],
+        },
+        {
+            "destination": "/sys/fs/cgroup",
+            "type": "cgroup",
+            "source": "cgroup",
+            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+        },
+    ]
+
+
+def runtime_spec(
+    *,
+    rootfs: Path,
+    args: list[str],
+    env: list[str],
+    cwd: str,
+    user: tuple[int, int, list[int]],
+    hostname: str,
+    netns_path: str | None,
+    bind_files: dict[str, Path],
+    cgroups_path: str,
+) -> dict[str, Any]:
+    """An OCI runtime-spec config with Docker's default security profile (minus seccomp)."""
+    if not args:
+        raise ValueError("no command specified")
+    uid, gid, additional_gids = user
+    if not any(e.startswith("HOSTNAME=") for e in env):
+        env = [f"HOSTNAME={hostname}", *env]
+    mounts = _default_mounts()
+    for destination, source in sorted(bind_files.items()):
+        mounts.append(
+            {
+                "destination": destination,
+                "type": "bind",
+                "source": str(source),
+                "options": ["rbind", "rprivate"],
+            }
+        )
+    network: dict[str, str] = {"type": "network"}
+    if netns_path is not None:
+        network["path"] = netns_path
+    process_user: dict[str, Any] = {"uid": uid, "gid": gid}
+    if additional_gids:
+        process_user["additionalGids"] = list(additional_gids)
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": False,
+            "user": process_user,
+            "args": list(args),
+            "env": list(env),
+            "cwd": cwd,
+            "capabilities": {
+                "bounding": list(DEFAULT_CAPABILITIES),
+                "effective": list(DEFAULT_CAPABILITIES),
+                "permitted": list(DEFAULT_CAPABILITIES),
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": str(rootfs), "readonly": False},
+        "hostname": hostname,
+        "mounts": mounts,
+        "linux": {
+            "cgroupsPath": cgroups_path,
+            # Deny every device; runc appends its default allow list (null, zero, full, tty,
+            # random, urandom, ptmx...) and creates those nodes in /dev.
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                network,
+            ],
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+
+
+def _env_key(entry: str) -> str:
+    return entry.split("=", 1)[0]
+
+
+def merge_env(base: list[str], overrides: list[str]) -> list[str]:
+    """``base`` with each ``KEY=value`` of ``overrides`` replacing or appended by key; a bare
+    ``KEY`` (no ``=``) removes the variable, as Docker's ReplaceOrAppendEnvValues does."""
+    result = list(base)
+    for entry in overrides:
+        key = _env_key(entry)
+        positions = [i for i, e in enumerate(result) if _env_key(e) == key]
+        if "=" not in entry:
+            result = [e for e in result if _env_key(e) != key]
+        elif positions:
+            result[positions[0]] = entry
+        else:
+            result.append(entry)
+    return result
+
+
+def image_process(
+    image_config: dict[str, Any],
+    cmd_override: list[str] | None,
+    entrypoint_override: list[str] | None,
+    extra_env: list[str],
+) -> tuple[list[str], list[str], str, str]:
+    """(args, env, cwd, user) for a container of an image, with Docker's override rules.
+
+    A non-empty entrypoint override drops the image's Cmd; an empty one (``--entrypoint ""``)
+    drops the image's Entrypoint but keeps its Cmd. PATH gets Docker's default when unset.
+    """
+    image_entrypoint = list(image_config.get("Entrypoint") or [])
+    image_cmd = list(image_config.get("Cmd") or [])
+    if entrypoint_override:
+        entrypoint = list(entrypoint_override)
+        cmd = list(cmd_override or [])
+    else:
+        entrypoint = image_entrypoint if entrypoint_override is None else []
+        cmd = list(cmd_override) if cmd_override else image_cmd
+    args = entrypoint + cmd
+    if not args:
+        raise ValueError("no command specified")
+    env = merge_env(list(image_config.get("Env") or []), extra_env)
+    if not any(_env_key(e) == "PATH" for e in env):
+        env.insert(0, f"PATH={DEFAULT_PATH}")
+    cwd = image_config.get("WorkingDir") or "/"
+    user = image_config.get("User") or ""
+    return args, env, cwd, user

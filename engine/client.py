@@ -1,0 +1,150 @@
+"""A small synchronous client for the daemon's API over its unix socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import struct
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+from urllib.parse import quote, urlencode
+
+API_PREFIX = "/v1.41"
+
+
+class DaemonError(Exception):
+    """The daemon answered with an error: ``status`` and Docker's ``{"message": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class DaemonUnreachable(Exception):
+    pass
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, host: str) -> None:
+        if host.startswith("unix://"):
+            host = host[len("unix://"):]
+        if not host.startswith("/"):
+            raise ValueError(f"only unix:// daemon addresses are supported, got {host!r}")
+        self.socket_path = host
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: Any = None,
+        stream: BinaryIO | None = None,
+        timeout: float | None = 120,
+    ) -> http.client.HTTPResponse:
+        url = API_PREFIX + path
+        if query:
+            url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+        conn = _UnixHTTPConnection(self.socket_path, timeout)
+        headers = {"Host": "pyengine"}
+        data: Any = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        elif stream is not None:
+            data = stream
+            headers["Content-Type"] = "application/x-tar"
+            headers["Transfer-Encoding"] = "chunked"
+        try:
+            conn.request(method, url, body=data, headers=headers,
+                         encode_chunked=stream is not None)
+            resp = conn.getresponse()
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise DaemonUnreachable(
+                f"Cannot connect to the pyengine daemon at unix://{self.socket_path}. "
+                "Is pyengined running?"
+            ) from e
+        if resp.status >= 400:
+            raw = resp.read()
+            try:
+                message = json.loads(raw)["message"]
+            except (ValueError, KeyError, TypeError):
+                message = raw.decode(errors="replace").strip() or resp.reason
+            raise DaemonError(resp.status, message)
+        return resp
+
+    def json(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self.request(method, path, **kw)
+        raw = resp.read()
+        return json.loads(raw) if raw.strip() else None
+
+    # ---- calls ---------------------------------------------------------------------------
+
+    def ping(self) -> str:
+        return self.request("GET", "/_ping", timeout=5).read().decode()
+
+    def create(self, name: str | None, config: dict[str, Any]) -> str:
+        return self.json("POST", "/containers/create", query={"name": name}, body=config)["Id"]
+
+    def start(self, ref: str) -> None:
+        self.request("POST", f"/containers/{quote(ref)}/start").read()
+
+    def stop(self, ref: str, timeout: int | None = None) -> None:
+        self.request("POST", f"/containers/{quote(ref)}/stop", query={"t": timeout},
+                     timeout=None).read()
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        self.request("DELETE", f"/containers/{quote(ref)}", query={"force": int(force)},
+                     timeout=None).read()
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        return self.json("GET", f"/containers/{quote(ref)}/json")
+
+    def containers(self, all: bool = False) -> list[dict[str, Any]]:
+        return self.json("GET", "/containers/json", query={"all": int(all)})
+
+    def wait(self, ref: str, condition: str = "not-running") -> int:
+        return self.json("POST", f"/containers/{quote(ref)}/wait",
+                         query={"condition": condition}, timeout=None)["StatusCode"]
+
+    def logs(self, ref: str, follow: bool = False, tail: str = "all",
+             timestamps: bool = False) -> Iterator[tuple[int, bytes]]:
+        """(stream id, payload) frames of Docker's multiplexed log stream."""
+        resp = self.request(
+            "GET", f"/containers/{quote(ref)}/logs",
+            query={"stdout": 1, "stderr": 1, "follow": int(follow), "tail": tail,
+                   "timestamps": int(timestamps)},
+            timeout=None,
+        )
+        while True:
+            header = resp.read(8)
+            if len(header) < 8:
+                return
+            stream_id, size = struct.unpack(">BxxxL", header)
+            yield stream_id, resp.read(size)
+
+    def images(self) -> list[dict[str, Any]]:
+        return self.json("GET", "/images/json")
+
+    def load(self, archive: BinaryIO) -> list[str]:
+        resp = self.request("POST", "/images/load", stream=archive, timeout=None)
+        out = []
+        for line in resp.read().decode().splitlines():
+            if line.strip():
+                msg = json.loads(line)
+                if "error" in msg:
+                    raise DaemonError(500, msg["error"])
+                out.append(msg.get("stream", "").strip())
+        return out

@@ -1,0 +1,159 @@
+"""Container records: what the daemon knows about each container, persisted as JSON."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from netd.jsonstate import read_json, write_json_atomic
+
+NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_ADJECTIVES = ["brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid",
+               "nifty", "proud", "quirky", "serene", "tender", "vivid", "witty", "zealous"]
+_NAMES = ["babbage", "cerf", "dijkstra", "hopper", "kahn", "lamport", "liskov", "metcalfe",
+          "postel", "ritchie", "shannon", "thompson", "torvalds", "turing", "wirth"]
+
+
+class ContainerNotFound(Exception):
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"No such container: {ref}")
+
+
+class ContainerConflict(Exception):
+    pass
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class ContainerState:
+    status: str = "created"  # created | running | exited | removing (Docker's words)
+    pid: int = 0
+    monitor_pid: int = 0
+    exit_code: int = 0
+    started_at: str = "0001-01-01T00:00:00Z"
+    finished_at: str = "0001-01-01T00:00:00Z"
+    error: str = ""
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+@dataclass
+class PublishedPortRecord:
+    proto: str
+    host_ip: str
+    host_port: int
+    container_port: int
+
+
+@dataclass
+class NetworkRecord:
+    ip: str = ""
+    prefixlen: int = 0
+    gateway: str = ""
+    mac: str = ""
+    netns_path: str = ""
+    ports: list[PublishedPortRecord] = field(default_factory=list)
+
+
+@dataclass
+class Container:
+    id: str
+    name: str
+    created: str
+    image: str  # the reference the user gave
+    image_id: str
+    config: dict[str, Any]  # Docker's container Config (Cmd, Env, Entrypoint, ExposedPorts, ...)
+    host_config: dict[str, Any]  # Docker's HostConfig (PortBindings, AutoRemove, ...)
+    args: list[str] = field(default_factory=list)  # resolved argv (Entrypoint + Cmd)
+    state: ContainerState = field(default_factory=ContainerState)
+    network: NetworkRecord = field(default_factory=NetworkRecord)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Container:
+        net = dict(data.get("network", {}))
+        net["ports"] = [PublishedPortRecord(**p) for p in net.get("ports", [])]
+        return cls(
+            **{k: v for k, v in data.items() if k not in ("state", "network")},
+            state=ContainerState(**data.get("state", {})),
+            network=NetworkRecord(**net),
+        )
+
+
+class ContainerStore:
+    """Containers under ``<root>/<id>/container.json``; lookup by id, id prefix or name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self._containers: dict[str, Container] = {}
+        for entry in sorted(root.iterdir()):
+            data = read_json(entry / "container.json")
+            if data is not None:
+                self._containers[data["id"]] = Container.from_json(data)
+
+    def dir(self, container: Container) -> Path:
+        return self.root / container.id
+
+    def all(self) -> list[Container]:
+        return sorted(self._containers.values(), key=lambda c: c.created, reverse=True)
+
+    def new_id(self) -> str:
+        return os.urandom(32).hex()
+
+    def check_name(self, name: str) -> str:
+        if not NAME_RE.match(name):
+            raise ValueError(
+                f'Invalid container name ("{name}"), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed'
+            )
+        name = name.lstrip("/")
+        for c in self._containers.values():
+            if c.name == name:
+                raise ContainerConflict(
+                    f'Conflict. The container name "/{name}" is already in use by container '
+                    f'"{c.id}". You have to remove (or rename) that container to be able to '
+                    "reuse that name."
+                )
+        return name
+
+    def generate_name(self) -> str:
+        taken = {c.name for c in self._containers.values()}
+        while True:
+            name = f"{random.choice(_ADJECTIVES)}_{random.choice(_NAMES)}"
+            if name not in taken:
+                return name
+
+    def add(self, container: Container) -> None:
+        self._containers[container.id] = container
+        self.save(container)
+
+    def save(self, container: Container) -> None:
+        write_json_atomic(self.dir(container) / "container.json", asdict(container))
+
+    def get(self, ref: str) -> Container:
+        ref = ref.lstrip("/")
+        if ref in self._containers:
+            return self._containers[ref]
+        for c in self._containers.values():
+            if c.name == ref:
+                return c
+        matches = [c for c in self._containers.values() if ref and c.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ContainerConflict(f"Multiple IDs found with provided prefix: {ref}")
+        raise ContainerNotFound(ref)
+
+    def remove(self, container: Container) -> None:
+        self._containers.pop(container.id, None)
+        shutil.rmtree(self.dir(container), ignore_errors=True)

@@ -1,0 +1,132 @@
+"""pyengined: the daemon. Parses Docker's flags, composes the components, serves the API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import uvloop
+from aiohttp import web
+
+from engine.api import make_app
+from engine.engine import Engine, EngineConfig
+from engine.images import ImageStore
+from engine.runtime import Runtime
+from netd.controller import NetdConfig, NetworkController
+from proxy.supervisor import ProxySupervisor
+
+DEFAULT_HOST = "unix:///run/pyengine.sock"
+log = logging.getLogger("pyengined")
+
+
+def _bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise click.BadParameter(f"invalid boolean value {value!r} (want true or false)")
+
+
+def unix_socket_path(host: str) -> str:
+    if host.startswith("unix://"):
+        return host[len("unix://"):]
+    if host.startswith("/"):
+        return host
+    raise click.BadParameter(f"only unix:// hosts are supported, got {host!r}")
+
+
+async def serve(
+    sock_path: str, engine: Engine, network: NetworkController, pidfile: Path | None
+) -> None:
+    await asyncio.to_thread(network.setup)
+    await engine.recover()
+    app = make_app(engine)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    Path(sock_path).parent.mkdir(parents=True, exist_ok=True)
+    site = web.UnixSite(runner, sock_path)
+    await site.start()
+    os.chmod(sock_path, 0o660)
+    if pidfile:
+        pidfile.write_text(f"{os.getpid()}\n")
+    log.info("API listening on %s", sock_path)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    await engine.shutdown()
+    await asyncio.to_thread(network.teardown)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    if pidfile:
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-H", "--host", default=DEFAULT_HOST, show_default=True,
+              help="Daemon socket to listen on (unix://PATH).")
+@click.option("--data-root", default="/var/lib/pyengine", show_default=True,
+              type=click.Path(path_type=Path), help="Root of persisted state.")
+@click.option("--userland-proxy", default="true", show_default=True,
+              help="true: one pyengine-proxy per published port; false: kernel DNAT only.")
+@click.option("--userland-proxy-path", default=None,
+              help="Proxy binary (default: this Python's pyengine-proxy).")
+@click.option("--firewall-backend", type=click.Choice(["nftables"]), default="nftables",
+              show_default=True)
+@click.option("-b", "--bridge", default="pyengine0", show_default=True,
+              help="Name of the default bridge.")
+@click.option("--bip", default="10.47.0.1/16", show_default=True,
+              help="Address and prefix of the default bridge.")
+@click.option("--firewall-table", default="pyengine", show_default=True,
+              help="Name of the nftables table pyengine owns.")
+@click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
+@click.option("--runc", "runc_path", default="runc", show_default=True)
+@click.option("-D", "--debug", is_flag=True, help="Debug logging.")
+def main(
+    host: str, data_root: Path, userland_proxy: str, userland_proxy_path: str | None,
+    firewall_backend: str, bridge: str, bip: str, firewall_table: str, pidfile: Path | None,
+    runc_path: str, debug: bool,
+) -> None:
+    """pyengined: the pyengine daemon (Docker Engine API on a unix socket)."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if os.geteuid() != 0:
+        raise click.ClickException("pyengined must run as root")
+    use_proxy = _bool(userland_proxy)
+    sock_path = unix_socket_path(host)
+    data_root.mkdir(parents=True, exist_ok=True)
+    network = NetworkController(NetdConfig(
+        data_root=data_root, bridge=bridge, bridge_cidr=bip, table=firewall_table,
+        userland_proxy=use_proxy, firewall_backend=firewall_backend,
+    ))
+    proxy_argv = [userland_proxy_path] if userland_proxy_path else [
+        sys.executable, "-m", "proxy.main"
+    ]
+    engine = Engine(
+        EngineConfig(data_root=data_root, userland_proxy=use_proxy, runc=runc_path),
+        images=ImageStore(data_root / "image"),
+        network=network,
+        proxies=ProxySupervisor(proxy_argv),
+        runtime=Runtime(data_root / "runc", runc=runc_path),
+    )
+    uvloop.run(serve(sock_path, engine, network, pidfile))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Shared fixtures: privilege policy, image archives, and pyengined daemons under test names."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+IN_CI = os.environ.get("CI") == "true"
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+IMAGE_CACHE = Path(os.environ.get("IMAGE_CACHE", "/var/cache/pyengine/images"))
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip outside CI; under CI=true a missing privilege or tool is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root and the real kernel")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    require(path is not None, f"needs {name} on PATH")
+    assert path is not None
+    return path
+
+
+def free_port(proto: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, proto) as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
+def image_archive(name: str) -> Path:
+    path = IMAGE_CACHE / f"{name}-oci.tar"
+    if not path.exists():
+        require_root()
+        IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "engine.imagebuild", name, "--out", str(path)],
+            check=True, cwd=REPO,
+        )
+    return path
+
+
+@dataclass
+class Daemon:
+    """A pyengined under test names: its own socket, data root, bridge, subnet and nft table."""
+
+    host: str
+    data_root: Path
+    bridge: str
+    bip: str
+    table: str
+    userland_proxy: bool
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def gateway(self) -> str:
+        return self.bip.split("/")[0]
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False
+            ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(BIN / "pyengine"), "-H", self.host, *args],
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"pyengine {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
+            )
+        return result
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_daemon(tmp: Path, name: str, bip: str, userland_proxy: bool) -> Daemon:
+    require_root()
+    require_tool("runc")
+    data_root = tmp / "data"
+    sock = tmp / "pyengine.sock"
+    log_path = tmp / "pyengined.log"
+    cmd = [
+        str(BIN / "pyengined"), "-H", f"unix://{sock}", "--data-root", str(data_root),
+        "--bridge", name, "--bip", bip, "--firewall-table", name,
+        f"--userland-proxy={'true' if userland_proxy else 'false'}",
+    ]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    daemon = Daemon(f"unix://{sock}", data_root, name, bip, name, userland_proxy, process,
+                    log_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"pyengined exited at start:\n{daemon.log()}")
+        if sock.exists() and daemon.cli("version").returncode == 0:
+            return daemon
+        time.sleep(0.1)
+    stop_daemon(daemon)
+    raise AssertionError(f"pyengined did not answer within 20 s:\n{daemon.log()}")
+
+
+def stop_daemon(daemon: Daemon) -> None:
+    if daemon.process.poll() is None:
+        daemon.process.send_signal(signal.SIGTERM)
+        try:
+            daemon.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+@pytest.fixture(scope="session")
+def nginx_archive() -> Path:
+    return image_archive("nginx")
+
+
+@pytest.fixture(scope="session")
+def busybox_archive() -> Path:
+    return image_archive("busybox")
+
+
+# Each proxy mode gets a daemon of its own, with names no other test or the demo uses.
+MODES = {
+    True: ("pyetp0", "10.49.0.1/24"),
+    False: ("pyetd0", "10.50.0.1/24"),
+}
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["userland-proxy", "kernel-dnat"])
+def daemon(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    nginx_archive: Path,
+    busybox_archive: Path,
+) -> Iterator[Daemon]:
+    userland_proxy: bool = request.param
+    name, bip = MODES[userland_proxy]
+    tmp = tmp_path_factory.mktemp(name)
+    d = start_daemon(tmp, name, bip, userland_proxy)
+    try:
+        d.cli("load", "-i", str(nginx_archive), check=True)
+        d.cli("load", "-i", str(busybox_archive), check=True)
+        yield d
+    finally:
+        for cid in d.cli("ps", "-a", "-q").stdout.split():
+            d.cli("rm", "-f", cid)
+        stop_daemon(d)
