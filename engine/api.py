@@ -104,7 +104,8 @@ class Api:
                 ports.setdefault(f"{p.container_port}/{p.proto}", None)
                 entry = {"HostIp": p.host_ip, "HostPort": str(p.host_port)}
                 ports[f"{p.container_port}/{p.proto}"] = [
-                    *(ports[f"{p.container_port}/{p.proto}"] or []), entry
+                    *(ports[f"{p.container_port}/{p.proto}"] or []),
+                    entry,
                 ]
         return ports
 
@@ -118,8 +119,12 @@ class Api:
 
     def container_summary(self, c: Container) -> dict[str, Any]:
         ports = [
-            {"IP": p.host_ip, "PrivatePort": p.container_port, "PublicPort": p.host_port,
-             "Type": p.proto}
+            {
+                "IP": p.host_ip,
+                "PrivatePort": p.container_port,
+                "PublicPort": p.host_port,
+                "Type": p.proto,
+            }
             for p in (c.network.ports if c.state.running else [])
         ]
         return {
@@ -141,10 +146,19 @@ class Api:
     def _endpoint_settings(self, c: Container) -> dict[str, Any]:
         n = c.network
         return {
-            "IPAMConfig": None, "Links": None, "Aliases": None, "NetworkID": "bridge",
-            "EndpointID": c.id if n.ip else "", "Gateway": n.gateway, "IPAddress": n.ip,
-            "IPPrefixLen": n.prefixlen, "IPv6Gateway": "", "GlobalIPv6Address": "",
-            "GlobalIPv6PrefixLen": 0, "MacAddress": n.mac, "DriverOpts": None,
+            "IPAMConfig": None,
+            "Links": None,
+            "Aliases": None,
+            "NetworkID": "bridge",
+            "EndpointID": c.id if n.ip else "",
+            "Gateway": n.gateway,
+            "IPAddress": n.ip,
+            "IPPrefixLen": n.prefixlen,
+            "IPv6Gateway": "",
+            "GlobalIPv6Address": "",
+            "GlobalIPv6PrefixLen": 0,
+            "MacAddress": n.mac,
+            "DriverOpts": None,
         }
 
     def container_inspect(self, c: Container) -> dict[str, Any]:
@@ -156,9 +170,17 @@ class Api:
             "Path": c.args[0] if c.args else "",
             "Args": c.args[1:],
             "State": {
-                "Status": s.status, "Running": s.running, "Paused": False, "Restarting": False,
-                "OOMKilled": False, "Dead": False, "Pid": s.pid, "ExitCode": s.exit_code,
-                "Error": s.error, "StartedAt": s.started_at, "FinishedAt": s.finished_at,
+                "Status": s.status,
+                "Running": s.running,
+                "Paused": False,
+                "Restarting": False,
+                "OOMKilled": False,
+                "Dead": False,
+                "Pid": s.pid,
+                "ExitCode": s.exit_code,
+                "Error": s.error,
+                "StartedAt": s.started_at,
+                "FinishedAt": s.finished_at,
             },
             "Image": c.image_id,
             "Name": f"/{c.name}",
@@ -166,22 +188,37 @@ class Api:
             "Driver": "overlay2",
             "Platform": "linux",
             "HostConfig": {
-                "NetworkMode": "default", "PortBindings": {}, "AutoRemove": False,
-                "PublishAllPorts": False, **c.host_config,
+                "NetworkMode": "default",
+                "PortBindings": {},
+                "AutoRemove": False,
+                "PublishAllPorts": False,
+                **c.host_config,
             },
             "Config": {
-                "Hostname": c.config.get("Hostname", ""), "User": c.config.get("User", ""),
-                "Tty": False, "OpenStdin": False, "AttachStdout": True, "AttachStderr": True,
-                "Env": c.config.get("Env") or [], "Cmd": c.config.get("Cmd"),
-                "Image": c.image, "WorkingDir": c.config.get("WorkingDir", ""),
+                "Hostname": c.config.get("Hostname", ""),
+                "User": c.config.get("User", ""),
+                "Tty": False,
+                "OpenStdin": False,
+                "AttachStdout": True,
+                "AttachStderr": True,
+                "Env": c.config.get("Env") or [],
+                "Cmd": c.config.get("Cmd"),
+                "Image": c.image,
+                "WorkingDir": c.config.get("WorkingDir", ""),
                 "Entrypoint": c.config.get("Entrypoint"),
                 "ExposedPorts": {k: {} for k in self._ports_map(c)},
-                "Labels": c.config.get("Labels") or {}, "StopSignal": c.config.get("StopSignal"),
+                "Labels": c.config.get("Labels") or {},
+                "StopSignal": c.config.get("StopSignal"),
             },
             "NetworkSettings": {
-                "Bridge": "", "SandboxID": c.id if n.ip else "", "SandboxKey": n.netns_path,
-                "Ports": self._ports_map(c), "Gateway": n.gateway, "IPAddress": n.ip,
-                "IPPrefixLen": n.prefixlen, "MacAddress": n.mac,
+                "Bridge": "",
+                "SandboxID": c.id if n.ip else "",
+                "SandboxKey": n.netns_path,
+                "Ports": self._ports_map(c),
+                "Gateway": n.gateway,
+                "IPAddress": n.ip,
+                "IPPrefixLen": n.prefixlen,
+                "MacAddress": n.mac,
                 "Networks": {"bridge": self._endpoint_settings(c)},
             },
             "Mounts": [],
@@ -190,21 +227,37 @@ class Api:
     # ---- system ----------------------------------------------------------------------------
 
     async def ping(self, request: web.Request) -> web.Response:
-        headers = {"Api-Version": API_VERSION, "Docker-Experimental": "false",
-                   "Ostype": "linux", "Cache-Control": "no-cache, no-store, must-revalidate"}
+        headers = {
+            "Api-Version": API_VERSION,
+            "Docker-Experimental": "false",
+            "Ostype": "linux",
+            "Cache-Control": "no-cache, no-store, must-revalidate",
+        }
         body = "" if request.method == "HEAD" else "OK"
         return web.Response(text=body, headers=headers, content_type="text/plain")
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "Platform": {"Name": "pyengine"},
-            "Components": [{"Name": "Engine", "Version": ENGINE_VERSION,
-                            "Details": {"ApiVersion": API_VERSION}}],
-            "Version": ENGINE_VERSION, "ApiVersion": API_VERSION,
-            "MinAPIVersion": MIN_API_VERSION, "Os": "linux", "Arch": _arch(),
-            "KernelVersion": platform.release(), "GoVersion": f"python{platform.python_version()}",
-            "GitCommit": "", "BuildTime": "",
-        })
+        return web.json_response(
+            {
+                "Platform": {"Name": "pyengine"},
+                "Components": [
+                    {
+                        "Name": "Engine",
+                        "Version": ENGINE_VERSION,
+                        "Details": {"ApiVersion": API_VERSION},
+                    }
+                ],
+                "Version": ENGINE_VERSION,
+                "ApiVersion": API_VERSION,
+                "MinAPIVersion": MIN_API_VERSION,
+                "Os": "linux",
+                "Arch": _arch(),
+                "KernelVersion": platform.release(),
+                "GoVersion": f"python{platform.python_version()}",
+                "GitCommit": "",
+                "BuildTime": "",
+            }
+        )
 
     # ---- containers ------------------------------------------------------------------------
 
@@ -287,21 +340,37 @@ class Api:
     async def image_list(self, request: web.Request) -> web.Response:
         out = []
         for img in self.engine.images.list():
-            out.append({
-                "Id": img.id, "ParentId": "", "RepoTags": [familiar(t) for t in img.repo_tags],
-                "RepoDigests": [], "Created": _unix_seconds(img.created), "Size": img.size,
-                "SharedSize": -1, "VirtualSize": img.size, "Labels": None, "Containers": -1,
-            })
+            out.append(
+                {
+                    "Id": img.id,
+                    "ParentId": "",
+                    "RepoTags": [familiar(t) for t in img.repo_tags],
+                    "RepoDigests": [],
+                    "Created": _unix_seconds(img.created),
+                    "Size": img.size,
+                    "SharedSize": -1,
+                    "VirtualSize": img.size,
+                    "Labels": None,
+                    "Containers": -1,
+                }
+            )
         return web.json_response(out)
 
     async def image_inspect(self, request: web.Request) -> web.Response:
         img = self.engine.images.get(request.match_info["name"])
-        return web.json_response({
-            "Id": img.id, "RepoTags": [familiar(t) for t in img.repo_tags], "RepoDigests": [],
-            "Created": img.created, "Size": img.size, "Architecture": img.config.get("architecture"),
-            "Os": img.config.get("os"), "Config": img.config.get("config") or {},
-            "RootFS": {"Type": "layers", "Layers": img.diff_ids},
-        })
+        return web.json_response(
+            {
+                "Id": img.id,
+                "RepoTags": [familiar(t) for t in img.repo_tags],
+                "RepoDigests": [],
+                "Created": img.created,
+                "Size": img.size,
+                "Architecture": img.config.get("architecture"),
+                "Os": img.config.get("os"),
+                "Config": img.config.get("config") or {},
+                "RootFS": {"Type": "layers", "Layers": img.diff_ids},
+            }
+        )
 
     async def image_load(self, request: web.Request) -> web.StreamResponse:
         with tempfile.TemporaryFile(dir=self.engine.cfg.data_root) as f:

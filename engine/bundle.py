@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 # Docker's fallback when the host only lists loopback resolvers (unreachable from a netns).
 FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
 NOFILE_LIMIT = 1048576
+_CAP_SYS_RESOURCE = 24
 
 # Docker's default (non-privileged) capability set, moby oci/caps/defaults.go.
 DEFAULT_CAPABILITIES = [
@@ -199,7 +201,9 @@ def write_network_files(
     *,
     host_resolv_conf: Path = HOST_RESOLV_CONF,
 ) -> dict[str, Path]:
-    """Write hosts, hostname and resolv.conf into ``container_dir``; map in-container path → file."""
+    """Write hosts, hostname and resolv.conf into ``container_dir``.
+
+    Returns in-container path → file, for bind mounts."""
     container_dir.mkdir(parents=True, exist_ok=True)
     hosts = HOSTS_HEADER + (f"{ip}\t{hostname}\n" if ip else "")
     try:
@@ -218,7 +222,12 @@ def write_network_files(
 
 def _default_mounts() -> list[dict[str, Any]]:
     return [
-        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {
+            "destination": "/proc",
+            "type": "proc",
+            "source": "proc",
+            "options": ["nosuid", "noexec", "nodev"],
+        },
         {
             "destination": "/dev",
             "type": "tmpfs",
@@ -274,6 +283,7 @@ def runtime_spec(
     if not args:
         raise ValueError("no command specified")
     uid, gid, additional_gids = user
+    nofile = nofile_limit()
     if not any(e.startswith("HOSTNAME=") for e in env):
         env = [f"HOSTNAME={hostname}", *env]
     mounts = _default_mounts()
@@ -305,7 +315,7 @@ def runtime_spec(
                 "effective": list(DEFAULT_CAPABILITIES),
                 "permitted": list(DEFAULT_CAPABILITIES),
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": NOFILE_LIMIT, "soft": NOFILE_LIMIT}],
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
             "noNewPrivileges": False,
         },
         "root": {"path": str(rootfs), "readonly": False},
@@ -327,6 +337,31 @@ def runtime_spec(
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+
+
+def _has_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except OSError:
+        pass
+    return False
+
+
+def nofile_limit() -> int:
+    """RLIMIT_NOFILE for containers: Docker's 1048576 when runc (which inherits our
+    capabilities) may raise a hard limit, which takes CAP_SYS_RESOURCE (setrlimit(2)), and
+    never above fs.nr_open; without the capability, our own hard limit."""
+    try:
+        nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        nr_open = NOFILE_LIMIT
+    if _has_capability(_CAP_SYS_RESOURCE):
+        return min(NOFILE_LIMIT, nr_open)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return min(NOFILE_LIMIT, nr_open) if hard == resource.RLIM_INFINITY else min(hard, nr_open)
 
 
 def _env_key(entry: str) -> str:

@@ -48,8 +48,14 @@ def daemon_errors(exit_code: int = 1) -> Callable[[Callable[..., Any]], Callable
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-H", "--host", envvar="PYENGINE_HOST", default=DEFAULT_HOST, show_default=True,
-              help="Daemon socket to connect to (also PYENGINE_HOST).")
+@click.option(
+    "-H",
+    "--host",
+    envvar="PYENGINE_HOST",
+    default=DEFAULT_HOST,
+    show_default=True,
+    help="Daemon socket to connect to (also PYENGINE_HOST).",
+)
 @click.pass_context
 def main(ctx: click.Context, host: str) -> None:
     """pyengine: run containers whose networking you can read."""
@@ -81,9 +87,18 @@ def _port_bindings(specs: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 @daemon_errors(exit_code=125)
-def run(ctx: click.Context, detach: bool, publish: tuple[str, ...], publish_all: bool,
-        name: str | None, auto_remove: bool, env: tuple[str, ...], entrypoint: str | None,
-        image: str, command: tuple[str, ...]) -> None:
+def run(
+    ctx: click.Context,
+    detach: bool,
+    publish: tuple[str, ...],
+    publish_all: bool,
+    name: str | None,
+    auto_remove: bool,
+    env: tuple[str, ...],
+    entrypoint: str | None,
+    image: str,
+    command: tuple[str, ...],
+) -> None:
     """Create and start a container."""
     client = _client(ctx)
     bindings = _port_bindings(publish)
@@ -127,7 +142,8 @@ def _follow_until_exit(client: Client, container_id: str) -> int:
     def forward(signum: int, _frame: Any) -> None:
         threading.Thread(
             target=lambda: client.request(
-                "POST", f"/containers/{container_id}/kill",
+                "POST",
+                f"/containers/{container_id}/kill",
                 query={"signal": signal.Signals(signum).name},
             ).read(),
             daemon=True,
@@ -139,8 +155,9 @@ def _follow_until_exit(client: Client, container_id: str) -> int:
     return client.wait(container_id)
 
 
-def _copy_logs(client: Client, ref: str, follow: bool, tail: str = "all",
-               timestamps: bool = False) -> None:
+def _copy_logs(
+    client: Client, ref: str, follow: bool, tail: str = "all", timestamps: bool = False
+) -> None:
     outs = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
     for stream_id, payload in client.logs(ref, follow=follow, tail=tail, timestamps=timestamps):
         out = outs.get(stream_id, sys.stdout.buffer)
@@ -181,7 +198,8 @@ def _table(rows: list[list[str]]) -> None:
 
 def format_ports(ports: list[dict[str, Any]]) -> str:
     return ", ".join(
-        f"{p['IP']}:{p['PublicPort']}->{p['PrivatePort']}/{p['Type']}" if p.get("PublicPort")
+        f"{p['IP']}:{p['PublicPort']}->{p['PrivatePort']}/{p['Type']}"
+        if p.get("PublicPort")
         else f"{p['PrivatePort']}/{p['Type']}"
         for p in ports
     )
@@ -202,8 +220,17 @@ def ps(ctx: click.Context, show_all: bool, quiet: bool) -> None:
     rows = [["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]]
     for c in containers:
         command = c["Command"] if len(c["Command"]) <= 20 else c["Command"][:19] + "…"
-        rows.append([c["Id"][:12], c["Image"], f'"{command}"', _ago(c["Created"]), c["Status"],
-                     format_ports(c["Ports"]), ",".join(n.lstrip("/") for n in c["Names"])])
+        rows.append(
+            [
+                c["Id"][:12],
+                c["Image"],
+                f'"{command}"',
+                _ago(c["Created"]),
+                c["Status"],
+                format_ports(c["Ports"]),
+                ",".join(n.lstrip("/") for n in c["Names"]),
+            ]
+        )
     _table(rows)
 
 
@@ -222,8 +249,14 @@ def _each(ctx: click.Context, containers: tuple[str, ...], action: Callable[[str
 
 
 @main.command()
-@click.option("-t", "--time", "timeout", type=int, default=None,
-              help="Seconds to wait before killing it (default 10).")
+@click.option(
+    "-t",
+    "--time",
+    "timeout",
+    type=int,
+    default=None,
+    help="Seconds to wait before killing it (default 10).",
+)
 @click.argument("containers", nargs=-1, required=True)
 @click.pass_context
 @daemon_errors()
@@ -285,14 +318,21 @@ def images(ctx: click.Context) -> None:
         for tag in img["RepoTags"] or ["<none>:<none>"]:
             repo, _, t = tag.rpartition(":")
             created = _ago(img["Created"]) if img["Created"] else "N/A"
-            rows.append([repo, t, img["Id"].split(":")[1][:12], created,
-                         f"{img['Size'] / 1e6:.1f}MB"])
+            rows.append(
+                [repo, t, img["Id"].split(":")[1][:12], created, f"{img['Size'] / 1e6:.1f}MB"]
+            )
     _table(rows)
 
 
 @main.command()
-@click.option("-i", "--input", "path", required=True, type=click.Path(path_type=Path),
-              help="docker-archive or OCI-layout tarball.")
+@click.option(
+    "-i",
+    "--input",
+    "path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="docker-archive or OCI-layout tarball.",
+)
 @click.pass_context
 @daemon_errors()
 def load(ctx: click.Context, path: Path) -> None:
@@ -315,8 +355,10 @@ def version(ctx: click.Context) -> None:
 
     server = _client(ctx).json("GET", "/version")
     click.echo(f"Client: pyengine {package_version('pyengine')}")
-    click.echo(f"Server: pyengined {server['Version']} (API {server['ApiVersion']}, "
-               f"{server['Os']}/{server['Arch']})")
+    click.echo(
+        f"Server: pyengined {server['Version']} (API {server['ApiVersion']}, "
+        f"{server['Os']}/{server['Arch']})"
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class Client:
     def __init__(self, host: str) -> None:
         if host.startswith("unix://"):
-            host = host[len("unix://"):]
+            host = host[len("unix://") :]
         if not host.startswith("/"):
             raise ValueError(f"only unix:// daemon addresses are supported, got {host!r}")
         self.socket_path = host
@@ -68,8 +68,7 @@ class Client:
             headers["Content-Type"] = "application/x-tar"
             headers["Transfer-Encoding"] = "chunked"
         try:
-            conn.request(method, url, body=data, headers=headers,
-                         encode_chunked=stream is not None)
+            conn.request(method, url, body=data, headers=headers, encode_chunked=stream is not None)
             resp = conn.getresponse()
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise DaemonUnreachable(
@@ -102,12 +101,14 @@ class Client:
         self.request("POST", f"/containers/{quote(ref)}/start").read()
 
     def stop(self, ref: str, timeout: int | None = None) -> None:
-        self.request("POST", f"/containers/{quote(ref)}/stop", query={"t": timeout},
-                     timeout=None).read()
+        self.request(
+            "POST", f"/containers/{quote(ref)}/stop", query={"t": timeout}, timeout=None
+        ).read()
 
     def remove(self, ref: str, force: bool = False) -> None:
-        self.request("DELETE", f"/containers/{quote(ref)}", query={"force": int(force)},
-                     timeout=None).read()
+        self.request(
+            "DELETE", f"/containers/{quote(ref)}", query={"force": int(force)}, timeout=None
+        ).read()
 
     def inspect(self, ref: str) -> dict[str, Any]:
         return self.json("GET", f"/containers/{quote(ref)}/json")
@@ -116,16 +117,24 @@ class Client:
         return self.json("GET", "/containers/json", query={"all": int(all)})
 
     def wait(self, ref: str, condition: str = "not-running") -> int:
-        return self.json("POST", f"/containers/{quote(ref)}/wait",
-                         query={"condition": condition}, timeout=None)["StatusCode"]
+        return self.json(
+            "POST", f"/containers/{quote(ref)}/wait", query={"condition": condition}, timeout=None
+        )["StatusCode"]
 
-    def logs(self, ref: str, follow: bool = False, tail: str = "all",
-             timestamps: bool = False) -> Iterator[tuple[int, bytes]]:
+    def logs(
+        self, ref: str, follow: bool = False, tail: str = "all", timestamps: bool = False
+    ) -> Iterator[tuple[int, bytes]]:
         """(stream id, payload) frames of Docker's multiplexed log stream."""
         resp = self.request(
-            "GET", f"/containers/{quote(ref)}/logs",
-            query={"stdout": 1, "stderr": 1, "follow": int(follow), "tail": tail,
-                   "timestamps": int(timestamps)},
+            "GET",
+            f"/containers/{quote(ref)}/logs",
+            query={
+                "stdout": 1,
+                "stderr": 1,
+                "follow": int(follow),
+                "tail": tail,
+                "timestamps": int(timestamps),
+            },
             timeout=None,
         )
         while True:

@@ -14,10 +14,42 @@ from typing import Any
 from netd.jsonstate import read_json, write_json_atomic
 
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-_ADJECTIVES = ["brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lucid",
-               "nifty", "proud", "quirky", "serene", "tender", "vivid", "witty", "zealous"]
-_NAMES = ["babbage", "cerf", "dijkstra", "hopper", "kahn", "lamport", "liskov", "metcalfe",
-          "postel", "ritchie", "shannon", "thompson", "torvalds", "turing", "wirth"]
+_ADJECTIVES = [
+    "brave",
+    "calm",
+    "eager",
+    "fancy",
+    "gentle",
+    "happy",
+    "jolly",
+    "keen",
+    "lucid",
+    "nifty",
+    "proud",
+    "quirky",
+    "serene",
+    "tender",
+    "vivid",
+    "witty",
+    "zealous",
+]
+_NAMES = [
+    "babbage",
+    "cerf",
+    "dijkstra",
+    "hopper",
+    "kahn",
+    "lamport",
+    "liskov",
+    "metcalfe",
+    "postel",
+    "ritchie",
+    "shannon",
+    "thompson",
+    "torvalds",
+    "turing",
+    "wirth",
+]
 
 
 class ContainerNotFound(Exception):

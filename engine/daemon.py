@@ -36,7 +36,7 @@ def _bool(value: str) -> bool:
 
 def unix_socket_path(host: str) -> str:
     if host.startswith("unix://"):
-        return host[len("unix://"):]
+        return host[len("unix://") :]
     if host.startswith("/"):
         return host
     raise click.BadParameter(f"only unix:// hosts are supported, got {host!r}")
@@ -77,29 +77,64 @@ async def serve(
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-H", "--host", default=DEFAULT_HOST, show_default=True,
-              help="Daemon socket to listen on (unix://PATH).")
-@click.option("--data-root", default="/var/lib/pyengine", show_default=True,
-              type=click.Path(path_type=Path), help="Root of persisted state.")
-@click.option("--userland-proxy", default="true", show_default=True,
-              help="true: one pyengine-proxy per published port; false: kernel DNAT only.")
-@click.option("--userland-proxy-path", default=None,
-              help="Proxy binary (default: this Python's pyengine-proxy).")
-@click.option("--firewall-backend", type=click.Choice(["nftables"]), default="nftables",
-              show_default=True)
-@click.option("-b", "--bridge", default="pyengine0", show_default=True,
-              help="Name of the default bridge.")
-@click.option("--bip", default="10.47.0.1/16", show_default=True,
-              help="Address and prefix of the default bridge.")
-@click.option("--firewall-table", default="pyengine", show_default=True,
-              help="Name of the nftables table pyengine owns.")
+@click.option(
+    "-H",
+    "--host",
+    default=DEFAULT_HOST,
+    show_default=True,
+    help="Daemon socket to listen on (unix://PATH).",
+)
+@click.option(
+    "--data-root",
+    default="/var/lib/pyengine",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Root of persisted state.",
+)
+@click.option(
+    "--userland-proxy",
+    default="true",
+    show_default=True,
+    help="true: one pyengine-proxy per published port; false: kernel DNAT only.",
+)
+@click.option(
+    "--userland-proxy-path",
+    default=None,
+    help="Proxy binary (default: this Python's pyengine-proxy).",
+)
+@click.option(
+    "--firewall-backend", type=click.Choice(["nftables"]), default="nftables", show_default=True
+)
+@click.option(
+    "-b", "--bridge", default="pyengine0", show_default=True, help="Name of the default bridge."
+)
+@click.option(
+    "--bip",
+    default="10.47.0.1/16",
+    show_default=True,
+    help="Address and prefix of the default bridge.",
+)
+@click.option(
+    "--firewall-table",
+    default="pyengine",
+    show_default=True,
+    help="Name of the nftables table pyengine owns.",
+)
 @click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
 @click.option("--runc", "runc_path", default="runc", show_default=True)
 @click.option("-D", "--debug", is_flag=True, help="Debug logging.")
 def main(
-    host: str, data_root: Path, userland_proxy: str, userland_proxy_path: str | None,
-    firewall_backend: str, bridge: str, bip: str, firewall_table: str, pidfile: Path | None,
-    runc_path: str, debug: bool,
+    host: str,
+    data_root: Path,
+    userland_proxy: str,
+    userland_proxy_path: str | None,
+    firewall_backend: str,
+    bridge: str,
+    bip: str,
+    firewall_table: str,
+    pidfile: Path | None,
+    runc_path: str,
+    debug: bool,
 ) -> None:
     """pyengined: the pyengine daemon (Docker Engine API on a unix socket)."""
     logging.basicConfig(
@@ -111,13 +146,19 @@ def main(
     use_proxy = _bool(userland_proxy)
     sock_path = unix_socket_path(host)
     data_root.mkdir(parents=True, exist_ok=True)
-    network = NetworkController(NetdConfig(
-        data_root=data_root, bridge=bridge, bridge_cidr=bip, table=firewall_table,
-        userland_proxy=use_proxy, firewall_backend=firewall_backend,
-    ))
-    proxy_argv = [userland_proxy_path] if userland_proxy_path else [
-        sys.executable, "-m", "proxy.main"
-    ]
+    network = NetworkController(
+        NetdConfig(
+            data_root=data_root,
+            bridge=bridge,
+            bridge_cidr=bip,
+            table=firewall_table,
+            userland_proxy=use_proxy,
+            firewall_backend=firewall_backend,
+        )
+    )
+    proxy_argv = (
+        [userland_proxy_path] if userland_proxy_path else [sys.executable, "-m", "proxy.main"]
+    )
     engine = Engine(
         EngineConfig(data_root=data_root, userland_proxy=use_proxy, runc=runc_path),
         images=ImageStore(data_root / "image"),

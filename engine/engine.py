@@ -1,4 +1,4 @@
-"""The engine: composes images, netd, the proxy supervisor and the runtime into a container lifecycle.
+"""The engine: composes images, netd, the proxy supervisor and the runtime into a lifecycle.
 
 Data flows one way: the API calls the engine; the engine calls netd, the proxy supervisor and the
 runtime; they talk to the kernel and runc.
@@ -56,7 +56,9 @@ def parse_signal(sig: str) -> str:
     try:
         if sig.isdigit():
             return signal.Signals(int(sig)).name
-        return signal.Signals[sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"].name
+        return signal.Signals[
+            sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+        ].name
     except (KeyError, ValueError) as e:
         raise InvalidParameter(f"Invalid signal: {sig}") from e
 
@@ -99,7 +101,9 @@ class Engine:
         """After a start: containers left 'running' by a daemon that died are cleaned up."""
         for c in self.containers.all():
             if c.state.status in ("running", "removing"):
-                log.info("container %s was left running by a previous daemon; stopping it", c.id[:12])
+                log.info(
+                    "container %s was left running by a previous daemon; stopping it", c.id[:12]
+                )
                 await self.runtime.kill(c.id, "SIGKILL")
                 status = await self.runtime.wait(c.state.monitor_pid, self._exit_path(c))
                 await self._release(c)
@@ -111,13 +115,16 @@ class Engine:
     async def shutdown(self) -> None:
         """Stop every running container (the daemon has no live restore yet), then the proxies."""
         running = [c for c in self.containers.all() if c.state.running]
-        await asyncio.gather(*(self.stop(c.id, timeout=10) for c in running), return_exceptions=True)
+        await asyncio.gather(
+            *(self.stop(c.id, timeout=10) for c in running), return_exceptions=True
+        )
         await self.proxies.stop_all()
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def create(self, name: str | None, config: dict[str, Any], host_config: dict[str, Any]
-                     ) -> Container:
+    async def create(
+        self, name: str | None, config: dict[str, Any], host_config: dict[str, Any]
+    ) -> Container:
         image_ref = config.get("Image") or ""
         if not image_ref:
             raise InvalidParameter("No image specified")
@@ -143,7 +150,8 @@ class Engine:
             Image=image_ref,
             Env=env,
             Cmd=cmd if cmd is not None else (image.config.get("config") or {}).get("Cmd"),
-            Entrypoint=entrypoint if entrypoint is not None
+            Entrypoint=entrypoint
+            if entrypoint is not None
             else (image.config.get("config") or {}).get("Entrypoint"),
             WorkingDir=cwd,
             User=config.get("User") or user,
@@ -209,7 +217,9 @@ class Engine:
                     undo.append(lambda key=key: self.proxies.stop(key))
                     await self.proxies.start(
                         key,
-                        ProxySpec(p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port),
+                        ProxySpec(
+                            p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port
+                        ),
                         p.sock,
                     )
             c.network = NetworkRecord(
@@ -228,8 +238,11 @@ class Engine:
                 (cdir / "overlay" / sub).mkdir(parents=True, exist_ok=True)
             rootfs_dir.mkdir(parents=True, exist_ok=True)
             await asyncio.to_thread(
-                rootfs.mount_overlay, layers, cdir / "overlay" / "upper",
-                cdir / "overlay" / "work", rootfs_dir,
+                rootfs.mount_overlay,
+                layers,
+                cdir / "overlay" / "upper",
+                cdir / "overlay" / "work",
+                rootfs_dir,
             )
             undo.append(lambda: asyncio.to_thread(rootfs.unmount, rootfs_dir))
             try:
@@ -301,7 +314,9 @@ class Engine:
         if not c.state.running:
             return False
         await self.runtime.stop(
-            c.id, c.state.monitor_pid, self._exit_path(c),
+            c.id,
+            c.state.monitor_pid,
+            self._exit_path(c),
             stop_signal=c.config.get("StopSignal") or "SIGTERM",
             timeout=10 if timeout is None else timeout,
         )

@@ -54,7 +54,8 @@ def image_archive(name: str) -> Path:
         IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "engine.imagebuild", name, "--out", str(path)],
-            check=True, cwd=REPO,
+            check=True,
+            cwd=REPO,
         )
     return path
 
@@ -76,11 +77,15 @@ class Daemon:
     def gateway(self) -> str:
         return self.bip.split("/")[0]
 
-    def cli(self, *args: str, timeout: float = 120, check: bool = False
-            ) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, timeout: float = 120, check: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [str(BIN / "pyengine"), "-H", self.host, *args],
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -99,15 +104,28 @@ def start_daemon(tmp: Path, name: str, bip: str, userland_proxy: bool) -> Daemon
     sock = tmp / "pyengine.sock"
     log_path = tmp / "pyengined.log"
     cmd = [
-        str(BIN / "pyengined"), "-H", f"unix://{sock}", "--data-root", str(data_root),
-        "--bridge", name, "--bip", bip, "--firewall-table", name,
+        str(BIN / "pyengined"),
+        "-H",
+        f"unix://{sock}",
+        "--data-root",
+        str(data_root),
+        "--bridge",
+        name,
+        "--bip",
+        bip,
+        "--firewall-table",
+        name,
         f"--userland-proxy={'true' if userland_proxy else 'false'}",
     ]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    daemon = Daemon(f"unix://{sock}", data_root, name, bip, name, userland_proxy, process,
-                    log_path)
+        process = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    daemon = Daemon(f"unix://{sock}", data_root, name, bip, name, userland_proxy, process, log_path)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -165,3 +183,15 @@ def daemon(
         for cid in d.cli("ps", "-a", "-q").stdout.split():
             d.cli("rm", "-f", cid)
         stop_daemon(d)
+    assert_nothing_left(d)
+
+
+def assert_nothing_left(d: Daemon) -> None:
+    """A stopped daemon leaves no bridge, nft table, namespace, proxy or mount behind."""
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    assert d.bridge not in links, f"bridge {d.bridge} left behind"
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert f"inet {d.table}" not in tables, f"nft table {d.table} left behind"
+    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(d.data_root) not in procs, "a process of the test daemon is still running"
+    assert str(d.data_root) not in Path("/proc/mounts").read_text(), "a rootfs is still mounted"
