@@ -1,0 +1,71 @@
+"""The firewall interface netd programs: NAT for published ports, masquerade, forwarding.
+
+A backend owns one table (or chain set) outright and nothing else; every method is one
+transaction that either applies completely or leaves the previous state untouched.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from netd.errors import NetdError
+
+ANY_IPV4 = "0.0.0.0"
+
+
+class FirewallError(NetdError):
+    """The kernel rejected a firewall transaction (the previous ruleset is intact)."""
+
+
+@dataclass(frozen=True)
+class BridgeNetwork:
+    """What the firewall needs to know about one bridge network."""
+
+    bridge: str
+    subnet: IPv4Network
+    gateway: IPv4Address
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """Traffic to ``host_ip:host_port`` (``0.0.0.0``: any local address) goes to the container."""
+
+    proto: str
+    host_ip: str
+    host_port: int
+    container_ip: str
+    container_port: int
+
+
+class Firewall(ABC):
+    @abstractmethod
+    def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
+        """Replace everything this backend owns by a fresh base ruleset plus ``mappings``."""
+
+    @abstractmethod
+    def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        """Add all ``mappings`` or none (a host port mapped already is an error)."""
+
+    @abstractmethod
+    def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        """Remove ``mappings``; ones already gone are ignored."""
+
+    @abstractmethod
+    def mappings(self) -> list[PortMapping]:
+        """The mappings the kernel holds now."""
+
+    @abstractmethod
+    def uninstall(self) -> None:
+        """Remove everything this backend owns; no-op when nothing is installed."""
+
+
+def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
+    """The backend named by ``NetdConfig.firewall_backend``."""
+    if backend == "nftables":
+        from netd.firewall.nftables import NftablesFirewall
+
+        return NftablesFirewall(table, userland_proxy)
+    raise NetdError(f'unsupported firewall backend "{backend}" (supported: nftables)')

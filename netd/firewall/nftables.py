@@ -1,0 +1,228 @@
+"""nftables backend: one ``inet`` table, published ports as elements of two DNAT maps.
+
+Each map is consulted by a single rule, so the lookup cost does not grow with the number of
+published ports and publishing a port is an element change, not a rule change (nft(8), "MAPS"
+and "NAT STATEMENTS": ``dnat ip to <key> map @m`` with an ``ipv4_addr . inet_service`` value
+sets address and port at once). Every change is one libnftables batch, which the kernel commits
+atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import nftables
+
+from netd.firewall import ANY_IPV4, BridgeNetwork, Firewall, FirewallError, PortMapping
+from netd.naming import valid_ifname
+
+# Keyed by the destination address: mappings bound to one host address.
+MAP_ON_ADDR = "published_on_addr"
+# Keyed by protocol and port only: mappings bound to every local address (0.0.0.0).
+MAP_ON_ANY = "published_on_any"
+
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_PROTOCOLS = ("tcp", "udp")
+
+
+def _check_mapping(m: PortMapping) -> None:
+    if m.proto not in _PROTOCOLS:
+        raise FirewallError(f'unsupported protocol "{m.proto}"')
+    for port in (m.host_port, m.container_port):
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise FirewallError(f"invalid port {port!r}")
+    ipaddress.IPv4Address(m.host_ip)
+    ipaddress.IPv4Address(m.container_ip)
+
+
+def _map_name(m: PortMapping) -> str:
+    return MAP_ON_ANY if m.host_ip == ANY_IPV4 else MAP_ON_ADDR
+
+
+def _key(m: PortMapping) -> str:
+    if m.host_ip == ANY_IPV4:
+        return f"{m.proto} . {m.host_port}"
+    return f"{m.host_ip} . {m.proto} . {m.host_port}"
+
+
+def _element(m: PortMapping) -> str:
+    return f"{_key(m)} : {m.container_ip} . {m.container_port}"
+
+
+class NftablesFirewall(Firewall):
+    """Owns ``table inet <table>``; touches nothing outside it."""
+
+    def __init__(self, table: str, userland_proxy: bool) -> None:
+        if not _TABLE_NAME.match(table):
+            raise FirewallError(f'invalid nftables table name "{table}"')
+        self.table = table
+        self.userland_proxy = userland_proxy
+        self._nft = nftables.Nftables()
+        self._nft_json = nftables.Nftables()
+        self._nft_json.set_json_output(True)
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _run(self, script: str) -> None:
+        rc, _out, err = self._nft.cmd(script)
+        if rc != 0:
+            raise FirewallError(_one_line(err))
+
+    def _table_exists(self) -> bool:
+        rc, _out, _err = self._nft.cmd(f"list table inet {self.table}")
+        return rc == 0
+
+    # -- ruleset ----------------------------------------------------------------------------
+
+    def _ruleset(self, networks: Sequence[BridgeNetwork]) -> str:
+        for net in networks:
+            if not valid_ifname(net.bridge):
+                raise FirewallError(f'invalid bridge name "{net.bridge}"')
+        proxy = self.userland_proxy
+        prerouting = ["ip daddr 127.0.0.0/8 return"]  # loopback never arrives from a wire
+        output: list[str] = []
+        postrouting: list[str] = []
+        forward: list[str] = []
+        for net in networks:
+            br, subnet = f'"{net.bridge}"', str(net.subnet)
+            if proxy:
+                # Containers reach published ports through the userland proxy (Docker's
+                # "! -i docker0" on the nat DOCKER jump).
+                prerouting.append(f"iifname {br} return")
+            postrouting.append(f"ip saddr {subnet} oifname != {br} masquerade")
+            if not proxy:
+                # Host loopback and hairpin connections were DNATed to the bridge: rewrite the
+                # source so replies come back through this host and get un-NATed.
+                postrouting.append(f"oifname {br} ip saddr 127.0.0.0/8 masquerade")
+                postrouting.append(f"oifname {br} ip saddr {subnet} ct status dnat masquerade")
+            forward += [
+                f"oifname {br} ct state established,related accept",
+                f"oifname {br} ct status dnat accept",
+                f"iifname {br} accept",
+                f"oifname {br} drop",
+            ]
+        if proxy:
+            output.append("ip daddr 127.0.0.0/8 return")  # host loopback goes to the proxy
+        prerouting.append("fib daddr type local jump published_dnat")
+        output.append("fib daddr type local jump published_dnat")
+
+        def chain(name: str, lines: list[str]) -> str:
+            body = "".join(f"\n    {line}" for line in lines)
+            return f"  chain {name} {{{body}\n  }}\n"
+
+        return (
+            f"table inet {self.table} {{\n"
+            f"  map {MAP_ON_ADDR} {{\n"
+            "    type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n"
+            "  }\n"
+            f"  map {MAP_ON_ANY} {{\n"
+            "    type inet_proto . inet_service : ipv4_addr . inet_service\n"
+            "  }\n"
+            + chain(
+                "published_dnat",
+                [
+                    "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport "
+                    f"map @{MAP_ON_ADDR}",
+                    f"meta nfproto ipv4 dnat ip to meta l4proto . th dport map @{MAP_ON_ANY}",
+                ],
+            )
+            + chain(
+                "nat_prerouting",
+                ["type nat hook prerouting priority dstnat; policy accept;", *prerouting],
+            )
+            + chain("nat_output", ["type nat hook output priority -100; policy accept;", *output])
+            + chain(
+                "nat_postrouting",
+                ["type nat hook postrouting priority srcnat; policy accept;", *postrouting],
+            )
+            + chain(
+                "filter_forward",
+                ["type filter hook forward priority filter; policy accept;", *forward],
+            )
+            + "}\n"
+        )
+
+    def _elements(self, verb: str, mappings: Sequence[PortMapping], with_values: bool) -> str:
+        lines = []
+        for name in (MAP_ON_ADDR, MAP_ON_ANY):
+            items = [m for m in mappings if _map_name(m) == name]
+            if items:
+                render = _element if with_values else _key
+                body = ", ".join(render(m) for m in items)
+                lines.append(f"{verb} element inet {self.table} {name} {{ {body} }}\n")
+        return "".join(lines)
+
+    # -- Firewall ---------------------------------------------------------------------------
+
+    def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        # "add" then "delete" makes the delete valid whether or not the table exists; the new
+        # table replaces the old one in the same commit, so there is no unprotected window.
+        self._run(
+            f"add table inet {self.table}\n"
+            f"delete table inet {self.table}\n"
+            + self._ruleset(networks)
+            + self._elements("add", mappings, with_values=True)
+        )
+
+    def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        if mappings:
+            # "create" fails with EEXIST when the key exists, even with the same value.
+            self._run(self._elements("create", mappings, with_values=True))
+
+    def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        if not mappings:
+            return
+        try:
+            self._run(self._elements("delete", mappings, with_values=False))
+        except FirewallError:
+            # nft 1.0.6 has no "destroy element": retry with only the keys still present.
+            if not self._table_exists():
+                return
+            present = {(_map_name(m), _key(m)) for m in self.mappings()}
+            left = [m for m in mappings if (_map_name(m), _key(m)) in present]
+            if left:
+                self._run(self._elements("delete", left, with_values=False))
+
+    def mappings(self) -> list[PortMapping]:
+        result: list[PortMapping] = []
+        for name in (MAP_ON_ADDR, MAP_ON_ANY):
+            rc, out, err = self._nft_json.cmd(f"list map inet {self.table} {name}")
+            if rc != 0:
+                raise FirewallError(_one_line(err))
+            for item in json.loads(out)["nftables"]:
+                for key, value in item.get("map", {}).get("elem", []):
+                    result.append(_mapping_from_json(name, key, value))
+        return result
+
+    def uninstall(self) -> None:
+        self._run(f"add table inet {self.table}\ndelete table inet {self.table}\n")
+
+
+def _mapping_from_json(name: str, key: Any, value: Any) -> PortMapping:
+    key_parts = key["concat"]
+    container_ip, container_port = value["concat"]
+    if name == MAP_ON_ANY:
+        host_ip, (proto, host_port) = ANY_IPV4, key_parts
+    else:
+        host_ip, proto, host_port = key_parts
+    return PortMapping(proto, host_ip, int(host_port), container_ip, int(container_port))
+
+
+def _one_line(err: str) -> str:
+    """libnftables reports "Error: <why>" then the offending command and a caret line."""
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    if not lines:
+        return "nftables transaction failed"
+    why = lines[0].removeprefix("Error: ")
+    command = next((ln for ln in lines[1:] if not set(ln) <= {"^", "~", " "}), "")
+    return f"nftables: {why}" + (f" (in: {command})" if command else "")

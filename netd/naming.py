@@ -1,0 +1,35 @@
+"""Names and addresses netd derives from a container id or an IP, so they can be recomputed
+after a crash to find leftovers."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from ipaddress import IPv4Address
+
+IFNAMSIZ = 16  # including the trailing NUL (<linux/if.h>)
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def valid_ifname(name: str) -> bool:
+    return bool(_IFNAME.match(name))
+
+
+def netns_name(prefix: str, container_id: str) -> str:
+    """``pyengine-<first 12 of id>``: the file /run/netns/<name> holds the namespace."""
+    return f"{prefix}{container_id[:12]}"
+
+
+def host_veth_name(container_id: str) -> str:
+    """``pye<10 hex>``: the id's first 10 hex digits, or a hash of it when it is not hex."""
+    digits = container_id[:10].lower()
+    if len(digits) < 10 or not _HEX.match(digits):
+        digits = hashlib.sha256(container_id.encode()).hexdigest()[:10]
+    return f"pye{digits}"
+
+
+def mac_for_ip(addr: IPv4Address) -> str:
+    """A locally administered unicast MAC (02:...) carrying the IPv4 address, as Docker does,
+    so an address always maps to the same MAC and neighbours' ARP caches stay right."""
+    return "02:42:" + ":".join(f"{b:02x}" for b in addr.packed)

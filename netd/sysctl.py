@@ -1,0 +1,28 @@
+"""The few kernel knobs netd turns (Documentation/networking/ip-sysctl.rst)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from netd.errors import NetdError
+
+_PROC_IPV4 = Path("/proc/sys/net/ipv4")
+
+
+def _write(path: Path, value: str) -> None:
+    try:
+        if path.read_text().strip() != value:
+            path.write_text(value + "\n")
+    except OSError as exc:
+        raise NetdError(f"cannot set {path} to {value}: {exc.strerror}") from None
+
+
+def enable_ip_forward() -> None:
+    """net.ipv4.ip_forward=1: route between the bridge and the other interfaces."""
+    _write(_PROC_IPV4 / "ip_forward", "1")
+
+
+def set_route_localnet(ifname: str, enabled: bool) -> None:
+    """net.ipv4.conf.<if>.route_localnet: allow 127.0.0.0/8 sources/destinations to be routed
+    out of ``ifname`` (needed when loopback traffic is DNATed to a container on the bridge)."""
+    _write(_PROC_IPV4 / "conf" / ifname / "route_localnet", "1" if enabled else "0")

@@ -1,0 +1,267 @@
+"""Test helpers for real network namespaces: privilege checks, sockets created inside a named
+namespace, an "external host" namespace joined to the host by a veth, and tiny servers that
+answer with the address they see the client as.
+
+Everything here creates only ``pye``-prefixed objects and sends traffic only to loopback or to
+addresses of namespaces/veths the test made. Privilege checks live in ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import random
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
+
+from pyroute2 import IPRoute, netns
+
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+IO_TIMEOUT = 5.0  # seconds; bounds every blocking socket call in these helpers
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run(*argv: str) -> str:
+    """Run an inspection command (``ip``, ``nft``) and return its stdout; raise on failure."""
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=30).stdout
+
+
+# -- namespaces -----------------------------------------------------------------------------
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def remove_netns(name: str) -> None:
+    if netns_exists(name):
+        netns.remove(name)
+
+
+def link_exists(ifname: str) -> bool:
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=ifname))
+
+
+def remove_link(ifname: str) -> None:
+    with IPRoute() as ipr:
+        for index in ipr.link_lookup(ifname=ifname):
+            ipr.link("del", index=index)
+
+
+def netns_socket(
+    name: str | None, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+) -> socket.socket:
+    """A socket that lives in network namespace ``name`` (None: the caller's namespace).
+
+    setns(2) with CLONE_NEWNET switches only the calling thread, so a throwaway thread enters
+    the namespace and creates the socket; a socket stays in the namespace it was created in.
+    """
+    if name is None:
+        sock = socket.socket(family, kind)
+        sock.settimeout(IO_TIMEOUT)
+        return sock
+    result: list[socket.socket | BaseException] = []
+
+    def create() -> None:
+        try:
+            fd = os.open(os.path.join(NETNS_DIR, name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            result.append(socket.socket(family, kind))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    sock = result[0]
+    sock.settimeout(IO_TIMEOUT)
+    return sock
+
+
+@dataclass
+class ExternalHost:
+    """A namespace standing in for a machine on the host's network, joined by a veth pair."""
+
+    netns: str
+    host_ifname: str
+    host_ip: str
+    ip: str
+
+
+def create_external_host(
+    name: str = "pyetest-ext",
+    host_ifname: str = "pyetest-x0",
+    host_cidr: str = "198.18.0.1/30",
+    ext_cidr: str = "198.18.0.2/30",
+) -> ExternalHost:
+    """``name`` gets ``eth0`` = ``ext_cidr``; the host end ``host_ifname`` gets ``host_cidr``."""
+    host_if, ext_if = IPv4Interface(host_cidr), IPv4Interface(ext_cidr)
+    remove_link(host_ifname)
+    remove_netns(name)
+    netns.create(name)
+    try:
+        with IPRoute() as ipr:
+            ipr.link(
+                "add", ifname=host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name}
+            )
+            index = ipr.link_lookup(ifname=host_ifname)[0]
+            ipr.addr(
+                "add", index=index, address=str(host_if.ip), prefixlen=host_if.network.prefixlen
+            )
+            ipr.link("set", index=index, state="up")
+        with IPRoute(netns=name) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            eth0 = ns.link_lookup(ifname="eth0")[0]
+            ns.addr("add", index=eth0, address=str(ext_if.ip), prefixlen=ext_if.network.prefixlen)
+            ns.link("set", index=eth0, state="up")
+    except BaseException:
+        remove_link(host_ifname)
+        remove_netns(name)
+        raise
+    return ExternalHost(name, host_ifname, str(host_if.ip), str(ext_if.ip))
+
+
+def delete_external_host(ext: ExternalHost) -> None:
+    remove_link(ext.host_ifname)
+    remove_netns(ext.netns)
+
+
+# -- servers and clients --------------------------------------------------------------------
+
+
+@dataclass
+class WhoamiServer:
+    """Answers every TCP connection / UDP datagram with the client's address as seen here
+    (``"<ip>\\n"``), from a thread. Use as a context manager or call ``stop()``."""
+
+    sock: socket.socket
+    proto: str
+    port: int
+    _thread: threading.Thread = field(init=False)
+    _stopping: threading.Event = field(init=False, default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.sock.settimeout(0.2)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if self.proto == "tcp":
+                    conn, peer = self.sock.accept()
+                    with conn:
+                        conn.settimeout(IO_TIMEOUT)
+                        conn.sendall(f"{peer[0]}\n".encode())
+                else:
+                    _data, peer = self.sock.recvfrom(2048)
+                    self.sock.sendto(f"{peer[0]}\n".encode(), peer)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                continue
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=IO_TIMEOUT)
+        self.sock.close()
+
+    def __enter__(self) -> WhoamiServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_whoami_server(
+    netns_name: str | None, proto: str = "tcp", ip: str = "0.0.0.0", port: int = 0
+) -> WhoamiServer:
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    sock = netns_socket(netns_name, socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        if proto == "tcp":
+            sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return WhoamiServer(sock, proto, sock.getsockname()[1])
+
+
+def tcp_whoami(netns_name: str | None, ip: str, port: int) -> str:
+    """Connect from ``netns_name`` and return the address the server saw (raises
+    ConnectionRefusedError / TimeoutError like a plain socket)."""
+    with netns_socket(netns_name, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.connect((ip, port))
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        return data.decode().strip()
+
+
+def udp_whoami(
+    netns_name: str | None, ip: str, port: int, source_port: int = 0, timeout: float = IO_TIMEOUT
+) -> str:
+    """Send one datagram from ``netns_name`` (optionally from a fixed source port) and return
+    the reply; raises TimeoutError when none comes within ``timeout``."""
+    with netns_socket(netns_name, socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        if source_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", source_port))
+        sock.sendto(b"who?", (ip, port))
+        data, _peer = sock.recvfrom(256)
+        return data.decode().strip()
+
+
+# -- ports ----------------------------------------------------------------------------------
+
+
+def _port_is_free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port_block(count: int = 1, low: int = 61000, high: int = 65000) -> int:
+    """First port of ``count`` consecutive ports free for TCP and UDP on every address, chosen
+    above the default ephemeral range so the kernel is unlikely to hand them out meanwhile."""
+    for _ in range(200):
+        start = random.randint(low, high - count)
+        if all(_port_is_free(p) for p in range(start, start + count)):
+            return start
+    raise RuntimeError(f"no {count} consecutive free ports in {low}-{high}")
+
+
+@contextlib.contextmanager
+def listening_socket(ip: str, port: int) -> Iterator[socket.socket]:
+    """A plain TCP listener occupying ``ip:port`` for the duration of the block."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((ip, port))
+        sock.listen(1)
+        yield sock
