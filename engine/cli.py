@@ -75,7 +75,7 @@ def _port_bindings(specs: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
     return to_docker_port_bindings(bindings)
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
+@main.command(context_settings={"allow_interspersed_args": False})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background and print the ID.")
 @click.option("-p", "--publish", multiple=True, help="Publish a port: [ip:][hostport:]port[/proto]")
 @click.option("-P", "--publish-all", is_flag=True, help="Publish every exposed port.")

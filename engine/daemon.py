@@ -62,8 +62,19 @@ async def serve(
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Python-level handlers rather than loop.add_signal_handler: pyroute2 forks helper children
+    # for namespace work and stops them with SIGTERM; a forked child shares the loop's signal
+    # wakeup socket (signal.set_wakeup_fd), so a loop-level handler would read the child's
+    # SIGTERM as the daemon's own. Here the pid check makes a child's handler a no-op.
+    daemon_pid = os.getpid()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if os.getpid() == daemon_pid:
+            log.info("received %s", signal.Signals(signum).name)
+            loop.call_soon_threadsafe(stopping.set)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        signal.signal(sig, on_signal)
     await stopping.wait()
     log.info("shutting down")
     await runner.cleanup()

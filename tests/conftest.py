@@ -192,6 +192,6 @@ def assert_nothing_left(d: Daemon) -> None:
     assert d.bridge not in links, f"bridge {d.bridge} left behind"
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     assert f"inet {d.table}" not in tables, f"nft table {d.table} left behind"
-    procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    procs = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert str(d.data_root) not in procs, "a process of the test daemon is still running"
     assert str(d.data_root) not in Path("/proc/mounts").read_text(), "a rootfs is still mounted"
