@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -581,7 +582,7 @@ def test_udp_idle_flows_are_closed(
 ) -> None:
     backend = udp_echo_server("127.0.0.1")
     port = free_port(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
-    proxy = spawn_proxy(proxy_args("udp", "127.0.0.1", port, backend, "-udp-idle-timeout", "1"))
+    proxy = spawn_proxy(proxy_args("udp", "127.0.0.1", port, backend, "-udp-idle-timeout", "2"))
     assert proxy.status == b"0\n"
     idle_fds = proxy.fd_count()
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(10)]
@@ -604,6 +605,7 @@ def test_udp_full_flow_table_is_logged_once(
     port = free_port(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
     proxy = spawn_proxy(proxy_args("udp", "127.0.0.1", port, backend))
     assert proxy.status == b"0\n"
+    _allow_open_files(2048)
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(1034)]
     try:
         for client in clients[:1024]:
@@ -616,6 +618,12 @@ def test_udp_full_flow_table_is_logged_once(
     finally:
         for client in clients:
             client.close()
+
+
+def _allow_open_files(count: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(count, hard), hard))
 
 
 # --- supervisor -------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Child processes started with chosen fds at chosen numbers, watched through a pidfd.
+
+asyncio's subprocess API can only pass fds at the numbers they already have, and preexec_fn is
+unsafe in a threaded daemon; posix_spawn(3) file actions place them without running Python in
+the child. Exit is noticed by polling a pidfd (pidfd_open(2): readable once the process exits),
+which works on any event loop and reaps only this one pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+from dataclasses import dataclass, field
+
+_RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
+
+
+@dataclass(eq=False)
+class ChildProcess:
+    pid: int
+    pidfd: int
+    exited: asyncio.Future[int | None]
+    """Resolves to the exit code (negative: killed by that signal; None: reaped elsewhere)."""
+    _loop: asyncio.AbstractEventLoop = field(repr=False)
+
+    @property
+    def running(self) -> bool:
+        return not self.exited.done()
+
+    def send_signal(self, signum: int) -> None:
+        if not self.running:
+            return
+        try:
+            signal.pidfd_send_signal(self.pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    def _on_pidfd_readable(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            code: int | None = None
+        else:
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+        self._loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+
+def spawn_with_fds(argv: list[str], fds: dict[int, int]) -> ChildProcess:
+    """Run ``argv`` (PATH is searched) with ``fds[n]`` as its fd ``n``, stdin from /dev/null,
+    stdout and stderr shared with us, in its own process group (so a terminal's ^C reaches the
+    parent only); every other fd of ours is close-on-exec (PEP 446). Must be called from the
+    event loop's thread."""
+    loop = asyncio.get_running_loop()
+    # Lift the sources above every target first, so one dup2 cannot clobber a later source.
+    first_free = max(fds, default=2) + 1
+    lifted: dict[int, int] = {}
+    try:
+        for target, source in fds.items():
+            lifted[target] = fcntl.fcntl(source, fcntl.F_DUPFD_CLOEXEC, first_free)
+        actions: list[tuple[object, ...]] = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)]
+        actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in lifted.items()]
+        pid = os.posix_spawnp(
+            argv[0],
+            argv,
+            os.environ,
+            file_actions=actions,
+            setpgroup=0,
+            setsigmask=(),
+            setsigdef=_RESET_SIGNALS,
+        )
+    finally:
+        for fd in lifted.values():
+            os.close(fd)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    child = ChildProcess(pid=pid, pidfd=pidfd, exited=loop.create_future(), _loop=loop)
+    loop.add_reader(pidfd, child._on_pidfd_readable)
+    return child
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

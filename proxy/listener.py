@@ -1,0 +1,71 @@
+"""The proxy's listening socket: bound here, or handed over by the parent as fd 4."""
+
+from __future__ import annotations
+
+import socket
+
+from proxy.handshake import LISTEN_FD
+from proxy.options import ProxyOptions
+
+_SOCKET_TYPES = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
+
+
+class ListenerError(Exception):
+    """The listening socket could not be set up; the message says why in one line."""
+
+
+def address_family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def open_listener(options: ProxyOptions) -> socket.socket:
+    """A non-blocking socket ready to accept (TCP) or receive (UDP) for ``options``."""
+    if options.use_listen_fd:
+        return _adopt_listen_fd(options.proto)
+    return _bind_listener(options)
+
+
+def _adopt_listen_fd(proto: str) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=LISTEN_FD)
+    except OSError as err:
+        raise ListenerError(f"fd {LISTEN_FD} is not a usable socket: {err.strerror}") from None
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            raise ListenerError(f"fd {LISTEN_FD} is not an IPv4 or IPv6 socket")
+        if sock.type != _SOCKET_TYPES[proto]:
+            raise ListenerError(f"fd {LISTEN_FD} is not a {proto} socket")
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        if proto == "tcp":
+            # listen(2) on an already listening socket only updates the backlog, so a proxy
+            # restarted on the same socket can call it again.
+            sock.listen(socket.SOMAXCONN)
+    except ListenerError:
+        sock.close()
+        raise
+    except OSError as err:
+        sock.close()
+        raise ListenerError(f"cannot listen on fd {LISTEN_FD}: {err.strerror}") from None
+    return sock
+
+
+def _bind_listener(options: ProxyOptions) -> socket.socket:
+    family = address_family(options.host_ip)
+    sock = socket.socket(family, _SOCKET_TYPES[options.proto])
+    try:
+        if options.proto == "tcp":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # IPv6 only, so that "::" and "0.0.0.0" on the same port can be two proxies
+            # (ipv6(7) IPV6_V6ONLY; the kernel default comes from net.ipv6.bindv6only).
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setblocking(False)
+        sock.bind((options.host_ip, options.host_port))
+        if options.proto == "tcp":
+            sock.listen(socket.SOMAXCONN)
+    except OSError as err:
+        sock.close()
+        where = f"{options.host_ip}:{options.host_port}/{options.proto}"
+        raise ListenerError(f"cannot listen on {where}: {err.strerror or err}") from None
+    return sock

@@ -1,0 +1,170 @@
+"""Command line of pyengine-proxy: docker-proxy's flags, parsed the way Go's ``flag`` package does.
+
+Go flag syntax: ``-name value``, ``-name=value``, and ``--name`` works like ``-name``. A boolean
+flag takes no separate value (``-use-listen-fd`` or ``-use-listen-fd=false``). Parsing stops at
+``--`` or at the first argument that is not a flag.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+DEFAULT_UDP_IDLE_TIMEOUT = 90.0
+
+USAGE = (
+    "usage: pyengine-proxy -proto tcp|udp -host-ip IP -host-port N "
+    "-container-ip IP -container-port N [-use-listen-fd] [-udp-idle-timeout SECONDS] [-v]"
+)
+
+_BOOL_FLAGS = frozenset({"use-listen-fd", "v", "h", "help"})
+_VALUE_FLAGS = frozenset(
+    {"proto", "host-ip", "host-port", "container-ip", "container-port", "udp-idle-timeout"}
+)
+_TRUE_WORDS = frozenset({"1", "t", "T", "true", "TRUE", "True"})
+_FALSE_WORDS = frozenset({"0", "f", "F", "false", "FALSE", "False"})
+
+
+class UsageError(Exception):
+    """The command line is not valid; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ProxyOptions:
+    proto: str
+    host_ip: str
+    host_port: int
+    container_ip: str
+    container_port: int
+    use_listen_fd: bool
+    udp_idle_timeout: float
+
+    def describe(self) -> str:
+        """``tcp 0.0.0.0:8080 -> 172.17.0.2:80``, used as the prefix of every log line."""
+        return (
+            f"{self.proto} {_join_host_port(self.host_ip, self.host_port)} -> "
+            f"{_join_host_port(self.container_ip, self.container_port)}"
+        )
+
+
+@dataclass(frozen=True)
+class ParsedCommandLine:
+    """What the command line asks for: the proxy options, or only the version, or only help."""
+
+    options: ProxyOptions | None
+    show_version: bool = False
+    show_help: bool = False
+
+
+def parse_command_line(args: list[str]) -> ParsedCommandLine:
+    """Parse ``args`` (without the program name); raise UsageError when they are not valid."""
+    values = _parse_go_flags(args)
+    if _flag_is_true(values, "h") or _flag_is_true(values, "help"):
+        return ParsedCommandLine(options=None, show_help=True)
+    if _flag_is_true(values, "v"):
+        return ParsedCommandLine(options=None, show_version=True)
+    return ParsedCommandLine(options=_build_options(values))
+
+
+def _parse_go_flags(args: list[str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            if i + 1 < len(args):
+                raise UsageError(f"unexpected argument {args[i + 1]!r}")
+            break
+        if not arg.startswith("-") or arg == "-":
+            raise UsageError(f"unexpected argument {arg!r}")
+        name = arg[2:] if arg.startswith("--") else arg[1:]
+        value: str | None = None
+        if "=" in name:
+            name, value = name.split("=", 1)
+        if not name or name.startswith("-"):
+            raise UsageError(f"bad flag syntax: {arg}")
+        if name in _BOOL_FLAGS:
+            if value is None:
+                value = "true"
+            elif value not in _TRUE_WORDS | _FALSE_WORDS:
+                raise UsageError(f"invalid boolean value {value!r} for flag -{name}")
+        elif name in _VALUE_FLAGS:
+            if value is None:
+                if i + 1 >= len(args):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                i += 1
+                value = args[i]
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        values[name] = value
+        i += 1
+    return values
+
+
+def _flag_is_true(values: dict[str, str], name: str) -> bool:
+    return values.get(name, "false") in _TRUE_WORDS
+
+
+def _build_options(values: dict[str, str]) -> ProxyOptions:
+    proto = values.get("proto", "tcp")
+    if proto not in ("tcp", "udp"):
+        raise UsageError(f"unsupported protocol {proto!r} (want tcp or udp)")
+    use_listen_fd = _flag_is_true(values, "use-listen-fd")
+    if "host-ip" not in values and not use_listen_fd:
+        raise UsageError("flag -host-ip is required")
+    host_ip = _parse_ip(values.get("host-ip", "0.0.0.0"), "host-ip")
+    host_port = _parse_port(values.get("host-port", "0"), "host-port", allow_zero=use_listen_fd)
+    if "container-ip" not in values:
+        raise UsageError("flag -container-ip is required")
+    container_ip = _parse_ip(values["container-ip"], "container-ip")
+    if "container-port" not in values:
+        raise UsageError("flag -container-port is required")
+    container_port = _parse_port(values["container-port"], "container-port", allow_zero=False)
+    udp_idle_timeout = _parse_seconds(
+        values.get("udp-idle-timeout", str(DEFAULT_UDP_IDLE_TIMEOUT)), "udp-idle-timeout"
+    )
+    return ProxyOptions(
+        proto=proto,
+        host_ip=host_ip,
+        host_port=host_port,
+        container_ip=container_ip,
+        container_port=container_port,
+        use_listen_fd=use_listen_fd,
+        udp_idle_timeout=udp_idle_timeout,
+    )
+
+
+def _parse_ip(text: str, flag: str) -> str:
+    address, _, zone = text.partition("%")
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        raise UsageError(f"invalid IP address {text!r} for flag -{flag}") from None
+    return f"{parsed}%{zone}" if zone else str(parsed)
+
+
+def _parse_port(text: str, flag: str, *, allow_zero: bool) -> int:
+    try:
+        port = int(text, 10)
+    except ValueError:
+        raise UsageError(f"invalid port {text!r} for flag -{flag}") from None
+    lowest = 0 if allow_zero else 1
+    if not lowest <= port <= 65535:
+        raise UsageError(f"port {port} out of range for flag -{flag}")
+    return port
+
+
+def _parse_seconds(text: str, flag: str) -> float:
+    # Accept a Go duration written in seconds ("90s") as well as a bare number.
+    number = text[:-1] if text.endswith("s") else text
+    try:
+        seconds = float(number)
+    except ValueError:
+        raise UsageError(f"invalid duration {text!r} for flag -{flag}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise UsageError(f"duration for flag -{flag} must be a positive number of seconds")
+    return seconds
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

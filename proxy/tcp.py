@@ -1,0 +1,324 @@
+"""TCP proxying with splice(2): payload moves socket -> pipe -> socket and never enters Python.
+
+Each accepted connection gets a non-blocking connect to the container, then two relays, one per
+direction. A relay is driven by event-loop readiness: it reads its source only while its pipe can
+be drained into its destination (back-pressure), and it shuts down the destination's write side
+once its source hit EOF and its pipe is empty (half-close). Both sockets close when both relays
+are done, or at once when either side fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+
+from proxy.listener import address_family
+from proxy.pipes import Pipe, PipePool
+
+log = logging.getLogger("proxy.tcp")
+
+# splice(2): SPLICE_F_NONBLOCK makes the pipe side non-blocking (the sockets are O_NONBLOCK
+# themselves); SPLICE_F_MOVE is only a hint, but harmless.
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Splice calls one relay may make per wake-up before it lets other connections run.
+_SPLICE_BUDGET = 32
+_ACCEPT_BATCH = 64
+_ACCEPT_PAUSE_SECONDS = 0.1
+# accept(2): errors about one aborted connection; the next one may be fine.
+_ACCEPT_RETRY_ERRNOS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
+)
+
+
+class TcpProxy:
+    """Accepts on ``listener`` and relays every connection to ``backend_ip:backend_port``."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listener: socket.socket,
+        backend_ip: str,
+        backend_port: int,
+        pipe_pool: PipePool | None = None,
+    ) -> None:
+        self._loop = loop
+        self._listener = listener
+        self._backend_family = address_family(backend_ip)
+        self._backend_address = (backend_ip, backend_port)
+        self._pipe_pool = pipe_pool if pipe_pool is not None else PipePool()
+        self._connections: set[TcpConnection] = set()
+        self._accepting = False
+        self._closed = False
+        self._resume_accept_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    @property
+    def pipe_pool(self) -> PipePool:
+        return self._pipe_pool
+
+    def start(self) -> None:
+        self._set_accepting(True)
+
+    def close(self) -> None:
+        """Stop accepting, close the listener, and drop every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._set_accepting(False)
+        if self._resume_accept_handle is not None:
+            self._resume_accept_handle.cancel()
+        self._listener.close()
+        for connection in list(self._connections):
+            connection.close()
+        self._pipe_pool.close()
+
+    def forget(self, connection: TcpConnection) -> None:
+        self._connections.discard(connection)
+
+    def _set_accepting(self, accepting: bool) -> None:
+        if accepting == self._accepting:
+            return
+        if accepting:
+            self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+        else:
+            self._loop.remove_reader(self._listener.fileno())
+        self._accepting = accepting
+
+    def _resume_accepting(self) -> None:
+        self._resume_accept_handle = None
+        if not self._closed:
+            self._set_accepting(True)
+
+    def _on_acceptable(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                client, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in _ACCEPT_RETRY_ERRNOS:
+                    continue
+                # Out of fds or memory (or anything unexpected): the connection stays queued
+                # and the listener readable, so back off instead of spinning.
+                log.warning("accept failed: %s; pausing new connections briefly", err.strerror)
+                self._set_accepting(False)
+                self._resume_accept_handle = self._loop.call_later(
+                    _ACCEPT_PAUSE_SECONDS, self._resume_accepting
+                )
+                return
+            connection = TcpConnection(self, self._loop, client)
+            self._connections.add(connection)
+            connection.connect_backend(self._backend_family, self._backend_address)
+
+    def acquire_pipe(self) -> Pipe:
+        return self._pipe_pool.acquire()
+
+    def release_pipe(self, pipe: Pipe, *, is_empty: bool) -> None:
+        if self._closed:
+            pipe.close()
+        else:
+            self._pipe_pool.release(pipe, is_empty=is_empty)
+
+
+class TcpConnection:
+    """One client connection and its backend connection."""
+
+    def __init__(
+        self, proxy: TcpProxy, loop: asyncio.AbstractEventLoop, client: socket.socket
+    ) -> None:
+        self._proxy = proxy
+        self._loop = loop
+        self._client = client
+        self._backend: socket.socket | None = None
+        self._connecting = False
+        self._relays: list[Relay] = []
+        self._closed = False
+        client.setblocking(False)
+
+    def connect_backend(self, family: socket.AddressFamily, address: tuple[str, int]) -> None:
+        try:
+            backend = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as err:
+            self.fail(f"cannot create backend socket: {err.strerror}")
+            return
+        self._backend = backend
+        backend.setblocking(False)
+        status = backend.connect_ex(address)
+        if status == 0:
+            self._start_relaying()
+        elif status == errno.EINPROGRESS:
+            # connect(2): with O_NONBLOCK the socket turns writable when the handshake is over;
+            # SO_ERROR then says whether it worked.
+            self._connecting = True
+            self._loop.add_writer(backend.fileno(), self._on_connect_done)
+        else:
+            self.fail(f"cannot connect to backend: {os.strerror(status)}")
+
+    def _on_connect_done(self) -> None:
+        assert self._backend is not None
+        self._loop.remove_writer(self._backend.fileno())
+        self._connecting = False
+        status = self._backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if status != 0:
+            self.fail(f"cannot connect to backend: {os.strerror(status)}")
+            return
+        self._start_relaying()
+
+    def _start_relaying(self) -> None:
+        assert self._backend is not None
+        for sock in (self._client, self._backend):
+            try:
+                # The sender already decided how to chunk its data; do not delay it further.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
+        try:
+            to_backend = Relay(self, self._loop, self._client, self._backend, self._proxy)
+            self._relays.append(to_backend)
+            to_client = Relay(self, self._loop, self._backend, self._client, self._proxy)
+            self._relays.append(to_client)
+        except OSError as err:
+            self.fail(f"cannot create pipe: {err.strerror}")
+            return
+        for relay in self._relays:
+            relay.pump()
+
+    def relay_finished(self) -> None:
+        if all(relay.finished for relay in self._relays):
+            self.close()
+
+    def fail(self, reason: str, *, level: int = logging.INFO) -> None:
+        if not self._closed:
+            log.log(level, "closing connection: %s", reason)
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for relay in self._relays:
+            relay.detach()
+        if self._backend is not None:
+            if self._connecting:
+                self._loop.remove_writer(self._backend.fileno())
+            self._backend.close()
+        self._client.close()
+        self._proxy.forget(self)
+
+
+class Relay:
+    """One direction of a connection: ``source`` -> pipe -> ``destination`` with splice(2)."""
+
+    def __init__(
+        self,
+        connection: TcpConnection,
+        loop: asyncio.AbstractEventLoop,
+        source: socket.socket,
+        destination: socket.socket,
+        proxy: TcpProxy,
+    ) -> None:
+        self._connection = connection
+        self._loop = loop
+        self._source = source
+        self._destination = destination
+        self._source_fd = source.fileno()
+        self._destination_fd = destination.fileno()
+        self._proxy = proxy
+        self._pipe: Pipe | None = proxy.acquire_pipe()
+        self._buffered = 0
+        self._source_eof = False
+        self._waiting_readable = False
+        self._waiting_writable = False
+        self._resume_scheduled = False
+        self.finished = False
+
+    def pump(self) -> None:
+        """Move as much as possible now, then wait for the readiness that lets it go on."""
+        self._resume_scheduled = False
+        if self.finished or self._pipe is None:
+            return
+        try:
+            self._pump(self._pipe)
+        except OSError as err:
+            # A reset or a vanished peer is routine for a proxy; do not log it loudly.
+            self._connection.fail(err.strerror or str(err), level=logging.DEBUG)
+        except Exception:
+            log.exception("relay failed")
+            self._connection.close()
+
+    def _pump(self, pipe: Pipe) -> None:
+        for _ in range(_SPLICE_BUDGET):
+            if self._buffered:
+                try:
+                    moved = os.splice(
+                        pipe.read_fd, self._destination_fd, self._buffered, flags=_SPLICE_FLAGS
+                    )
+                except BlockingIOError:
+                    self._wait_for(readable=False, writable=True)
+                    return
+                self._buffered -= moved
+                if self._buffered:
+                    continue
+            if self._source_eof:
+                self._finish()
+                return
+            try:
+                moved = os.splice(
+                    self._source_fd, pipe.write_fd, pipe.capacity, flags=_SPLICE_FLAGS
+                )
+            except BlockingIOError:
+                # EAGAIN means either "source empty" or "pipe full"; a pipe holding bytes is
+                # drained first, an empty one means the source has nothing yet.
+                if self._buffered:
+                    continue
+                self._wait_for(readable=True, writable=False)
+                return
+            if moved == 0:
+                self._source_eof = True
+            else:
+                self._buffered += moved
+        if not self._resume_scheduled:
+            self._resume_scheduled = True
+            self._loop.call_soon(self.pump)
+
+    def _finish(self) -> None:
+        self._wait_for(readable=False, writable=False)
+        try:
+            self._destination.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.finished = True
+        self._release_pipe()
+        self._connection.relay_finished()
+
+    def _wait_for(self, *, readable: bool, writable: bool) -> None:
+        if readable != self._waiting_readable:
+            if readable:
+                self._loop.add_reader(self._source_fd, self.pump)
+            else:
+                self._loop.remove_reader(self._source_fd)
+            self._waiting_readable = readable
+        if writable != self._waiting_writable:
+            if writable:
+                self._loop.add_writer(self._destination_fd, self.pump)
+            else:
+                self._loop.remove_writer(self._destination_fd)
+            self._waiting_writable = writable
+
+    def _release_pipe(self) -> None:
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            self._proxy.release_pipe(pipe, is_empty=self._buffered == 0)
+
+    def detach(self) -> None:
+        """Stop watching both sockets and give the pipe back; the sockets are closed after."""
+        self._wait_for(readable=False, writable=False)
+        self.finished = True
+        self._release_pipe()
