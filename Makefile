@@ -15,7 +15,7 @@ DEMO_PORT := 8080
 export PYENGINE_HOST := unix://$(SOCK)
 
 APT_PACKAGES := runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl \
-	socat procps python3-venv ca-certificates
+	socat procps python3-venv ca-certificates openssl docker-registry skopeo apache2-utils
 
 .PHONY: setup deps venv images demo daemon stop test lint clean
 

@@ -32,7 +32,7 @@ import stat
 import tarfile
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -300,7 +300,7 @@ def _stage_archive(archive: BinaryIO | Path | str, staging: Path) -> _StagedArch
 @dataclass
 class _PendingLayer:
     diff_id: str
-    blob: Path  # staged file
+    blob: Path | None  # staged file; None when a pull found the layer unpacked here already
     blob_digest: str
     media_type: str
     blob_size: int
@@ -355,8 +355,12 @@ def _pick_platform(index: dict[str, Any], what: str) -> dict[str, Any]:
 
 
 def _plan_from_manifest(
-    staged: _StagedArchive, manifest_bytes: bytes, manifest: dict[str, Any]
+    staged: _StagedArchive,
+    manifest_bytes: bytes,
+    manifest: dict[str, Any],
+    present: frozenset[str] = frozenset(),
 ) -> _PendingImage:
+    """``present``: diff_ids already unpacked in the store, whose blobs a pull skipped."""
     config_path = staged.verified_blob(manifest.get("config"), "config")
     config_bytes = config_path.read_bytes()
     config = _as_dict(_parse_json(config_bytes, "image config"), "image config")
@@ -374,6 +378,15 @@ def _plan_from_manifest(
             raise ImageLoadError(f"layer {descriptor.get('digest')}: foreign layers not supported")
         if "zstd" in media_type:
             raise ImageLoadError(f"layer {descriptor.get('digest')}: zstd layers not supported")
+        if diff_id in present and not staged.has(
+            f"blobs/sha256/{_digest_hex(descriptor.get('digest'), 'layer')}"
+        ):
+            layers.append(
+                _PendingLayer(
+                    diff_id, None, descriptor["digest"], media_type, descriptor.get("size", 0)
+                )
+            )
+            continue
         blob = staged.verified_blob(descriptor, "layer")
         layers.append(
             _PendingLayer(
@@ -501,6 +514,21 @@ def _plan_archive(staged: _StagedArchive) -> list[_PendingImage]:
     return plans
 
 
+def _remove_if_unlocked(path: Path) -> None:
+    """Remove a download directory unless a live download holds its flock(2)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        shutil.rmtree(path, ignore_errors=True)
+    except BlockingIOError:
+        pass  # in use
+    finally:
+        os.close(fd)
+
+
 # --- the store ----------------------------------------------------------------------------------
 
 
@@ -593,14 +621,23 @@ class ImageStore:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def _commit(self, plans: builtins.list[_PendingImage]) -> builtins.list[str]:
+    def _commit(
+        self,
+        plans: builtins.list[_PendingImage],
+        on_layer: Callable[[int, str], None] | None = None,
+    ) -> builtins.list[str]:
         state = self._read_state()
         created: builtins.list[Path] = []
         try:
             for plan in plans:
-                for layer in plan.layers:
+                for index, layer in enumerate(plan.layers):
+                    if on_layer is not None:
+                        on_layer(index, "extracting")
                     self._commit_layer(layer, state, created)
-                    self._commit_blob_file(layer.blob, layer.blob_digest, created)
+                    if layer.blob is not None:
+                        self._commit_blob_file(layer.blob, layer.blob_digest, created)
+                    if on_layer is not None:
+                        on_layer(index, "complete")
                 self._commit_blob_bytes(plan.config_bytes, created)
                 self._commit_blob_bytes(plan.manifest_bytes, created)
             loaded = []
@@ -627,6 +664,11 @@ class ImageStore:
         self, layer: _PendingLayer, state: dict[str, Any], created: builtins.list[Path]
     ) -> None:
         dest = self._layer_path(layer.diff_id)
+        if layer.blob is None:  # a pull skipped the blob because the layer was here
+            if not dest.is_dir():
+                raise ImageLoadError(f"layer {layer.diff_id} was removed meanwhile; pull again")
+            state["layers"].setdefault(layer.diff_id, {"size": _tree_size(dest)})
+            return
         if dest.is_dir():
             # Already unpacked: still make sure this blob really is that layer.
             actual = diff_id_of(layer.blob)
@@ -675,6 +717,86 @@ class ImageStore:
             os.fsync(f.fileno())
         os.rename(tmp, dest)
         created.append(dest)
+
+    # -- pulling (engine/registry.py downloads, the store verifies and commits)
+
+    def has_layer(self, diff_id: str) -> bool:
+        """Whether the layer ``diff_id`` is unpacked here, so a pull can skip its blob."""
+        return self._layer_path(diff_id).is_dir()
+
+    @contextlib.contextmanager
+    def download_dir(self) -> Iterator[Path]:
+        """A private directory on the store's filesystem for blobs being downloaded.
+
+        Each is flock(2)ed while in use, so the ones a killed daemon left behind (nobody holds
+        their lock) are removed when the next download starts.
+        """
+        parent = self.root / "downloads"
+        with self._locked():
+            parent.mkdir(exist_ok=True)
+            for entry in parent.iterdir():
+                _remove_if_unlocked(entry)
+            path = Path(tempfile.mkdtemp(prefix="pull-", dir=parent))
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            os.close(fd)
+
+    def add_pulled(
+        self,
+        ref: str | None,
+        manifest_bytes: bytes,
+        config_bytes: bytes,
+        layer_blobs: builtins.list[Path | None],
+        on_layer: Callable[[int, str], None] | None = None,
+    ) -> Image:
+        """Import an image downloaded from a registry, tagged ``ref`` (None: untagged).
+
+        ``layer_blobs[i]`` is the downloaded blob of the manifest's i-th layer (in
+        download_dir()), or None when has_layer() said its diff_id is unpacked here already.
+        Everything is checked again (config and blobs against the manifest, layers against their
+        diff_ids) and nothing is kept on failure. ``on_layer(i, "extracting" | "complete")`` is
+        called from this thread as each layer is committed.
+        """
+        ref_key = _normalized_ref(ref, "pulled image") if ref else None
+        manifest = _as_dict(_parse_json(manifest_bytes, "manifest"), "manifest")
+        descriptors = _as_list(manifest.get("layers"), "manifest layers")
+        if len(descriptors) != len(layer_blobs):
+            raise ImageLoadError(
+                f"manifest has {len(descriptors)} layers, {len(layer_blobs)} blobs were given"
+            )
+        with self._locked():
+            self._remove_temporaries()
+            staging = Path(tempfile.mkdtemp(prefix=".tmp-pull-", dir=self.root))
+            try:
+                staged = _StagedArchive(staging)
+                config_path = staging / "config"
+                config_path.write_bytes(config_bytes)
+                staged.files[f"blobs/sha256/{_sha256_bytes(config_bytes)[7:]}"] = config_path
+                for descriptor, blob in zip(descriptors, layer_blobs, strict=True):
+                    hex_digest = _digest_hex(_as_dict(descriptor, "layer").get("digest"), "layer")
+                    if blob is not None:
+                        staged.files[f"blobs/sha256/{hex_digest}"] = blob
+                config = _as_dict(_parse_json(config_bytes, "image config"), "image config")
+                diff_ids = _diff_ids(config, "image config")
+                # A count mismatch is reported by _plan_from_manifest.
+                present = frozenset(
+                    d for d, b in zip(diff_ids, layer_blobs, strict=False) if b is None
+                )
+                plan = _plan_from_manifest(staged, manifest_bytes, manifest, present)
+                if ref_key is not None:
+                    plan.refs.append(ref_key)
+                self._commit([plan], on_layer)
+                return self._image(self._read_state(), plan.id)
+            except ImageLoadError:
+                raise
+            except (LayerError, OSError) as e:
+                raise ImageLoadError(f"cannot store pulled image: {e}") from e
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
 
     # -- lookup
 

@@ -189,7 +189,8 @@ def test_logs_and_stop_with_image_stop_signal(daemon: Daemon, nginx: tuple[str, 
 
 def _kernel_state(daemon: Daemon) -> dict[str, str]:
     return {
-        "links": sh("ip", "-br", "link").stdout,
+        # only the links on this daemon's bridge: other tests may add their own links meanwhile
+        "links": sh("ip", "-br", "link", "show", "master", daemon.bridge).stdout,
         "netns": sh("ip", "netns", "list").stdout,
         "nft": sh("nft", "list", "table", "inet", daemon.table, check=False).stdout,
         "procs": sh("ps", "-eww", "-o", "args").stdout,
