@@ -114,7 +114,10 @@ async def serve(
     help="Proxy binary (default: this Python's pyengine-proxy).",
 )
 @click.option(
-    "--firewall-backend", type=click.Choice(["nftables"]), default="nftables", show_default=True
+    "--firewall-backend",
+    type=click.Choice(["nftables", "iptables"]),
+    default="nftables",
+    show_default=True,
 )
 @click.option(
     "-b", "--bridge", default="pyengine0", show_default=True, help="Name of the default bridge."
@@ -129,7 +132,7 @@ async def serve(
     "--firewall-table",
     default="pyengine",
     show_default=True,
-    help="Name of the nftables table pyengine owns.",
+    help="Name of the nftables table (or prefix of the iptables chains) pyengine owns.",
 )
 @click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
 @click.option("--runc", "runc_path", default="runc", show_default=True)

@@ -42,13 +42,20 @@ log = logging.getLogger(__name__)
 
 _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
+# Files under <data_root>/network (netd/__main__.py reads them too).
+STATE_DIR = "network"
+ENDPOINTS_FILE = "endpoints.json"  # endpoints and published ports, by container id
+NETWORK_FILE = "network.json"  # the bridge and the firewall it was set up with
+IPAM_FILE = "ipam.json"
+
 
 @dataclass
 class NetdConfig:
     data_root: Path  # netd keeps its JSON state under data_root / "network"
     bridge: str = "pyengine0"
     bridge_cidr: str = "10.47.0.1/16"  # gateway address/prefix of the default bridge
-    table: str = "pyengine"  # the nftables table pyengine owns (family inet)
+    # nftables: the table pyengine owns (family inet); iptables: the prefix of its chains
+    table: str = "pyengine"
     userland_proxy: bool = True
     firewall_backend: str = "nftables"
     netns_prefix: str = "pyengine-"  # namespaces are /run/netns/<prefix><first 12 of id>
@@ -127,15 +134,14 @@ class NetworkController:
                 f'bridge_cidr "{cfg.bridge_cidr}" must be a host address in a /30 or larger'
             )
         self.cfg = cfg
-        self._state_dir = cfg.data_root / "network"
-        self._state_file = self._state_dir / "endpoints.json"
+        self._state_dir = cfg.data_root / STATE_DIR
+        self._state_file = self._state_dir / ENDPOINTS_FILE
+        self._network_file = self._state_dir / NETWORK_FILE
         self._lock = threading.RLock()
         self._firewall: Firewall = make_firewall(
             cfg.firewall_backend, cfg.table, cfg.userland_proxy
         )
-        self._ipam = Ipam.load(
-            self._state_dir / "ipam.json", self._gateway.network, self._gateway.ip
-        )
+        self._ipam = Ipam.load(self._state_dir / IPAM_FILE, self._gateway.network, self._gateway.ip)
         self._endpoints: dict[str, Endpoint] = {}
         self._ports: dict[str, list[PublishedPort]] = {}
         self._load_state()
@@ -161,6 +167,32 @@ class NetworkController:
             },
         )
 
+    def _save_network(self) -> None:
+        write_json_atomic(
+            self._network_file,
+            {
+                "bridge": self.cfg.bridge,
+                "subnet": str(self._gateway.network),
+                "gateway": str(self._gateway.ip),
+                "firewall_backend": self.cfg.firewall_backend,
+                "table": self.cfg.table,
+                "userland_proxy": self.cfg.userland_proxy,
+            },
+        )
+
+    def _remove_previous_firewall(self) -> None:
+        """A daemon started before with another backend or table left its rules behind."""
+        previous = read_json(self._network_file, None) or {}
+        backend, table = previous.get("firewall_backend"), previous.get("table")
+        current = (self.cfg.firewall_backend, self.cfg.table)
+        if not backend or not table or (backend, table) == current:
+            return
+        log.info("removing the rules of the previous firewall (%s, table %s)", backend, table)
+        try:
+            make_firewall(backend, table, bool(previous.get("userland_proxy"))).uninstall()
+        except NetdError as exc:
+            log.warning("cannot remove the previous %s rules of %s: %s", backend, table, exc)
+
     def _network(self) -> BridgeNetwork:
         return BridgeNetwork(self.cfg.bridge, self._gateway.network, self._gateway.ip)
 
@@ -185,10 +217,12 @@ class NetworkController:
             self._restore_endpoints()
             fresh = self._restore_port_reservations()
             try:
+                self._remove_previous_firewall()
                 self._firewall.install([self._network()], self._all_mappings())
             except BaseException:
                 _close(fresh)
                 raise
+            self._save_network()
             self._save_state()
             self._ready = True
 
@@ -241,6 +275,7 @@ class NetworkController:
             bridge.delete_bridge(self.cfg.bridge)
             self._ipam.clear()
             self._state_file.unlink(missing_ok=True)
+            self._network_file.unlink(missing_ok=True)
             try:
                 self._state_dir.rmdir()
             except OSError:

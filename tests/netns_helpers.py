@@ -4,14 +4,19 @@ answer with the address they see the client as.
 
 Everything here creates only ``pye``-prefixed objects and sends traffic only to loopback or to
 addresses of namespaces/veths the test made. Privilege checks live in ``tests/conftest.py``.
+The firewall helpers at the end read what a backend installed straight from the kernel (``nft``,
+``iptables-save``), independently of the code under test, and remove it after a failed test.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import random
+import re
+import shlex
 import socket
 import subprocess
 import threading
@@ -57,7 +62,7 @@ def remove_link(ifname: str) -> None:
 
 
 def netns_socket(
-    name: str | None, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+    name: str | None, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM, proto: int = 0
 ) -> socket.socket:
     """A socket that lives in network namespace ``name`` (None: the caller's namespace).
 
@@ -65,7 +70,7 @@ def netns_socket(
     the namespace and creates the socket; a socket stays in the namespace it was created in.
     """
     if name is None:
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, kind, proto)
         sock.settimeout(IO_TIMEOUT)
         return sock
     result: list[socket.socket | BaseException] = []
@@ -79,7 +84,7 @@ def netns_socket(
                     raise OSError(err, f"setns({name}): {os.strerror(err)}")
             finally:
                 os.close(fd)
-            result.append(socket.socket(family, kind))
+            result.append(socket.socket(family, kind, proto))
         except BaseException as exc:
             result.append(exc)
 
@@ -101,6 +106,7 @@ class ExternalHost:
     host_ifname: str
     host_ip: str
     ip: str
+    ifname: str = "eth0"  # its interface, inside the namespace
 
 
 def create_external_host(
@@ -108,8 +114,9 @@ def create_external_host(
     host_ifname: str = "pyetest-x0",
     host_cidr: str = "198.18.0.1/30",
     ext_cidr: str = "198.18.0.2/30",
+    ifname: str = "eth0",
 ) -> ExternalHost:
-    """``name`` gets ``eth0`` = ``ext_cidr``; the host end ``host_ifname`` gets ``host_cidr``."""
+    """``name`` gets ``ifname`` = ``ext_cidr``; the host end ``host_ifname`` gets ``host_cidr``."""
     host_if, ext_if = IPv4Interface(host_cidr), IPv4Interface(ext_cidr)
     remove_link(host_ifname)
     remove_netns(name)
@@ -117,7 +124,7 @@ def create_external_host(
     try:
         with IPRoute() as ipr:
             ipr.link(
-                "add", ifname=host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name}
+                "add", ifname=host_ifname, kind="veth", peer={"ifname": ifname, "net_ns_fd": name}
             )
             index = ipr.link_lookup(ifname=host_ifname)[0]
             ipr.addr(
@@ -126,14 +133,14 @@ def create_external_host(
             ipr.link("set", index=index, state="up")
         with IPRoute(netns=name) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            eth0 = ns.link_lookup(ifname="eth0")[0]
+            eth0 = ns.link_lookup(ifname=ifname)[0]
             ns.addr("add", index=eth0, address=str(ext_if.ip), prefixlen=ext_if.network.prefixlen)
             ns.link("set", index=eth0, state="up")
     except BaseException:
         remove_link(host_ifname)
         remove_netns(name)
         raise
-    return ExternalHost(name, host_ifname, str(host_if.ip), str(ext_if.ip))
+    return ExternalHost(name, host_ifname, str(host_if.ip), str(ext_if.ip), ifname)
 
 
 def delete_external_host(ext: ExternalHost) -> None:
@@ -265,3 +272,91 @@ def listening_socket(ip: str, port: int) -> Iterator[socket.socket]:
         sock.bind((ip, port))
         sock.listen(1)
         yield sock
+
+
+# -- firewall state, read independently of netd -----------------------------------------------
+
+IPTABLES_TABLES = ("raw", "nat", "filter")
+# One DNAT rule per mapping, as iptables-save prints the rules netd writes.
+_IPTABLES_DNAT = re.compile(
+    r"^-A (?P<chain>\S+) (?:-d (?P<ip>[\d.]+)/32 )?-p (?P<proto>tcp|udp) -m (?:tcp|udp) "
+    r"--dport (?P<port>\d+) -j DNAT --to-destination (?P<cip>[\d.]+):(?P<cport>\d+)$"
+)
+
+Mapping = tuple[str, str, int, str, int]  # host ip, proto, host port, container ip, port
+
+
+def nft_map_elements(table: str, name: str) -> list[tuple[list, list]]:
+    """Elements of an nftables map of ``inet table`` as (key parts, value parts)."""
+    data = json.loads(run("nft", "-j", "list", "map", "inet", table, name))
+    for item in data["nftables"]:
+        if "map" in item:
+            return [(k["concat"], v["concat"]) for k, v in item["map"].get("elem", [])]
+    raise AssertionError(f"map {name} not listed")
+
+
+def kernel_mappings(backend: str, table: str) -> list[Mapping]:
+    """The published-port mappings the kernel holds for netd's ``table``, sorted."""
+    found: list[Mapping] = []
+    if backend == "nftables":
+        for key, (cip, cport) in nft_map_elements(table, "published_on_addr"):
+            ip, proto, port = key
+            found.append((ip, proto, int(port), cip, int(cport)))
+        for (proto, port), (cip, cport) in nft_map_elements(table, "published_on_any"):
+            found.append(("0.0.0.0", proto, int(port), cip, int(cport)))
+    else:
+        chain = f"{table.upper()}-DNAT"
+        for line in run("iptables-save", "-t", "nat").splitlines():
+            match = _IPTABLES_DNAT.match(line)
+            if match and match["chain"] == chain:
+                found.append(
+                    (
+                        match["ip"] or "0.0.0.0",
+                        match["proto"],
+                        int(match["port"]),
+                        match["cip"],
+                        int(match["cport"]),
+                    )
+                )
+    return sorted(found)
+
+
+def iptables_owned_lines(table: str) -> list[str]:
+    """Every iptables-save line that declares, fills or jumps to a ``<TABLE>-*`` chain."""
+    prefix = f"{table.upper()}-"
+    lines = []
+    for line in run("iptables-save").splitlines():
+        if line.startswith(f":{prefix}") or f"-A {prefix}" in line or f"-j {prefix}" in line:
+            lines.append(line)
+    return lines
+
+
+def firewall_installed(backend: str, table: str) -> bool:
+    if backend == "nftables":
+        result = subprocess.run(
+            ["nft", "list", "table", "inet", table], capture_output=True, timeout=30
+        )
+        return result.returncode == 0
+    return bool(iptables_owned_lines(table))
+
+
+def remove_firewall(backend: str, table: str) -> None:
+    """Delete what netd's ``backend`` made for ``table`` (a test's cleanup after a failure)."""
+    if backend == "nftables":
+        if firewall_installed(backend, table):
+            run("nft", "delete", "table", "inet", table)
+        return
+    prefix = f"{table.upper()}-"
+    for ipt_table in IPTABLES_TABLES:
+        chains = []
+        for line in run("iptables-save", "-t", ipt_table).splitlines():
+            if line.startswith(f":{prefix}"):
+                chains.append(line[1:].split()[0])
+            elif line.startswith("-A ") and f"-j {prefix}" in line:
+                builtin, _, spec = line[3:].partition(" ")
+                if not builtin.startswith(prefix):
+                    run("iptables", "-t", ipt_table, "-D", builtin, *shlex.split(spec))
+        for chain in chains:
+            run("iptables", "-t", ipt_table, "-F", chain)
+        for chain in chains:
+            run("iptables", "-t", ipt_table, "-X", chain)

@@ -198,12 +198,9 @@ def _kernel_state(daemon: Daemon) -> dict[str, str]:
     }
 
 
-def _proxy_lines(state: dict[str, str], port: int) -> list[str]:
-    return [
-        line
-        for line in state["procs"].splitlines()
-        if "proxy" in line and f"-host-port {port}" in line.replace("=", " ")
-    ]
+def _listeners(port: int) -> str:
+    """Processes with a TCP socket listening on ``port`` (the proxy, in userland-proxy mode)."""
+    return sh("ss", "-Htlnp", f"sport = :{port}").stdout.strip()
 
 
 def _link_names(state: dict[str, str]) -> set[str]:
@@ -221,13 +218,13 @@ def test_rm_force_removes_everything(daemon: Daemon) -> None:
     assert str(port) in during["nft"]
     assert cid in during["mounts"]
     if daemon.userland_proxy:
-        assert _proxy_lines(during, port)
+        assert _listeners(port), "no proxy listens on the published port"
     daemon.cli("rm", "-f", cid, check=True)
     after = _kernel_state(daemon)
     assert netns not in after["netns"]
     assert str(port) not in after["nft"]
     assert cid not in after["mounts"]
-    assert not _proxy_lines(after, port)
+    assert not _listeners(port)
     assert not (daemon.data_root / "containers" / cid).exists()
     gone = _link_names(during) - _link_names(after)
     assert any(name.startswith("pye") for name in gone), "the container's veth was not removed"

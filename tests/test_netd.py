@@ -1,15 +1,21 @@
-"""netd against the real kernel: bridge, namespaces, veths, nftables maps and real packets.
+"""netd against the real kernel: bridge, namespaces, veths, firewall rules and real packets.
 
-Kernel objects: bridge ``pyetest0`` (10.48.0.1/24), table ``inet pyetest``, namespaces
-``pyetest-<id>`` and ``pyetest-ext`` (an "external host" at 198.18.0.2 behind 198.18.0.1).
+Every privileged test runs on both firewall backends and in both proxy modes (the ``net``
+fixture), so the backends cannot drift apart.
+
+Kernel objects: bridge ``pyetest0`` (10.48.0.1/24), nftables table ``inet pyetest`` or iptables
+chains ``PYETEST-*`` (jumps tagged ``pyetest``), namespaces ``pyetest-<id>`` and ``pyetest-ext``
+(an "external host" at 198.18.0.2 behind 198.18.0.1).
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +23,8 @@ from pathlib import Path
 import pytest
 
 from netd.controller import Endpoint, NetdConfig, NetdError, NetworkController, PublishedPort
+from netd.firewall import make_firewall
+from netd.firewall.iptables import IptablesFirewall, TableState
 from netd.jsonstate import read_json
 from netd.naming import host_veth_name, netns_name
 from netd.portspec import (
@@ -25,16 +33,20 @@ from netd.portspec import (
     parse_publish,
     to_docker_port_bindings,
 )
-from tests.conftest import require_root, require_tool
+from tests.conftest import require, require_root, require_tool
 from tests.netns_helpers import (
     ExternalHost,
     create_external_host,
     delete_external_host,
+    firewall_installed,
     free_port_block,
+    iptables_owned_lines,
+    kernel_mappings,
     link_exists,
     listening_socket,
     netns_exists,
     netns_socket,
+    remove_firewall,
     remove_link,
     remove_netns,
     run,
@@ -146,27 +158,34 @@ class Net:
     def proxy(self) -> bool:
         return self.cfg.userland_proxy
 
+    @property
+    def backend(self) -> str:
+        return self.cfg.firewall_backend
+
+    def mappings(self) -> list[tuple[str, str, int, str, int]]:
+        """The mappings in the kernel, read without netd."""
+        return kernel_mappings(self.backend, TABLE)
+
     def endpoint(self) -> tuple[str, Endpoint]:
         cid = secrets.token_hex(32)
         self.container_ids.append(cid)
         return cid, self.ctrl.create_endpoint(cid)
 
 
-def _make_config(data_root: Path, userland_proxy: bool) -> NetdConfig:
+def _make_config(data_root: Path, userland_proxy: bool, backend: str) -> NetdConfig:
     return NetdConfig(
         data_root=data_root,
         bridge=BRIDGE,
         bridge_cidr=f"{GATEWAY}/24",
         table=TABLE,
         userland_proxy=userland_proxy,
+        firewall_backend=backend,
         netns_prefix=NETNS_PREFIX,
     )
 
 
-def _table_exists() -> bool:
-    return (
-        subprocess.run(["nft", "list", "table", "inet", TABLE], capture_output=True).returncode == 0
-    )
+def _installed(backend: str) -> bool:
+    return firewall_installed(backend, TABLE)
 
 
 @pytest.fixture
@@ -174,11 +193,24 @@ def privileged() -> None:
     require_root()
     require_tool("ip")
     require_tool("nft")
+    require_tool("iptables-restore")
+    require_tool("iptables-save")
 
 
-@pytest.fixture(params=[True, False], ids=["proxy", "dnat"])
+BACKENDS = ("nftables", "iptables")
+# (firewall backend, userland proxy) for the ``net`` fixture.
+NETS = [(backend, proxy) for backend in BACKENDS for proxy in (True, False)]
+
+
+def net_id(param: tuple[str, bool]) -> str:
+    backend, proxy = param
+    return f"{backend}-{'proxy' if proxy else 'dnat'}"
+
+
+@pytest.fixture(params=NETS, ids=net_id)
 def net(request: pytest.FixtureRequest, tmp_path: Path, privileged: None) -> Iterator[Net]:
-    cfg = _make_config(tmp_path, request.param)
+    backend, proxy = request.param
+    cfg = _make_config(tmp_path, proxy, backend)
     ctrl = NetworkController(cfg)
     harness = Net(ctrl, cfg)
     try:
@@ -192,8 +224,8 @@ def net(request: pytest.FixtureRequest, tmp_path: Path, privileged: None) -> Ite
             for cid in harness.container_ids:
                 remove_link(host_veth_name(cid))
                 remove_netns(netns_name(NETNS_PREFIX, cid))
-            if _table_exists():
-                run("nft", "delete", "table", "inet", TABLE)
+            for backend in BACKENDS:
+                remove_firewall(backend, TABLE)
             remove_link(BRIDGE)
 
 
@@ -204,15 +236,6 @@ def ext(privileged: None) -> Iterator[ExternalHost]:
         yield host
     finally:
         delete_external_host(host)
-
-
-def map_elements(name: str) -> list[tuple[list, list]]:
-    """Elements of one of our nftables maps as (key parts, value parts)."""
-    data = json.loads(run("nft", "-j", "list", "map", "inet", TABLE, name))
-    for item in data["nftables"]:
-        if "map" in item:
-            return [(k["concat"], v["concat"]) for k, v in item["map"].get("elem", [])]
-    raise AssertionError(f"map {name} not listed")
 
 
 def assert_port_free(port: int, proto: str = "tcp", ip: str = "0.0.0.0") -> None:
@@ -226,8 +249,8 @@ def publish(net: Net, cid: str, ep: Endpoint, *specs: str) -> list[PublishedPort
     return net.ctrl.publish(cid, ep, [b for spec in specs for b in parse_publish(spec)])
 
 
-DNAT_ONLY = pytest.mark.parametrize("net", [False], indirect=True, ids=["dnat"])
-PROXY_ONLY = pytest.mark.parametrize("net", [True], indirect=True, ids=["proxy"])
+DNAT_ONLY = pytest.mark.parametrize("net", [n for n in NETS if not n[1]], indirect=True, ids=net_id)
+PROXY_ONLY = pytest.mark.parametrize("net", [n for n in NETS if n[1]], indirect=True, ids=net_id)
 
 
 # -- endpoints ------------------------------------------------------------------------------
@@ -244,7 +267,7 @@ def test_setup_configures_bridge_and_sysctls(net: Net) -> None:
     localnet = Path(f"/proc/sys/net/ipv4/conf/{BRIDGE}/route_localnet").read_text().strip()
     assert localnet == ("0" if net.proxy else "1")
     net.ctrl.setup()  # idempotent
-    assert _table_exists()
+    assert _installed(net.backend)
 
 
 def test_create_endpoint_plumbs_namespace(net: Net) -> None:
@@ -291,14 +314,13 @@ def test_delete_endpoint_leaves_nothing(net: Net, ext: ExternalHost) -> None:
     cid, ep = net.endpoint()
     port = free_port_block()
     publish(net, cid, ep, f"{port}:80", f"127.0.0.1:{port}:53/udp")
-    assert map_elements("published_on_any") and map_elements("published_on_addr")
+    assert len(net.mappings()) == 2
 
     net.ctrl.delete_endpoint(cid)
 
     assert not link_exists(ep.host_veth)
     assert not netns_exists(ep.netns_name)
-    assert map_elements("published_on_any") == []
-    assert map_elements("published_on_addr") == []
+    assert net.mappings() == []
     assert net.ctrl.endpoints() == {} and net.ctrl.published(cid) == []
     assert read_json(net.cfg.data_root / "network" / "ipam.json")["allocations"] == {}
     assert_port_free(port, "tcp")
@@ -313,7 +335,7 @@ def test_teardown_leaves_no_table_bridge_or_state(net: Net) -> None:
 
     net.ctrl.teardown()
 
-    assert not _table_exists()
+    assert not _installed(net.backend)
     assert not link_exists(BRIDGE)
     assert not link_exists(ep.host_veth)
     assert not netns_exists(ep.netns_name)
@@ -342,7 +364,7 @@ def test_restarted_controller_restores_mappings(net: Net, ext: ExternalHost) -> 
     with start_whoami_server(ep.netns_name, "tcp", port=80):
         assert tcp_whoami(ext.netns, ext.host_ip, port) == ext.ip
     restarted.teardown()
-    assert not _table_exists() and not link_exists(BRIDGE)
+    assert not _installed(net.backend) and not link_exists(BRIDGE)
 
 
 # -- published ports: reachability -------------------------------------------------------------
@@ -363,8 +385,7 @@ def test_published_port_on_one_host_address(net: Net, ext: ExternalHost) -> None
     cid, ep = net.endpoint()
     port = free_port_block()
     publish(net, cid, ep, f"{ext.host_ip}:{port}:80")
-    assert map_elements("published_on_addr") == [([ext.host_ip, "tcp", port], [ep.ip, 80])]
-    assert map_elements("published_on_any") == []
+    assert net.mappings() == [(ext.host_ip, "tcp", port, ep.ip, 80)]
     with start_whoami_server(ep.netns_name, "tcp", port=80):
         assert tcp_whoami(ext.netns, ext.host_ip, port) == ext.ip
 
@@ -428,7 +449,7 @@ def test_udp_through_dnat(net: Net, ext: ExternalHost) -> None:
     port = free_port_block()
     [published] = publish(net, cid, ep, f"{port}:53/udp")
     assert published.proto == "udp"
-    assert map_elements("published_on_any") == [(["udp", port], [ep.ip, 53])]
+    assert net.mappings() == [("0.0.0.0", "udp", port, ep.ip, 53)]
     with start_whoami_server(ep.netns_name, "udp", port=53):
         assert udp_whoami(ext.netns, ext.host_ip, port) == ext.ip
 
@@ -473,8 +494,7 @@ def test_port_in_use_fails_cleanly(net: Net, listen_ip: str) -> None:
         with pytest.raises(NetdError) as info:
             publish(net, cid, ep, f"{spare}:81", f"{busy}:80")
         assert str(info.value) == f"port {busy}/tcp on 0.0.0.0 is already in use"
-        assert map_elements("published_on_any") == []
-        assert map_elements("published_on_addr") == []
+        assert net.mappings() == []
         assert net.ctrl.published(cid) == []
         assert_port_free(spare)  # the first binding's reservation was released
 
@@ -546,47 +566,278 @@ def test_udp_reservation_drops_until_handed_over(net: Net) -> None:
             published.sock.recv(64)
 
 
-# -- nftables maps and transactions -----------------------------------------------------------
+# -- firewall state and transactions ----------------------------------------------------------
 
 
-def test_map_elements_follow_publish_and_unpublish(net: Net) -> None:
+def test_mappings_follow_publish_and_unpublish(net: Net) -> None:
     cid, ep = net.endpoint()
     port = free_port_block()
     ports = publish(net, cid, ep, f"{port}:80", f"127.0.0.1:{port}:81/udp")
-    assert map_elements("published_on_any") == [(["tcp", port], [ep.ip, 80])]
-    assert map_elements("published_on_addr") == [(["127.0.0.1", "udp", port], [ep.ip, 81])]
-    # One rule per map, whatever the number of ports.
-    chain = json.loads(run("nft", "-j", "list", "chain", "inet", TABLE, "published_dnat"))
-    assert sum(1 for item in chain["nftables"] if "rule" in item) == 2
+    expected = [("0.0.0.0", "tcp", port, ep.ip, 80), ("127.0.0.1", "udp", port, ep.ip, 81)]
+    assert net.mappings() == expected
+    # The backend reads back what it wrote.
+    firewall = make_firewall(net.backend, TABLE, net.proxy)
+    assert (
+        sorted(
+            (m.host_ip, m.proto, m.host_port, m.container_ip, m.container_port)
+            for m in firewall.mappings()
+        )
+        == expected
+    )
+    if net.backend == "nftables":
+        # One rule per map, whatever the number of ports.
+        chain = json.loads(run("nft", "-j", "list", "chain", "inet", TABLE, "published_dnat"))
+        assert sum(1 for item in chain["nftables"] if "rule" in item) == 2
+    else:
+        # One DNAT rule per port, and a raw drop for the port bound to loopback only.
+        lines = iptables_owned_lines(TABLE)
+        assert sum(1 for line in lines if line.startswith("-A PYETEST-DNAT ")) == 2
+        assert (
+            f"-A PYETEST-PREROUTING -d 127.0.0.1/32 ! -i lo -p udp -m udp --dport {port} -j DROP"
+            in lines
+        )
 
     net.ctrl.unpublish(cid)
 
-    assert map_elements("published_on_any") == []
-    assert map_elements("published_on_addr") == []
+    assert net.mappings() == []
     assert all(p.sock is None for p in ports)
     assert_port_free(port, "tcp")
     assert_port_free(port, "udp", "127.0.0.1")
+    if net.backend == "iptables":
+        assert not any("--dport" in line for line in iptables_owned_lines(TABLE))
     net.ctrl.unpublish(cid)  # nothing left to do
 
 
 def test_failed_firewall_transaction_rolls_back(net: Net) -> None:
     cid, ep = net.endpoint()
     port, spare = free_port_block(), free_port_block()
-    # Someone else's element for the same key makes the "create element" batch fail.
-    run(
-        "nft",
-        "add",
-        "element",
-        "inet",
-        TABLE,
-        "published_on_any",
-        f"{{ tcp . {port} : 10.48.0.99 . 80 }}",
-    )
+    # Someone else's mapping of the same host port makes the transaction fail.
+    if net.backend == "nftables":
+        element = f"{{ tcp . {port} : 10.48.0.99 . 80 }}"
+        run("nft", "add", "element", "inet", TABLE, "published_on_any", element)
+    else:
+        run(
+            "iptables", "-t", "nat", "-A", "PYETEST-DNAT", "-p", "tcp", "--dport", str(port),
+            "-j", "DNAT", "--to-destination", "10.48.0.99:80",
+        )  # fmt: skip
 
-    with pytest.raises(NetdError, match="nftables"):
+    with pytest.raises(NetdError, match=net.backend):
         publish(net, cid, ep, f"{spare}:81", f"{port}:80")
 
-    assert map_elements("published_on_any") == [(["tcp", port], ["10.48.0.99", 80])]
+    assert net.mappings() == [("0.0.0.0", "tcp", port, "10.48.0.99", 80)]
     assert net.ctrl.published(cid) == []
     assert_port_free(spare)
     assert_port_free(port)
+
+
+@pytest.mark.parametrize("net", [("iptables", False)], indirect=True, ids=net_id)
+def test_iptables_batch_failing_in_a_later_table_is_undone(net: Net) -> None:
+    """iptables-restore commits table by table: a failure in the raw section (our raw chain
+    was deleted behind our back) comes after the nat section committed, and must undo it."""
+    cid, ep = net.endpoint()
+    before = iptables_owned_lines(TABLE)
+    run("iptables", "-t", "raw", "-D", "PREROUTING", "-m", "comment", "--comment", TABLE,
+        "-j", "PYETEST-PREROUTING")  # fmt: skip
+    run("iptables", "-t", "raw", "-F", "PYETEST-PREROUTING")
+    run("iptables", "-t", "raw", "-X", "PYETEST-PREROUTING")
+    port, spare = free_port_block(), free_port_block()
+
+    with pytest.raises(NetdError, match="PYETEST-PREROUTING"):
+        publish(net, cid, ep, f"{spare}:80", f"127.0.0.1:{port}:81")
+
+    assert net.mappings() == []  # the committed nat section was put back
+    assert net.ctrl.published(cid) == []
+    assert_port_free(spare)
+    assert_port_free(port, "tcp", "127.0.0.1")
+    # setup() reinstalls the whole ruleset, the raw chain included.
+    net.ctrl.setup()
+    assert iptables_owned_lines(TABLE) == before
+    publish(net, cid, ep, f"127.0.0.1:{port}:81")
+    assert net.mappings() == [("127.0.0.1", "tcp", port, ep.ip, 81)]
+
+
+def test_setup_and_teardown_leave_foreign_rules_alone(net: Net) -> None:
+    """Objects that merely look like ours (another table/prefix, an untagged rule) survive."""
+    foreign_table = f"{TABLE}_x"  # nftables table / iptables chain prefix PYETEST_X-
+    if net.backend == "nftables":
+        run("nft", "add", "table", "inet", foreign_table)
+        run("nft", "add", "chain", "inet", foreign_table, "published_dnat")
+    else:
+        run("iptables", "-t", "nat", "-N", "PYETEST_X-DNAT")
+        run("iptables", "-t", "nat", "-A", "PREROUTING", "-m", "comment", "--comment",
+            foreign_table, "-j", "PYETEST_X-DNAT")  # fmt: skip
+        run("iptables", "-t", "filter", "-A", "FORWARD", "-o", BRIDGE, "-j", "ACCEPT")
+    try:
+        cid, ep = net.endpoint()
+        publish(net, cid, ep, f"{free_port_block()}:80")
+        net.ctrl.setup()
+        net.ctrl.teardown()
+        assert not _installed(net.backend)
+        if net.backend == "nftables":
+            assert "published_dnat" in run("nft", "list", "table", "inet", foreign_table)
+        else:
+            nat = run("iptables-save", "-t", "nat")
+            assert ":PYETEST_X-DNAT" in nat
+            assert f"-A PREROUTING -m comment --comment {foreign_table} -j PYETEST_X-DNAT" in nat
+            assert f"-A FORWARD -o {BRIDGE} -j ACCEPT" in run("iptables-save", "-t", "filter")
+    finally:
+        remove_firewall(net.backend, foreign_table)
+        if net.backend == "iptables":
+            subprocess.run(
+                ["iptables", "-t", "filter", "-D", "FORWARD", "-o", BRIDGE, "-j", "ACCEPT"],
+                capture_output=True,
+                timeout=30,
+            )
+
+
+@pytest.mark.parametrize("net", NETS[:1], indirect=True, ids=net_id)
+@pytest.mark.parametrize("new_backend", ["iptables", "nftables"])
+def test_switching_backend_removes_the_previous_rules(
+    net: Net, ext: ExternalHost, new_backend: str
+) -> None:
+    """A daemon restarted with another backend takes the old backend's rules away."""
+    cid, ep = net.endpoint()
+    port = free_port_block()
+    publish(net, cid, ep, f"{port}:80")
+    old_backend = net.backend
+    if new_backend == old_backend:
+        # Go to iptables and back: the second switch is the one under test.
+        for published in net.ctrl.published(cid):
+            assert published.sock is not None
+            published.sock.close()
+        net.ctrl = NetworkController(_make_config(net.cfg.data_root, net.proxy, "iptables"))
+        net.ctrl.setup()
+        old_backend = "iptables"
+    for published in net.ctrl.published(cid):
+        assert published.sock is not None
+        published.sock.close()
+
+    net.cfg = _make_config(net.cfg.data_root, net.proxy, new_backend)
+    net.ctrl = NetworkController(net.cfg)
+    net.ctrl.setup()
+
+    assert not _installed(old_backend)
+    assert _installed(new_backend)
+    assert net.mappings() == [("0.0.0.0", "tcp", port, ep.ip, 80)]
+    with start_whoami_server(ep.netns_name, "tcp", port=80):
+        assert tcp_whoami(ext.netns, ext.host_ip, port) == ext.ip
+
+
+def test_status_shows_bridge_endpoint_and_published_port(net: Net) -> None:
+    cid, ep = net.endpoint()
+    port = free_port_block()
+    publish(net, cid, ep, f"127.0.0.1:{port}:80")
+    result = subprocess.run(
+        [sys.executable, "-m", "netd", "status", "--data-root", str(net.cfg.data_root),
+         "--table", TABLE],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"{BRIDGE}  {GATEWAY}/24  UP  ports: {ep.host_veth}" in out
+    endpoint_row = next(line for line in out.splitlines() if line.startswith(f"  {cid[:12]}  "))
+    assert endpoint_row.split() == [
+        cid[:12], ep.netns_name, ep.host_veth, f"{ep.ip}/24", ep.mac, "yes"
+    ]  # fmt: skip
+    mapping = f"tcp 127.0.0.1:{port} -> {ep.ip}:80"
+    assert f"  {cid[:12]}  {mapping}  yes" in out
+    # The live firewall: the map element (nftables) or the DNAT rule (iptables).
+    if net.backend == "nftables":
+        assert "Firewall (nftables, table inet pyetest)" in out
+        assert f"127.0.0.1 . tcp . {port} : {ep.ip} . 80" in out
+    else:
+        variant = IptablesFirewall(TABLE, net.proxy).variant()
+        assert variant in ("nf_tables", "legacy")
+        assert (
+            f"Firewall (iptables, {variant} API, chains PYETEST-* and their jumps tagged pyetest)"
+        ) in out
+        assert (
+            f"-A PYETEST-DNAT -d 127.0.0.1/32 -p tcp -m tcp --dport {port} "
+            f"-j DNAT --to-destination {ep.ip}:80"
+        ) in out
+
+    # A mapping the state does not know about is pointed out.
+    net.ctrl.unpublish(cid)
+    make_firewall(net.backend, TABLE, net.proxy).add_mappings(
+        [PublishedPort("udp", "0.0.0.0", port, ep.ip, 53).mapping()]
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "netd", "status", "--data-root", str(net.cfg.data_root)],
+        capture_output=True, text=True, timeout=60, check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ).stdout  # fmt: skip
+    assert "Published ports (0)" in out
+    assert f"in the kernel but not in the state: udp 0.0.0.0:{port} -> {ep.ip}:53" in out
+
+
+# -- the iptables backend's text handling (no privileges needed) -------------------------------
+
+IPTABLES_SAVE_SAMPLE = """\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:PYEX-DNAT - [0:0]
+:PYEX_2-DNAT - [0:0]
+[3:180] -A PREROUTING -m comment --comment pyex -j PYEX-PREROUTING
+[0:0] -A PREROUTING -m comment --comment other -j PYEX-PREROUTING
+[0:0] -A PREROUTING -j PYEX-DNAT
+[1:60] -A PYEX-DNAT -d 127.0.0.1/32 -p udp -m udp --dport 81 -j DNAT --to-destination 10.1.0.2:53
+[0:0] -A PYEX-DNAT -p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.1.0.3:80
+[0:0] -A PYEX_2-DNAT -p tcp -m tcp --dport 1 -j DNAT --to-destination 10.1.0.3:80
+COMMIT
+"""
+
+
+def _iptables_firewall(table: str = "pyex") -> IptablesFirewall:
+    if shutil.which("iptables-restore") is None or shutil.which("iptables-save") is None:
+        require(False, "needs iptables-restore and iptables-save on PATH")
+    return IptablesFirewall(table, userland_proxy=False)
+
+
+def test_iptables_parse_finds_only_our_chains_and_tagged_jumps() -> None:
+    fw = _iptables_firewall()
+    state = fw._parse(IPTABLES_SAVE_SAMPLE)
+    assert state["nat"].chains == {
+        "PYEX-DNAT": [
+            "-d 127.0.0.1/32 -p udp -m udp --dport 81 -j DNAT --to-destination 10.1.0.2:53",
+            "-p tcp -m tcp --dport 8080 -j DNAT --to-destination 10.1.0.3:80",
+        ]
+    }
+    assert state["nat"].jumps == [
+        ("PREROUTING", "-m comment --comment pyex -j PYEX-PREROUTING")
+    ]  # fmt: skip
+    assert state["raw"].empty() and state["filter"].empty()
+
+
+def test_iptables_converge_rewrites_chains_and_keeps_jumps() -> None:
+    fw = _iptables_firewall()
+    current = fw._parse(IPTABLES_SAVE_SAMPLE)["nat"]
+    jump = ("PREROUTING", "-m comment --comment pyex -j PYEX-PREROUTING")
+    target = TableState({"PYEX-PREROUTING": ["-j PYEX-DNAT"], "PYEX-DNAT": []}, [jump])
+    assert fw._converge("nat", current, target) == [
+        "*nat",
+        ":PYEX-DNAT - [0:0]",
+        ":PYEX-PREROUTING - [0:0]",
+        "-A PYEX-PREROUTING -j PYEX-DNAT",
+        "COMMIT",
+    ]
+    assert fw._converge("nat", target, target) == []
+    assert fw._converge("nat", current, TableState()) == [
+        "*nat",
+        ":PYEX-DNAT - [0:0]",
+        "-D PREROUTING -m comment --comment pyex -j PYEX-PREROUTING",
+        "-X PYEX-DNAT",
+        "COMMIT",
+    ]
+
+
+@pytest.mark.parametrize("table", ["", "9lives", "a-b", "waytoolongtablename"])
+def test_iptables_refuses_bad_table_names(table: str) -> None:
+    with pytest.raises(NetdError, match="invalid table name"):
+        IptablesFirewall(table, userland_proxy=True)
+
+
+def test_unknown_backend_is_refused() -> None:
+    with pytest.raises(NetdError, match='unsupported firewall backend "pf"'):
+        make_firewall("pf", TABLE, True)

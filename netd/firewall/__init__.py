@@ -1,4 +1,13 @@
-"""The firewall interface netd programs: NAT for published ports, masquerade, forwarding.
+"""The firewall interface netd programs: NAT for published ports, masquerade, forwarding, and
+the early drops that keep containers unreachable except through published ports.
+
+Both backends implement the same policy (docs in each module):
+
+* packets routed straight at a container address from outside its bridge are dropped before
+  conntrack sees them (Docker 28's "direct routing" protection);
+* packets to a port published on a loopback address are dropped unless they arrive on ``lo``,
+  so a LAN host cannot reach it by spoofing 127.0.0.1 (moby#45610, moby#41872);
+* published ports are DNATed from every other interface, and from the host itself.
 
 A backend owns one table (or chain set) outright and nothing else; every method is one
 transaction that either applies completely or leaves the previous state untouched.
@@ -14,6 +23,7 @@ from ipaddress import IPv4Address, IPv4Network
 from netd.errors import NetdError
 
 ANY_IPV4 = "0.0.0.0"
+BACKENDS = ("nftables", "iptables")
 
 
 class FirewallError(NetdError):
@@ -61,6 +71,15 @@ class Firewall(ABC):
     def uninstall(self) -> None:
         """Remove everything this backend owns; no-op when nothing is installed."""
 
+    @abstractmethod
+    def installed(self) -> bool:
+        """Whether any object this backend owns exists in the kernel."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Everything this backend owns, as the kernel lists it now (with counters), for
+        people reading along; empty when nothing is installed."""
+
 
 def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
     """The backend named by ``NetdConfig.firewall_backend``."""
@@ -68,4 +87,9 @@ def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
         from netd.firewall.nftables import NftablesFirewall
 
         return NftablesFirewall(table, userland_proxy)
-    raise NetdError(f'unsupported firewall backend "{backend}" (supported: nftables)')
+    if backend == "iptables":
+        from netd.firewall.iptables import IptablesFirewall
+
+        return IptablesFirewall(table, userland_proxy)
+    supported = ", ".join(BACKENDS)
+    raise NetdError(f'unsupported firewall backend "{backend}" (supported: {supported})')

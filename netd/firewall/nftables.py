@@ -5,6 +5,12 @@ published ports and publishing a port is an element change, not a rule change (n
 and "NAT STATEMENTS": ``dnat ip to <key> map @m`` with an ``ipv4_addr . inet_service`` value
 sets address and port at once). Every change is one libnftables batch, which the kernel commits
 atomically or not at all.
+
+The ``raw_prerouting`` chain runs before conntrack and NAT (priority raw, nft(8) "CHAINS"), so
+its drops see the destination as it was on the wire: a packet to a published host port still
+carries the host's address there, while one routed straight at a container carries the
+container's. The loopback drop looks the port up in the same map the DNAT rule uses, so it
+follows publish/unpublish without any rule change.
 """
 
 from __future__ import annotations
@@ -83,12 +89,21 @@ class NftablesFirewall(Firewall):
             if not valid_ifname(net.bridge):
                 raise FirewallError(f'invalid bridge name "{net.bridge}"')
         proxy = self.userland_proxy
+        raw = [
+            # A port published on a loopback address is for this host only, even when some
+            # interface has route_localnet=1 (moby#45610).
+            'iifname != "lo" ip daddr 127.0.0.0/8 '
+            f"ip daddr . meta l4proto . th dport @{MAP_ON_ADDR} counter drop",
+        ]
         prerouting = ["ip daddr 127.0.0.0/8 return"]  # loopback never arrives from a wire
         output: list[str] = []
         postrouting: list[str] = []
         forward: list[str] = []
         for net in networks:
             br, subnet = f'"{net.bridge}"', str(net.subnet)
+            # Containers are reached through the bridge or through DNAT of a host address,
+            # never by routing to their addresses from elsewhere; the gateway is the host's.
+            raw.append(f"iifname != {br} ip daddr {subnet} ip daddr != {net.gateway} counter drop")
             if proxy:
                 # Containers reach published ports through the userland proxy (Docker's
                 # "! -i docker0" on the nat DOCKER jump).
@@ -129,6 +144,10 @@ class NftablesFirewall(Firewall):
                     f"map @{MAP_ON_ADDR}",
                     f"meta nfproto ipv4 dnat ip to meta l4proto . th dport map @{MAP_ON_ANY}",
                 ],
+            )
+            + chain(
+                "raw_prerouting",
+                ["type filter hook prerouting priority raw; policy accept;", *raw],
             )
             + chain(
                 "nat_prerouting",
@@ -206,6 +225,13 @@ class NftablesFirewall(Firewall):
 
     def uninstall(self) -> None:
         self._run(f"add table inet {self.table}\ndelete table inet {self.table}\n")
+
+    def installed(self) -> bool:
+        return self._table_exists()
+
+    def describe(self) -> str:
+        rc, out, _err = self._nft.cmd(f"list table inet {self.table}")
+        return out if rc == 0 else ""
 
 
 def _mapping_from_json(name: str, key: Any, value: Any) -> PortMapping:

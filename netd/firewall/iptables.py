@@ -1,0 +1,487 @@
+"""iptables backend: chains pyengine owns in the raw, nat and filter tables, one rule per port.
+
+For table name ``pyengine`` the chains are (prefix = the table name upper-cased)::
+
+    raw    PREROUTING  --tag--> PYENGINE-PREROUTING   direct-routing and loopback-spoofing drops
+    nat    PREROUTING  --tag--> PYENGINE-PREROUTING --> PYENGINE-DNAT   one DNAT rule per port
+    nat    OUTPUT      --tag--> PYENGINE-OUTPUT     --> PYENGINE-DNAT
+    nat    POSTROUTING --tag--> PYENGINE-POSTROUTING                    masquerade
+    filter FORWARD     --tag--> PYENGINE-FORWARD                        bridge forwarding policy
+
+The jumps from the built-in chains carry ``-m comment --comment <table>`` (the "tag"); they and
+the chains above are all this backend ever writes or deletes. The rules mirror the nftables
+backend one for one, except that each published port is a rule of its own (iptables has no
+maps), so the DNAT lookup is linear in the number of ports.
+
+Every change is one ``iptables-restore --noflush`` run. iptables-restore commits each
+``*table`` section as a transaction of its own (iptables-restore(8); xtables-restore.c commits
+"per table"), so a batch spanning tables is atomic per table only: when a later section fails,
+the sections committed before it are put back from the snapshot read just before the change.
+
+The ``iptables-restore``/``iptables-save`` on PATH are used, i.e. whichever variant Debian's
+``iptables`` alternative selects (iptables-nft by default since Debian 10).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from netd.firewall import ANY_IPV4, BridgeNetwork, Firewall, FirewallError, PortMapping
+from netd.naming import valid_ifname
+
+# iptables chain names hold at most 28 characters (XT_EXTENSION_MAXNAMELEN - 1) and the longest
+# suffix is "-POSTROUTING": 16 are left for the table name.
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
+_PROTOCOLS = ("tcp", "udp")
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+_TIMEOUT = 120  # seconds for one iptables-save / iptables-restore run
+_COUNTERS = re.compile(r"^\[\d+:\d+\] ")
+
+# The order in which a change visits the tables: the DNAT rules before the raw drops that
+# protect them. A loopback-bound mapping is DNATed only in OUTPUT, so there is no window in
+# which the LAN could reach it.
+TABLES = ("nat", "raw", "filter")
+
+
+@dataclass(frozen=True)
+class _Jump:
+    """A tagged rule in a built-in chain that jumps to one of our chains."""
+
+    table: str
+    builtin: str
+    suffix: str
+    # Inserted first so our drops and the bridge's forwarding policy come before the host's own
+    # rules (as Docker's DOCKER-FORWARD); NAT jumps are appended after the host's.
+    first: bool
+
+
+_JUMPS = (
+    _Jump("raw", "PREROUTING", "PREROUTING", first=True),
+    _Jump("nat", "PREROUTING", "PREROUTING", first=False),
+    _Jump("nat", "OUTPUT", "OUTPUT", first=False),
+    _Jump("nat", "POSTROUTING", "POSTROUTING", first=False),
+    _Jump("filter", "FORWARD", "FORWARD", first=True),
+)
+_CHAIN_SUFFIXES = {
+    "raw": ("PREROUTING",),
+    "nat": ("PREROUTING", "OUTPUT", "POSTROUTING", "DNAT"),
+    "filter": ("FORWARD",),
+}
+
+
+@dataclass
+class TableState:
+    """What this backend owns in one iptables table, in iptables-save's words."""
+
+    chains: dict[str, list[str]] = field(default_factory=dict)  # chain -> rule specs, in order
+    jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in chain, rule spec)
+
+    def empty(self) -> bool:
+        return not self.chains and not self.jumps
+
+
+Ruleset = dict[str, TableState]  # iptables table -> what we own in it
+
+
+def _check_mapping(m: PortMapping) -> None:
+    if m.proto not in _PROTOCOLS:
+        raise FirewallError(f'unsupported protocol "{m.proto}"')
+    for port in (m.host_port, m.container_port):
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise FirewallError(f"invalid port {port!r}")
+    ipaddress.IPv4Address(m.host_ip)
+    ipaddress.IPv4Address(m.container_ip)
+
+
+def _key(m: PortMapping) -> tuple[str, str, int]:
+    return (m.host_ip, m.proto, m.host_port)
+
+
+def _describe_key(m: PortMapping) -> str:
+    return f"{m.host_ip}:{m.host_port}/{m.proto}"
+
+
+def _dnat_spec(m: PortMapping) -> str:
+    """The DNAT rule of one mapping, exactly as iptables-save prints it back."""
+    dest = "" if m.host_ip == ANY_IPV4 else f"-d {m.host_ip}/32 "
+    return (
+        f"{dest}-p {m.proto} -m {m.proto} --dport {m.host_port} "
+        f"-j DNAT --to-destination {m.container_ip}:{m.container_port}"
+    )
+
+
+def _loopback_drop_spec(m: PortMapping) -> str | None:
+    """The raw drop guarding a mapping bound to a loopback address (None for other mappings)."""
+    if m.host_ip == ANY_IPV4 or ipaddress.IPv4Address(m.host_ip) not in _LOOPBACK:
+        return None
+    return f"-d {m.host_ip}/32 ! -i lo -p {m.proto} -m {m.proto} --dport {m.host_port} -j DROP"
+
+
+def _mapping_from_spec(spec: str) -> PortMapping | None:
+    """Parse a rule of our DNAT chain; None for a rule of another shape."""
+    tokens = shlex.split(spec)
+    options: dict[str, str] = {}
+    for i, token in enumerate(tokens):
+        if token.startswith("-") and i + 1 < len(tokens):
+            options.setdefault(token, tokens[i + 1])
+    try:
+        if options.get("-j") != "DNAT" or options.get("-p") not in _PROTOCOLS:
+            return None
+        if "!" in tokens:
+            return None
+        host_ip = ANY_IPV4
+        if "-d" in options:
+            net = ipaddress.IPv4Network(options["-d"])
+            if net.prefixlen != 32:
+                return None
+            host_ip = str(net.network_address)
+        container_ip, _, container_port = options["--to-destination"].rpartition(":")
+        return PortMapping(
+            options["-p"],
+            host_ip,
+            int(options["--dport"]),
+            str(ipaddress.IPv4Address(container_ip)),
+            int(container_port),
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def _one_line(err: str, batch: Sequence[str] = ()) -> str:
+    """iptables-restore prints "<prog> v1.8.9 (nf_tables): ", the reason with the batch's line
+    number, then usage hints; the offending batch line is quoted like the nftables backend's."""
+    lines = []
+    for raw in err.splitlines():
+        line = re.sub(r"^iptables-restore v[\d.]+ \([\w_]+\):\s*", "", raw.strip())
+        if line and not line.startswith("Try `"):
+            lines.append(line)
+    message = "iptables: " + ("; ".join(lines) or "iptables-restore failed")
+    found = re.search(r"\bline:? (\d+)", message)
+    if found and 1 <= int(found.group(1)) <= len(batch):
+        message += f" (in: {batch[int(found.group(1)) - 1]})"
+    return message
+
+
+class IptablesFirewall(Firewall):
+    """Owns the chains ``<TABLE>-*`` and their tagged jumps; touches no other rule or chain."""
+
+    def __init__(
+        self,
+        table: str,
+        userland_proxy: bool,
+        restore: str = "iptables-restore",
+        save: str = "iptables-save",
+    ) -> None:
+        if not _TABLE_NAME.match(table):
+            raise FirewallError(
+                f'invalid table name "{table}" for the iptables backend '
+                "(a letter, then at most 15 letters, digits or underscores)"
+            )
+        for tool in (restore, save):
+            if shutil.which(tool) is None:
+                raise FirewallError(f"the iptables backend needs {tool} on PATH")
+        self.table = table
+        self.tag = table
+        self.prefix = table.upper()
+        self.userland_proxy = userland_proxy
+        self._restore = restore
+        self._save = save
+
+    # -- names ------------------------------------------------------------------------------
+
+    def chain(self, suffix: str) -> str:
+        return f"{self.prefix}-{suffix}"
+
+    def _owned_chains(self, table: str) -> set[str]:
+        return {self.chain(s) for s in _CHAIN_SUFFIXES.get(table, ())}
+
+    def _jump_spec(self, jump: _Jump) -> str:
+        return f"-m comment --comment {self.tag} -j {self.chain(jump.suffix)}"
+
+    def variant(self) -> str:
+        """Which kernel API the iptables tools on PATH use: "nf_tables" or "legacy"."""
+        out = self._command([self._restore, "--version"], "").stdout
+        found = re.search(r"\((\w+)\)", out)
+        return found.group(1) if found else "unknown"
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _command(self, argv: list[str], stdin: str) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise FirewallError(f"iptables: cannot run {argv[0]}: {exc}") from None
+
+    def _save_text(self, *args: str) -> str:
+        result = self._command([self._save, *args], "")
+        if result.returncode != 0:
+            raise FirewallError(_one_line(result.stderr or f"{self._save} failed"))
+        return result.stdout
+
+    def _parse(self, text: str) -> Ruleset:
+        """What we own in each table of an iptables-save dump (absent tables: empty)."""
+        result: Ruleset = {t: TableState() for t in TABLES}
+        state: TableState | None = None
+        owned: set[str] = set()
+        jump_targets: dict[str, str] = {}
+        for raw_line in text.splitlines():
+            line = _COUNTERS.sub("", raw_line)  # iptables-save -c: "[packets:bytes] -A ..."
+            if line.startswith("*"):
+                table = line[1:].strip()
+                state = result.setdefault(table, TableState())
+                owned = self._owned_chains(table)
+                jump_targets = {self._jump_spec(j): j.builtin for j in _JUMPS if j.table == table}
+            elif state is None:
+                continue
+            elif line.startswith(":"):
+                name = line[1:].split()[0]
+                if name in owned:
+                    state.chains.setdefault(name, [])
+            elif line.startswith("-A "):
+                chain, _, spec = line[3:].partition(" ")
+                if chain in state.chains:
+                    state.chains[chain].append(spec)
+                elif jump_targets.get(spec) == chain:
+                    state.jumps.append((chain, spec))
+        return result
+
+    def _read(self) -> Ruleset:
+        return self._parse(self._save_text())
+
+    # -- the ruleset ------------------------------------------------------------------------
+
+    def _target(
+        self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]
+    ) -> Ruleset:
+        """The complete state of a fresh install: chains, jumps, and one rule per mapping."""
+        for net in networks:
+            if not valid_ifname(net.bridge):
+                raise FirewallError(f'invalid bridge name "{net.bridge}"')
+        proxy = self.userland_proxy
+        c = self.chain
+        raw: list[str] = []
+        prerouting = ["-d 127.0.0.0/8 -j RETURN"]  # loopback never arrives from a wire
+        output: list[str] = []
+        postrouting: list[str] = []
+        forward: list[str] = []
+        for net in networks:
+            br, subnet = net.bridge, str(net.subnet)
+            # Containers are reached through the bridge or through DNAT of a host address; the
+            # gateway address is the host's own.
+            raw.append(f"-d {net.gateway}/32 -j RETURN")
+            raw.append(f"-d {subnet} ! -i {br} -j DROP")
+            if proxy:
+                prerouting.append(f"-i {br} -j RETURN")  # containers go through the proxy
+            postrouting.append(f"-s {subnet} ! -o {br} -j MASQUERADE")
+            if not proxy:
+                # Loopback and hairpin connections DNATed to the bridge: rewrite the source so
+                # replies come back through this host and get un-NATed.
+                postrouting.append(f"-s 127.0.0.0/8 -o {br} -j MASQUERADE")
+                postrouting.append(f"-s {subnet} -o {br} -m conntrack --ctstate DNAT -j MASQUERADE")
+            forward += [
+                f"-o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+                f"-o {br} -m conntrack --ctstate DNAT -j ACCEPT",
+                f"-i {br} -j ACCEPT",
+                f"-o {br} -j DROP",
+            ]
+        if proxy:
+            output.append("-d 127.0.0.0/8 -j RETURN")  # host loopback goes to the proxy
+        prerouting.append(f"-m addrtype --dst-type LOCAL -j {c('DNAT')}")
+        output.append(f"-m addrtype --dst-type LOCAL -j {c('DNAT')}")
+        # Mappings bound to one address come first, as the nftables backend consults its
+        # per-address map before the any-address one.
+        ordered = sorted(mappings, key=lambda m: m.host_ip == ANY_IPV4)
+        dnat = [_dnat_spec(m) for m in ordered]
+        raw += [spec for m in ordered if (spec := _loopback_drop_spec(m))]
+        target: Ruleset = {
+            "raw": TableState({c("PREROUTING"): raw}),
+            "nat": TableState(
+                {
+                    c("PREROUTING"): prerouting,
+                    c("OUTPUT"): output,
+                    c("POSTROUTING"): postrouting,
+                    c("DNAT"): dnat,
+                }
+            ),
+            "filter": TableState({c("FORWARD"): forward}),
+        }
+        for jump in _JUMPS:
+            target[jump.table].jumps.append((jump.builtin, self._jump_spec(jump)))
+        return target
+
+    def _converge(self, table: str, current: TableState, target: TableState) -> list[str]:
+        """The restore section turning ``current`` into ``target`` (empty: nothing to do).
+
+        Declaring a chain in --noflush mode creates it or flushes it (iptables-restore(8)), so
+        every owned chain is rewritten whole; jumps already in place are kept.
+        """
+        if current == target:
+            return []
+        lines = [f"*{table}"]
+        lines += [f":{chain} - [0:0]" for chain in sorted(set(current.chains) | set(target.chains))]
+        stale = list(current.jumps)
+        missing: list[tuple[str, str]] = []
+        for jump in target.jumps:
+            if jump in stale:
+                stale.remove(jump)
+            else:
+                missing.append(jump)
+        lines += [f"-D {builtin} {spec}" for builtin, spec in stale]
+        lines += [f"-X {chain}" for chain in sorted(set(current.chains) - set(target.chains))]
+        for chain, rules in target.chains.items():
+            lines += [f"-A {chain} {rule}" for rule in rules]
+        first = {(j.table, j.builtin) for j in _JUMPS if j.first}
+        for builtin, spec in missing:
+            where = f"-I {builtin} 1" if (table, builtin) in first else f"-A {builtin}"
+            lines.append(f"{where} {spec}")
+        lines.append("COMMIT")
+        return lines
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _apply(self, sections: dict[str, list[str]], snapshot: Ruleset) -> None:
+        """Run one restore batch; if it fails, put back every table it already committed."""
+        batch = [line for table in TABLES for line in sections.get(table, [])]
+        if not batch:
+            return
+        result = self._command([self._restore, "-w", "--noflush"], "\n".join(batch) + "\n")
+        if result.returncode == 0:
+            return
+        error = _one_line(result.stderr, batch)
+        try:
+            current = self._read()
+            rollback = [
+                line
+                for table in TABLES
+                for line in self._converge(table, current[table], snapshot[table])
+            ]
+            if rollback:
+                undo = self._command([self._restore, "-w", "--noflush"], "\n".join(rollback) + "\n")
+                if undo.returncode != 0:
+                    raise FirewallError(_one_line(undo.stderr, rollback))
+        except FirewallError as exc:
+            raise FirewallError(f"{error}; restoring the previous rules failed: {exc}") from None
+        raise FirewallError(error)
+
+    def _require_installed(self, snapshot: Ruleset) -> list[str]:
+        dnat = snapshot["nat"].chains.get(self.chain("DNAT"))
+        if dnat is None:
+            raise FirewallError(f"iptables: chain {self.chain('DNAT')} is not installed")
+        return dnat
+
+    # -- Firewall ---------------------------------------------------------------------------
+
+    def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        keys = [_key(m) for m in mappings]
+        if len(set(keys)) != len(keys):
+            raise FirewallError("iptables: a host port is mapped twice")
+        target = self._target(networks, mappings)
+        snapshot = self._read()
+        self._apply(
+            {t: self._converge(t, snapshot[t], target[t]) for t in TABLES},
+            snapshot,
+        )
+
+    def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        if not mappings:
+            return
+        snapshot = self._read()
+        dnat = self._require_installed(snapshot)
+        held = {_key(m) for spec in dnat if (m := _mapping_from_spec(spec)) is not None}
+        for m in mappings:
+            if _key(m) in held:
+                raise FirewallError(f"iptables: {_describe_key(m)} is mapped already")
+            held.add(_key(m))
+        nat, raw = [], []
+        for m in mappings:
+            where = "-A" if m.host_ip == ANY_IPV4 else "-I"
+            position = "" if m.host_ip == ANY_IPV4 else " 1"
+            nat.append(f"{where} {self.chain('DNAT')}{position} {_dnat_spec(m)}")
+            if spec := _loopback_drop_spec(m):
+                raw.append(f"-A {self.chain('PREROUTING')} {spec}")
+        sections = {"nat": ["*nat", *nat, "COMMIT"]}
+        if raw:
+            sections["raw"] = ["*raw", *raw, "COMMIT"]
+        self._apply(sections, snapshot)
+
+    def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        if not mappings:
+            return
+        snapshot = self._read()
+        dnat = snapshot["nat"].chains.get(self.chain("DNAT"))
+        if dnat is None:
+            return  # nothing installed: nothing to remove
+        present = {_key(m): m for spec in dnat if (m := _mapping_from_spec(spec)) is not None}
+        raw_rules = set(snapshot["raw"].chains.get(self.chain("PREROUTING"), []))
+        nat, raw = [], []
+        for key in dict.fromkeys(_key(m) for m in mappings):
+            held = present.get(key)
+            if held is None:
+                continue
+            nat.append(f"-D {self.chain('DNAT')} {_dnat_spec(held)}")
+            spec = _loopback_drop_spec(held)
+            if spec is not None and spec in raw_rules:
+                raw.append(f"-D {self.chain('PREROUTING')} {spec}")
+        sections = {}
+        if nat:
+            sections["nat"] = ["*nat", *nat, "COMMIT"]
+        if raw:
+            sections["raw"] = ["*raw", *raw, "COMMIT"]
+        self._apply(sections, snapshot)
+
+    def mappings(self) -> list[PortMapping]:
+        state = self._parse(self._save_text("-t", "nat"))
+        dnat = self._require_installed(state)
+        return [m for spec in dnat if (m := _mapping_from_spec(spec)) is not None]
+
+    def uninstall(self) -> None:
+        snapshot = self._read()
+        self._apply(
+            {t: self._converge(t, snapshot[t], TableState()) for t in TABLES},
+            snapshot,
+        )
+
+    def installed(self) -> bool:
+        return any(not state.empty() for state in self._read().values())
+
+    def describe(self) -> str:
+        """Our chains and jumps per table, with iptables-save's [packets:bytes] counters."""
+        text = self._save_text("-c")
+        owned = self._parse(text)
+        sections: dict[str, list[str]] = {}
+        table = ""
+        for line in text.splitlines():
+            if line.startswith("*"):
+                table = line[1:].strip()
+                continue
+            state = owned.get(table)
+            if state is None or state.empty():
+                continue
+            if line.startswith(":"):
+                keep = line[1:].split()[0] in state.chains
+            elif line.startswith("["):
+                _counters, _, rule = line.partition(" ")
+                chain, _, spec = rule.removeprefix("-A ").partition(" ")
+                keep = chain in state.chains or (chain, spec) in state.jumps
+            else:
+                keep = False
+            if keep:
+                sections.setdefault(table, []).append(line)
+        return "".join(
+            f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+            for table, lines in sections.items()
+        )
