@@ -15,7 +15,8 @@ DEMO_PORT := 8080
 export PYENGINE_HOST := unix://$(SOCK)
 
 APT_PACKAGES := runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl \
-	socat procps python3-venv ca-certificates openssl docker-registry skopeo apache2-utils
+	socat procps python3-venv ca-certificates openssl docker-registry skopeo apache2-utils \
+	docker.io
 
 .PHONY: setup deps venv images demo daemon stop test lint clean
 
@@ -83,3 +84,14 @@ lint: venv
 
 clean: stop
 	rm -rf build $(VENV)
+
+# Check vagrant/Vagrantfile without booting anything: Ruby syntax, then Vagrant's own validation
+# (offline). Installs Debian's vagrant without its recommends (no libvirt, no qemu) if missing.
+.PHONY: lab-validate
+lab-validate:
+	@if ! command -v vagrant >/dev/null || ! command -v ruby >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends -o DPkg::Lock::Timeout=600 vagrant ruby; \
+	fi
+	ruby -c vagrant/Vagrantfile
+	cd vagrant && VAGRANT_CHECKPOINT_DISABLE=1 vagrant validate --ignore-provider

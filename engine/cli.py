@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -15,6 +17,8 @@ from typing import Any
 import click
 
 from engine.client import Client, DaemonError, DaemonUnreachable
+from engine.reference import Reference
+from engine.registry_auth import CredentialsError, CredentialStore, default_credentials_path
 from netd.portspec import parse_publish, to_docker_port_bindings
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
@@ -75,14 +79,64 @@ def _port_bindings(specs: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
     return to_docker_port_bindings(bindings)
 
 
+def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``run`` and ``create`` share (Docker's spelling)."""
+    for option in reversed(
+        [
+            click.option(
+                "-p",
+                "--publish",
+                multiple=True,
+                help="Publish a port: [ip:][hostport:]port[/proto]",
+            ),
+            click.option("-P", "--publish-all", is_flag=True, help="Publish every exposed port."),
+            click.option("--name", default=None),
+            click.option("--rm", "auto_remove", is_flag=True, help="Remove it when it exits."),
+            click.option("-e", "--env", multiple=True, help="KEY=VALUE"),
+            click.option("--entrypoint", default=None),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _container_config(
+    image: str,
+    command: tuple[str, ...],
+    publish: tuple[str, ...],
+    publish_all: bool,
+    env: tuple[str, ...],
+    entrypoint: str | None,
+    auto_remove: bool,
+) -> dict[str, Any]:
+    bindings = _port_bindings(publish)
+    env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in env]
+    return {
+        "Image": image,
+        "Cmd": list(command) or None,
+        "Entrypoint": [entrypoint] if entrypoint is not None else None,
+        "Env": env_list,
+        "ExposedPorts": {k: {} for k in bindings},
+        "HostConfig": {
+            "PortBindings": bindings,
+            "PublishAllPorts": publish_all,
+            "AutoRemove": auto_remove,
+        },
+    }
+
+
+def _create(client: Client, name: str | None, image: str, config: dict[str, Any]) -> str:
+    try:
+        return client.create(name, config)
+    except DaemonError as e:
+        if e.status == 404 and "image" in str(e).lower():
+            click.echo(f"Unable to find image '{image}' locally (pyengine pull {image})", err=True)
+        raise
+
+
 @main.command(context_settings={"allow_interspersed_args": False})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background and print the ID.")
-@click.option("-p", "--publish", multiple=True, help="Publish a port: [ip:][hostport:]port[/proto]")
-@click.option("-P", "--publish-all", is_flag=True, help="Publish every exposed port.")
-@click.option("--name", default=None)
-@click.option("--rm", "auto_remove", is_flag=True, help="Remove the container when it exits.")
-@click.option("-e", "--env", multiple=True, help="KEY=VALUE")
-@click.option("--entrypoint", default=None)
+@container_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -101,33 +155,18 @@ def run(
 ) -> None:
     """Create and start a container."""
     client = _client(ctx)
-    bindings = _port_bindings(publish)
-    env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in env]
-    config: dict[str, Any] = {
-        "Image": image,
-        "Cmd": list(command) or None,
-        "Entrypoint": [entrypoint] if entrypoint is not None else None,
-        "Env": env_list,
-        "ExposedPorts": {k: {} for k in bindings},
-        "HostConfig": {
-            "PortBindings": bindings,
-            "PublishAllPorts": publish_all,
-            # In the foreground the client removes the container itself after the exit code is
-            # read, so nothing races the log stream (the docker CLI did this before API 1.25).
-            "AutoRemove": auto_remove and detach,
-        },
-    }
-    try:
-        container_id = client.create(name, config)
-    except DaemonError as e:
-        if e.status == 404 and "image" in str(e).lower():
-            click.echo(f"Unable to find image '{image}' locally", err=True)
-        raise
+    # In the foreground the client removes the container itself after the exit code is read,
+    # so nothing races the log stream (the docker CLI did this before API 1.25).
+    config = _container_config(
+        image, command, publish, publish_all, env, entrypoint, auto_remove and detach
+    )
+    container_id = _create(client, name, image, config)
     try:
         client.start(container_id)
     except DaemonError:
         if auto_remove:
-            client.remove(container_id, force=True)
+            with contextlib.suppress(DaemonError):  # the daemon may have removed it already
+                client.remove(container_id, force=True)
         raise
     if detach:
         click.echo(container_id)
@@ -136,6 +175,28 @@ def run(
     if auto_remove:
         client.remove(container_id, force=True)
     sys.exit(code)
+
+
+@main.command(context_settings={"allow_interspersed_args": False})
+@container_options
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_context
+@daemon_errors(exit_code=125)
+def create(
+    ctx: click.Context,
+    publish: tuple[str, ...],
+    publish_all: bool,
+    name: str | None,
+    auto_remove: bool,
+    env: tuple[str, ...],
+    entrypoint: str | None,
+    image: str,
+    command: tuple[str, ...],
+) -> None:
+    """Create a container without starting it; print its ID."""
+    config = _container_config(image, command, publish, publish_all, env, entrypoint, auto_remove)
+    click.echo(_create(_client(ctx), name, image, config))
 
 
 def _follow_until_exit(client: Client, container_id: str) -> int:
@@ -298,14 +359,39 @@ def port(ctx: click.Context, container: str, port: str | None) -> None:
 
 
 @main.command()
-@click.argument("containers", nargs=-1, required=True)
+@click.option(
+    "--type",
+    "kind",
+    type=click.Choice(["container", "image"]),
+    default=None,
+    help="Only look for this kind of object.",
+)
+@click.argument("names", nargs=-1, required=True)
 @click.pass_context
 @daemon_errors()
-def inspect(ctx: click.Context, containers: tuple[str, ...]) -> None:
-    """Show a container's low-level details as JSON."""
-    import json
-
-    click.echo(json.dumps([_client(ctx).inspect(c) for c in containers], indent=4))
+def inspect(ctx: click.Context, kind: str | None, names: tuple[str, ...]) -> None:
+    """Show containers' or images' low-level details as JSON (containers first, as Docker)."""
+    client = _client(ctx)
+    found = []
+    missing = []
+    lookups = {"container": client.inspect, "image": client.image_inspect}
+    for name in names:
+        for what, lookup in lookups.items():
+            if kind not in (None, what):
+                continue
+            try:
+                found.append(lookup(name))
+                break
+            except DaemonError as e:
+                if e.status != 404:
+                    raise
+        else:
+            missing.append(name)
+    click.echo(json.dumps(found, indent=4))
+    for name in missing:
+        click.echo(f"Error: No such {kind or 'object'}: {name}", err=True)
+    if missing:
+        sys.exit(1)
 
 
 @main.command()
@@ -359,6 +445,182 @@ def version(ctx: click.Context) -> None:
         f"Server: pyengined {server['Version']} (API {server['ApiVersion']}, "
         f"{server['Os']}/{server['Arch']})"
     )
+
+
+@main.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def start(ctx: click.Context, containers: tuple[str, ...]) -> None:
+    """Start created or stopped containers."""
+    _each(ctx, containers, lambda ref: _client(ctx).start(ref))
+
+
+@main.command()
+@click.option("-s", "--signal", "sig", default=None, help="Signal to send (default KILL).")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def kill(ctx: click.Context, sig: str | None, containers: tuple[str, ...]) -> None:
+    """Send a signal to running containers."""
+    _each(ctx, containers, lambda ref: _client(ctx).kill(ref, sig))
+
+
+@main.command()
+@click.option("-t", "--time", "timeout", type=int, default=None, help="Seconds before SIGKILL.")
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def restart(ctx: click.Context, timeout: int | None, containers: tuple[str, ...]) -> None:
+    """Stop (if running) and start containers again."""
+    _each(ctx, containers, lambda ref: _client(ctx).restart(ref, timeout))
+
+
+@main.command()
+@click.argument("containers", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def wait(ctx: click.Context, containers: tuple[str, ...]) -> None:
+    """Wait until containers stop; print their exit codes."""
+    client = _client(ctx)
+    failed = False
+    for ref in containers:
+        try:
+            click.echo(client.wait(ref))
+        except DaemonError as e:
+            click.echo(f"Error response from daemon: {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@click.pass_context
+@daemon_errors()
+def tag(ctx: click.Context, source: str, target: str) -> None:
+    """Give the image SOURCE another name, TARGET ([registry/]name[:tag])."""
+    _client(ctx).tag(source, target, None)
+
+
+@main.command()
+@click.option("-f", "--force", is_flag=True, help="Remove an image tagged several times.")
+@click.argument("images", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def rmi(ctx: click.Context, force: bool, images: tuple[str, ...]) -> None:
+    """Remove images (untag; delete when no tag is left and no container uses it)."""
+    client = _client(ctx)
+    failed = False
+    for ref in images:
+        try:
+            for item in client.remove_image(ref, force):
+                for kind, what in item.items():
+                    click.echo(f"{kind}: {what}")
+        except DaemonError as e:
+            click.echo(f"Error response from daemon: {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+def _credentials() -> CredentialStore:
+    return CredentialStore(default_credentials_path())
+
+
+class PullDisplay:
+    """Docker's pull output: one line per layer, redrawn in place on a terminal; on anything
+    else each change of a layer's status on a line of its own (no progress bars)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.lines: list[str] = []  # layer ids in the order they appeared
+        self.last: dict[str, str] = {}
+
+    def show(self, message: dict[str, Any]) -> None:
+        status = message.get("status", "")
+        layer = message.get("id")
+        if not layer:
+            click.echo(status)
+            return
+        text = f"{layer}: {status}"
+        if self.tty and message.get("progress"):
+            text += f" {message['progress']}"
+        if not self.tty:
+            if self.last.get(layer) != status:
+                click.echo(text)
+            self.last[layer] = status
+            return
+        if layer not in self.lines:
+            self.lines.append(layer)
+            click.echo(text)
+            return
+        up = len(self.lines) - self.lines.index(layer)
+        # ECMA-48: CUU (ESC [ n A) moves up, EL (ESC [ 2 K) clears the line, CUD moves down.
+        click.echo(f"\x1b[{up}A\x1b[2K\r{text}\x1b[{up}B\r", nl=False)
+
+
+@main.command()
+@click.argument("image")
+@click.pass_context
+@daemon_errors()
+def pull(ctx: click.Context, image: str) -> None:
+    """Pull an image from a registry (credentials from ``pyengine login``)."""
+    try:
+        domain = Reference.parse(image).domain
+        auth = _credentials().get(domain)
+    except (ValueError, CredentialsError) as e:
+        _fail(f"Error: {e}")
+    display = PullDisplay(sys.stdout.isatty())
+    for message in _client(ctx).pull(image, auth):
+        if "error" in message:
+            _fail(f"Error response from daemon: {message['error']}")
+        display.show(message)
+    click.echo(str(Reference.parse(image).with_default_tag()))
+
+
+@main.command()
+@click.option("-u", "--username", default=None)
+@click.option("-p", "--password", default=None)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.argument("server", default="")
+@click.pass_context
+@daemon_errors()
+def login(
+    ctx: click.Context,
+    username: str | None,
+    password: str | None,
+    password_stdin: bool,
+    server: str,
+) -> None:
+    """Log in to a registry (Docker Hub when SERVER is omitted); the login is kept (0600)."""
+    if password_stdin:
+        if password is not None:
+            _fail("Error: --password and --password-stdin are mutually exclusive")
+        password = sys.stdin.read().rstrip("\n")
+    if username is None:
+        username = click.prompt("Username")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    result = _client(ctx).login(server, username, password)
+    try:
+        _credentials().save(server, username, password)
+    except CredentialsError as e:
+        _fail(f"Error: {e}")
+    click.echo(result.get("Status") or "Login Succeeded")
+
+
+@main.command()
+@click.argument("server", default="")
+def logout(server: str) -> None:
+    """Forget the login for a registry."""
+    try:
+        removed = _credentials().remove(server)
+    except CredentialsError as e:
+        _fail(f"Error: {e}")
+    name = server or "docker.io"
+    click.echo(f"Removing login credentials for {name}" if removed else f"Not logged in to {name}")
 
 
 if __name__ == "__main__":

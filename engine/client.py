@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -53,12 +54,13 @@ class Client:
         body: Any = None,
         stream: BinaryIO | None = None,
         timeout: float | None = 120,
+        headers: dict[str, str] | None = None,
     ) -> http.client.HTTPResponse:
         url = API_PREFIX + path
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         conn = _UnixHTTPConnection(self.socket_path, timeout)
-        headers = {"Host": "pyengine"}
+        headers = {"Host": "pyengine", **(headers or {})}
         data: Any = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -116,6 +118,14 @@ class Client:
     def containers(self, all: bool = False) -> list[dict[str, Any]]:
         return self.json("GET", "/containers/json", query={"all": int(all)})
 
+    def kill(self, ref: str, signal: str | None = None) -> None:
+        self.request("POST", f"/containers/{quote(ref)}/kill", query={"signal": signal}).read()
+
+    def restart(self, ref: str, timeout: int | None = None) -> None:
+        self.request(
+            "POST", f"/containers/{quote(ref)}/restart", query={"t": timeout}, timeout=None
+        ).read()
+
     def wait(self, ref: str, condition: str = "not-running") -> int:
         return self.json(
             "POST", f"/containers/{quote(ref)}/wait", query={"condition": condition}, timeout=None
@@ -146,6 +156,37 @@ class Client:
 
     def images(self) -> list[dict[str, Any]]:
         return self.json("GET", "/images/json")
+
+    def image_inspect(self, ref: str) -> dict[str, Any]:
+        return self.json("GET", f"/images/{quote(ref)}/json")
+
+    def tag(self, source: str, repo: str, tag: str | None) -> None:
+        self.request(
+            "POST", f"/images/{quote(source)}/tag", query={"repo": repo, "tag": tag}
+        ).read()
+
+    def remove_image(self, ref: str, force: bool = False) -> list[dict[str, str]]:
+        return self.json("DELETE", f"/images/{quote(ref)}", query={"force": int(force)})
+
+    def pull(self, ref: str, auth: tuple[str, str] | None = None) -> Iterator[dict[str, Any]]:
+        """Docker's progress objects; a failed pull ends with one holding ``error``."""
+        headers = {}
+        if auth is not None:
+            encoded = json.dumps({"username": auth[0], "password": auth[1]}).encode()
+            headers["X-Registry-Auth"] = base64.urlsafe_b64encode(encoded).decode()
+        resp = self.request(
+            "POST", "/images/create", query={"fromImage": ref}, headers=headers, timeout=None
+        )
+        for line in resp:
+            if line.strip():
+                yield json.loads(line)
+
+    def login(self, server: str, username: str, password: str) -> dict[str, Any]:
+        return self.json(
+            "POST",
+            "/auth",
+            body={"username": username, "password": password, "serveraddress": server},
+        )
 
     def load(self, archive: BinaryIO) -> list[str]:
         resp = self.request("POST", "/images/load", stream=archive, timeout=None)

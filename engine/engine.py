@@ -8,25 +8,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import shutil
 import signal
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from engine import bundle, rootfs
 from engine.containers import (
     Container,
     ContainerConflict,
+    ContainerNotFound,
     ContainerState,
     ContainerStore,
     NetworkRecord,
     PublishedPortRecord,
     now_rfc3339,
 )
-from engine.images import ImageStore
+from engine.images import ImageConflict, ImageStore
+from engine.reference import normalize
 from engine.runtime import ExitStatus, Runtime
 from netd.controller import NetdError, NetworkController
 from netd.jsonstate import write_json_atomic
@@ -42,6 +47,45 @@ class InvalidParameter(Exception):
 
 class NotRunning(Exception):
     """An operation that needs a running container: the API answers 409."""
+
+
+class DaemonShuttingDown(Exception):
+    """A wait the daemon's shutdown cut short."""
+
+
+# How long an auto-removal waits for attached clients to read a container's last output.
+ATTACH_DRAIN_TIMEOUT = 10.0
+LOG_POLL_INTERVAL = 0.05
+WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
+_RFC3339_UTC_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z")
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of a container's json-file log."""
+
+    stream: str  # "stdout" | "stderr"
+    time: str  # RFC 3339 with nanoseconds, as the monitor wrote it
+    text: str
+
+
+@dataclass
+class _Lifecycle:
+    """What waiters of one container wait on. Every change pulses ``changed``; a waiter
+    re-checks its own condition after each pulse, so no change is missed between checks."""
+
+    exits: int = 0  # runs that ended since this daemon started
+    removed: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    attached: set[asyncio.Event] = field(default_factory=set)  # open attach streams
+
+    def pulse(self) -> None:
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self.changed.wait()
 
 
 @dataclass
@@ -75,6 +119,15 @@ def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[st
     return sorted(keys, key=lambda k: (int(k.split("/")[0]), k))
 
 
+def rfc3339_seconds(text: str) -> float:
+    """'2026-11-28T03:24:19.885608112Z' → Unix seconds; 0.0 when it is not that format."""
+    match = _RFC3339_UTC_RE.fullmatch(text)
+    if match is None:
+        return 0.0
+    whole = datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    return whole.timestamp() + float(f"0.{match[2] or 0}")
+
+
 class Engine:
     def __init__(
         self,
@@ -90,10 +143,13 @@ class Engine:
         self.proxies = proxies
         self.runtime = runtime
         self.containers = ContainerStore(cfg.data_root / "containers")
-        self._exited: dict[str, asyncio.Event] = {}
-        self._removed: dict[str, asyncio.Event] = {}
+        self._lifecycles: dict[str, _Lifecycle] = {}
+        self._closing = False  # the API is shutting down: streams and waits end now
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._net_lock = asyncio.Lock()
+
+    def _lifecycle(self, container_id: str) -> _Lifecycle:
+        return self._lifecycles.setdefault(container_id, _Lifecycle())
 
     # ---- daemon start and stop -------------------------------------------------------------
 
@@ -112,6 +168,13 @@ class Engine:
             if container_id not in {c.id for c in self.containers.all() if c.state.running}:
                 await self._netd(self.network.delete_endpoint, container_id)
 
+    def end_streams(self) -> None:
+        """The API server is stopping: end every log follow, attach and wait now, so that it
+        does not wait for them (the containers are stopped afterwards, by shutdown())."""
+        self._closing = True
+        for lifecycle in self._lifecycles.values():
+            lifecycle.pulse()
+
     async def shutdown(self) -> None:
         """Stop every running container (the daemon has no live restore yet), then the proxies."""
         running = [c for c in self.containers.all() if c.state.running]
@@ -129,6 +192,7 @@ class Engine:
         if not image_ref:
             raise InvalidParameter("No image specified")
         image = self.images.get(image_ref)
+        image_config = image.config.get("config") or {}
         bindings = self._bindings(host_config)  # validates the publish specs before anything exists
         del bindings
         cmd = config.get("Cmd") or None
@@ -139,7 +203,7 @@ class Engine:
             entrypoint = [entrypoint]
         try:
             args, env, cwd, user = bundle.image_process(
-                image.config.get("config") or {}, cmd, entrypoint, config.get("Env") or []
+                image_config, cmd, entrypoint, config.get("Env") or []
             )
         except ValueError as e:
             raise InvalidParameter(str(e)) from e
@@ -149,16 +213,13 @@ class Engine:
         merged.update(
             Image=image_ref,
             Env=env,
-            Cmd=cmd if cmd is not None else (image.config.get("config") or {}).get("Cmd"),
-            Entrypoint=entrypoint
-            if entrypoint is not None
-            else (image.config.get("config") or {}).get("Entrypoint"),
-            WorkingDir=cwd,
+            Cmd=cmd if cmd is not None else image_config.get("Cmd"),
+            Entrypoint=entrypoint if entrypoint is not None else image_config.get("Entrypoint"),
+            WorkingDir=config.get("WorkingDir") or cwd,
             User=config.get("User") or user,
             Hostname=config.get("Hostname") or container_id[:12],
-            StopSignal=config.get("StopSignal")
-            or (image.config.get("config") or {}).get("StopSignal")
-            or "SIGTERM",
+            StopSignal=config.get("StopSignal") or image_config.get("StopSignal") or "SIGTERM",
+            Labels={**(image_config.get("Labels") or {}), **(config.get("Labels") or {})},
         )
         container = Container(
             id=container_id,
@@ -171,8 +232,7 @@ class Engine:
             args=args,
         )
         self.containers.add(container)
-        self._exited[container.id] = asyncio.Event()
-        self._removed[container.id] = asyncio.Event()
+        self._lifecycle(container.id)
         return container
 
     def _bindings(self, host_config: dict[str, Any]) -> list[PortBinding]:
@@ -198,12 +258,22 @@ class Engine:
             return c
         if c.state.status == "removing":
             raise ContainerConflict(f"container {c.id[:12]} is marked for removal")
+        try:
+            await self._start(c)
+        except BaseException:
+            if c.host_config.get("AutoRemove"):
+                # As Docker: a container that was to be removed when it ends goes when its
+                # start fails, too.
+                with contextlib.suppress(Exception):
+                    await self.remove(c.id, force=True)
+            raise
+        return c
+
+    async def _start(self, c: Container) -> None:
         cdir = self.containers.dir(c)
         bundle_dir = cdir / "bundle"
         rootfs_dir = bundle_dir / "rootfs"
         image = self.images.get(c.image_id)
-        self._exited[c.id] = asyncio.Event()
-        self._removed.setdefault(c.id, asyncio.Event())
         undo: list[Any] = []
         try:
             endpoint = await self._netd(self.network.create_endpoint, c.id)
@@ -264,7 +334,7 @@ class Engine:
             write_json_atomic(bundle_dir / "config.json", spec)
             self._exit_path(c).unlink(missing_ok=True)
             monitor_pid, pid = await self.runtime.start(
-                c.id, bundle_dir, cdir / "container.log", self._exit_path(c)
+                c.id, bundle_dir, self.log_path(c), self._exit_path(c)
             )
         except BaseException as e:
             for step in reversed(undo):
@@ -280,8 +350,8 @@ class Engine:
             status="running", pid=pid, monitor_pid=monitor_pid, started_at=now_rfc3339()
         )
         self.containers.save(c)
+        self._lifecycle(c.id).pulse()
         self._watchers[c.id] = asyncio.create_task(self._watch(c))
-        return c
 
     async def _watch(self, c: Container) -> None:
         status = await self.runtime.wait(c.state.monitor_pid, self._exit_path(c))
@@ -289,7 +359,16 @@ class Engine:
         self._mark_exited(c, status)
         self._watchers.pop(c.id, None)
         if c.host_config.get("AutoRemove"):
-            await self.remove(c.id, force=True)
+            attached = list(self._lifecycle(c.id).attached)
+            if attached:
+                # Attached clients read the container's last output from its log file, which
+                # the removal deletes: let them finish first.
+                await asyncio.wait(
+                    [asyncio.ensure_future(done.wait()) for done in attached],
+                    timeout=ATTACH_DRAIN_TIMEOUT,
+                )
+            with contextlib.suppress(ContainerNotFound):
+                await self.remove(c.id, force=True)
 
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
@@ -306,7 +385,16 @@ class Engine:
         c.state.pid = 0
         c.network = NetworkRecord()
         self.containers.save(c)
-        self._exited.setdefault(c.id, asyncio.Event()).set()
+        lifecycle = self._lifecycle(c.id)
+        lifecycle.exits += 1
+        lifecycle.pulse()
+
+    def stop_timeout(self, c: Container, timeout: float | None) -> float:
+        """The seconds a stop waits before SIGKILL: the request's, the container's, or 10."""
+        if timeout is not None and timeout >= 0:
+            return timeout
+        configured = c.config.get("StopTimeout")
+        return float(configured) if isinstance(configured, int) and configured >= 0 else 10.0
 
     async def stop(self, ref: str, timeout: float | None = None) -> bool:
         """Stop signal, then SIGKILL after ``timeout`` seconds. False when it was not running."""
@@ -318,10 +406,16 @@ class Engine:
             c.state.monitor_pid,
             self._exit_path(c),
             stop_signal=c.config.get("StopSignal") or "SIGTERM",
-            timeout=10 if timeout is None else timeout,
+            timeout=self.stop_timeout(c, timeout),
         )
-        await self._exited[c.id].wait()
+        await self._lifecycle(c.id).until(lambda: not c.state.running)
         return True
+
+    async def restart(self, ref: str, timeout: float | None = None) -> Container:
+        """Stop (when running), then start again: Docker's ``restart``."""
+        c = self.containers.get(ref)
+        await self.stop(c.id, timeout)
+        return await self.start(c.id)
 
     async def kill(self, ref: str, sig: str = "SIGKILL") -> None:
         c = self.containers.get(ref)
@@ -338,45 +432,164 @@ class Engine:
                     "attempting removal or force remove"
                 )
             await self.runtime.kill(c.id, "SIGKILL")
-            await self._exited[c.id].wait()
+            await self._lifecycle(c.id).until(lambda: not c.state.running)
+        watcher = self._watchers.get(c.id)
+        if watcher is not None and watcher is not asyncio.current_task():
+            await watcher
         if c.id not in {x.id for x in self.containers.all()}:
             return  # AutoRemove got there first
-        watcher = self._watchers.get(c.id)
-        if watcher is not None:
-            await watcher
         c.state.status = "removing"
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
         self.containers.remove(c)
-        self._removed.setdefault(c.id, asyncio.Event()).set()
+        lifecycle = self._lifecycles.pop(c.id, None) or _Lifecycle()
+        lifecycle.removed = True  # waiters and attached streams hold it: they see this
+        lifecycle.pulse()
 
-    async def wait(self, ref: str, condition: str = "not-running") -> int:
+    async def wait(self, ref: str, condition: str = "not-running") -> Callable[[], Awaitable[int]]:
+        """Register a wait now; the returned coroutine function waits and gives the exit code.
+
+        Two steps, because Docker's clients send ``wait?condition=next-exit`` before ``start``
+        and expect it anchored at the moment the daemon answered the status line.
+        """
         c = self.containers.get(ref)
-        if condition not in ("not-running", "next-exit", "removed"):
-            raise InvalidParameter(f"invalid condition: {condition}")
-        if condition == "removed":
-            await self._removed.setdefault(c.id, asyncio.Event()).wait()
-        elif condition == "next-exit" or c.state.running:
-            event = self._exited.setdefault(c.id, asyncio.Event())
-            if condition == "next-exit" and event.is_set():
-                event = self._exited[c.id] = asyncio.Event()
-            await event.wait()
-        return c.state.exit_code
+        if condition not in WAIT_CONDITIONS:
+            raise InvalidParameter(f"invalid condition: {condition!r}")
+        lifecycle = self._lifecycle(c.id)
+        exits = lifecycle.exits
 
-    def is_running(self, c: Container) -> bool:
-        return c.state.running
+        def reached() -> bool:
+            if lifecycle.removed:
+                return True
+            if condition == "removed":
+                return False
+            if condition == "next-exit":
+                return lifecycle.exits > exits
+            return not c.state.running
+
+        async def result() -> int:
+            await lifecycle.until(lambda: reached() or self._closing)
+            if not reached():
+                raise DaemonShuttingDown("the daemon is shutting down")
+            return c.state.exit_code
+
+        return result
+
+    def image_users(self, image_id: str) -> list[Container]:
+        return [c for c in self.containers.all() if c.image_id == image_id]
+
+    async def remove_image(self, ref: str, force: bool = False) -> list[str]:
+        """Docker's ``rmi``: untag, and delete the image unless a container needs it."""
+        image = await asyncio.to_thread(self.images.get, ref)
+        try:
+            named_tag = normalize(ref) in image.repo_tags
+        except ValueError:
+            named_tag = False
+        if not (named_tag and len(image.repo_tags) > 1):  # the image itself would go
+            short = image.short_id
+            users = self.image_users(image.id)
+            running = [c for c in users if c.state.running]
+            if running:
+                raise ImageConflict(
+                    f"conflict: unable to delete {short} (cannot be forced) - image is being "
+                    f"used by running container {running[0].id[:12]}"
+                )
+            if users and not force:
+                if named_tag:
+                    raise ImageConflict(
+                        f'conflict: unable to remove repository reference "{ref}" (must force) '
+                        f"- container {users[0].id[:12]} is using its referenced image {short}"
+                    )
+                raise ImageConflict(
+                    f"conflict: unable to delete {short} (must be forced) - image is being "
+                    f"used by stopped container {users[0].id[:12]}"
+                )
+        return await asyncio.to_thread(self.images.remove, ref, force)
+
+    # ---- output --------------------------------------------------------------------------
+
+    def log_path(self, c: Container) -> Path:
+        return self.containers.dir(c) / "container.log"
 
     async def logs(
-        self, ref: str, follow: bool, tail: int | None
-    ) -> AsyncIterator[tuple[str, str, str]]:
-        """(stream, time, text) entries of the container's json-file log."""
+        self,
+        ref: str,
+        follow: bool,
+        tail: int | None,
+        since: float = 0.0,
+        until: float = 0.0,
+    ) -> AsyncIterator[LogEntry]:
+        """Entries of the container's json-file log: the last ``tail`` (all when None) of those
+        written in [since, until) (0: unbounded), then with ``follow`` new ones until it exits."""
         c = self.containers.get(ref)
-        path = self.containers.dir(c) / "container.log"
-        async for entry in _read_json_log(path, follow, tail, lambda: self._still_running(c)):
-            yield entry
+        reader = _JsonLogReader(self.log_path(c))
+        try:
+            async for entry in self._logs(c, reader, follow, tail, since, until):
+                yield entry
+        finally:
+            reader.close()
 
-    def _still_running(self, c: Container) -> bool:
-        event = self._exited.get(c.id)
-        return c.state.running and not (event and event.is_set())
+    async def _logs(
+        self,
+        c: Container,
+        reader: _JsonLogReader,
+        follow: bool,
+        tail: int | None,
+        since: float,
+        until: float,
+    ) -> AsyncIterator[LogEntry]:
+        def wanted(entry: LogEntry) -> bool:
+            if not (since or until):
+                return True
+            t = rfc3339_seconds(entry.time)
+            return (not since or t >= since) and (not until or t < until)
+
+        backlog = [e for e in reader.read_new() if wanted(e)]
+        if tail is not None:
+            backlog = backlog[-tail:] if tail > 0 else []
+        for entry in backlog:
+            yield entry
+        if not follow:
+            return
+        while True:
+            running = c.state.running
+            entries = reader.read_new()
+            for entry in entries:
+                if wanted(entry):
+                    yield entry
+            if not running or self._closing:
+                return  # the monitor writes all output before the exit is recorded
+            if not entries:
+                await asyncio.sleep(LOG_POLL_INTERVAL)
+
+    async def attach(self, ref: str, replay: bool, follow: bool) -> AsyncIterator[LogEntry]:
+        """Output for an attached client: with ``replay`` what was written before, with
+        ``follow`` what the container writes until its current (or, when it is not running,
+        its next) run ends. An auto-removal waits for attached clients to read it all."""
+        c = self.containers.get(ref)
+        lifecycle = self._lifecycle(c.id)
+        exits = lifecycle.exits
+        path = self.log_path(c)
+        reader = _JsonLogReader(path, start_at_end=not replay)
+        done = asyncio.Event()
+        lifecycle.attached.add(done)
+        try:
+            for entry in reader.read_new():
+                yield entry
+            if not follow:
+                return
+            while True:
+                ended = lifecycle.exits > exits or lifecycle.removed
+                entries = reader.read_new()
+                for entry in entries:
+                    yield entry
+                if ended or self._closing:
+                    return
+                if not entries:
+                    await asyncio.sleep(LOG_POLL_INTERVAL)
+        finally:
+            reader.close()
+            lifecycle.attached.discard(done)
+            done.set()
 
     def _exit_path(self, c: Container) -> Path:
         return self.containers.dir(c) / "exit.json"
@@ -390,42 +603,40 @@ class Engine:
         shutil.rmtree(self.cfg.data_root / "containers", ignore_errors=True)
 
 
-async def _read_json_log(
-    path: Path, follow: bool, tail: int | None, running: Any
-) -> AsyncIterator[tuple[str, str, str]]:
-    import json
+class _JsonLogReader:
+    """Reads a json-file log incrementally; a line is returned only once it is complete."""
 
-    if not path.exists():
-        if not follow:
-            return
-        while not path.exists() and running():
-            await asyncio.sleep(0.05)
-        if not path.exists():
-            return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-        if tail is not None:
-            lines = lines[-tail:] if tail > 0 else []
+    def __init__(self, path: Path, start_at_end: bool = False) -> None:
+        self.path = path
+        self._file: BinaryIO | None = None
+        self._pending = b""
+        self._offset = 0
+        if start_at_end:
+            with contextlib.suppress(FileNotFoundError):
+                self._offset = path.stat().st_size
+
+    def read_new(self) -> list[LogEntry]:
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
+            except FileNotFoundError:
+                return []
+            self._file.seek(self._offset)
+        data = self._file.read()
+        if not data:
+            return []
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()
+        entries = []
         for line in lines:
-            entry = json.loads(line)
-            yield entry["stream"], entry["time"], entry["log"]
-        if not follow:
-            return
-        pending = ""
-        while True:
-            chunk = f.readline()
-            if chunk:
-                pending += chunk
-                if pending.endswith("\n"):
-                    entry = json.loads(pending)
-                    pending = ""
-                    yield entry["stream"], entry["time"], entry["log"]
-                continue
-            if not running():
-                rest = f.read()
-                for line in (pending + rest).splitlines():
-                    if line:
-                        entry = json.loads(line)
-                        yield entry["stream"], entry["time"], entry["log"]
-                return
-            await asyncio.sleep(0.05)
+            try:
+                raw = json.loads(line)
+                entries.append(LogEntry(raw["stream"], raw["time"], raw["log"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # an empty line, or one a crash cut short
+        return entries
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

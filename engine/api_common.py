@@ -1,0 +1,212 @@
+"""What every part of the Docker Engine API shares: errors, query flags, bodies, filters, streams.
+
+Docker's conventions (swagger v1.41): errors are ``{"message": "..."}`` with the status code
+saying what kind; booleans in queries are ``1``/``true``; ``filters`` is a JSON object whose values
+are either a list of strings or (what the docker CLI sends) an object ``{"value": true}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import struct
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_request import BaseRequest
+
+log = logging.getLogger("pyengined.api")
+
+
+class NotImplementedByEngine(Exception):
+    """A Docker feature pyengined does not have: the API answers 501 with this message."""
+
+
+class NotFound(Exception):
+    """An object other than a container or image that does not exist: 404."""
+
+
+class Forbidden(Exception):
+    """An operation Docker refuses on purpose (e.g. removing the default network): 403."""
+
+
+class BadParameter(Exception):
+    """A request pyengined understands but cannot accept as given: 400."""
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    """JSON with Docker's exact ``Content-Type: application/json``: the docker CLI shows an
+    error body as raw text unless the type is exactly that (aiohttp's json_response adds a
+    charset parameter)."""
+    return web.Response(
+        body=json.dumps(obj).encode(), status=status, content_type="application/json"
+    )
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return json_response({"message": message}, status=status)
+
+
+def flag(request: web.Request, name: str, default: bool = False) -> bool:
+    value = request.query.get(name)
+    if value is None or value == "":
+        return default
+    return value.lower() in ("1", "true", "yes")
+
+
+def int_query(request: web.Request, name: str, default: int | None = None) -> int | None:
+    value = request.query.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise BadParameter(f"invalid value for {name}: {value!r}") from None
+
+
+def float_query(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise BadParameter(f"invalid value for {name}: {value!r}") from None
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadParameter(f"invalid JSON body: {e}") from e
+    if not isinstance(body, dict):
+        raise BadParameter("request body must be a JSON object")
+    return body
+
+
+def parse_filters(request: web.Request, allowed: set[str]) -> dict[str, list[str]]:
+    """The ``filters`` query as {key: [values]}; an unknown key is a 400 as in Docker."""
+    raw = request.query.get("filters")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BadParameter(f"invalid filters: {e}") from e
+    if not isinstance(data, dict):
+        raise BadParameter("invalid filters: not a JSON object")
+    filters: dict[str, list[str]] = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise BadParameter(f"invalid filter '{key}'")
+        if isinstance(value, dict):
+            values = [str(k) for k, on in value.items() if on]
+        elif isinstance(value, list):
+            values = [str(v) for v in value]
+        else:
+            raise BadParameter(f"invalid filter '{key}': want a list or an object")
+        filters[key] = values
+    return filters
+
+
+_RFC3339_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
+
+
+def unix_seconds(rfc3339: str) -> int:
+    """RFC 3339 (any number of fraction digits) → whole Unix seconds; 0 when unparsable."""
+    match = _RFC3339_RE.fullmatch(rfc3339.strip())
+    if match is None:
+        return 0
+    offset = "+00:00" if match[2] == "Z" else match[2]
+    return int(datetime.fromisoformat(match[1] + offset).timestamp())
+
+
+# ---- streams ---------------------------------------------------------------------------------
+
+# Docker's multiplexed stream (no TTY): an 8-byte header [stream, 0, 0, 0, size uint32 BE],
+# then the payload (swagger: ContainerAttach).
+STREAM_IDS = {"stdin": 0, "stdout": 1, "stderr": 2}
+MEDIA_RAW_STREAM = "application/vnd.docker.raw-stream"
+MEDIA_MULTIPLEXED_STREAM = "application/vnd.docker.multiplexed-stream"
+
+
+def stream_frame(stream: str, payload: bytes) -> bytes:
+    return struct.pack(">BxxxL", STREAM_IDS[stream], len(payload)) + payload
+
+
+class HijackedResponse(web.StreamResponse):
+    """A response whose body is the raw connection: no chunked coding, no length, closed at the
+    end. Docker answers an attach this way, with ``101 UPGRADED`` when the client asked for
+    ``Upgrade: tcp`` and ``200 OK`` otherwise; either way the client reads raw bytes."""
+
+    # aiohttp would pick chunked coding for a body of unknown length; WebSocketResponse turns
+    # the same switch off, for the same reason.
+    _length_check = False
+
+    def __init__(self, upgrade: bool) -> None:
+        headers = {"Content-Type": MEDIA_RAW_STREAM}
+        if upgrade:
+            headers.update(Connection="Upgrade", Upgrade="tcp")
+        super().__init__(
+            status=101 if upgrade else 200, reason="UPGRADED" if upgrade else "OK", headers=headers
+        )
+        self.force_close()
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(request)
+        transport = request.transport
+        if transport is not None and not isinstance(transport.get_protocol(), _HijackedProtocol):
+            transport.set_protocol(_HijackedProtocol(transport.get_protocol()))
+        return writer
+
+
+class _HijackedProtocol(asyncio.Protocol):
+    """Stands between a hijacked connection and aiohttp's protocol once the headers are out.
+
+    The docker CLI shuts down its write side as soon as it has no stdin to send (a TCP-style
+    half-close, shutdown(2) SHUT_WR). asyncio closes a transport whose protocol's
+    eof_received() returns a false value, as aiohttp's does; this one keeps the read-closed
+    connection open for the output still to come, drops the (unused) stdin bytes, and hands
+    everything else to aiohttp so its bookkeeping and flow control stay right.
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class JsonLinesResponse(web.StreamResponse):
+    """Docker's progress stream: chunked, one JSON object per line, HTTP 200 even when the last
+    object is an error (``{"errorDetail": {"message": m}, "error": m}``)."""
+
+    def __init__(self) -> None:
+        super().__init__(status=200, headers={"Content-Type": "application/json"})
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await self.write(json.dumps(obj).encode() + b"\r\n")
+
+    async def send_error(self, message: str) -> None:
+        await self.send({"errorDetail": {"message": message}, "error": message})

@@ -1,0 +1,734 @@
+"""``/containers``: Docker's container calls (v1.41 shapes) translated to the engine.
+
+What the docker CLI sends is in /work/shared/reference/docker-cli-api-trace.md: ``run -d`` is
+create → ``wait?condition=next-exit`` → start; ``run`` in the foreground attaches first (a
+hijacked connection); ``--rm`` sets ``HostConfig.AutoRemove`` and waits with
+``condition=removed``. A create that asks for something pyengined cannot do is refused with 501
+(a feature it lacks) or 400 (what Docker itself refuses on the default network), never run
+without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from engine.api_common import (
+    MEDIA_MULTIPLEXED_STREAM,
+    BadParameter,
+    HijackedResponse,
+    NotImplementedByEngine,
+    flag,
+    float_query,
+    int_query,
+    json_body,
+    json_response,
+    log,
+    parse_filters,
+    stream_frame,
+    unix_seconds,
+)
+from engine.api_networks import DEFAULT_NETWORK, NO_USER_NETWORKS, NetworksApi, endpoint_id
+from engine.containers import Container
+from engine.engine import (
+    DaemonShuttingDown,
+    Engine,
+    InvalidParameter,
+    LogEntry,
+    exposed_ports,
+)
+from engine.images import ImageNotFound
+
+CONTAINER_FILTERS = {
+    "id",
+    "name",
+    "status",
+    "exited",
+    "label",
+    "ancestor",
+    "network",
+    "before",
+    "since",
+    "publish",
+    "expose",
+}
+STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
+DEFAULT_NETWORK_MODES = ("", "default", DEFAULT_NETWORK)
+DISCONNECT_POLL_INTERVAL = 1.0
+T = TypeVar("T")
+_PORT_KEY_RE = re.compile(r"^([0-9]{1,5})(?:/(tcp|udp|sctp))?$")
+
+# Container settings pyengined cannot honour yet. Set to anything but their empty value, the
+# create answers 501 rather than run a container that silently lacks them.
+UNSUPPORTED_HOST_CONFIG = {
+    "Binds": "bind mounts (-v)",
+    "Mounts": "mounts (--mount)",
+    "VolumesFrom": "--volumes-from",
+    "VolumeDriver": "volume drivers",
+    "Links": "links (--link)",
+    "Privileged": "privileged containers",
+    "CapAdd": "--cap-add",
+    "CapDrop": "--cap-drop",
+    "Devices": "devices (--device)",
+    "DeviceRequests": "device requests (--gpus)",
+    "DeviceCgroupRules": "--device-cgroup-rule",
+    "Dns": "--dns",
+    "DnsSearch": "--dns-search",
+    "DnsOptions": "--dns-option",
+    "ExtraHosts": "--add-host",
+    "GroupAdd": "--group-add",
+    "SecurityOpt": "--security-opt",
+    "ReadonlyRootfs": "--read-only",
+    "Tmpfs": "--tmpfs",
+    "Sysctls": "--sysctl",
+    "Ulimits": "--ulimit",
+    "Memory": "memory limits (-m)",
+    "MemoryReservation": "--memory-reservation",
+    "NanoCpus": "--cpus",
+    "CpuShares": "--cpu-shares",
+    "CpuQuota": "--cpu-quota",
+    "CpuPeriod": "--cpu-period",
+    "CpusetCpus": "--cpuset-cpus",
+    "CpusetMems": "--cpuset-mems",
+    "BlkioWeight": "--blkio-weight",
+    "OomKillDisable": "--oom-kill-disable",
+    "Init": "--init",
+}
+# These default to a mode name; only their default is supported.
+HOST_CONFIG_MODES = {
+    "PidMode": ("", "private"),
+    "IpcMode": ("", "private", "shareable"),
+    "UTSMode": ("", "private"),
+    "UsernsMode": ("", "private"),
+    "CgroupnsMode": ("", "private", "host"),
+    "Runtime": ("", "runc"),
+    "Isolation": ("", "default"),
+}
+UNSUPPORTED_CONFIG = {
+    "Tty": "a TTY (-t)",
+    "OpenStdin": "interactive stdin (-i)",
+    "Volumes": "volumes",
+    "MacAddress": "--mac-address",
+}
+
+
+def _is_empty(value: Any) -> bool:
+    return value in (None, "", 0, False, [], {})
+
+
+def _check_type(value: Any, types: tuple[type, ...], what: str) -> None:
+    if value is not None and not isinstance(value, types):
+        raise BadParameter(f"invalid {what}: want {' or '.join(t.__name__ for t in types)}")
+
+
+def _check_strings(value: Any, what: str) -> None:
+    if value is None or isinstance(value, str):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadParameter(f"invalid {what}: want a list of strings")
+
+
+def normalize_port_key(key: str) -> str:
+    """``"80"`` → ``"80/tcp"``; anything that is not ``port[/proto]`` is a 400."""
+    match = _PORT_KEY_RE.match(key)
+    if match is None or not 0 < int(match[1]) <= 65535:
+        raise BadParameter(f"invalid port specification: {key!r}")
+    if match[2] == "sctp":
+        raise NotImplementedByEngine("SCTP ports are not supported by pyengined")
+    return f"{int(match[1])}/{match[2] or 'tcp'}"
+
+
+def check_create_body(
+    config: dict[str, Any], host_config: dict[str, Any], networking: dict[str, Any]
+) -> None:
+    """Refuse what pyengined cannot run as asked (501) and what Docker refuses itself (400)."""
+    for key, what in UNSUPPORTED_CONFIG.items():
+        if not _is_empty(config.get(key)):
+            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
+    _check_strings(config.get("Cmd"), "Cmd")
+    _check_strings(config.get("Entrypoint"), "Entrypoint")
+    _check_strings(config.get("Env"), "Env")
+    _check_type(config.get("Labels"), (dict,), "Labels")
+    _check_type(config.get("ExposedPorts"), (dict,), "ExposedPorts")
+    _check_type(config.get("StopTimeout"), (int,), "StopTimeout")
+    for key in ("Image", "User", "WorkingDir", "Hostname", "StopSignal"):
+        _check_type(config.get(key), (str,), key)
+    if config.get("ExposedPorts"):
+        config["ExposedPorts"] = {normalize_port_key(k): {} for k in config["ExposedPorts"]}
+
+    for key, what in UNSUPPORTED_HOST_CONFIG.items():
+        if not _is_empty(host_config.get(key)):
+            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
+    for key, allowed in HOST_CONFIG_MODES.items():
+        if (host_config.get(key) or "") not in allowed:
+            raise NotImplementedByEngine(
+                f"{key} {host_config[key]!r} is not supported by pyengined"
+            )
+    pids_limit = host_config.get("PidsLimit")
+    if pids_limit not in (None, 0, -1):
+        raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
+    restart = host_config.get("RestartPolicy") or {}
+    _check_type(restart, (dict,), "RestartPolicy")
+    if (restart.get("Name") or "no") != "no":
+        raise NotImplementedByEngine(
+            f"restart policy {restart['Name']!r} is not supported by pyengined"
+        )
+    log_config = host_config.get("LogConfig") or {}
+    _check_type(log_config, (dict,), "LogConfig")
+    if (log_config.get("Type") or "json-file") != "json-file":
+        raise NotImplementedByEngine(
+            f"log driver {log_config['Type']!r} is not supported by pyengined (json-file only)"
+        )
+    if log_config.get("Config"):
+        raise NotImplementedByEngine("log options (--log-opt) are not supported by pyengined yet")
+    _check_type(host_config.get("PortBindings"), (dict,), "PortBindings")
+    if host_config.get("PortBindings"):
+        host_config["PortBindings"] = {
+            normalize_port_key(k): v for k, v in host_config["PortBindings"].items()
+        }
+
+    mode = host_config.get("NetworkMode") or ""
+    _check_type(mode, (str,), "NetworkMode")
+    if mode in ("host", "none") or mode.startswith("container:"):
+        raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
+    # 400, not Docker's 404: the docker CLI takes any 404 from create for a missing image
+    # and starts pulling it.
+    if mode not in DEFAULT_NETWORK_MODES:
+        raise BadParameter(f"network {mode} not found ({NO_USER_NETWORKS})")
+    endpoints = (networking or {}).get("EndpointsConfig") or {}
+    _check_type(endpoints, (dict,), "NetworkingConfig.EndpointsConfig")
+    for name, endpoint in endpoints.items():
+        if name not in DEFAULT_NETWORK_MODES:
+            raise BadParameter(f"network {name} not found ({NO_USER_NETWORKS})")
+        endpoint = endpoint or {}
+        ipam = endpoint.get("IPAMConfig") or {}
+        if ipam.get("IPv4Address") or ipam.get("IPv6Address"):
+            raise BadParameter(
+                "user specified IP address is supported on user defined networks only"
+            )
+        if endpoint.get("Aliases"):
+            raise BadParameter(
+                "network-scoped alias is supported only for containers in user defined networks"
+            )
+        if endpoint.get("Links"):
+            raise NotImplementedByEngine("links (--link) are not supported by pyengined")
+
+
+def _command_text(args: list[str]) -> str:
+    """Docker's ``Command`` column: arguments with a space are single-quoted."""
+    if not args:
+        return ""
+    rest = [f"'{a}'" if " " in a else a for a in args[1:]]
+    return " ".join([args[0], *rest])
+
+
+def _tree_size(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+def _ago(seconds: float) -> str:
+    """Docker's go-units HumanDuration: '5 seconds', 'About a minute', '3 hours'."""
+    if seconds < 1:
+        return "Less than a second"
+    if seconds < 2:
+        return "1 second"
+    if seconds < 60:
+        return f"{int(seconds)} seconds"
+    minutes = int(seconds // 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds // 3600) // 24 // 365} years"
+
+
+class ContainersApi:
+    def __init__(self, engine: Engine, networks: NetworksApi) -> None:
+        self.engine = engine
+        self.networks = networks
+
+    # ---- shapes --------------------------------------------------------------------------
+
+    def _image_config(self, c: Container) -> dict[str, Any]:
+        try:
+            return self.engine.images.get(c.image_id).config.get("config") or {}
+        except ImageNotFound:
+            return {}
+
+    def ports_map(self, c: Container) -> dict[str, list[dict[str, str]] | None]:
+        """``NetworkSettings.Ports``: published ports with their bindings (HostPort a string),
+        exposed ones with ``null``; empty while the container is not running, as in Docker."""
+        if not c.state.running:
+            return {}
+        ports: dict[str, list[dict[str, str]] | None] = {
+            k: None for k in exposed_ports(c, self._image_config(c))
+        }
+        for p in c.network.ports:
+            key = f"{p.container_port}/{p.proto}"
+            ports[key] = [
+                *(ports.get(key) or []),
+                {"HostIp": p.host_ip, "HostPort": str(p.host_port)},
+            ]
+        return ports
+
+    def _ports_list(self, c: Container) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for key, bindings in self.ports_map(c).items():
+            port, _, proto = key.partition("/")
+            if not bindings:
+                out.append({"PrivatePort": int(port), "Type": proto})
+            for b in bindings or []:
+                out.append(
+                    {
+                        "IP": b["HostIp"],
+                        "PrivatePort": int(port),
+                        "PublicPort": int(b["HostPort"]),
+                        "Type": proto,
+                    }
+                )
+        return out
+
+    def _status_text(self, c: Container) -> str:
+        s = c.state
+        now = time.time()
+        if s.status == "running":
+            return f"Up {_ago(now - unix_seconds(s.started_at))}"
+        if s.status == "exited":
+            return f"Exited ({s.exit_code}) {_ago(now - unix_seconds(s.finished_at))} ago"
+        if s.status == "removing":
+            return "Removal In Progress"
+        return "Created"
+
+    def _endpoint_settings(self, c: Container) -> dict[str, Any]:
+        n = c.network
+        return {
+            "IPAMConfig": None,
+            "Links": None,
+            "Aliases": None,
+            "NetworkID": self.networks.default().id,
+            "EndpointID": endpoint_id(c) if n.ip else "",
+            "Gateway": n.gateway,
+            "IPAddress": n.ip,
+            "IPPrefixLen": n.prefixlen,
+            "IPv6Gateway": "",
+            "GlobalIPv6Address": "",
+            "GlobalIPv6PrefixLen": 0,
+            "MacAddress": n.mac,
+            "DriverOpts": None,
+        }
+
+    def summary(self, c: Container, size: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "Id": c.id,
+            "Names": [f"/{c.name}"],
+            "Image": c.image,
+            "ImageID": c.image_id,
+            "Command": _command_text(c.args),
+            "Created": unix_seconds(c.created),
+            "Ports": self._ports_list(c),
+            "Labels": c.config.get("Labels") or {},
+            "State": c.state.status,
+            "Status": self._status_text(c),
+            "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
+            "NetworkSettings": {"Networks": {DEFAULT_NETWORK: self._endpoint_settings(c)}},
+            "Mounts": [],
+        }
+        if size:
+            upper = self.engine.containers.dir(c) / "overlay" / "upper"
+            rw = _tree_size(str(upper))
+            try:
+                image_size = self.engine.images.get(c.image_id).size
+            except ImageNotFound:
+                image_size = 0
+            out.update(SizeRw=rw, SizeRootFs=rw + image_size)
+        return out
+
+    def inspect(self, c: Container) -> dict[str, Any]:
+        s = c.state
+        n = c.network
+        cdir = self.engine.containers.dir(c)
+        host_config = {
+            "Binds": None,
+            "ContainerIDFile": "",
+            "LogConfig": {"Type": "json-file", "Config": {}},
+            "NetworkMode": "default",
+            "PortBindings": {},
+            "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},
+            "AutoRemove": False,
+            "VolumeDriver": "",
+            "VolumesFrom": None,
+            "CapAdd": None,
+            "CapDrop": None,
+            "Dns": [],
+            "DnsOptions": [],
+            "DnsSearch": [],
+            "ExtraHosts": None,
+            "Privileged": False,
+            "PublishAllPorts": False,
+            "ReadonlyRootfs": False,
+            **{k: v for k, v in c.host_config.items() if v is not None},
+        }
+        config = {
+            "Hostname": c.config.get("Hostname", ""),
+            "Domainname": c.config.get("Domainname", ""),
+            "User": c.config.get("User", ""),
+            "AttachStdin": False,
+            "AttachStdout": bool(c.config.get("AttachStdout")),
+            "AttachStderr": bool(c.config.get("AttachStderr")),
+            "ExposedPorts": {k: {} for k in exposed_ports(c, self._image_config(c))} or None,
+            "Tty": False,
+            "OpenStdin": False,
+            "StdinOnce": False,
+            "Env": c.config.get("Env") or [],
+            "Cmd": c.config.get("Cmd"),
+            "Image": c.image,
+            "Volumes": None,
+            "WorkingDir": c.config.get("WorkingDir", ""),
+            "Entrypoint": c.config.get("Entrypoint"),
+            "OnBuild": None,
+            "Labels": c.config.get("Labels") or {},
+            "StopSignal": c.config.get("StopSignal"),
+        }
+        if c.config.get("StopTimeout") is not None:
+            config["StopTimeout"] = c.config["StopTimeout"]
+        return {
+            "Id": c.id,
+            "Created": c.created,
+            "Path": c.args[0] if c.args else "",
+            "Args": c.args[1:],
+            "State": {
+                "Status": s.status,
+                "Running": s.running,
+                "Paused": False,
+                "Restarting": False,
+                "OOMKilled": False,
+                "Dead": False,
+                "Pid": s.pid,
+                "ExitCode": s.exit_code,
+                "Error": s.error,
+                "StartedAt": s.started_at,
+                "FinishedAt": s.finished_at,
+            },
+            "Image": c.image_id,
+            "ResolvConfPath": str(cdir / "resolv.conf"),
+            "HostnamePath": str(cdir / "hostname"),
+            "HostsPath": str(cdir / "hosts"),
+            "LogPath": str(self.engine.log_path(c)),
+            "Name": f"/{c.name}",
+            "RestartCount": 0,
+            "Driver": "overlay2",
+            "Platform": "linux",
+            "MountLabel": "",
+            "ProcessLabel": "",
+            "AppArmorProfile": "",
+            "ExecIDs": None,
+            "HostConfig": host_config,
+            "GraphDriver": {
+                "Name": "overlay2",
+                "Data": {
+                    "UpperDir": str(cdir / "overlay" / "upper"),
+                    "WorkDir": str(cdir / "overlay" / "work"),
+                    "MergedDir": str(cdir / "bundle" / "rootfs"),
+                },
+            },
+            "Mounts": [],
+            "Config": config,
+            "NetworkSettings": {
+                "Bridge": "",
+                "SandboxID": c.id if n.ip else "",
+                "HairpinMode": False,
+                "LinkLocalIPv6Address": "",
+                "LinkLocalIPv6PrefixLen": 0,
+                "Ports": self.ports_map(c),
+                "SandboxKey": n.netns_path,
+                "SecondaryIPAddresses": None,
+                "SecondaryIPv6Addresses": None,
+                "EndpointID": endpoint_id(c) if n.ip else "",
+                "Gateway": n.gateway,
+                "GlobalIPv6Address": "",
+                "GlobalIPv6PrefixLen": 0,
+                "IPAddress": n.ip,
+                "IPPrefixLen": n.prefixlen,
+                "IPv6Gateway": "",
+                "MacAddress": n.mac,
+                "Networks": {DEFAULT_NETWORK: self._endpoint_settings(c)},
+            },
+        }
+
+    # ---- listing -------------------------------------------------------------------------
+
+    def _filter(self, filters: dict[str, list[str]]) -> Callable[[Container], bool]:
+        for value in filters.get("status", []):
+            if value not in STATUSES:
+                raise BadParameter(f"invalid filter 'status={value}'")
+        exited: list[int] = []
+        for value in filters.get("exited", []):
+            try:
+                exited.append(int(value))
+            except ValueError:
+                raise BadParameter(f"invalid filter 'exited={value}'") from None
+        ancestors: set[str] = set()
+        for value in filters.get("ancestor", []):
+            try:
+                ancestors.add(self.engine.images.get(value).id)
+            except (ImageNotFound, ValueError):
+                continue
+        before = {self.engine.containers.get(v).created for v in filters.get("before", [])}
+        since = {self.engine.containers.get(v).created for v in filters.get("since", [])}
+        for value in filters.get("name", []):
+            try:
+                re.compile(value)
+            except re.error as e:
+                raise BadParameter(f"invalid filter 'name={value}': {e}") from None
+
+        def has_port(c: Container, value: str, published: bool) -> bool:
+            key = normalize_port_key(value)
+            if published:
+                return any(f"{p.host_port}/{p.proto}" == key for p in c.network.ports)
+            return key in exposed_ports(c, self._image_config(c))
+
+        def label(c: Container, value: str) -> bool:
+            key, eq, want = value.partition("=")
+            labels = c.config.get("Labels") or {}
+            return key in labels and (not eq or labels[key] == want)
+
+        checks: dict[str, Callable[[Container, str], bool]] = {
+            "id": lambda c, v: c.id.startswith(v),
+            "name": lambda c, v: re.search(v, f"/{c.name}") is not None,
+            "status": lambda c, v: c.state.status == v,
+            "exited": lambda c, v: c.state.status == "exited" and c.state.exit_code == int(v),
+            "label": label,
+            "ancestor": lambda c, v: c.image_id in ancestors,
+            "network": lambda c, v: self.networks.default().matches(v),
+            "before": lambda c, v: all(c.created < t for t in before),
+            "since": lambda c, v: all(c.created > t for t in since),
+            "publish": lambda c, v: has_port(c, v, True),
+            "expose": lambda c, v: has_port(c, v, False),
+        }
+
+        def keep(c: Container) -> bool:
+            return all(any(checks[k](c, v) for v in vs) for k, vs in filters.items() if vs)
+
+        return keep
+
+    async def list(self, request: web.Request) -> web.Response:
+        filters = parse_filters(request, CONTAINER_FILTERS)
+        limit = int_query(request, "limit", 0) or 0
+        show_all = flag(request, "all") or limit > 0 or "status" in filters or "exited" in filters
+        keep = self._filter(filters)
+        chosen = [
+            c for c in self.engine.containers.all() if (show_all or c.state.running) and keep(c)
+        ]
+        if limit > 0:
+            chosen = chosen[:limit]
+        size = flag(request, "size")
+        return json_response([self.summary(c, size) for c in chosen])
+
+    async def inspect_handler(self, request: web.Request) -> web.Response:
+        c = self.engine.containers.get(request.match_info["id"])
+        out = self.inspect(c)
+        if flag(request, "size"):
+            out.update({k: v for k, v in self.summary(c, True).items() if k.startswith("Size")})
+        return json_response(out)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await json_body(request)
+        host_config = body.pop("HostConfig", None) or {}
+        networking = body.pop("NetworkingConfig", None) or {}
+        _check_type(host_config, (dict,), "HostConfig")
+        _check_type(networking, (dict,), "NetworkingConfig")
+        check_create_body(body, host_config, networking)
+        platform = request.query.get("platform")
+        if platform:
+            self._check_platform(body.get("Image") or "", platform)
+        name = request.query.get("name") or None
+        c = await self.engine.create(name, body, host_config)
+        return json_response({"Id": c.id, "Warnings": []}, status=201)
+
+    def _check_platform(self, image_ref: str, platform: str) -> None:
+        os_name, _, arch = platform.partition("/")
+        if not image_ref:
+            return
+        image = self.engine.images.get(image_ref)
+        have = (image.config.get("os") or "linux", image.config.get("architecture") or "")
+        if os_name != have[0] or (arch and arch.split("/")[0] != have[1]):
+            raise BadParameter(
+                f"image with reference {image_ref} was found but does not match the specified "
+                f"platform: wanted {platform}, actual: {have[0]}/{have[1]}"
+            )
+
+    async def start(self, request: web.Request) -> web.Response:
+        c = self.engine.containers.get(request.match_info["id"])
+        if c.state.running:
+            return web.Response(status=304)
+        await self.engine.start(c.id)
+        return web.Response(status=204)
+
+    def _timeout(self, request: web.Request) -> float | None:
+        return float_query(request, "t")
+
+    async def stop(self, request: web.Request) -> web.Response:
+        stopped = await self.engine.stop(request.match_info["id"], self._timeout(request))
+        return web.Response(status=204 if stopped else 304)
+
+    async def restart(self, request: web.Request) -> web.Response:
+        await self.engine.restart(request.match_info["id"], self._timeout(request))
+        return web.Response(status=204)
+
+    async def kill(self, request: web.Request) -> web.Response:
+        await self.engine.kill(request.match_info["id"], request.query.get("signal") or "SIGKILL")
+        return web.Response(status=204)
+
+    async def wait(self, request: web.Request) -> web.StreamResponse:
+        condition = request.query.get("condition") or "not-running"
+        result = await self.engine.wait(request.match_info["id"], condition)
+        # The status line goes out at once: clients (docker run) start the container only
+        # after it, and ``next-exit`` counts from here.
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        try:
+            code = await until_disconnected(request, result())
+        except DaemonShuttingDown:
+            resp.force_close()  # the client sees the connection end without a status
+            return resp
+        if code is not None:
+            await resp.write(f'{{"Error":null,"StatusCode":{code}}}\n'.encode())
+            await resp.write_eof()
+        return resp
+
+    async def remove(self, request: web.Request) -> web.Response:
+        if flag(request, "link"):
+            raise NotImplementedByEngine("links are not supported by pyengined")
+        await self.engine.remove(request.match_info["id"], force=flag(request, "force"))
+        return web.Response(status=204)
+
+    # ---- output ----------------------------------------------------------------------------
+
+    def _streams(self, request: web.Request) -> set[str]:
+        want = {s for s in ("stdout", "stderr") if flag(request, s)}
+        if not want and not flag(request, "stdin"):
+            raise InvalidParameter("Bad parameters: you must choose at least one stream")
+        return want
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        c = self.engine.containers.get(request.match_info["id"])
+        want = self._streams(request)
+        tail_q = request.query.get("tail", "all")
+        try:
+            tail = None if tail_q in ("all", "") else max(int(tail_q), 0)
+        except ValueError:
+            raise BadParameter(f"invalid value for tail: {tail_q!r}") from None
+        since = float_query(request, "since") or 0.0
+        until = float_query(request, "until") or 0.0
+        timestamps = flag(request, "timestamps")
+        resp = web.StreamResponse(status=200, headers={"Content-Type": MEDIA_MULTIPLEXED_STREAM})
+        await resp.prepare(request)
+        entries = self.engine.logs(c.id, flag(request, "follow"), tail, since, until)
+        await until_disconnected(request, _copy_frames(resp, entries, want, timestamps))
+        return resp
+
+    async def attach(self, request: web.Request) -> web.StreamResponse:
+        """A hijacked connection carrying the container's output until its run ends.
+
+        stdin is not forwarded: pyengined refuses ``OpenStdin`` containers at create, so a
+        container's stdin is always empty.
+        """
+        c = self.engine.containers.get(request.match_info["id"])
+        want = self._streams(request)
+        replay, follow = flag(request, "logs"), flag(request, "stream")
+        if not (replay or follow):
+            raise BadParameter("Bad parameters: at least one of logs or stream must be set")
+        entries = self.engine.attach(c.id, replay=replay, follow=follow)
+        resp = HijackedResponse(upgrade="Upgrade" in request.headers)
+        await resp.prepare(request)
+        await until_disconnected(request, _copy_frames(resp, entries, want, timestamps=False))
+        return resp
+
+    # ---- wiring ----------------------------------------------------------------------------
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("POST", "/containers/create", self.create),
+            ("GET", "/containers/json", self.list),
+            ("GET", "/containers/{id}/json", self.inspect_handler),
+            ("POST", "/containers/{id}/start", self.start),
+            ("POST", "/containers/{id}/stop", self.stop),
+            ("POST", "/containers/{id}/restart", self.restart),
+            ("POST", "/containers/{id}/kill", self.kill),
+            ("POST", "/containers/{id}/wait", self.wait),
+            ("POST", "/containers/{id}/attach", self.attach),
+            ("GET", "/containers/{id}/logs", self.logs),
+            ("DELETE", "/containers/{id}", self.remove),
+        ]
+
+
+async def until_disconnected(request: web.Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``work`` unless the client goes away first (then cancel it and return None).
+
+    A follow or a wait may have nothing to send for hours; without this, a client that gave up
+    would leave it running until the container ends.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_INTERVAL)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _copy_frames(
+    resp: web.StreamResponse, entries: Any, want: set[str], timestamps: bool
+) -> None:
+    """Write log entries as multiplexed frames until they end or the client goes away."""
+    try:
+        async for entry in entries:
+            if entry.stream not in want:
+                continue
+            await resp.write(_frame(entry, timestamps))
+    except ConnectionError as e:
+        # aiohttp raises ConnectionResetError ("Cannot write to closing transport") once the
+        # client has gone; the stream simply ends.
+        log.debug("stream to client ended: %s", e)
+    finally:
+        await entries.aclose()
+
+
+def _frame(entry: LogEntry, timestamps: bool) -> bytes:
+    text = f"{entry.time} {entry.text}" if timestamps else entry.text
+    return stream_frame(entry.stream, text.encode())

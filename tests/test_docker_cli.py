@@ -1,0 +1,708 @@
+"""The real docker CLI (Debian's docker.io, API 1.41) drives pyengined: every verb a networking
+user needs, checked against the output shapes Docker documents.
+
+One pyengined (userland-proxy mode; docker-py's tests use kernel DNAT) on its own bridge,
+subnet and nft table. DOCKER_HOST points the CLI at it and DOCKER_CONFIG at a directory of the
+test's own: dockerd and /var/run/docker.sock are never touched. Traffic goes only to loopback
+(published ports, the test registries) and to the daemon's own bridge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.client import Client
+from tests.conftest import (
+    BIN,
+    Daemon,
+    assert_nothing_left,
+    free_port,
+    require,
+    require_tool,
+    start_daemon,
+    stop_daemon,
+)
+from tests.test_e2e import http_get, wait_http
+
+DOCKER = Path("/usr/bin/docker")  # Debian's docker.io: the 20.10 CLI, API 1.41
+NAME, BIP = "pyecli0", "10.61.0.1/24"
+SUBNET = IPv4Network(BIP, strict=False)
+ID_RE = re.compile(r"^[0-9a-f]{64}$")
+TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
+
+
+@dataclass
+class DockerCli:
+    """``docker`` against one test pyengined, with a config directory of its own."""
+
+    daemon: Daemon
+    config_dir: Path
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.daemon.host.removeprefix("unix://"))
+
+    def env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("DOCKER_") or k == "DOCKER_CLI_HINTS"
+        }
+        env.update(DOCKER_HOST=self.daemon.host, DOCKER_CONFIG=str(self.config_dir))
+        return env
+
+    def __call__(
+        self,
+        *args: str,
+        binary: Path = DOCKER,
+        input: str | None = None,
+        timeout: float = 120,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [str(binary), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            env=self.env(),
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"docker {' '.join(args)} exited {result.returncode}: {result.stderr.strip()}"
+            )
+        return result
+
+    def inspect(self, ref: str) -> dict:
+        return json.loads(self("inspect", ref, check=True).stdout)[0]
+
+    def client(self) -> Client:
+        return Client(self.daemon.host)
+
+
+@pytest.fixture(scope="module")
+def docker(
+    tmp_path_factory: pytest.TempPathFactory, nginx_archive: Path, busybox_archive: Path
+) -> Iterator[DockerCli]:
+    require(DOCKER.exists(), f"needs Debian's docker.io CLI at {DOCKER}")
+    tmp = tmp_path_factory.mktemp(NAME)
+    daemon = start_daemon(tmp, NAME, BIP, userland_proxy=True)
+    cli = DockerCli(daemon, tmp / "docker-config")
+    try:
+        for archive in (nginx_archive, busybox_archive):
+            cli("load", "-i", str(archive), check=True)
+        yield cli
+    finally:
+        for cid in daemon.cli("ps", "-a", "-q").stdout.split():
+            daemon.cli("rm", "-f", cid)
+        stop_daemon(daemon)
+    assert_nothing_left(daemon)
+
+
+@pytest.fixture
+def names(docker: DockerCli) -> Iterator[Callable[[str], str]]:
+    """Container names for one test (``pyetest-cli-...``), force-removed afterwards."""
+    used: list[str] = []
+
+    def name(suffix: str) -> str:
+        used.append(f"pyetest-cli-{suffix}")
+        return used[-1]
+
+    yield name
+    for n in used:
+        docker("rm", "-f", n)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "Error" in line]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], result.stderr
+
+
+# ---- system -------------------------------------------------------------------------------------
+
+
+def test_version_negotiates_api_1_41(docker: DockerCli) -> None:
+    info = json.loads(docker("version", "--format", "{{json .}}", check=True).stdout)
+    server = info["Server"]
+    assert server["ApiVersion"] == "1.41" and server["MinAPIVersion"] == "1.24"
+    assert server["Os"] == "linux" and server["Version"]
+    assert server["Components"][0]["Name"] == "Engine"
+    assert server["Components"][0]["Details"]["ApiVersion"] == "1.41"
+    # A newer CLI, when the machine has one, negotiates down through /_ping's Api-Version.
+    for other in (Path("/usr/local/bin/docker"),):
+        if other.exists():
+            out = docker("version", binary=other, check=True).stdout
+            assert re.search(r"API version:\s+1\.41 \(downgraded from 1\.\d+\)", out), out
+    # Outside [1.24, 1.41] the daemon answers as Docker does.
+    for version, words in (("1.99", "too new"), ("1.12", "too old")):
+        resp = raw_request(docker.socket_path, "GET", f"/v{version}/version", [])
+        assert resp.status == 400
+        assert words in json.loads(resp.read_to_eof())["message"]
+
+
+def test_info(docker: DockerCli) -> None:
+    info = json.loads(docker("info", "--format", "{{json .}}", check=True).stdout)
+    assert info["OSType"] == "linux"
+    assert info["Images"] >= 2
+    assert info["Containers"] == info["ContainersRunning"] + info["ContainersStopped"]
+    assert info["DockerRootDir"] == str(docker.daemon.data_root)
+    assert info["Driver"] == "overlay2" and info["LoggingDriver"] == "json-file"
+    assert info["Swarm"]["LocalNodeState"] == "inactive"
+    assert "127.0.0.0/8" in info["RegistryConfig"]["InsecureRegistryCIDRs"]
+    text = docker("info", check=True).stdout
+    assert "Server Version: 0.1.0" in text and "Storage Driver: overlay2" in text
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+
+def test_run_detached_publishes_port(docker: DockerCli, names: Callable[[str], str]) -> None:
+    name = names("web")
+    port = free_port()
+    out = docker("run", "-d", "-p", f"{port}:80", "--name", name, "nginx", check=True)
+    cid = out.stdout.strip()
+    assert ID_RE.match(cid), out.stdout
+    status, body = wait_http(f"http://127.0.0.1:{port}/")
+    assert status == 200 and "Welcome to nginx" in body
+
+    assert docker("port", name, check=True).stdout == f"80/tcp -> 0.0.0.0:{port}\n"
+    assert docker("port", name, "80", check=True).stdout == f"0.0.0.0:{port}\n"
+    ps = docker("ps", "--format", "{{.ID}} {{.Names}} {{.Ports}} {{.Status}}", check=True)
+    assert f"{cid[:12]} {name} 0.0.0.0:{port}->80/tcp Up" in ps.stdout
+
+    info = docker.inspect(name)
+    assert info["Id"] == cid and info["Name"] == f"/{name}"
+    assert info["State"]["Running"] is True and info["State"]["Pid"] > 0
+    # HostPort is a string (swagger PortBinding).
+    assert info["NetworkSettings"]["Ports"] == {
+        "80/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]
+    }
+    bridge = info["NetworkSettings"]["Networks"]["bridge"]
+    assert IPv4Address(bridge["IPAddress"]) in SUBNET
+    assert bridge["Gateway"] == docker.daemon.gateway and bridge["IPPrefixLen"] == 24
+    assert info["HostConfig"]["PortBindings"] == {"80/tcp": [{"HostIp": "", "HostPort": str(port)}]}
+    assert "80/tcp" in info["Config"]["ExposedPorts"]
+    assert info["Image"].startswith("sha256:") and info["Config"]["Image"] == "nginx"
+
+    # The container itself answers on its bridge address too.
+    status, _ = http_get(f"http://{bridge['IPAddress']}/")
+    assert status == 200
+
+
+def test_run_publish_all_and_env(docker: DockerCli, names: Callable[[str], str]) -> None:
+    name = names("pall")
+    docker("run", "-d", "-P", "--name", name, "nginx", check=True)
+    mapping = docker("port", name, "80/tcp", check=True).stdout.strip()
+    host_ip, _, host_port = mapping.rpartition(":")
+    assert host_ip == "0.0.0.0" and int(host_port) > 0
+    assert wait_http(f"http://127.0.0.1:{host_port}/")[0] == 200
+
+    out = docker("run", "--rm", "-e", "PYETEST=hello there", "busybox", "sh", "-c", "echo $PYETEST")
+    assert out.returncode == 0 and out.stdout == "hello there\n", out.stderr
+
+
+def test_run_foreground_attaches(docker: DockerCli, names: Callable[[str], str]) -> None:
+    name = names("fg")
+    script = "echo out; sleep 0.3; echo err >&2; sleep 0.3; echo last; exit 3"
+    out = docker("run", "--rm", "--name", name, "busybox", "sh", "-c", script)
+    assert out.returncode == 3
+    assert out.stdout == "out\nlast\n"
+    assert out.stderr == "err\n"
+    # --rm: the daemon removed it (AutoRemove) before `wait?condition=removed` returned.
+    assert name not in docker("ps", "-a", "--format", "{{.Names}}", check=True).stdout
+
+    kept = names("fg-kept")
+    out = docker("run", "--name", kept, "busybox", "echo", "kept")
+    assert out.returncode == 0 and out.stdout == "kept\n"
+    assert docker.inspect(kept)["State"]["Status"] == "exited"
+
+
+def test_attach_hijack_with_and_without_upgrade(docker: DockerCli) -> None:
+    client = docker.client()
+    for upgrade in (True, False):
+        cid = client.create(
+            None, {"Image": "busybox", "Cmd": ["sh", "-c", "echo hello; echo oops >&2"]}
+        )
+        try:
+            headers = ["Connection: Upgrade", "Upgrade: tcp"] if upgrade else []
+            resp = raw_request(
+                docker.socket_path,
+                "POST",
+                f"/v1.41/containers/{cid}/attach?stream=1&stdout=1&stderr=1",
+                headers,
+            )
+            if upgrade:
+                assert (resp.status, resp.reason) == (101, "UPGRADED")
+                assert resp.headers["connection"] == "Upgrade" and resp.headers["upgrade"] == "tcp"
+            else:
+                assert (resp.status, resp.reason) == (200, "OK")
+            assert resp.headers["content-type"] == "application/vnd.docker.raw-stream"
+            assert "transfer-encoding" not in resp.headers
+            # The docker CLI shuts its write side when it has no stdin; output still flows.
+            resp.sock.shutdown(socket.SHUT_WR)
+            client.start(cid)
+            frames = demultiplex(resp.read_to_eof())
+            assert frames == [(1, b"hello\n"), (2, b"oops\n")]
+        finally:
+            client.remove(cid, force=True)
+
+
+# ---- create / start / wait / logs --------------------------------------------------------------
+
+
+def test_create_start_wait_logs(docker: DockerCli, names: Callable[[str], str]) -> None:
+    name = names("cswl")
+    script = "echo a; echo b >&2; sleep 0.5; echo c; exit 5"
+    cid = docker("create", "--name", name, "busybox", "sh", "-c", script, check=True).stdout.strip()
+    assert ID_RE.match(cid)
+    ps = docker("ps", "-a", "--filter", f"name={name}", "--format", "{{.Status}}", check=True)
+    assert ps.stdout.strip() == "Created"
+    assert docker.inspect(name)["State"]["Status"] == "created"
+
+    assert docker("start", name, check=True).stdout.strip() == name
+    assert docker("wait", name, check=True).stdout.strip() == "5"
+    state = docker.inspect(name)["State"]
+    assert state["Status"] == "exited" and state["ExitCode"] == 5 and not state["Running"]
+
+    logs = docker("logs", name, check=True)  # demultiplexed by the CLI: the 8-byte framing
+    assert logs.stdout == "a\nc\n" and logs.stderr == "b\n"
+    assert docker("logs", "--tail", "1", name, check=True).stdout == "c\n"
+    stamped = docker("logs", "-t", name, check=True)
+    assert all(TIMESTAMP_RE.match(line) for line in stamped.stdout.splitlines())
+    assert [line.split(" ", 1)[1] for line in stamped.stdout.splitlines()] == ["a", "c"]
+    later = docker(
+        "logs", "--since", "2000-01-01T00:00:00Z", "--until", "2000-01-02T00:00:00Z", name
+    )
+    assert later.returncode == 0 and later.stdout == ""
+
+
+def test_logs_follow_ends_with_the_container(
+    docker: DockerCli, names: Callable[[str], str]
+) -> None:
+    name = names("follow")
+    script = "for i in 1 2 3; do echo line$i; sleep 0.3; done"
+    docker("run", "-d", "--name", name, "busybox", "sh", "-c", script, check=True)
+    out = docker("logs", "-f", name, timeout=60, check=True)
+    assert out.stdout == "line1\nline2\nline3\n"
+    assert docker.inspect(name)["State"]["Status"] == "exited"
+
+
+# ---- stop / kill / restart / rm ------------------------------------------------------------------
+
+
+def test_stop_kill_restart(docker: DockerCli, names: Callable[[str], str]) -> None:
+    name = names("skr")
+    script = "trap 'exit 7' TERM; while true; do sleep 0.1; done"
+    docker("run", "-d", "--name", name, "busybox", "sh", "-c", script, check=True)
+    assert docker("stop", "-t", "20", name, check=True).stdout.strip() == name
+    assert docker.inspect(name)["State"]["ExitCode"] == 7  # the TERM trap ran: no SIGKILL
+
+    one_line_error(docker("kill", name), "is not running")
+
+    docker("start", name, check=True)
+    first = docker.inspect(name)["State"]
+    assert first["Running"]
+    assert docker("restart", "-t", "20", name, check=True).stdout.strip() == name
+    second = docker.inspect(name)["State"]
+    assert second["Running"] and second["StartedAt"] > first["StartedAt"]
+    assert second["Pid"] != first["Pid"]
+
+    assert docker("kill", name, check=True).stdout.strip() == name
+    assert docker("wait", name, check=True).stdout.strip() == "137"
+    assert docker.inspect(name)["State"]["ExitCode"] == 137
+
+
+def test_rm_running_needs_force(docker: DockerCli, names: Callable[[str], str]) -> None:
+    name = names("rmf")
+    docker("run", "-d", "--name", name, "busybox", "sleep", "60", check=True)
+    one_line_error(docker("rm", name), "You cannot remove a running container")
+    assert docker("rm", "-f", name, check=True).stdout.strip() == name
+    gone = docker("inspect", name)
+    assert gone.returncode == 1 and f"No such object: {name}" in gone.stderr
+
+
+def test_ps_filters(docker: DockerCli, names: Callable[[str], str]) -> None:
+    up, done = names("ps-up"), names("ps-done")
+    docker("run", "-d", "--name", up, "busybox", "sleep", "60", check=True)
+    docker("run", "--name", done, "busybox", "true", check=True)
+
+    def ps(*args: str) -> set[str]:
+        out = docker("ps", "--format", "{{.Names}}", *args, check=True).stdout
+        return set(out.split())
+
+    assert up in ps() and done not in ps()
+    assert {up, done} <= ps("-a")
+    assert ps("-a", "--filter", "name=pyetest-cli-ps-") == {up, done}
+    assert ps("--filter", "status=exited", "--filter", "name=pyetest-cli-ps-") == {done}
+    assert ps("-a", "--filter", "status=running", "--filter", "name=pyetest-cli-ps-") == {up}
+    assert ps("-a", "--filter", "exited=0", "--filter", "name=pyetest-cli-ps-") == {done}
+    state = docker("ps", "-a", "--filter", f"name={done}", "--format", "{{.State}}", check=True)
+    assert state.stdout.strip() == "exited"
+    one_line_error(docker("ps", "--filter", "status=sleeping"), "invalid filter 'status=sleeping'")
+    one_line_error(docker("ps", "--filter", "colour=red"), "invalid filter 'colour'")
+
+
+# ---- images ------------------------------------------------------------------------------------
+
+
+def test_images_load_tag_inspect_rmi(
+    docker: DockerCli, names: Callable[[str], str], busybox_archive: Path
+) -> None:
+    out = docker("load", "-i", str(busybox_archive), check=True)
+    assert out.stdout.strip() == "Loaded image: busybox:latest"
+    image_id = docker("image", "inspect", "-f", "{{.Id}}", "busybox", check=True).stdout.strip()
+    assert image_id.startswith("sha256:")
+
+    docker("tag", "busybox", "pyetest/bb:v1", check=True)
+    rows = docker("images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}", check=True).stdout
+    assert f"busybox:latest {image_id[7:19]}" in rows
+    assert f"pyetest/bb:v1 {image_id[7:19]}" in rows
+    assert docker("images", "-q", "pyetest/bb", check=True).stdout.strip() == image_id[7:19]
+
+    image = json.loads(docker("image", "inspect", "pyetest/bb:v1", check=True).stdout)[0]
+    assert image["Id"] == image_id
+    assert {"busybox:latest", "pyetest/bb:v1"} <= set(image["RepoTags"])
+    assert image["Os"] == "linux" and image["Architecture"] == "amd64"
+    assert image["RootFS"]["Type"] == "layers" and image["RootFS"]["Layers"]
+    assert isinstance(image["Size"], int) and image["Config"]["Cmd"]
+    # The generic inspect tries containers first, then images.
+    assert docker.inspect("pyetest/bb:v1")["Id"] == image_id
+
+    assert docker("rmi", "pyetest/bb:v1", check=True).stdout.strip() == "Untagged: pyetest/bb:v1"
+    one_line_error(docker("image", "inspect", "pyetest/bb:v1"), "No such image")
+
+    # The last tag of an image a container uses: refused unless forced, as in Docker.
+    docker("tag", "busybox", "pyetest/bb:v2", check=True)
+    try:
+        user = names("rmi-user")
+        docker("create", "--name", user, "pyetest/bb:v2", "true", check=True)
+        docker("rmi", "busybox", check=True)  # another tag remains: only untagged
+        one_line_error(docker("rmi", "pyetest/bb:v2"), "conflict", "must force")
+    finally:
+        docker("tag", image_id, "busybox", check=True)
+        docker("rmi", "pyetest/bb:v2")
+
+
+# ---- networks ----------------------------------------------------------------------------------
+
+
+def test_network_ls_and_inspect_default_bridge(
+    docker: DockerCli, names: Callable[[str], str]
+) -> None:
+    rows = docker("network", "ls", "--format", "{{.Name}} {{.Driver}} {{.Scope}}", check=True)
+    assert rows.stdout.splitlines() == ["bridge bridge local"]
+    name = names("net")
+    cid = docker("run", "-d", "--name", name, "busybox", "sleep", "60", check=True).stdout.strip()
+    net = json.loads(docker("network", "inspect", "bridge", check=True).stdout)[0]
+    assert net["Name"] == "bridge" and net["Driver"] == "bridge" and net["Scope"] == "local"
+    assert net["IPAM"]["Config"] == [{"Subnet": str(SUBNET), "Gateway": docker.daemon.gateway}]
+    assert net["Options"]["com.docker.network.bridge.name"] == NAME
+    endpoint = net["Containers"][cid]
+    assert endpoint["Name"] == name
+    assert IPv4Address(endpoint["IPv4Address"].split("/")[0]) in SUBNET
+    assert docker.inspect(name)["NetworkSettings"]["Networks"]["bridge"]["NetworkID"] == net["Id"]
+
+    one_line_error(docker("network", "create", "pyetest-net"), "not supported by pyengined")
+    one_line_error(docker("network", "rm", "bridge"), "pre-defined network")
+    one_line_error(docker("network", "inspect", "pyetest-none"), "pyetest-none")
+
+
+# ---- what pyengined does not do: clear errors, nothing left behind ------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["-t"], "TTY"),
+        (["-v", "/tmp:/pyetest"], "bind mounts"),
+        (["--network", "host"], "network mode 'host'"),
+        (["--network", "pyetest-none"], "network pyetest-none not found"),
+        (["--restart", "always"], "restart policy 'always'"),
+        (["--network", "bridge", "--ip", "10.61.0.77"], "user defined networks only"),
+        (["--memory", "64m"], "memory limits"),
+    ],
+)
+def test_unsupported_run_options_are_refused(
+    docker: DockerCli, args: list[str], needle: str
+) -> None:
+    before = docker("ps", "-aq", check=True).stdout
+    out = docker("run", *args, "busybox", "true")
+    assert out.returncode == 125
+    one_line_error(out, "Error response from daemon", needle)
+    assert docker("ps", "-aq", check=True).stdout == before
+
+
+def test_missing_image_is_pulled_and_a_dead_registry_is_one_line(docker: DockerCli) -> None:
+    port = free_port()  # nothing listens: the pull fails fast, on loopback
+    ref = f"127.0.0.1:{port}/pyetest/nosuch:latest"
+    out = docker("run", "--rm", ref)
+    assert out.returncode == 125
+    assert f"Unable to find image '{ref}' locally" in out.stderr
+    assert "connection refused" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_requests_are_json_errors(docker: DockerCli) -> None:
+    privileged = {"Image": "busybox", "HostConfig": {"Privileged": True}}
+    cases = [
+        ("POST", "/containers/create", {"Image": "busybox", "Cmd": 42}, 400),
+        ("POST", "/containers/create", {"Image": "busybox", "ExposedPorts": {"x/tcp": {}}}, 400),
+        ("POST", "/containers/create", {"Image": "pyetest-none"}, 404),
+        ("GET", "/containers/json?filters=%7Bnot-json", None, 400),
+        ("POST", "/containers/pyetest-none/wait", None, 404),
+        ("POST", "/containers/create", privileged, 501),
+        ("POST", "/containers/pyetest-none/exec", {"Cmd": ["ls"]}, 501),
+        ("GET", "/pyetest/unknown/route", None, 404),
+    ]
+    for method, path, body, status in cases:
+        resp = raw_request(
+            docker.socket_path,
+            method,
+            "/v1.41" + path,
+            ["Content-Type: application/json"],
+            json.dumps(body).encode() if body is not None else b"",
+        )
+        data = resp.read_to_eof()
+        assert resp.status == status, (path, resp.status, data)
+        assert resp.headers["content-type"] == "application/json", path
+        message = json.loads(data)["message"]
+        assert message and "\n" not in message and "Traceback" not in message
+
+
+# ---- pull and login, against real registries on loopback -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registries(
+    tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path
+) -> Iterator[dict[str, Any]]:
+    from tests.registry_helpers import build_image, push_image, skopeo_push, start_registry
+
+    require_tool("skopeo")
+    tmp = tmp_path_factory.mktemp("pyetest-cli-registries")
+    started = []
+    try:
+        open_registry = start_registry(tmp / "open", auth="none")
+        started.append(open_registry)
+        skopeo_push(busybox_archive, open_registry, "pyetest/busybox:latest")
+        tiny = build_image([{"pyetest/hello.txt": b"hello from a registry\n"}])
+        push_image(open_registry, "pyetest/tiny", tiny, tag="v1")
+        locked = start_registry(tmp / "locked", auth="htpasswd")
+        started.append(locked)
+        skopeo_push(busybox_archive, locked, "pyetest/busybox:locked")
+        yield {"open": open_registry, "locked": locked, "tiny": tiny}
+    finally:
+        for registry in started:
+            registry.stop()
+
+
+def test_pull_streams_docker_progress(docker: DockerCli, registries: dict[str, Any]) -> None:
+    host = registries["open"].host
+    ref = f"{host}/pyetest/tiny:v1"
+    out = docker("pull", ref, check=True)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "v1: Pulling from pyetest/tiny"
+    short = json.loads(registries["tiny"].manifest)["layers"][0]["digest"][7:19]
+    assert f"{short}: Pull complete" in lines
+    assert f"Digest: {registries['tiny'].digest}" in lines
+    assert f"Status: Downloaded newer image for {ref}" in lines
+    assert docker("image", "inspect", "-f", "{{.Id}}", ref, check=True).stdout.strip() == (
+        registries["tiny"].image_id
+    )
+    again = docker("pull", ref, check=True).stdout
+    assert f"Status: Image is up to date for {ref}" in again
+    docker("rmi", ref, check=True)
+
+    missing = docker("pull", f"{host}/pyetest/tiny:nosuch")
+    one_line_error(missing, "manifest unknown")
+
+
+def test_run_pulls_a_missing_image(docker: DockerCli, registries: dict[str, Any]) -> None:
+    ref = f"{registries['open'].host}/pyetest/busybox:latest"
+    docker("rmi", ref)
+    out = docker("run", "--rm", ref, "echo", "pulled and ran", timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert f"Unable to find image '{ref}' locally" in out.stderr
+    assert out.stdout.endswith("pulled and ran\n")
+    docker("rmi", ref, check=True)
+
+
+def test_login_then_pull_with_credentials(docker: DockerCli, registries: dict[str, Any]) -> None:
+    from tests.registry_helpers import PASSWORD, USER
+
+    host = registries["locked"].host
+    ref = f"{host}/pyetest/busybox:locked"
+    denied = docker("pull", ref)
+    one_line_error(denied, "unauthorized")
+    wrong = docker("login", host, "-u", USER, "--password-stdin", input="wrong\n")
+    one_line_error(wrong, "unauthorized")
+    good = docker("login", host, "-u", USER, "--password-stdin", input=f"{PASSWORD}\n")
+    assert good.returncode == 0 and "Login Succeeded" in good.stdout, good.stderr
+    # The CLI keeps the login itself and sends it in X-Registry-Auth.
+    assert host in json.loads((docker.config_dir / "config.json").read_text())["auths"]
+    pulled = docker("pull", ref, check=True)
+    assert f"Status: Downloaded newer image for {ref}" in pulled.stdout
+    docker("rmi", ref, check=True)
+
+
+# ---- the project's own client: the same verbs ------------------------------------------------
+
+
+def pyengine(
+    docker: DockerCli, *args: str, config_home: Path, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``pyengine`` with its credentials under ``config_home`` (XDG_CONFIG_HOME)."""
+    env = {**os.environ, "XDG_CONFIG_HOME": str(config_home)}
+    return subprocess.run(
+        [str(BIN / "pyengine"), "-H", docker.daemon.host, *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def test_pyengine_verbs(
+    docker: DockerCli, names: Callable[[str], str], registries: dict[str, Any], tmp_path: Path
+) -> None:
+    from tests.registry_helpers import PASSWORD, USER
+
+    home = tmp_path / "config"
+
+    def pye(*args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return pyengine(docker, *args, config_home=home, input=input)
+
+    name = names("pye")
+    script = "trap 'exit 9' TERM; while true; do sleep 0.1; done"
+    created = pye("create", "--name", name, "busybox", "sh", "-c", script)
+    assert ID_RE.match(created.stdout.strip()), created.stderr
+    assert pye("start", name).stdout.strip() == name
+    assert pye("kill", "-s", "TERM", name).stdout.strip() == name
+    assert pye("wait", name).stdout.strip() == "9"
+    assert pye("restart", name).stdout.strip() == name
+    assert docker.inspect(name)["State"]["Running"]
+    pye("kill", name)
+    assert pye("wait", name).stdout.strip() == "137"
+
+    assert pye("tag", "busybox", "pyetest/pye:v1").returncode == 0
+    image = json.loads(pye("inspect", "--type", "image", "pyetest/pye:v1").stdout)[0]
+    assert "pyetest/pye:v1" in image["RepoTags"] and image["Id"].startswith("sha256:")
+    assert json.loads(pye("inspect", name).stdout)[0]["Name"] == f"/{name}"
+    assert pye("rmi", "pyetest/pye:v1").stdout == "Untagged: pyetest/pye:v1\n"
+    missing = pye("inspect", "pyetest/pye:v1")
+    assert missing.returncode == 1 and "No such object: pyetest/pye:v1" in missing.stderr
+
+    host = registries["locked"].host
+    ref = f"{host}/pyetest/busybox:locked"
+    denied = pye("pull", ref)
+    assert denied.returncode == 1 and len(denied.stderr.splitlines()) == 1
+    assert "unauthorized" in denied.stderr
+    login = pye("login", "-u", USER, "--password-stdin", host, input=PASSWORD + "\n")
+    assert login.returncode == 0 and login.stdout.strip() == "Login Succeeded", login.stderr
+    stored = home / "pyengine" / "auth.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert host in json.loads(stored.read_text())["auths"]
+    pulled = pye("pull", ref)
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"Status: Downloaded newer image for {ref}" in pulled.stdout
+    assert pulled.stdout.splitlines()[-1] == ref
+    assert pye("rmi", ref).returncode == 0
+    assert pye("logout", host).stdout.strip() == f"Removing login credentials for {host}"
+
+
+# ---- raw HTTP over the daemon's socket ---------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: dict[str, str]  # lower-case names
+    sock: socket.socket
+    rest: bytes
+
+    def read_to_eof(self, deadline_s: float = 60) -> bytes:
+        data = self.rest
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        self.sock.close()
+        return data
+
+
+def raw_request(
+    sock_path: Path, method: str, path: str, headers: list[str], body: bytes = b""
+) -> RawResponse:
+    """One HTTP/1.1 request, read up to the end of the response head; the rest is raw."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(60)
+    sock.connect(str(sock_path))
+    head = [f"{method} {path} HTTP/1.1", "Host: pyengine", f"Content-Length: {len(body)}"]
+    if not any(h.lower().startswith("connection:") for h in headers):
+        head.append("Connection: close")
+    sock.sendall(("\r\n".join(head + headers) + "\r\n\r\n").encode() + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before the response head: {data!r}")
+        data += chunk
+    head_bytes, _, rest = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head_bytes.decode("latin-1").split("\r\n")
+    _, status, reason = status_line.split(" ", 2)
+    fields = {}
+    for line in header_lines:
+        key, _, value = line.partition(":")
+        fields[key.strip().lower()] = value.strip()
+    if fields.get("transfer-encoding") == "chunked":
+        rest = _dechunk(rest, sock)
+    return RawResponse(int(status), reason, fields, sock, rest)
+
+
+def _dechunk(data: bytes, sock: socket.socket) -> bytes:
+    """The whole body of a chunked response (the short error answers only)."""
+    while not data.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    body = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body, data = body + data[:size], data[size + 2 :]
+    return body
+
+
+def demultiplex(data: bytes) -> list[tuple[int, bytes]]:
+    """Docker's 8-byte frame headers: [stream, 0, 0, 0, size uint32 BE] + payload."""
+    frames = []
+    while data:
+        assert len(data) >= 8 and data[1:4] == b"\0\0\0", data[:8]
+        size = int.from_bytes(data[4:8], "big")
+        frames.append((data[0], data[8 : 8 + size]))
+        data = data[8 + size :]
+    return frames
