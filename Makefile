@@ -14,24 +14,14 @@ DEMO_NAME := pyengine-demo
 DEMO_PORT := 8080
 export PYENGINE_HOST := unix://$(SOCK)
 
-APT_PACKAGES := runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl \
-	socat procps python3-venv ca-certificates openssl docker-registry skopeo apache2-utils \
-	docker.io
-
 .PHONY: setup deps venv images demo daemon stop test lint clean
 
 setup: deps venv images
 
 deps: $(STAMPS)/apt
-$(STAMPS)/apt: Makefile
+$(STAMPS)/apt: Makefile scripts/install-deps.sh
 	@mkdir -p $(STAMPS)
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
-		| grep -q 'install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-		echo "installing: $$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			-o DPkg::Lock::Timeout=600 $$missing; \
-	fi
+	scripts/install-deps.sh
 	@touch $@
 
 venv: $(STAMPS)/venv

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install the Debian packages pyengine and its tests need. Only missing packages are installed.
+# Debian's docker.io is an anchor for tests and benchmarks (its docker CLI, docker-proxy and a
+# dockerd the tests start themselves); when this script installs it, it is kept dormant: its
+# services are not started, and on systemd hosts not enabled, since a running dockerd sets the
+# iptables FORWARD policy to DROP for every bridge on the host.
+set -euo pipefail
+
+packages=(runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl socat procps
+  python3-venv ca-certificates openssl docker-registry skopeo apache2-utils tcpdump wrk iperf3)
+anchors=(docker.io)
+
+missing() {
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"
+  done
+}
+
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 "$@"
+}
+
+need=$(missing "${packages[@]}")
+need_anchor=$(missing "${anchors[@]}")
+[ -z "$need$need_anchor" ] && exit 0
+apt-get update -q
+# shellcheck disable=SC2086
+[ -n "$need" ] && apt_install $need
+
+if [ -n "$need_anchor" ]; then
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    # policy-rc.d(8): exit 101 = "action forbidden", so invoke-rc.d starts nothing.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    made_policy=yes
+  fi
+  # shellcheck disable=SC2086
+  apt_install $need_anchor || { [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d; exit 1; }
+  [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable docker.service docker.socket >/dev/null 2>&1 || true
+  fi
+fi
