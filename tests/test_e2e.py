@@ -268,7 +268,8 @@ def test_port_in_use_by_another_program_leaves_nothing(daemon: Daemon) -> None:
         assert len(out.stderr.strip().splitlines()) == 1
         assert str(port) in out.stderr and "in use" in out.stderr
         after = _kernel_state(daemon)
-        assert after["netns"] == before["netns"]
+        cid = inspect(daemon, "pyetest-busy")["Id"]
+        assert f"pyengine-{cid[:12]}" not in after["netns"]
         assert after["nft"] == before["nft"]
         assert _link_names(after) == _link_names(before)
         # As Docker: the container exists, created but never started.
