@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from engine.client import Client, DaemonError, DaemonUnreachable
+from engine.lab import main as lab_main
 from engine.reference import Reference
 from engine.registry_auth import CredentialsError, CredentialStore, default_credentials_path
 from netd.portspec import parse_publish, to_docker_port_bindings
@@ -621,6 +622,9 @@ def logout(server: str) -> None:
         _fail(f"Error: {e}")
     name = server or "docker.io"
     click.echo(f"Removing login credentials for {name}" if removed else f"Not logged in to {name}")
+
+
+main.add_command(lab_main, "lab")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from engine.engine import Engine, EngineConfig
 from engine.images import ImageStore
 from engine.runtime import Runtime
 from netd.controller import NetdConfig, NetworkController
+from netd.errors import NetdError
 from proxy.supervisor import ProxySupervisor
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
@@ -160,16 +161,19 @@ def main(
     use_proxy = _bool(userland_proxy)
     sock_path = unix_socket_path(host)
     data_root.mkdir(parents=True, exist_ok=True)
-    network = NetworkController(
-        NetdConfig(
-            data_root=data_root,
-            bridge=bridge,
-            bridge_cidr=bip,
-            table=firewall_table,
-            userland_proxy=use_proxy,
-            firewall_backend=firewall_backend,
+    try:
+        network = NetworkController(
+            NetdConfig(
+                data_root=data_root,
+                bridge=bridge,
+                bridge_cidr=bip,
+                table=firewall_table,
+                userland_proxy=use_proxy,
+                firewall_backend=firewall_backend,
+            )
         )
-    )
+    except (NetdError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
     proxy_argv = (
         [userland_proxy_path] if userland_proxy_path else [sys.executable, "-m", "proxy.main"]
     )
@@ -180,7 +184,10 @@ def main(
         proxies=ProxySupervisor(proxy_argv),
         runtime=Runtime(data_root / "runc", runc=runc_path),
     )
-    uvloop.run(serve(sock_path, engine, network, pidfile))
+    try:
+        uvloop.run(serve(sock_path, engine, network, pidfile))
+    except NetdError as e:  # e.g. the bridge cannot be set up: one line, not a traceback
+        raise click.ClickException(str(e)) from e
 
 
 if __name__ == "__main__":
