@@ -45,6 +45,7 @@ from engine.engine import (
     exposed_ports,
 )
 from engine.images import ImageNotFound
+from engine.monitor import parse_log_config
 
 CONTAINER_FILTERS = {
     "id",
@@ -186,8 +187,11 @@ def check_create_body(
         raise NotImplementedByEngine(
             f"log driver {log_config['Type']!r} is not supported by pyengined (json-file only)"
         )
-    if log_config.get("Config"):
-        raise NotImplementedByEngine("log options (--log-opt) are not supported by pyengined yet")
+    _check_type(log_config.get("Config"), (dict,), "LogConfig.Config")
+    try:
+        parse_log_config(log_config)  # max-size / max-file, as Docker's json-file driver
+    except ValueError as e:
+        raise BadParameter(str(e)) from e
     _check_type(host_config.get("PortBindings"), (dict,), "PortBindings")
     if host_config.get("PortBindings"):
         host_config["PortBindings"] = {
@@ -375,7 +379,10 @@ class ContainersApi:
         host_config = {
             "Binds": None,
             "ContainerIDFile": "",
-            "LogConfig": {"Type": "json-file", "Config": {}},
+            "LogConfig": {
+                "Type": "json-file",
+                "Config": dict((c.host_config.get("LogConfig") or {}).get("Config") or {}),
+            },
             "NetworkMode": "default",
             "PortBindings": {},
             "RestartPolicy": {"Name": "no", "MaximumRetryCount": 0},

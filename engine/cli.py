@@ -95,6 +95,12 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--rm", "auto_remove", is_flag=True, help="Remove it when it exits."),
             click.option("-e", "--env", multiple=True, help="KEY=VALUE"),
             click.option("--entrypoint", default=None),
+            click.option(
+                "--log-opt",
+                "log_opts",
+                multiple=True,
+                help="json-file log option: max-size=SIZE (e.g. 10m), max-file=N.",
+            ),
         ]
     ):
         fn = option(fn)
@@ -109,8 +115,15 @@ def _container_config(
     env: tuple[str, ...],
     entrypoint: str | None,
     auto_remove: bool,
+    log_opts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     bindings = _port_bindings(publish)
+    log_config: dict[str, str] = {}
+    for opt in log_opts:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            _fail(f"pyengine: invalid log opt {opt!r}: want KEY=VALUE", 125)
+        log_config[key] = value
     env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in env]
     return {
         "Image": image,
@@ -122,6 +135,7 @@ def _container_config(
             "PortBindings": bindings,
             "PublishAllPorts": publish_all,
             "AutoRemove": auto_remove,
+            "LogConfig": {"Type": "json-file", "Config": log_config},
         },
     }
 
@@ -151,6 +165,7 @@ def run(
     auto_remove: bool,
     env: tuple[str, ...],
     entrypoint: str | None,
+    log_opts: tuple[str, ...],
     image: str,
     command: tuple[str, ...],
 ) -> None:
@@ -159,7 +174,7 @@ def run(
     # In the foreground the client removes the container itself after the exit code is read,
     # so nothing races the log stream (the docker CLI did this before API 1.25).
     config = _container_config(
-        image, command, publish, publish_all, env, entrypoint, auto_remove and detach
+        image, command, publish, publish_all, env, entrypoint, auto_remove and detach, log_opts
     )
     container_id = _create(client, name, image, config)
     try:
@@ -192,11 +207,14 @@ def create(
     auto_remove: bool,
     env: tuple[str, ...],
     entrypoint: str | None,
+    log_opts: tuple[str, ...],
     image: str,
     command: tuple[str, ...],
 ) -> None:
     """Create a container without starting it; print its ID."""
-    config = _container_config(image, command, publish, publish_all, env, entrypoint, auto_remove)
+    config = _container_config(
+        image, command, publish, publish_all, env, entrypoint, auto_remove, log_opts
+    )
     click.echo(_create(_client(ctx), name, image, config))
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -46,8 +47,10 @@ def unix_socket_path(host: str) -> str:
 async def serve(
     sock_path: str, engine: Engine, network: NetworkController, pidfile: Path | None
 ) -> None:
+    started = time.monotonic()
     await asyncio.to_thread(network.setup)
     await engine.recover()
+    log.info("state recovered in %.3f s", time.monotonic() - started)
     app = make_app(engine)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -79,8 +82,12 @@ async def serve(
     await stopping.wait()
     log.info("shutting down")
     await runner.cleanup()
-    await engine.shutdown()
-    await asyncio.to_thread(network.teardown)
+    if await engine.shutdown():
+        # Live restore: the running containers keep their bridge, veths and firewall rules
+        # (published ports keep answering in DNAT mode); the next daemon adopts them.
+        log.info("live restore: keeping the network up for the running containers")
+    else:
+        await asyncio.to_thread(network.teardown)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     if pidfile:
@@ -135,6 +142,13 @@ async def serve(
     show_default=True,
     help="Name of the nftables table (or prefix of the iptables chains) pyengine owns.",
 )
+@click.option(
+    "--live-restore",
+    default="true",
+    show_default=True,
+    help="true: containers keep running while the daemon is down (it adopts them again when "
+    "it starts); false: stop them all when the daemon stops.",
+)
 @click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
 @click.option("--runc", "runc_path", default="runc", show_default=True)
 @click.option("-D", "--debug", is_flag=True, help="Debug logging.")
@@ -147,6 +161,7 @@ def main(
     bridge: str,
     bip: str,
     firewall_table: str,
+    live_restore: str,
     pidfile: Path | None,
     runc_path: str,
     debug: bool,
@@ -159,6 +174,7 @@ def main(
     if os.geteuid() != 0:
         raise click.ClickException("pyengined must run as root")
     use_proxy = _bool(userland_proxy)
+    keep_running = _bool(live_restore)
     sock_path = unix_socket_path(host)
     data_root.mkdir(parents=True, exist_ok=True)
     try:
@@ -178,7 +194,12 @@ def main(
         [userland_proxy_path] if userland_proxy_path else [sys.executable, "-m", "proxy.main"]
     )
     engine = Engine(
-        EngineConfig(data_root=data_root, userland_proxy=use_proxy, runc=runc_path),
+        EngineConfig(
+            data_root=data_root,
+            userland_proxy=use_proxy,
+            runc=runc_path,
+            live_restore=keep_running,
+        ),
         images=ImageStore(data_root / "image"),
         network=network,
         proxies=ProxySupervisor(proxy_argv),

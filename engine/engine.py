@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -31,12 +32,13 @@ from engine.containers import (
     now_rfc3339,
 )
 from engine.images import ImageConflict, ImageStore
+from engine.monitor import LogOptions, parse_log_config, rotated_log_path
 from engine.reference import normalize
-from engine.runtime import ExitStatus, Runtime
+from engine.runtime import ExitStatus, RuncError, Runtime
 from netd.controller import NetdError, NetworkController
 from netd.jsonstate import write_json_atomic
 from netd.portspec import PortBinding, from_docker_port_bindings
-from proxy.supervisor import ProxySpec, ProxySupervisor
+from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
 
 log = logging.getLogger("pyengined.engine")
 
@@ -93,6 +95,8 @@ class EngineConfig:
     data_root: Path
     userland_proxy: bool = True
     runc: str = "runc"
+    # Docker's --live-restore: containers keep running across a daemon restart.
+    live_restore: bool = True
 
 
 def parse_signal(sig: str) -> str:
@@ -154,19 +158,71 @@ class Engine:
     # ---- daemon start and stop -------------------------------------------------------------
 
     async def recover(self) -> None:
-        """After a start: containers left 'running' by a daemon that died are cleaned up."""
+        """After a start (netd's setup() has run: it kept the endpoints of live sandboxes and
+        re-reserved their host ports). Containers a previous daemon left 'running':
+
+        * with live restore, those whose monitor is still alive are adopted again: watched
+          through a pidfd, and in proxy mode their published ports get new proxies at once
+          (the old ones died with the old daemon: PR_SET_PDEATHSIG);
+        * those whose monitor ended while no daemon ran get the exit status it recorded;
+        * without live restore (or when it was being removed), a live one is killed, as
+          Docker does with containers it will not restore.
+        """
         for c in self.containers.all():
-            if c.state.status in ("running", "removing"):
-                log.info(
-                    "container %s was left running by a previous daemon; stopping it", c.id[:12]
-                )
-                await self.runtime.kill(c.id, "SIGKILL")
-                status = await self.runtime.wait(c.state.monitor_pid, self._exit_path(c))
-                await self._release(c)
-                self._mark_exited(c, status)
+            if c.state.status not in ("running", "removing"):
+                continue
+            alive = self.runtime.is_running(c.state.monitor_pid, self._exit_path(c))
+            removing = c.state.status == "removing"
+            if alive and self.cfg.live_restore and not removing:
+                await self._adopt(c)
+                continue
+            if alive:
+                log.info("container %s was left running; stopping it", c.id[:12])
+                with contextlib.suppress(RuncError):
+                    await self.runtime.kill(c.id, "SIGKILL")
+            else:
+                log.info("container %s exited while the daemon was down", c.id[:12])
+            c.state.status = "running"  # what _watch() ends
+            await self._watch(c)
+            if removing:
+                with contextlib.suppress(ContainerNotFound):
+                    await self.remove(c.id, force=True)
+        live = {c.id for c in self.containers.all() if c.state.running}
         for container_id in list(self.network.endpoints()):
-            if container_id not in {c.id for c in self.containers.all() if c.state.running}:
+            if container_id not in live:
                 await self._netd(self.network.delete_endpoint, container_id)
+
+    async def _adopt(self, c: Container) -> None:
+        """Take a container a previous daemon left running under this daemon's care again."""
+        log.info(
+            "live restore: adopting container %s (monitor pid %d)", c.id[:12], c.state.monitor_pid
+        )
+        if c.id not in self.network.endpoints():
+            log.warning("live restore: container %s lost its network endpoint", c.id[:12])
+        published = await self._netd(self.network.published, c.id)
+        if self.cfg.userland_proxy:
+            for p in published:
+                if p.sock is None:
+                    continue
+                key = _proxy_key(c.id, p.proto, p.host_ip, p.host_port)
+                try:
+                    await self.proxies.start(
+                        key,
+                        ProxySpec(
+                            p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port
+                        ),
+                        p.sock,
+                    )
+                except ProxyError as e:  # the container runs on; this one port is not served
+                    log.warning("live restore: %s", e)
+        # netd drops a mapping whose host port someone else took while no daemon held it.
+        c.network.ports = [
+            PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
+            for p in published
+        ]
+        self.containers.save(c)
+        self._lifecycle(c.id)
+        self._watchers[c.id] = asyncio.create_task(self._watch(c))
 
     def end_streams(self) -> None:
         """The API server is stopping: end every log follow, attach and wait now, so that it
@@ -175,13 +231,25 @@ class Engine:
         for lifecycle in self._lifecycles.values():
             lifecycle.pulse()
 
-    async def shutdown(self) -> None:
-        """Stop every running container (the daemon has no live restore yet), then the proxies."""
+    async def shutdown(self) -> bool:
+        """With live restore, leave running containers (and their monitors) alone and only
+        stop watching them; otherwise stop them all. Then stop the proxies. True when
+        containers were left running: their network must stay up for them."""
         running = [c for c in self.containers.all() if c.state.running]
+        if self.cfg.live_restore and running:
+            log.info("live restore: leaving %d container(s) running", len(running))
+            watchers = list(self._watchers.values())
+            self._watchers.clear()
+            for task in watchers:
+                task.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+            await self.proxies.stop_all()
+            return True
         await asyncio.gather(
             *(self.stop(c.id, timeout=10) for c in running), return_exceptions=True
         )
         await self.proxies.stop_all()
+        return False
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -195,6 +263,7 @@ class Engine:
         image_config = image.config.get("config") or {}
         bindings = self._bindings(host_config)  # validates the publish specs before anything exists
         del bindings
+        self._log_options(host_config)
         cmd = config.get("Cmd") or None
         entrypoint = config.get("Entrypoint")
         if isinstance(cmd, str):
@@ -238,6 +307,13 @@ class Engine:
     def _bindings(self, host_config: dict[str, Any]) -> list[PortBinding]:
         try:
             return from_docker_port_bindings(host_config.get("PortBindings") or {})
+        except ValueError as e:
+            raise InvalidParameter(str(e)) from e
+
+    @staticmethod
+    def _log_options(host_config: dict[str, Any]) -> LogOptions:
+        try:
+            return parse_log_config(host_config.get("LogConfig"))
         except ValueError as e:
             raise InvalidParameter(str(e)) from e
 
@@ -334,7 +410,11 @@ class Engine:
             write_json_atomic(bundle_dir / "config.json", spec)
             self._exit_path(c).unlink(missing_ok=True)
             monitor_pid, pid = await self.runtime.start(
-                c.id, bundle_dir, self.log_path(c), self._exit_path(c)
+                c.id,
+                bundle_dir,
+                self.log_path(c),
+                self._exit_path(c),
+                self._log_options(c.host_config),
             )
         except BaseException as e:
             for step in reversed(undo):
@@ -604,25 +684,75 @@ class Engine:
 
 
 class _JsonLogReader:
-    """Reads a json-file log incrementally; a line is returned only once it is complete."""
+    """Reads a json-file log incrementally, across its rotation: the rotated files oldest
+    first (``.N`` ... ``.1``), then the current one, following the writer when it rotates.
+    A line is returned only once it is complete."""
 
     def __init__(self, path: Path, start_at_end: bool = False) -> None:
         self.path = path
         self._file: BinaryIO | None = None
         self._pending = b""
-        self._offset = 0
+        self._from_current = start_at_end  # skip the rotated files (and, below, the backlog)
         if start_at_end:
-            with contextlib.suppress(FileNotFoundError):
-                self._offset = path.stat().st_size
+            self._file = self._open(path)
+            if self._file is not None:
+                self._file.seek(0, os.SEEK_END)
 
-    def read_new(self) -> list[LogEntry]:
-        if self._file is None:
-            try:
-                self._file = open(self.path, "rb")  # noqa: SIM115 (closed by close())
-            except FileNotFoundError:
-                return []
-            self._file.seek(self._offset)
-        data = self._file.read()
+    @staticmethod
+    def _open(path: Path) -> BinaryIO | None:
+        try:
+            return open(path, "rb")  # noqa: SIM115 (closed by close())
+        except FileNotFoundError:
+            return None
+
+    def _files(self) -> list[tuple[int, Path]]:
+        """(inode, path) of the log's files as they are now, oldest first."""
+        prefix = self.path.name + "."
+        indexes = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.path.parent) as entries:
+            for entry in entries:
+                suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
+                if suffix.isdigit() and int(suffix) > 0:
+                    indexes.append(int(suffix))
+        files = []
+        for index in [*sorted(indexes, reverse=True), 0]:
+            path = rotated_log_path(self.path, index)
+            with contextlib.suppress(FileNotFoundError):
+                files.append((os.stat(path).st_ino, path))
+        return files
+
+    def _first(self) -> BinaryIO | None:
+        if self._from_current:
+            return self._open(self.path)
+        for _, path in self._files():
+            f = self._open(path)
+            if f is not None:
+                return f
+        return None
+
+    def _successor(self, current: BinaryIO) -> BinaryIO | None:
+        """The next newer file once the writer has rotated past ``current``, else None. As
+        ``current`` stays open its inode cannot be reused, so it identifies the file."""
+        inode = os.fstat(current.fileno()).st_ino
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == inode:
+                return None  # the common case, without listing the directory
+        for _ in range(3):  # a rotation between listing and opening: list again
+            files = self._files()
+            inodes = [i for i, _ in files]
+            if not files or inodes[-1] == inode:
+                return None  # still the newest file
+            # Not listed any more: it was the oldest and got deleted; all the rest is newer.
+            newer = files[inodes.index(inode) + 1 :] if inode in inodes else files
+            expected, path = newer[0]
+            f = self._open(path)
+            if f is not None and os.fstat(f.fileno()).st_ino == expected:
+                return f
+            if f is not None:
+                f.close()
+        return None
+
+    def _parse(self, data: bytes) -> list[LogEntry]:
         if not data:
             return []
         lines = (self._pending + data).split(b"\n")
@@ -634,6 +764,20 @@ class _JsonLogReader:
                 entries.append(LogEntry(raw["stream"], raw["time"], raw["log"]))
             except (ValueError, KeyError, TypeError):
                 continue  # an empty line, or one a crash cut short
+        return entries
+
+    def read_new(self) -> list[LogEntry]:
+        if self._file is None:
+            self._file = self._first()
+            if self._file is None:
+                return []
+        entries = self._parse(self._file.read())
+        while (following := self._successor(self._file)) is not None:
+            # What the writer put in the old file before it rotated, then the next file.
+            entries += self._parse(self._file.read())
+            self._file.close()
+            self._file, self._pending = following, b""
+            entries += self._parse(self._file.read())
         return entries
 
     def close(self) -> None:

@@ -8,17 +8,23 @@ container with ``runc delete`` and leaves the exit status in a JSON file.
 Run as::
 
     python -m engine.monitor --id ID --bundle DIR --runc-root DIR --log FILE \
-        --exit-file FILE --status-fd N [--runc PATH]
+        --exit-file FILE --status-fd N [--runc PATH] [--log-max-size BYTES --log-max-file N]
+
+With ``--log-max-size`` the log rotates as Docker's json-file driver does (``--log-opt
+max-size=10m --log-opt max-file=3``): ``container.log`` becomes ``container.log.1``, ``.1``
+becomes ``.2`` and so on, and at most ``max-file`` files are kept, the current one included.
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import ctypes
 import ctypes.util
 import json
 import os
+import re
 import selectors
 import signal
 import subprocess
@@ -41,6 +47,61 @@ DRAIN_TIMEOUT = 5.0
 PID_FILE_NAME = "init.pid"
 RUNC_LOG_NAME = "runc.log"
 READ_SIZE = 64 * 1024
+LOG_OPTIONS = ("max-size", "max-file")
+# Docker reads max-size with go-units' RAMInBytes: binary multiples, "10m" = 10 MiB.
+_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """The json-file driver's rotation: ``max_size`` bytes per file (0: no rotation) and at
+    most ``max_files`` files, the current one included."""
+
+    max_size: int = 0
+    max_files: int = 1
+
+
+def parse_log_size(text: str) -> int:
+    """'10m' → 10485760, '512k', '1g', '100' (bytes); ValueError when it is not a size."""
+    match = _SIZE_RE.match(text.strip())
+    if match is None:
+        raise ValueError(f"invalid size: {text!r}")
+    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+
+
+def parse_log_config(log_config: dict[str, Any] | None) -> LogOptions:
+    """HostConfig.LogConfig → LogOptions; ValueError with Docker's wording when it is not a
+    json-file configuration this monitor can honour."""
+    log_config = log_config or {}
+    driver = log_config.get("Type") or "json-file"
+    if driver != "json-file":
+        raise ValueError(f"log driver {driver!r} is not supported (json-file only)")
+    options = log_config.get("Config") or {}
+    if not isinstance(options, dict):
+        raise ValueError("LogConfig.Config must be an object")
+    for key in options:
+        if key not in LOG_OPTIONS:
+            raise ValueError(f"unknown log opt '{key}' for json-file log driver")
+    max_size = 0
+    if options.get("max-size"):
+        max_size = parse_log_size(str(options["max-size"]))
+        if max_size <= 0:
+            raise ValueError("max-size must be a positive size")
+    max_files = 1
+    if options.get("max-file"):
+        try:
+            max_files = int(str(options["max-file"]))
+        except ValueError:
+            raise ValueError(f"invalid max-file: {options['max-file']!r}") from None
+        if max_files < 1:
+            raise ValueError("max-file cannot be less than 1")
+    return LogOptions(max_size=max_size, max_files=max_files)
+
+
+def rotated_log_path(path: Path, index: int) -> Path:
+    """``container.log`` for 0, ``container.log.N`` for the N-th newest rotated file."""
+    return path if index == 0 else path.with_name(f"{path.name}.{index}")
 
 
 def rfc3339_nano(ns: int | None = None) -> str:
@@ -73,6 +134,7 @@ class MonitorConfig:
     exit_path: Path
     status_fd: int
     runc: str = "runc"
+    log_options: LogOptions = field(default_factory=LogOptions)
 
 
 @dataclass
@@ -81,13 +143,38 @@ class JsonFileLog:
     ``{"log": ..., "stream": "stdout"|"stderr", "time": RFC 3339 nano}``."""
 
     path: Path
+    options: LogOptions = field(default_factory=LogOptions)
     fd: int = -1
+    size: int = 0  # bytes in the current file
     decoders: dict[str, codecs.IncrementalDecoder] = field(default_factory=dict)
     write_failed: bool = False
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self.fd).st_size
+
+    def _rotate(self) -> None:
+        """Shift ``.1`` → ``.2`` ... (the oldest beyond max-file goes), the current file to
+        ``.1``, and start an empty one. Readers that hold the old file open finish reading it
+        (rename(2) keeps the inode) and then move on to the next newer file."""
+        os.close(self.fd)
+        self.fd = -1
+        keep = self.options.max_files - 1  # rotated files kept besides the current one
+        try:
+            if keep == 0:
+                self.path.unlink(missing_ok=True)
+            else:
+                rotated_log_path(self.path, keep).unlink(missing_ok=True)
+                for index in range(keep - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(
+                            rotated_log_path(self.path, index),
+                            rotated_log_path(self.path, index + 1),
+                        )
+                os.rename(self.path, rotated_log_path(self.path, 1))
+        finally:
+            self.open()  # even after a failed rename: keep logging, to the old file if need be
 
     def _decoder(self, stream: str) -> codecs.IncrementalDecoder:
         if stream not in self.decoders:
@@ -101,8 +188,15 @@ class JsonFileLog:
             return
         entry = {"log": text, "stream": stream, "time": rfc3339_nano()}
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
+        data = line.encode("utf-8", errors="replace")
         try:
-            os.write(self.fd, line.encode("utf-8", errors="replace"))
+            # Rotate before a line that would push the file past max-size, so that every file
+            # stays within it (a single line longer than max-size still gets a file of its own).
+            max_size = self.options.max_size
+            if max_size and self.size and self.size + len(data) > max_size:
+                self._rotate()
+            os.write(self.fd, data)
+            self.size += len(data)
         except OSError as exc:
             # A full disk must not take the container down with it (Docker drops the line too).
             if not self.write_failed:
@@ -296,7 +390,7 @@ class ContainerMonitor:
         signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
         stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
         stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-        log = JsonFileLog(cfg.log_path)
+        log = JsonFileLog(cfg.log_path, cfg.log_options)
         try:
             log.open()
             self._create_and_start(stdout_w, stderr_w)
@@ -341,6 +435,8 @@ def parse_args(argv: list[str] | None) -> MonitorConfig:
     parser.add_argument("--exit-file", required=True, type=Path)
     parser.add_argument("--status-fd", required=True, type=int)
     parser.add_argument("--runc", default="runc")
+    parser.add_argument("--log-max-size", type=int, default=0)
+    parser.add_argument("--log-max-file", type=int, default=1)
     ns = parser.parse_args(argv)
     return MonitorConfig(
         container_id=ns.id,
@@ -350,6 +446,7 @@ def parse_args(argv: list[str] | None) -> MonitorConfig:
         exit_path=ns.exit_file.absolute(),
         status_fd=ns.status_fd,
         runc=ns.runc,
+        log_options=LogOptions(max_size=max(0, ns.log_max_size), max_files=max(1, ns.log_max_file)),
     )
 
 

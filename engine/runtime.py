@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.monitor import one_line, rfc3339_nano
+from engine.monitor import LogOptions, one_line, rfc3339_nano
 from netd.jsonstate import read_json
 
 START_TIMEOUT = 30.0
@@ -183,9 +183,16 @@ class Runtime:
     # -- public API ------------------------------------------------------------------------
 
     async def start(
-        self, container_id: str, bundle: Path, log_path: Path, exit_path: Path
+        self,
+        container_id: str,
+        bundle: Path,
+        log_path: Path,
+        exit_path: Path,
+        log_options: LogOptions | None = None,
     ) -> tuple[int, int]:
-        """Create and start the container; returns (monitor pid, container init pid)."""
+        """Create and start the container; returns (monitor pid, container init pid).
+        ``log_options``: the json-file rotation the monitor applies (none by default)."""
+        log_options = log_options or LogOptions()
         bundle, log_path, exit_path = (Path(p).absolute() for p in (bundle, log_path, exit_path))
         self.state_root.mkdir(parents=True, exist_ok=True)
         exit_path.unlink(missing_ok=True)
@@ -208,6 +215,10 @@ class Runtime:
             str(status_w),
             "--runc",
             self.runc,
+            "--log-max-size",
+            str(log_options.max_size),
+            "--log-max-file",
+            str(log_options.max_files),
         ]
         try:
             with open(bundle / MONITOR_LOG_NAME, "ab") as monitor_log:
@@ -259,7 +270,9 @@ class Runtime:
         return monitor.pid, int(status["pid"])
 
     async def wait(self, monitor_pid: int, exit_path: Path) -> ExitStatus:
-        """Wait for the container's monitor to exit and return the exit status it recorded."""
+        """Wait for the container's monitor to exit and return the exit status it recorded.
+        The monitor need not be our child: after a daemon restart it is watched through a
+        pidfd, and one that ended while no daemon ran is read from its exit file."""
         exit_path = Path(exit_path).absolute()
         if monitor_pid in self._children or _is_live_monitor(monitor_pid, exit_path):
             await _wait_pid_exit(monitor_pid)
@@ -309,12 +322,16 @@ class Runtime:
                 f"container {container_id} did not exit {MONITOR_EXIT_TIMEOUT:g} s after SIGKILL"
             ) from None
 
-    def is_running(self, monitor_pid: int) -> bool:
-        """Whether the container's monitor (hence the container) is still alive."""
+    def is_running(self, monitor_pid: int, exit_path: Path | None = None) -> bool:
+        """Whether the container's monitor (hence the container) is still alive; with
+        ``exit_path``, a monitor this daemon did not start must be the one writing that file
+        (a pid reused since a daemon restart is not taken for it)."""
         proc = self._children.get(monitor_pid)
         if proc is not None:
             if proc.poll() is None:
                 return True
             del self._children[monitor_pid]
             return False
-        return _is_live_monitor(monitor_pid)
+        if monitor_pid <= 0:
+            return False
+        return _is_live_monitor(monitor_pid, Path(exit_path).absolute() if exit_path else None)

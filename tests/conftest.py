@@ -97,7 +97,9 @@ class Daemon:
         return self.log_path.read_text(errors="replace")
 
 
-def start_daemon(tmp: Path, name: str, bip: str, userland_proxy: bool) -> Daemon:
+def start_daemon(
+    tmp: Path, name: str, bip: str, userland_proxy: bool, *extra_args: str, timeout: float = 30
+) -> Daemon:
     require_root()
     require_tool("runc")
     data_root = tmp / "data"
@@ -116,6 +118,7 @@ def start_daemon(tmp: Path, name: str, bip: str, userland_proxy: bool) -> Daemon
         "--firewall-table",
         name,
         f"--userland-proxy={'true' if userland_proxy else 'false'}",
+        *extra_args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
@@ -126,7 +129,7 @@ def start_daemon(tmp: Path, name: str, bip: str, userland_proxy: bool) -> Daemon
             start_new_session=True,
         )
     daemon = Daemon(f"unix://{sock}", data_root, name, bip, name, userland_proxy, process, log_path)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"pyengined exited at start:\n{daemon.log()}")
@@ -134,7 +137,7 @@ def start_daemon(tmp: Path, name: str, bip: str, userland_proxy: bool) -> Daemon
             return daemon
         time.sleep(0.1)
     stop_daemon(daemon)
-    raise AssertionError(f"pyengined did not answer within 20 s:\n{daemon.log()}")
+    raise AssertionError(f"pyengined did not answer within {timeout} s:\n{daemon.log()}")
 
 
 def stop_daemon(daemon: Daemon) -> None:
