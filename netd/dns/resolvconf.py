@@ -1,0 +1,96 @@
+"""resolv.conf(5) both ways: the host's resolvers the responder forwards to, and the resolv.conf
+a container on a user-defined network gets (the embedded responder, the host's search domains and
+options), as Docker does.
+"""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+from pathlib import Path
+
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+# systemd-resolved's list of the real upstreams, for hosts whose resolv.conf names its stub.
+RESOLVED_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")
+RESOLVED_STUB = "127.0.0.53"
+EMBEDDED_DNS = "127.0.0.11"
+DNS_PORT = 53
+
+
+def _directives(text: str, *keywords: str) -> list[list[str]]:
+    """The argument lists of the lines starting with one of ``keywords``, in order; ``#`` and
+    ``;`` start comments."""
+    found: list[list[str]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields or fields[0][0] in "#;":
+            continue
+        if fields[0] in keywords:
+            args: list[str] = []
+            for item in fields[1:]:
+                if item[0] in "#;":
+                    break
+                args.append(item)
+            found.append(args)
+    return found
+
+
+def nameservers(text: str) -> list[str]:
+    """The valid ``nameserver`` addresses of a resolv.conf, in order, without duplicates
+    (an IPv6 address may carry a zone, ``fe80::1%eth0``)."""
+    out: list[str] = []
+    for args in _directives(text, "nameserver"):
+        if not args:
+            continue
+        try:
+            ip_address(args[0])
+        except ValueError:
+            continue
+        if args[0] not in out:
+            out.append(args[0])
+    return out
+
+
+def host_upstreams(
+    resolv_conf_text: str, systemd_resolved_upstreams: str | None = None
+) -> list[tuple[str, int]]:
+    """The upstreams to forward to: the host's nameservers, or, when they name
+    systemd-resolved's stub 127.0.0.53, the ones resolved itself uses (the text of
+    /run/systemd/resolve/resolv.conf), as Docker does. May be empty: the responder then answers
+    SERVFAIL for every name that is not the network's."""
+    servers = nameservers(resolv_conf_text)
+    if RESOLVED_STUB in servers and systemd_resolved_upstreams is not None:
+        real = nameservers(systemd_resolved_upstreams)
+        if real:
+            servers = real
+    return [(server, DNS_PORT) for server in servers]
+
+
+def load_host_upstreams(
+    resolv_conf: Path = HOST_RESOLV_CONF, resolved_conf: Path = RESOLVED_RESOLV_CONF
+) -> list[tuple[str, int]]:
+    """host_upstreams() of the files themselves; a missing file counts as empty."""
+    try:
+        text = resolv_conf.read_text()
+    except FileNotFoundError:
+        text = ""
+    try:
+        resolved: str | None = resolved_conf.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        resolved = None
+    return host_upstreams(text, resolved)
+
+
+def container_resolv_conf(host_text: str, nameserver: str = EMBEDDED_DNS) -> str:
+    """A container's resolv.conf on a user-defined network: the embedded responder as its only
+    nameserver, the host's ``search`` and ``options`` kept, and ``ndots:0`` added unless the
+    host sets ndots (what Docker writes)."""
+    lines = [f"nameserver {nameserver}"]
+    search = _directives(host_text, "search", "domain")
+    if search and search[-1]:
+        # resolv.conf(5): the last search/domain line wins.
+        lines.append("search " + " ".join(search[-1]))
+    options = [opt for args in _directives(host_text, "options") for opt in args]
+    if not any(opt.startswith("ndots:") for opt in options):
+        options.append("ndots:0")
+    lines.append("options " + " ".join(options))
+    return "\n".join(lines) + "\n"
