@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 _RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
 
 
+# How long to wait for the exit status of a child that another process reaps (a fork server's
+# child) once its pidfd says it is gone; the status is only for the log.
+_EXIT_REPORT_GRACE_SECONDS = 2.0
+
+
 @dataclass(eq=False)
 class ChildProcess:
     pid: int
@@ -24,6 +29,10 @@ class ChildProcess:
     exited: asyncio.Future[int | None]
     """Resolves to the exit code (negative: killed by that signal; None: reaped elsewhere)."""
     _loop: asyncio.AbstractEventLoop = field(repr=False)
+    reaped_elsewhere: bool = False
+    """True for a child of another process (the fork server): it reaps it and reports the exit
+    status through :meth:`report_exit`; the pidfd only signals it and notices its exit."""
+    _grace_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def running(self) -> bool:
@@ -37,7 +46,29 @@ class ChildProcess:
         except ProcessLookupError:
             pass
 
+    def report_exit(self, code: int | None) -> None:
+        """The exit status, from whoever reaped the process."""
+        self._finish(code)
+
+    def orphan(self) -> None:
+        """The process that was to reap this one is gone: its exit is reported, without a
+        status, as soon as the pidfd shows it (at once if it already has)."""
+        if not self.reaped_elsewhere:
+            return
+        self.reaped_elsewhere = False
+        if self._grace_timer is not None:
+            self._finish(None)
+
     def _on_pidfd_readable(self) -> None:
+        if self.reaped_elsewhere:
+            # pidfd_open(2): readable once the process has exited, parent or not. Stop polling
+            # (level triggered) and give the reaper a moment to report the status.
+            self._loop.remove_reader(self.pidfd)
+            if self._grace_timer is None and self.running:
+                self._grace_timer = self._loop.call_later(
+                    _EXIT_REPORT_GRACE_SECONDS, self._finish, None
+                )
+            return
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
@@ -46,10 +77,31 @@ class ChildProcess:
             if pid == 0:
                 return
             code = os.waitstatus_to_exitcode(status)
+        self._finish(code)
+
+    def _finish(self, code: int | None) -> None:
+        if self.exited.done():
+            return
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
         self._loop.remove_reader(self.pidfd)
         os.close(self.pidfd)
-        if not self.exited.done():
-            self.exited.set_result(code)
+        self.exited.set_result(code)
+
+
+def watch_process(pid: int, pidfd: int, *, reaped_elsewhere: bool) -> ChildProcess:
+    """A ChildProcess for ``pid``, whose exit is noticed through ``pidfd`` (which it now owns).
+    Must be called from the event loop's thread."""
+    loop = asyncio.get_running_loop()
+    child = ChildProcess(
+        pid=pid,
+        pidfd=pidfd,
+        exited=loop.create_future(),
+        _loop=loop,
+        reaped_elsewhere=reaped_elsewhere,
+    )
+    loop.add_reader(pidfd, child._on_pidfd_readable)
+    return child
 
 
 def spawn_with_fds(argv: list[str], fds: dict[int, int]) -> ChildProcess:
@@ -57,7 +109,7 @@ def spawn_with_fds(argv: list[str], fds: dict[int, int]) -> ChildProcess:
     stdout and stderr shared with us, in its own process group (so a terminal's ^C reaches the
     parent only); every other fd of ours is close-on-exec (PEP 446). Must be called from the
     event loop's thread."""
-    loop = asyncio.get_running_loop()
+    asyncio.get_running_loop()  # fail early off the loop's thread, before anything is spawned
     # Lift the sources above every target first, so one dup2 cannot clobber a later source.
     first_free = max(fds, default=2) + 1
     lifted: dict[int, int] = {}
@@ -84,9 +136,7 @@ def spawn_with_fds(argv: list[str], fds: dict[int, int]) -> ChildProcess:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise
-    child = ChildProcess(pid=pid, pidfd=pidfd, exited=loop.create_future(), _loop=loop)
-    loop.add_reader(pidfd, child._on_pidfd_readable)
-    return child
+    return watch_process(pid, pidfd, reaped_elsewhere=False)
 
 
 def describe_exit(code: int | None) -> str:

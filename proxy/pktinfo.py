@@ -13,7 +13,6 @@ socket reports IPv4 datagrams with an IPv4-mapped ipi6_addr, and accepts one bac
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 
@@ -30,7 +29,9 @@ AncillaryItem = tuple[int, int, bytes]
 
 
 def is_wildcard(address: str) -> bool:
-    return ipaddress.ip_address(address.partition("%")[0]).is_unspecified
+    host = address.partition("%")[0]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return not any(socket.inet_pton(family, host))
 
 
 def enable_packet_info(sock: socket.socket) -> None:
@@ -54,11 +55,11 @@ def reply_source(ancillary: list[AncillaryItem]) -> list[AncillaryItem]:
             and len(data) >= _IN6_PKTINFO.size
         ):
             destination, ifindex = _IN6_PKTINFO.unpack_from(data)
-            if ipaddress.IPv6Address(destination).is_multicast:
+            if destination[0] == 0xFF:  # ff00::/8, multicast (RFC 4291 2.7)
                 return []  # not a valid source; let the kernel choose one
-            # The interface only matters for link-local addresses, which are ambiguous
-            # without it; leaving it 0 otherwise lets routing pick the way back.
-            if not ipaddress.IPv6Address(destination).is_link_local:
+            # The interface only matters for link-local addresses (fe80::/10, RFC 4291 2.5.6),
+            # which are ambiguous without it; 0 otherwise lets routing pick the way back.
+            if not (destination[0] == 0xFE and destination[1] & 0xC0 == 0x80):
                 ifindex = 0
             source = _IN6_PKTINFO.pack(destination, ifindex)
             return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, source)]

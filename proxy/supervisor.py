@@ -16,6 +16,8 @@ import sys
 from dataclasses import dataclass
 
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds
+from proxy.forkclient import ForkServerClient
+from proxy.forkserver import ForkServerError
 from proxy.handshake import LISTEN_FD, STATUS_FD
 
 log = logging.getLogger("proxy.supervisor")
@@ -39,8 +41,10 @@ class ProxySpec:
     host_port: int
     container_ip: str
     container_port: int
+    proxy_protocol: str | None = None  # "v1" | "v2": a PROXY protocol header to the container
 
     def command_line(self) -> list[str]:
+        extra = ["-proxy-protocol", self.proxy_protocol] if self.proxy_protocol else []
         return [
             "-proto",
             self.proto,
@@ -53,6 +57,7 @@ class ProxySpec:
             "-container-port",
             str(self.container_port),
             "-use-listen-fd",
+            *extra,
         ]
 
 
@@ -68,10 +73,20 @@ class _SupervisedProxy:
     restart_task: asyncio.Task[None] | None = None
 
 
+def default_proxy_argv() -> list[str]:
+    return [sys.executable, "-m", "proxy.main"]
+
+
 class ProxySupervisor:
-    def __init__(self, argv: list[str] | None = None) -> None:
-        """argv: how to run the proxy; default [sys.executable, "-m", "proxy.main"]."""
-        self._argv = list(argv) if argv else [sys.executable, "-m", "proxy.main"]
+    def __init__(self, argv: list[str] | None = None, *, fork_server: bool | None = None) -> None:
+        """argv: how to run the proxy; default [sys.executable, "-m", "proxy.main"].
+
+        fork_server: fork each proxy from a warm fork server (proxy/forkserver.py) instead of
+        exec'ing ``argv``; by default, whenever ``argv`` is this Python's own proxy."""
+        self._argv = list(argv) if argv else default_proxy_argv()
+        if fork_server is None:
+            fork_server = self._argv == default_proxy_argv()
+        self._fork_server = ForkServerClient() if fork_server else None
         self._proxies: dict[str, _SupervisedProxy] = {}
 
     async def start(self, key: str, spec: ProxySpec, listen_sock: socket.socket) -> int:
@@ -117,7 +132,14 @@ class ProxySupervisor:
             supervised.listen_socket.close()
 
     async def stop_all(self) -> None:
+        """Stop every proxy, then the fork server (started again if a proxy is started later)."""
         await asyncio.gather(*(self.stop(key) for key in list(self._proxies)))
+        if self._fork_server is not None:
+            await self._fork_server.close()
+
+    @property
+    def fork_server_pid(self) -> int | None:
+        return self._fork_server.server_pid if self._fork_server is not None else None
 
     def pids(self) -> dict[str, int]:
         return {
@@ -128,18 +150,14 @@ class ProxySupervisor:
 
     async def _launch(self, supervised: _SupervisedProxy) -> ChildProcess:
         """Spawn the proxy and wait for its handshake; on any failure it is killed again."""
-        argv = self._argv + supervised.spec.command_line()
         try:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as err:
             raise ProxyError(f"cannot create the status pipe: {err.strerror}") from None
         try:
+            fds = {STATUS_FD: write_fd, LISTEN_FD: supervised.listen_socket.fileno()}
             try:
-                child = spawn_with_fds(
-                    argv, {STATUS_FD: write_fd, LISTEN_FD: supervised.listen_socket.fileno()}
-                )
-            except OSError as err:
-                raise ProxyError(f"cannot run {argv[0]}: {err.strerror or err}") from None
+                child = await self._spawn(supervised.spec.command_line(), fds)
             finally:
                 os.close(write_fd)
             try:
@@ -166,6 +184,18 @@ class ProxySupervisor:
                 raise
         finally:
             os.close(read_fd)
+
+    async def _spawn(self, args: list[str], fds: dict[int, int]) -> ChildProcess:
+        if self._fork_server is not None:
+            try:
+                return await self._fork_server.spawn(args, fds)
+            except ForkServerError as err:
+                raise ProxyError(str(err)) from None
+        argv = self._argv + args
+        try:
+            return spawn_with_fds(argv, fds)
+        except OSError as err:
+            raise ProxyError(f"cannot run {argv[0]}: {err.strerror or err}") from None
 
     def _watch(self, supervised: _SupervisedProxy, child: ChildProcess) -> None:
         loop = asyncio.get_running_loop()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -13,20 +15,28 @@ import signal
 import socket
 import socketserver
 import struct
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar, cast
 
 import pytest
 import uvloop
 
+from proxy import proxyprotocol
+from proxy.forkclient import ForkServerClient
+from proxy.forkserver import ForkServerError
+from proxy.loopbench import extract_rootfs
 from proxy.options import UsageError, parse_command_line
 from proxy.pipes import DEFAULT_MAX_IDLE_PIPES
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
+from tests.conftest import require_root
 
+T = TypeVar("T")
 PROXY_ARGV = [sys.executable, "-m", "proxy.main"]
 IO_TIMEOUT = 10.0  # safety net so a broken proxy fails a test instead of hanging it
 
@@ -44,6 +54,18 @@ class RunningProxy:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def fd_kinds(self) -> collections.Counter[str]:
+        """The proxy's fds by kind: "socket", "pipe", or what else they point at."""
+        kinds: collections.Counter[str] = collections.Counter()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue  # closed meanwhile
+            kind = target.split(":", 1)[0]
+            kinds[kind if kind in ("socket", "pipe") else target] += 1
+        return kinds
 
     def send_signal(self, signum: int) -> None:
         if self.exit_code is None:
@@ -459,6 +481,24 @@ def test_tcp_refused_backend_closes_the_client(
     assert "Connection refused" in proxy.stderr()
 
 
+def assert_no_fd_leak(proxy: RunningProxy, idle: collections.Counter[str]) -> None:
+    """Once the connections have closed in the proxy too (waited for here), it holds the fds
+    it held when idle, plus pipes only as many as the pool keeps."""
+    wait_until(lambda: proxy.fd_kinds()["socket"] == idle["socket"])
+    check_fds(idle, proxy.fd_kinds())
+
+
+def check_fds(idle: collections.Counter[str], after: collections.Counter[str]) -> None:
+    """The same sockets and other fds as when idle; pipes only as many as the pool keeps, and
+    whole ones (two fds each)."""
+    assert after["socket"] == idle["socket"], f"sockets left open: {after}, idle: {idle}"
+    pooled = after["pipe"] - idle["pipe"]
+    assert 0 <= pooled <= 2 * DEFAULT_MAX_IDLE_PIPES and pooled % 2 == 0, (after, idle)
+    others_after = {kind: n for kind, n in after.items() if kind != "pipe"}
+    others_idle = {kind: n for kind, n in idle.items() if kind != "pipe"}
+    assert others_after == others_idle, (after, idle)
+
+
 def test_tcp_no_fd_leak_over_2000_connections(
     spawn_proxy: Callable[..., RunningProxy], tcp_server: Callable[..., tuple[str, int]]
 ) -> None:
@@ -490,23 +530,190 @@ def test_tcp_no_fd_leak_over_2000_connections(
                 assert received == message
             client.close()
 
-    # Warm up: 40 connections alive at once use 80 pipes, so afterwards the pool is full.
-    fds_without_connections = proxy.fd_count()
-    warm = [socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) for _ in range(40)]
-    for client in warm:
-        client.sendall(b"warm")
-        assert client.recv(4) == b"warm"
-    for client in warm:
-        client.close()
-    pooled = wait_until(
-        lambda: proxy.fd_count() == fds_without_connections + 2 * DEFAULT_MAX_IDLE_PIPES
-    )
-    assert pooled, f"{proxy.fd_count()} fds after warm-up, {fds_without_connections} before"
-    before = proxy.fd_count()
+    idle = proxy.fd_kinds()
     for first in range(0, 2000, 50):
         batch(50, first)
-    settled = wait_until(lambda: proxy.fd_count() == before)
-    assert settled, f"proxy has {proxy.fd_count()} fds, had {before} before 2000 connections"
+    assert_no_fd_leak(proxy, idle)
+
+
+IP_BIND_ADDRESS_NO_PORT = 24  # <linux/in.h>; not exported by Python's socket module
+CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+_libc = ctypes.CDLL(None, use_errno=True)
+CHURN_CONNECTIONS = 100_000
+CHURN_WARM_UP = 5_000
+CHURN_CONCURRENCY = 64
+CHURN_TIME_LIMIT = 900.0  # a safety net for a broken proxy, far above what the run needs
+# Growth of the proxy's anonymous memory allowed over the 100,000 connections: 1 MiB is about
+# 10 bytes a connection, so a leak of even one small object per connection fails.
+CHURN_MEMORY_SLACK_KB = 1024
+
+
+def _anonymous_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no RssAnon for {pid}")
+
+
+class _ChurnBackend(asyncio.Protocol):
+    """Echoes; a message starting with ``!`` is echoed and then the backend closes first."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._transport.write(data)
+        if data.startswith(b"!"):
+            self._transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+
+def _loopback_address(number: int) -> str:
+    """A distinct address of 127.1.0.0 - 127.255.255.255 for each number below 16 million."""
+    return f"127.{(number >> 16) % 255 + 1}.{(number >> 8) & 255}.{number & 255}"
+
+
+async def _churn(port: int, first: int, count: int, deadline: float) -> int:
+    """Open ``count`` connections through the proxy, CHURN_CONCURRENCY at a time, ending them
+    four ways in turn; return how many completed before ``deadline``."""
+    loop = asyncio.get_running_loop()
+    numbers = iter(range(first, first + count))
+    done = 0
+
+    async def one(number: int) -> None:
+        client = socket.socket()
+        client.setblocking(False)
+        try:
+            # A source address of its own in 127.0.0.0/8 for every connection: no 4-tuple comes
+            # back while an earlier one may still be in TIME_WAIT on either side.
+            client.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            client.bind((_loopback_address(number), 0))
+            await loop.sock_connect(client, ("127.0.0.1", port))
+            way = number % 4
+            message = (b"!" if way == 3 else b"m") + b"%d" % number
+            await loop.sock_sendall(client, message)
+            if way == 2:
+                # Abort: RST instead of FIN (socket(7) SO_LINGER with a zero timeout).
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if way == 1:
+                client.shutdown(socket.SHUT_WR)  # half-close; the echo still comes back
+            received = b""
+            while len(received) < len(message):
+                chunk = await loop.sock_recv(client, 64)
+                assert chunk, f"connection {number}: EOF after {received!r}"
+                received += chunk
+            assert received == message
+            if way in (1, 3):
+                assert await loop.sock_recv(client, 64) == b""  # then the peer's FIN
+        finally:
+            client.close()
+
+    async def worker() -> None:
+        nonlocal done
+        for number in numbers:
+            if time.monotonic() > deadline:
+                return
+            await asyncio.wait_for(one(number), IO_TIMEOUT)
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(CHURN_CONCURRENCY)))
+    return done
+
+
+@pytest.fixture
+def private_netns() -> Iterator[str]:
+    """A network namespace of the test's own with only its loopback up. 100,000 connections
+    leave ~200,000 TIME_WAIT sockets and, where netfilter tracks connections, as many conntrack
+    entries: enough to fill the host's tables and drop other traffic. A fresh namespace has its
+    own tables, and no conntrack at all while it has no firewall rules."""
+    require_root()
+    name = f"pyetest-px-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def run_in_netns(name: str, action: Callable[[], T]) -> T:
+    """Run ``action`` on a thread that entered network namespace ``name`` (setns(2) moves only
+    the calling thread); sockets and processes it creates live in that namespace."""
+    errors: list[BaseException] = []
+    results: list[T] = []
+
+    def target() -> None:
+        try:
+            fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            results.append(action())
+        except BaseException as err:  # re-raised on the test's thread
+            errors.append(err)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return results[0]
+
+
+def test_tcp_no_fd_or_memory_leak_over_100000_connections(
+    spawn_proxy: Callable[..., RunningProxy], private_netns: str
+) -> None:
+    _allow_open_files(4 * CHURN_CONCURRENCY + 1024)
+    deadline = time.monotonic() + CHURN_TIME_LIMIT
+    outcome: dict[str, int] = {}
+    idle_fds: collections.Counter[str] = collections.Counter()
+    fds_after: collections.Counter[str] = collections.Counter()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(_ChurnBackend, "127.0.0.1", 0, backlog=1024)
+        backend = server.sockets[0].getsockname()[:2]
+        port = free_port(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
+        proxy = spawn_proxy(proxy_args("tcp", "127.0.0.1", port, backend))
+        assert proxy.status == b"0\n"
+        idle = proxy.fd_kinds()
+
+        async def settled() -> collections.Counter[str]:
+            """The proxy's fds once the last connections have closed in it too."""
+            for _ in range(1000):
+                if proxy.fd_kinds()["socket"] == idle["socket"]:
+                    break
+                await asyncio.sleep(0.01)
+            return proxy.fd_kinds()
+
+        try:
+            # Warm up: pipe pool, allocator and caches at their working size.
+            assert await _churn(port, 0, CHURN_WARM_UP, deadline) == CHURN_WARM_UP
+            check_fds(idle, await settled())
+            memory_before = _anonymous_kb(proxy.pid)
+            outcome["done"] = await _churn(port, CHURN_WARM_UP, CHURN_CONNECTIONS, deadline)
+            fds_after.update(await settled())
+            idle_fds.update(idle)
+            outcome["memory_before"] = memory_before
+            outcome["memory_after"] = _anonymous_kb(proxy.pid)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    # The proxy (spawned from that thread) and all the traffic stay in the test's namespace.
+    run_in_netns(private_netns, lambda: run_on("uvloop", scenario()))
+    assert outcome["done"] == CHURN_CONNECTIONS, (
+        f"only {outcome['done']} connections within {CHURN_TIME_LIMIT:g} s"
+    )
+    check_fds(idle_fds, fds_after)
+    growth = outcome["memory_after"] - outcome["memory_before"]
+    assert growth <= CHURN_MEMORY_SLACK_KB, f"anonymous memory grew by {growth} kB: {outcome}"
 
 
 # --- UDP --------------------------------------------------------------------------------------
@@ -640,40 +847,50 @@ def _process_gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
+SUPERVISOR_MODES = {"fork-server": True, "exec": False}
+
+
+@pytest.mark.parametrize("mode", sorted(SUPERVISOR_MODES))
 @pytest.mark.parametrize("loop_name", sorted(LOOP_FACTORIES))
 def test_supervisor_start_and_stop(
-    loop_name: str, tcp_server: Callable[..., tuple[str, int]]
+    loop_name: str, mode: str, tcp_server: Callable[..., tuple[str, int]]
 ) -> None:
     backend = tcp_server()
 
     async def scenario() -> None:
-        supervisor = ProxySupervisor()
-        with socket.socket() as bound:
-            bound.bind(("127.0.0.1", 0))
-            port = bound.getsockname()[1]
-            spec = ProxySpec("tcp", "127.0.0.1", port, backend[0], backend[1])
-            key = f"c1/tcp/127.0.0.1/{port}"
-            pid = await supervisor.start(key, spec, bound)
-        assert supervisor.pids() == {key: pid}
-        reply = await asyncio.to_thread(tcp_roundtrip, "127.0.0.1", port, b"supervised")
-        assert reply == b"supervised"
-        with pytest.raises(ProxyError, match="already running"):
-            with socket.socket() as other:
-                await supervisor.start(key, spec, other)
-        await supervisor.stop(key)
-        assert supervisor.pids() == {}
-        assert _process_gone(pid)
-        with socket.socket() as again:  # the supervisor's dup is closed too
-            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            again.bind(("127.0.0.1", port))
-            again.listen()
+        supervisor = ProxySupervisor(fork_server=SUPERVISOR_MODES[mode])
+        try:
+            with socket.socket() as bound:
+                bound.bind(("127.0.0.1", 0))
+                port = bound.getsockname()[1]
+                spec = ProxySpec("tcp", "127.0.0.1", port, backend[0], backend[1])
+                key = f"c1/tcp/127.0.0.1/{port}"
+                pid = await supervisor.start(key, spec, bound)
+            assert supervisor.pids() == {key: pid}
+            reply = await asyncio.to_thread(tcp_roundtrip, "127.0.0.1", port, b"supervised")
+            assert reply == b"supervised"
+            with pytest.raises(ProxyError, match="already running"):
+                with socket.socket() as other:
+                    await supervisor.start(key, spec, other)
+            await supervisor.stop(key)
+            assert supervisor.pids() == {}
+            assert _process_gone(pid)
+            with socket.socket() as again:  # the supervisor's dup is closed too
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                again.bind(("127.0.0.1", port))
+                again.listen()
+        finally:
+            await supervisor.stop_all()
+        assert supervisor.fork_server_pid is None
 
     run_on(loop_name, scenario())
 
 
+@pytest.mark.parametrize("mode", sorted(SUPERVISOR_MODES))
 @pytest.mark.parametrize("loop_name", sorted(LOOP_FACTORIES))
 def test_supervisor_restarts_a_killed_proxy_on_the_same_socket(
     loop_name: str,
+    mode: str,
     tcp_server: Callable[..., tuple[str, int]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -681,7 +898,7 @@ def test_supervisor_restarts_a_killed_proxy_on_the_same_socket(
     caplog.set_level(logging.WARNING, logger="proxy.supervisor")
 
     async def scenario() -> None:
-        supervisor = ProxySupervisor()
+        supervisor = ProxySupervisor(fork_server=SUPERVISOR_MODES[mode])
         with socket.socket() as bound:
             bound.bind(("127.0.0.1", 0))
             port = bound.getsockname()[1]
@@ -706,6 +923,134 @@ def test_supervisor_restarts_a_killed_proxy_on_the_same_socket(
     restarts = [r for r in caplog.records if "exited unexpectedly" in r.getMessage()]
     assert len(restarts) == 1
     assert "SIGKILL" in restarts[0].getMessage()
+
+
+def _process_gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _children_of(pid: int) -> set[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(child) for child in f.read().split()}
+
+
+def set_child_subreaper(enabled: bool) -> None:
+    """prctl(2) PR_SET_CHILD_SUBREAPER: orphaned descendants are reparented to this process."""
+    assert _libc.prctl(36, int(enabled), 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+
+
+def _parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("PPid:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no PPid line for {pid}")
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:"):
+            inodes.add(target)
+    return inodes
+
+
+def test_fork_server_proxy_is_named_and_holds_none_of_the_servers_fds(
+    tcp_server: Callable[..., tuple[str, int]],
+) -> None:
+    backend = tcp_server()
+
+    async def scenario() -> None:
+        supervisor = ProxySupervisor(fork_server=True)
+        try:
+            with socket.socket() as bound:
+                bound.bind(("127.0.0.1", 0))
+                port = bound.getsockname()[1]
+                spec = ProxySpec("tcp", "127.0.0.1", port, *backend)
+                pid = await supervisor.start("named", spec, bound)
+            server_pid = supervisor.fork_server_pid
+            assert server_pid is not None
+            assert _parent_pid(pid) == server_pid
+            with open(f"/proc/{pid}/comm") as comm:
+                assert comm.read().strip() == "pyengine-proxy"
+            assert os.readlink(f"/proc/{pid}/fd/4").startswith("socket:")  # the listener
+            # Neither the server's control socket nor its spare's channel leaked into the proxy.
+            assert not _socket_inodes(pid) & _socket_inodes(server_pid)
+            reply = await asyncio.to_thread(tcp_roundtrip, "127.0.0.1", port, b"forked")
+            assert reply == b"forked"
+        finally:
+            await supervisor.stop_all()
+        assert _process_gone(server_pid)
+        assert _process_gone(pid)
+
+    run_on("uvloop", scenario())
+
+
+def test_fork_server_death_restarts_its_proxies_on_the_same_sockets(
+    tcp_server: Callable[..., tuple[str, int]], caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = tcp_server()
+    caplog.set_level(logging.WARNING, logger="proxy.supervisor")
+
+    orphans: set[int] = set()
+
+    async def scenario() -> None:
+        supervisor = ProxySupervisor(fork_server=True)
+        ports: list[int] = []
+        try:
+            for n in range(3):
+                with socket.socket() as bound:
+                    bound.bind(("127.0.0.1", 0))
+                    ports.append(bound.getsockname()[1])
+                    spec = ProxySpec("tcp", "127.0.0.1", ports[-1], *backend)
+                    await supervisor.start(f"p{n}", spec, bound)
+            old_pids = set(supervisor.pids().values())
+            old_server = supervisor.fork_server_pid
+            assert old_server is not None
+            orphans.update(_children_of(old_server))  # its proxies and its spare
+            assert old_pids <= orphans
+            os.kill(old_server, signal.SIGKILL)
+            # Its proxies get SIGTERM from the kernel (PR_SET_PDEATHSIG) and drop what they had
+            # accepted; the supervisor starts them again from a new fork server.
+            deadline = time.monotonic() + IO_TIMEOUT
+            while time.monotonic() < deadline:
+                current = set(supervisor.pids().values())
+                if len(current) == 3 and not current & old_pids:
+                    break
+                await asyncio.sleep(0.02)
+            for port in ports:
+                reply = await asyncio.to_thread(tcp_roundtrip, "127.0.0.1", port, b"again")
+                assert reply == b"again"
+            new_pids = set(supervisor.pids().values())
+            assert len(new_pids) == 3
+            assert not new_pids & old_pids
+            assert supervisor.fork_server_pid not in (None, old_server)
+            assert all(_process_gone_or_zombie(pid) for pid in orphans)
+        finally:
+            await supervisor.stop_all()
+
+    # The orphans are reparented to the nearest subreaper (this process, for the test) and
+    # reaped here; the init of some machines never reaps them.
+    set_child_subreaper(True)
+    try:
+        run_on("uvloop", scenario())
+    finally:
+        set_child_subreaper(False)
+        for pid in orphans:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+    restarts = [r for r in caplog.records if "exited unexpectedly" in r.getMessage()]
+    assert len(restarts) == 3
 
 
 def test_supervisor_udp_proxy(udp_echo_server: Callable[[str], tuple[str, int]]) -> None:
@@ -733,11 +1078,15 @@ def test_supervisor_reports_start_up_errors() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp_socket:
             tcp_socket.bind(("127.0.0.1", 0))
             port = tcp_socket.getsockname()[1]
-            supervisor = ProxySupervisor()
-            wrong_type = ProxySpec("udp", "127.0.0.1", port, "127.0.0.1", 9)
-            with pytest.raises(ProxyError, match="failed to start: fd 4 is not a udp socket"):
-                await supervisor.start("wrong", wrong_type, tcp_socket)
-            assert supervisor.pids() == {}
+            for fork_server in (True, False):
+                supervisor = ProxySupervisor(fork_server=fork_server)
+                wrong_type = ProxySpec("udp", "127.0.0.1", port, "127.0.0.1", 9)
+                try:
+                    with pytest.raises(ProxyError, match="fd 4 is not a udp socket"):
+                        await supervisor.start("wrong", wrong_type, tcp_socket)
+                    assert supervisor.pids() == {}
+                finally:
+                    await supervisor.stop_all()
             spec = ProxySpec("tcp", "127.0.0.1", port, "127.0.0.1", 9)
             dies_at_once = ProxySupervisor(argv=["/bin/false"])
             with pytest.raises(ProxyError, match=r"exited during start-up \(exit code 1\)"):
@@ -747,6 +1096,17 @@ def test_supervisor_reports_start_up_errors() -> None:
                 await missing.start("missing", spec, tcp_socket)
 
     run_on("asyncio", scenario())
+
+
+def test_fork_server_that_cannot_start_is_reported() -> None:
+    async def scenario() -> None:
+        for argv in (["/bin/false"], ["/nonexistent/python"]):
+            client = ForkServerClient(argv)
+            with pytest.raises(ForkServerError, match="fork server"):
+                await client.spawn(["-v"], {})
+            await client.close()
+
+    run_on("uvloop", scenario())
 
 
 def test_supervisor_gives_up_on_a_silent_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -762,3 +1122,168 @@ def test_supervisor_gives_up_on_a_silent_proxy(monkeypatch: pytest.MonkeyPatch) 
         assert silent.pids() == {}
 
     run_on("asyncio", scenario())
+
+
+# --- PROXY protocol toward the container --------------------------------------------------------
+
+
+def test_proxy_protocol_headers_are_byte_exact() -> None:
+    v1 = proxyprotocol.header("v1", ("192.0.2.7", 51000), ("198.18.0.1", 8080))
+    assert v1 == b"PROXY TCP4 192.0.2.7 198.18.0.1 51000 8080\r\n"
+    v1_six = proxyprotocol.header("v1", ("2001:db8::7", 51000, 0, 0), ("::1", 80, 0, 0))
+    assert v1_six == b"PROXY TCP6 2001:db8::7 ::1 51000 80\r\n"
+    v2 = proxyprotocol.header("v2", ("192.0.2.7", 51000), ("198.18.0.1", 8080))
+    assert v2 == (
+        b"\r\n\r\n\x00\r\nQUIT\n"  # signature
+        + b"\x21\x11\x00\x0c"  # v2 PROXY, TCP over IPv4, 12 bytes follow
+        + bytes([192, 0, 2, 7, 198, 18, 0, 1])
+        + struct.pack("!HH", 51000, 8080)
+    )
+    v2_six = proxyprotocol.header("v2", ("::1", 1, 0, 0), ("::2", 2, 0, 0))
+    assert v2_six[12:16] == b"\x21\x21\x00\x24" and len(v2_six) == 16 + 36
+    # A dual-stack listener sees IPv4 clients as IPv4-mapped: the header says TCP4.
+    mapped = proxyprotocol.header("v1", ("::ffff:192.0.2.7", 5, 0, 0), ("::ffff:198.18.0.1", 6))
+    assert mapped == b"PROXY TCP4 192.0.2.7 198.18.0.1 5 6\r\n"
+    with pytest.raises(ValueError, match="v3"):
+        proxyprotocol.header("v3", ("192.0.2.7", 1), ("198.18.0.1", 2))
+
+
+def test_proxy_protocol_flag() -> None:
+    args = proxy_args("tcp", "127.0.0.1", 1, ("127.0.0.1", 2))
+    assert parse_command_line(args).options.proxy_protocol is None  # type: ignore[union-attr]
+    parsed = parse_command_line([*args, "-proxy-protocol", "V2"])
+    assert parsed.options is not None and parsed.options.proxy_protocol == "v2"
+    off = parse_command_line([*args, "-proxy-protocol=off"])
+    assert off.options is not None and off.options.proxy_protocol is None
+    with pytest.raises(UsageError, match="want v1 or v2"):
+        parse_command_line([*args, "-proxy-protocol", "v3"])
+    with pytest.raises(UsageError, match="only for -proto tcp"):
+        parse_command_line(
+            [*proxy_args("udp", "127.0.0.1", 1, ("127.0.0.1", 2)), "-proxy-protocol", "v1"]
+        )
+    spec = ProxySpec("tcp", "0.0.0.0", 8080, "172.17.0.2", 80, proxy_protocol="v1")
+    assert spec.command_line()[-2:] == ["-proxy-protocol", "v1"]
+
+
+NGINX_PROXY_PROTOCOL_PORT = 8081
+NGINX_PROXY_PROTOCOL_LOG = "/var/log/pyetest-proxy-protocol.log"
+
+
+@pytest.fixture(scope="module")
+def nginx_root(tmp_path_factory: pytest.TempPathFactory, nginx_archive: Path) -> Path:
+    """The offline nginx image unpacked, with a server that speaks PROXY protocol: it logs and
+    answers with the client address the header carried ($proxy_protocol_addr)."""
+    require_root()
+    root = tmp_path_factory.mktemp("pyetest-nginx-root")
+    extract_rootfs(nginx_archive, root)
+    port = NGINX_PROXY_PROTOCOL_PORT
+    (root / "pyetest-nginx.conf").write_text(
+        f"""worker_processes 1;
+daemon off;
+pid /run/pyetest-nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 64; }}
+http {{
+    log_format proxied '$proxy_protocol_addr $proxy_protocol_port $remote_addr';
+    access_log {NGINX_PROXY_PROTOCOL_LOG} proxied;
+    server {{
+        listen 127.0.0.1:{port} proxy_protocol;
+        listen [::1]:{port} proxy_protocol;
+        location / {{
+            default_type text/plain;
+            return 200 "$proxy_protocol_addr $proxy_protocol_port\\n";
+        }}
+    }}
+}}
+"""
+    )
+    return root
+
+
+@pytest.fixture
+def proxy_protocol_nginx(nginx_root: Path, private_netns: str) -> Iterator[Path]:
+    """nginx running in the test's namespace; yields its access log."""
+    log_path = nginx_root / NGINX_PROXY_PROTOCOL_LOG.lstrip("/")
+    log_path.unlink(missing_ok=True)
+    nginx = subprocess.Popen(
+        ["ip", "netns", "exec", private_netns, "chroot", str(nginx_root),
+         "/usr/sbin/nginx", "-c", "/pyetest-nginx.conf"],
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + IO_TIMEOUT
+        listening = ""
+        while time.monotonic() < deadline and nginx.poll() is None:
+            listening = subprocess.run(
+                ["ip", "netns", "exec", private_netns, "ss", "-Htln"],
+                capture_output=True,
+                text=True,
+            ).stdout
+            if f":{NGINX_PROXY_PROTOCOL_PORT} " in listening:
+                break
+            time.sleep(0.05)
+        assert f":{NGINX_PROXY_PROTOCOL_PORT} " in listening, "nginx did not start"
+        yield log_path
+    finally:
+        nginx.terminate()
+        try:
+            nginx.wait(timeout=IO_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+            nginx.wait()
+
+
+def _http_get_from(source: str, destination: tuple[str, int]) -> tuple[bytes, int]:
+    """GET / from ``source`` (a loopback address); the response body and our source port."""
+    family = family_of(source)
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.settimeout(IO_TIMEOUT)
+        client.bind((source, 0))
+        client.connect(destination)
+        client.sendall(b"GET / HTTP/1.0\r\nHost: pyetest\r\n\r\n")
+        response = _read_to_eof(client)
+        return response.partition(b"\r\n\r\n")[2], client.getsockname()[1]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize(
+    ("client", "listen_host", "backend_host"),
+    [("127.0.0.5", "127.0.0.1", "127.0.0.1"), ("::1", "::1", "::1"), ("::1", "::1", "127.0.0.1")],
+)
+def test_proxy_protocol_tells_nginx_the_real_client(
+    spawn_proxy: Callable[..., RunningProxy],
+    proxy_protocol_nginx: Path,
+    private_netns: str,
+    version: str,
+    client: str,
+    listen_host: str,
+    backend_host: str,
+) -> None:
+    def scenario() -> tuple[bytes, int]:
+        port = free_port(family_of(listen_host), socket.SOCK_STREAM, listen_host)
+        backend = (backend_host, NGINX_PROXY_PROTOCOL_PORT)
+        args = proxy_args("tcp", listen_host, port, backend, "-proxy-protocol", version)
+        proxy = spawn_proxy(args)
+        assert proxy.status == b"0\n"
+        return _http_get_from(client, (listen_host, port))
+
+    body, client_port = run_in_netns(private_netns, scenario)
+    # nginx saw the proxy connect from the loopback, but learned the client from the header.
+    assert body == f"{client} {client_port}\n".encode()
+    assert wait_until(lambda: proxy_protocol_nginx.exists() and proxy_protocol_nginx.read_text())
+    logged = proxy_protocol_nginx.read_text().split()
+    assert logged == [client, str(client_port), backend_host]
+
+
+def test_without_proxy_protocol_nginx_rejects_the_connection(
+    spawn_proxy: Callable[..., RunningProxy], proxy_protocol_nginx: Path, private_netns: str
+) -> None:
+    # Off by default: a backend that insists on the header gets none and closes.
+    def scenario() -> bytes:
+        port = free_port(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
+        backend = ("127.0.0.1", NGINX_PROXY_PROTOCOL_PORT)
+        proxy = spawn_proxy(proxy_args("tcp", "127.0.0.1", port, backend))
+        assert proxy.status == b"0\n"
+        return _http_get_from("127.0.0.5", ("127.0.0.1", port))[0]
+
+    assert run_in_netns(private_netns, scenario) == b""
