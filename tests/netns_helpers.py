@@ -20,7 +20,8 @@ import shlex
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 
@@ -360,3 +361,106 @@ def remove_firewall(backend: str, table: str) -> None:
             run("iptables", "-t", ipt_table, "-F", chain)
         for chain in chains:
             run("iptables", "-t", ipt_table, "-X", chain)
+
+
+# -- raw frames -----------------------------------------------------------------------------
+
+ETH_P_ALL = 0x0003  # <linux/if_ether.h>
+PACKET_OUTGOING = 4  # <linux/if_packet.h>: frames this host sent, looped back to packet sockets
+
+
+def link_mac(netns_name: str | None, ifname: str) -> str:
+    """The MAC address of ``ifname`` (in ``netns_name``; None: the caller's namespace)."""
+    if netns_name is None:
+        with open(f"/sys/class/net/{ifname}/address") as f:
+            return f.read().strip()
+    return json.loads(run("ip", "-n", netns_name, "-j", "link", "show", "dev", ifname))[0][
+        "address"
+    ]
+
+
+def send_frames(netns_name: str | None, ifname: str, frames: list[bytes]) -> None:
+    """Write raw Ethernet frames out of ``ifname``, bypassing the namespace's routing, ARP and
+    firewall: what a compromised container (or a LAN host) can put on the wire."""
+    with netns_socket(
+        netns_name, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
+    ) as sock:
+        sock.bind((ifname, 0))
+        for frame in frames:
+            sock.send(frame)
+
+
+class FrameCapture:
+    """Every frame arriving on ``ifname`` inside ``netns_name``, collected by a thread from
+    creation to ``stop()`` (frames the namespace itself sent are left out). A context manager."""
+
+    def __init__(self, netns_name: str | None, ifname: str) -> None:
+        self.sock = netns_socket(
+            netns_name, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)
+        )
+        self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.05)
+        self._frames: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                data, address = self.sock.recvfrom(65535)
+            except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
+                return
+            if address[2] != PACKET_OUTGOING:
+                with self._lock:
+                    self._frames.append(data)
+
+    def frames(self) -> list[bytes]:
+        with self._lock:
+            return list(self._frames)
+
+    def wait_for(self, predicate: Callable[[bytes], bool], timeout: float) -> bool:
+        """Whether a frame matching ``predicate`` arrived within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(predicate(frame) for frame in self.frames()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=IO_TIMEOUT)
+        self.sock.close()
+
+    def __enter__(self) -> FrameCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# -- kernel objects named after a test's prefix -----------------------------------------------
+
+
+def netns_with_prefix(prefix: str) -> list[str]:
+    """Network namespaces in /run/netns whose name starts with ``prefix``."""
+    if not os.path.isdir(NETNS_DIR):
+        return []
+    return sorted(name for name in os.listdir(NETNS_DIR) if name.startswith(prefix))
+
+
+def links_with_prefix(prefix: str) -> list[str]:
+    with IPRoute() as ipr:
+        names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return sorted(name for name in names if name.startswith(prefix))
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    """The interfaces enslaved to ``bridge`` (empty when it does not exist)."""
+    path = f"/sys/class/net/{bridge}/brif"
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
