@@ -28,7 +28,7 @@ venv: $(STAMPS)/venv
 $(STAMPS)/venv: pyproject.toml $(STAMPS)/apt
 	@mkdir -p $(STAMPS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	@touch $@
 
 images: $(NGINX_ARCHIVE) $(BUSYBOX_ARCHIVE)

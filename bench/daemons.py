@@ -1,0 +1,303 @@
+"""pyengined instances the run starts under its own names, and their containers.
+
+Each daemon gets its own socket, data root, bridge, subnet and nftables table (the same flags
+tests/conftest.py's start_daemon uses). Stopping one removes its containers first, then lets
+the daemon tear its network down; whatever a daemon that died could not remove is swept here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import procfs
+from engine.client import Client, DaemonError, DaemonUnreachable
+from netd.jsonstate import read_json
+
+BIN = Path(sys.executable).parent
+START_TIMEOUT_SECONDS = 30
+STOP_TIMEOUT_SECONDS = 60
+
+
+class BenchDaemonError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Publish:
+    """One ``-p``: ``host_ip:host_port -> container_port/proto`` ("" host_ip: every address)."""
+
+    host_port: int
+    container_port: int
+    proto: str = "tcp"
+    host_ip: str = ""
+
+
+@dataclass(frozen=True)
+class RunningContainer:
+    id: str
+    ip: str
+    pid: int  # its init process, in the host's pid namespace
+
+
+def available_backends() -> list[str]:
+    """The --firewall-backend choices this pyengined offers (read from its --help)."""
+    result = subprocess.run(
+        [str(BIN / "pyengined"), "--help"], capture_output=True, text=True, timeout=30
+    )
+    match = re.search(r"--firewall-backend\s+\[([a-z0-9_|-]+)\]", result.stdout)
+    return match.group(1).split("|") if match else ["nftables"]
+
+
+def port_bindings(publish: list[Publish]) -> dict[str, list[dict[str, str]]]:
+    """Docker's HostConfig.PortBindings for ``publish``."""
+    bindings: dict[str, list[dict[str, str]]] = {}
+    for p in publish:
+        bindings.setdefault(f"{p.container_port}/{p.proto}", []).append(
+            {"HostIp": p.host_ip, "HostPort": str(p.host_port)}
+        )
+    return bindings
+
+
+@dataclass
+class BenchDaemon:
+    name: str  # its bridge and its nftables table
+    bip: str
+    userland_proxy: bool
+    backend: str
+    workdir: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def mode(self) -> str:
+        return "proxy" if self.userland_proxy else "dnat"
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}/{self.backend}"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "pyengine.sock"
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    @property
+    def data_root(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "pyengined.log"
+
+    @property
+    def client(self) -> Client:
+        return Client(self.host)
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "pyengine"), "-H", self.host, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    # -- images and containers --------------------------------------------------------------
+
+    def load(self, archive: Path) -> None:
+        with open(archive, "rb") as f:
+            self.client.load(f)
+
+    def create(self, image: str, publish: list[Publish], cmd: list[str] | None = None) -> str:
+        bindings = port_bindings(publish)
+        config: dict[str, Any] = {
+            "Image": image,
+            "Cmd": cmd,
+            "ExposedPorts": {key: {} for key in bindings},
+            "HostConfig": {"PortBindings": bindings},
+        }
+        return self.client.create(None, config)
+
+    def start(self, container_id: str) -> RunningContainer:
+        self.client.start(container_id)
+        info = self.client.inspect(container_id)
+        return RunningContainer(
+            container_id, info["NetworkSettings"]["IPAddress"], int(info["State"]["Pid"])
+        )
+
+    def run(
+        self, image: str, publish: list[Publish], cmd: list[str] | None = None
+    ) -> RunningContainer:
+        container_id = self.create(image, publish, cmd)
+        try:
+            return self.start(container_id)
+        except BaseException:
+            self.remove(container_id)
+            raise
+
+    def remove(self, container_id: str) -> None:
+        try:
+            self.client.remove(container_id, force=True)
+        except DaemonError as exc:
+            if exc.status != 404:
+                raise
+
+    def remove_all(self) -> None:
+        for c in self.client.containers(all=True):
+            self.remove(c["Id"])
+
+    def proxy_pid(self, proto: str, host_port: int, host_ip: str = "127.0.0.1") -> int:
+        """The pyengine-proxy process serving ``host_ip:host_port/proto``: the innermost of the
+        daemon's descendants holding that socket (the daemon keeps a dup of it, and the proxy
+        may be exec'd by the daemon or forked by a helper of it)."""
+        inode = procfs.bound_socket_inode(proto, host_ip, host_port)
+        if inode is not None:
+            tree = procfs.process_tree()
+            holders = [
+                pid
+                for pid in procfs.descendants(self.process.pid, tree)
+                if procfs.holds_socket(pid, inode)
+            ]
+            innermost = [
+                pid
+                for pid in holders
+                if not any(other in procfs.descendants(pid, tree) for other in holders)
+            ]
+            if len(innermost) == 1:
+                return innermost[0]
+        raise BenchDaemonError(
+            f"{self.name}: no pyengine-proxy serves {host_ip}:{host_port}/{proto}"
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Remove every container, stop the daemon, and sweep what it could not remove."""
+        try:
+            if self.process.poll() is None:
+                self.remove_all()
+        except (DaemonError, DaemonUnreachable, OSError):
+            pass
+        finally:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Remove what a dead daemon left: containers, mounts, namespaces, veths, its table
+        and its bridge. Only objects named in this daemon's own state or flags are touched."""
+        runc_root = self.data_root / "runc"
+        if runc_root.is_dir():
+            listed = subprocess.run(
+                ["runc", "--root", str(runc_root), "list", "-q"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            for container_id in listed.stdout.split():
+                subprocess.run(
+                    ["runc", "--root", str(runc_root), "delete", "-f", container_id],
+                    capture_output=True,
+                    timeout=30,
+                )
+        for mount_point in _mounts_under(self.data_root):
+            subprocess.run(["umount", "-l", mount_point], capture_output=True, timeout=30)
+        state = read_json(self.data_root / "network" / "endpoints.json", {}) or {}
+        for endpoint in state.get("endpoints", {}).values():
+            subprocess.run(["ip", "link", "del", endpoint["host_veth"]], capture_output=True)
+            subprocess.run(["ip", "netns", "del", endpoint["netns_name"]], capture_output=True)
+        if self.backend == "nftables":
+            tables = subprocess.run(
+                ["nft", "list", "tables"], capture_output=True, text=True, timeout=30
+            ).stdout
+            if f"table inet {self.name}" in tables.splitlines():
+                subprocess.run(["nft", "delete", "table", "inet", self.name], capture_output=True)
+        links = json.loads(
+            subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout or "[]"
+        )
+        if any(link.get("ifname") == self.name for link in links):
+            subprocess.run(["ip", "link", "del", self.name], capture_output=True)
+
+
+def _mounts_under(root: Path) -> list[str]:
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/mounts") as f:
+        points = [line.split()[1] for line in f]
+    # Deepest first, so nested mounts come off before their parents.
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+
+
+def start_daemon(
+    workdir: Path, name: str, bip: str, userland_proxy: bool, backend: str
+) -> BenchDaemon:
+    """Start pyengined and wait until it answers; on failure it is stopped again."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    daemon_cmd = [
+        str(BIN / "pyengined"),
+        "-H",
+        f"unix://{workdir / 'pyengine.sock'}",
+        "--data-root",
+        str(workdir / "data"),
+        "--bridge",
+        name,
+        "--bip",
+        bip,
+        "--firewall-table",
+        name,
+        "--firewall-backend",
+        backend,
+        f"--userland-proxy={'true' if userland_proxy else 'false'}",
+    ]
+    with open(workdir / "pyengined.log", "wb") as log:
+        process = subprocess.Popen(
+            daemon_cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # ^C in the terminal reaches the harness only
+        )
+    daemon = BenchDaemon(name, bip, userland_proxy, backend, workdir, process)
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise BenchDaemonError(
+                    f"pyengined {name} exited at start (status {process.returncode}):\n"
+                    f"{daemon.log_tail()}"
+                )
+            if daemon.socket_path.exists():
+                try:
+                    daemon.client.ping()
+                    return daemon
+                except (DaemonUnreachable, DaemonError, OSError):
+                    pass
+            time.sleep(0.1)
+        raise BenchDaemonError(
+            f"pyengined {name} did not answer within {START_TIMEOUT_SECONDS} s:\n"
+            f"{daemon.log_tail()}"
+        )
+    except BaseException:
+        daemon.stop()
+        raise

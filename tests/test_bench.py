@@ -1,0 +1,404 @@
+"""The benchmark harness (bench/): its parsers, report and plots offline, then real runs of
+``python -m bench --quick`` that must produce well-formed JSON, Markdown and PNG files and leave
+nothing behind — on success and on ^C. No test here asserts that any speed is reached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.config import PROXY_VARIANTS, VARIANTS, BenchConfig
+from bench.datapath import METRICS
+from bench.loadgen import WRK_REPORT_PREFIX, LoadError, parse_iperf3, parse_wrk
+from bench.ports import PortPool
+from bench.procfs import live_group_members
+from bench.report import markdown_table, render
+from bench.results import Results, Sample, check_document, ratio, summarize
+from bench.tools import MissingTool, Tool, find_tools
+from bench.topology import RunNames, leftovers
+from tests.conftest import REPO, require, require_root, require_tool
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+QUICK_TIMEOUT_SECONDS = 900  # generous: the first run may build the iperf3 image (~30 s)
+
+
+# -- offline: parsers, statistics, report --------------------------------------------------
+
+
+def test_parse_wrk_reads_the_report_line() -> None:
+    stdout = (
+        "Running 1s test @ http://127.0.0.1:1/\n  2 threads and 50 connections\n"
+        f'{WRK_REPORT_PREFIX}{{"duration_us":2000000,"requests":50000,"bytes":8000000,'
+        '"connect_errors":1,"read_errors":2,"write_errors":0,"status_errors":3,"timeouts":4,'
+        '"p50_us":550.0,"p99_us":4200.5,"mean_us":800.0}\n'
+    )
+    result = parse_wrk(stdout)
+    assert result.requests == 50000
+    assert result.requests_per_second == pytest.approx(25000)
+    assert result.megabytes_per_second == pytest.approx(4.0)
+    assert result.p50_ms == pytest.approx(0.55)
+    assert result.p99_ms == pytest.approx(4.2005)
+    assert result.errors == 10
+
+
+def test_parse_wrk_without_report_is_an_error() -> None:
+    with pytest.raises(LoadError, match="no report"):
+        parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n")
+
+
+def test_parse_iperf3_tcp_udp_and_error() -> None:
+    tcp = {"end": {"sum_received": {"bits_per_second": 1.5e10, "bytes": 5_000_000, "seconds": 3}}}
+    parsed = parse_iperf3(tcp, udp=False)
+    assert parsed.bits_per_second == 1.5e10 and parsed.bytes == 5_000_000
+    assert parsed.lost_percent is None
+    udp = {
+        "end": {
+            "sum_received": {
+                "bits_per_second": 4.9e8,
+                "bytes": 61_000_000,
+                "seconds": 1.0,
+                "jitter_ms": 0.004,
+                "lost_percent": 0.25,
+            }
+        }
+    }
+    parsed = parse_iperf3(udp, udp=True)
+    assert parsed.lost_percent == 0.25 and parsed.jitter_ms == 0.004
+    with pytest.raises(LoadError, match="busy"):
+        parse_iperf3({"error": "the server is busy running a test. try again later"}, udp=False)
+
+
+def test_summarize_and_ratio() -> None:
+    stat = summarize([3.0, None, 1.0, math.nan, 2.0])
+    assert stat is not None
+    assert (stat.median, stat.low, stat.high, stat.count) == (2.0, 1.0, 3.0, 3)
+    assert summarize([None]) is None
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(3.0, 0.0) is None and ratio(None, 2.0) is None
+
+
+def test_markdown_table_rows_have_the_header_width() -> None:
+    table = markdown_table(["a", "b", "c"], [["x", "1", "2|3"], ["y", "4", "5"]])
+    lines = table.strip().splitlines()
+    assert lines[1] == "|---|---:|---:|"
+    assert all(_cells(line) == 3 for line in lines)
+
+
+def test_missing_tool_is_named_with_its_package(tmp_path: Path) -> None:
+    absent = Tool("pyebench-no-such-program", "pyebench-pkg", "a test tool")
+    with pytest.raises(MissingTool) as err:
+        find_tools((absent,), search_path=str(tmp_path))
+    message = str(err.value)
+    assert "pyebench-no-such-program" in message
+    assert "apt-get install pyebench-pkg" in message
+    assert "--install-missing" in message
+
+
+def test_check_document_reports_bad_samples() -> None:
+    doc = _synthetic_results().to_json()
+    assert check_document(doc) == []
+    doc["samples"][0]["values"]["gbit_s"] = -1.0
+    doc["samples"][1]["study"] = "nonsense"
+    problems = check_document(doc)
+    assert any("gbit_s" in p for p in problems)
+    assert any("unknown study" in p for p in problems)
+    assert check_document({"schema": "other"})
+
+
+def test_port_pool_hands_out_distinct_free_ports() -> None:
+    pool = PortPool()
+    first, second = pool.take(50), pool.take(50)
+    assert len(set(first)) == 50 and not set(first) & set(second)
+    assert all(pool.low <= p < pool.high for p in first + second)
+    pool.give_back(first)
+    assert not set(first) & pool._given
+
+
+def test_quick_profile_is_small_and_validation_names_the_problem(tmp_path: Path) -> None:
+    quick = BenchConfig.quick_profile(tmp_path)
+    assert quick.repeat == 1 and quick.duration_s == 1
+    assert max(quick.publish_counts) <= quick.proxy_publish_max
+    full = BenchConfig(out=tmp_path)
+    assert full.repeat >= 3 and set(full.publish_counts) >= {1, 100, 1000, 10000}
+    with pytest.raises(ValueError, match="unknown variant"):
+        BenchConfig(out=tmp_path, variants=("warp-drive",)).validate()
+
+
+def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
+    results = _synthetic_results()
+    text = render(results)
+    assert "÷ dnat-lo" in text and "÷ docker-proxy" in text
+    _assert_tables_well_formed(text)
+    # docker-proxy's tcp-1 median is 10, dnat-lo's 20: the ratio is 0.50.
+    row = next(line for line in text.splitlines() if line.startswith("| docker-proxy |"))
+    assert "**0.50** · 10.00" in row
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        require(False, "needs matplotlib (pip install matplotlib)")
+    from bench.plots import write_plots
+
+    names = write_plots(results, tmp_path)
+    assert "datapath-tcp-1.png" in names
+    for name in names:
+        _assert_png(tmp_path / name)
+
+
+# -- real runs ------------------------------------------------------------------------------
+
+
+def _require_bench_tools() -> None:
+    require_root()
+    for tool in ("iperf3", "wrk", "socat", "runc", "nft", "ip"):
+        require_tool(tool)
+    require(
+        bool(shutil.which("docker-proxy") or os.path.exists("/usr/sbin/docker-proxy")),
+        "needs docker-proxy (apt-get install docker.io)",
+    )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        require(False, "needs matplotlib (pip install matplotlib)")
+
+
+@dataclass
+class QuickRun:
+    returncode: int
+    out: Path
+    stderr: str
+    run_id: str
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    _require_bench_tools()
+    out = tmp_path_factory.mktemp("bench-quick")
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_SECONDS,
+        stdin=subprocess.DEVNULL,
+    )
+    match = re.search(r"run ([0-9a-f]{4}):", result.stderr)
+    return QuickRun(result.returncode, out, result.stderr, match.group(1) if match else "")
+
+
+def test_quick_run_writes_well_formed_json(quick_run: QuickRun) -> None:
+    assert quick_run.returncode == 0, quick_run.stderr[-3000:]
+    doc = json.loads((quick_run.out / "results.json").read_text())
+    assert check_document(doc) == []
+    assert doc["completed"] is True and doc["quick"] is True
+    results = Results.from_json(doc)
+    assert results.variant_names == list(VARIANTS)
+    for metric in METRICS.values():
+        for variant in VARIANTS:
+            samples = results.select("datapath", metric.id, variant)
+            assert samples, f"no successful {metric.id} sample for {variant}"
+            assert samples[0].values[metric.headline] > 0
+            proxy_cpu = samples[0].values["proxy_cpu_s"]
+            assert (proxy_cpu is not None) == (variant in PROXY_VARIANTS)
+    for variant in PROXY_VARIANTS:
+        for when in ("idle-fresh", "idle-after-load"):
+            memory = results.select("memory", when, variant, role="http")
+            assert memory and memory[0].values["pss_kb"] > 0
+    assert {s.params["mode"] for s in results.select("first-response")} == {"proxy", "dnat"}
+    published = results.select("publish", "run")
+    assert {(s.params["mode"], s.params["ports"]) for s in published} >= {
+        (mode, n) for mode in ("proxy", "dnat") for n in (0, 1, 10)
+    }
+    assert all(s.values["kernel_objects"] is not None for s in published)
+    proxied = [s for s in published if s.params["mode"] == "proxy" and s.params["ports"]]
+    assert proxied and all(s.values["helpers_pss_mib"] > 0 for s in proxied)
+    rates = results.select("connrate")
+    assert {s.params["ports"] for s in rates} == {1, 10}
+    assert all(s.params["mode"] == "dnat" for s in rates)
+
+
+def test_quick_run_writes_markdown_with_every_variant(quick_run: QuickRun) -> None:
+    assert quick_run.returncode == 0, quick_run.stderr[-3000:]
+    text = (quick_run.out / "results.md").read_text()
+    _assert_tables_well_formed(text)
+    headline = text.split("## Headline: median ÷ dnat-lo", 1)[1].split("\n## ", 1)[0]
+    for variant in VARIANTS:
+        assert f"| {variant} |" in headline
+    for section in ("Publishing N ports", "DNAT connection rate", "first HTTP 200", "Memory"):
+        assert section in text
+
+
+def test_quick_run_writes_png_plots(quick_run: QuickRun) -> None:
+    assert quick_run.returncode == 0, quick_run.stderr[-3000:]
+    doc = json.loads((quick_run.out / "results.json").read_text())
+    names = doc["plots"]
+    assert "publish-time.png" in names and "connrate.png" in names
+    assert {f"datapath-{m}.png" for m in METRICS} <= set(names)
+    for name in names:
+        _assert_png(quick_run.out / "plots" / name)
+
+
+def test_quick_run_leaves_nothing_behind(quick_run: QuickRun) -> None:
+    assert quick_run.run_id, quick_run.stderr[-3000:]
+    doc = json.loads((quick_run.out / "results.json").read_text())
+    _assert_run_removed(quick_run.run_id, doc)
+
+
+def test_interrupt_removes_everything(tmp_path: Path) -> None:
+    _require_bench_tools()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(ln) for ln in process.stderr or []])
+    reader.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + QUICK_TIMEOUT_SECONDS
+        while not any("tcp-1 ·" in ln for ln in seen):
+            assert process.poll() is None, "".join(seen)
+            assert time.monotonic() < deadline, "the data path never started:\n" + "".join(seen)
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                continue
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=180) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout=10)
+    while not lines.empty():
+        seen.append(lines.get())
+    run_id = next(m.group(1) for ln in seen if (m := re.search(r"run ([0-9a-f]{4}):", ln)))
+    doc = json.loads((tmp_path / "results.json").read_text())
+    _assert_run_removed(run_id, doc)
+    assert doc["completed"] is False and "SIGINT" in doc["aborted"]
+    assert check_document(doc) == []
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _assert_run_removed(run_id: str, doc: dict[str, Any] | None = None) -> None:
+    assert leftovers(RunNames(run_id)) == []
+    processes = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True)
+    assert f"pyebench-{run_id}-" not in processes.stdout, "a process of the run is still running"
+    assert f"pyebench-{run_id}-" not in Path("/proc/mounts").read_text()
+    assert not list(Path("/tmp").glob(f"pyebench-{run_id}-*")), "work directory left behind"
+    if doc is not None:
+        assert not any("left behind" in note for note in doc["notes"]), doc["notes"]
+        started = doc["environment"]["hand_started"]
+        assert {p["kind"] for p in started} == {"docker-proxy", "socat"}
+        for p in started:
+            assert live_group_members(p["pid"]) == [], f"{p['kind']} processes still running"
+
+
+def _cells(line: str) -> int:
+    return len(re.split(r"(?<!\\)\|", line.strip())) - 2
+
+
+def _assert_tables_well_formed(text: str) -> None:
+    tables: list[list[str]] = [[]]
+    for line in text.splitlines():
+        if line.startswith("|"):
+            tables[-1].append(line)
+        elif tables[-1]:
+            tables.append([])
+    tables = [t for t in tables if t]
+    assert tables, "no table"
+    for table in tables:
+        assert re.fullmatch(r"\|(-{3}:?\|)+", table[1]), table[1]
+        widths = {_cells(line) for line in table}
+        assert len(widths) == 1, f"ragged table: {table[0]}"
+        assert len(table) > 2, f"table without rows: {table[0]}"
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    length, kind = struct.unpack(">I4s", data[8:16])
+    width, height = struct.unpack(">II", data[16:24])
+    assert kind == b"IHDR" and length == 13, path
+    assert width > 100 and height > 100, path
+    assert data[-8:-4] == b"IEND", path
+
+
+def _synthetic_results() -> Results:
+    variants = list(VARIANTS)
+    results = Results(
+        command="python -m bench --quick",
+        run_id="0000",
+        started="2026-01-01T00:00:00Z",
+        finished="2026-01-01T00:01:00Z",
+        quick=True,
+        config=BenchConfig(out=Path("out")).to_json(),
+        machine={"cpu": "test", "cpus": 2},
+        tools={"iperf3": "iperf 3.12"},
+        variants=[{"name": v, "path": VARIANTS[v]} for v in variants],
+        metrics=[{"id": m.id, "title": m.title} for m in METRICS.values()],
+    )
+    base = {"dnat-lo": 20.0, "docker-proxy": 10.0}
+    for metric in METRICS.values():
+        for rep in range(3):
+            for variant in variants:
+                value = base.get(variant, 15.0) + rep - 1  # median: the base
+                values: dict[str, float | None] = {
+                    metric.headline: value,
+                    "bytes": 1e9,
+                    "p50_ms": 0.5,
+                    "p99_ms": 4.0,
+                    "loss_pct": 0.1,
+                    "jitter_ms": 0.01,
+                    "requests": 1e5,
+                    "errors": 0.0,
+                    "proxy_cpu_s": 0.4 if variant in PROXY_VARIANTS else None,
+                    "proxy_cpu_s_per_gb": 0.4 if variant in PROXY_VARIANTS else None,
+                    "proxy_cpu_us_per_req": 25.0 if variant in PROXY_VARIANTS else None,
+                }
+                results.add(Sample("datapath", metric.id, variant, rep, values=values, wall_s=1.0))
+    for variant in PROXY_VARIANTS:
+        mem = {"rss_kb": 3000.0, "pss_kb": 1200.0, "pss_anon_kb": 700.0, "threads": 7.0}
+        results.add(Sample("memory", "idle-fresh", variant, 0, values=mem, params={"role": "http"}))
+    for mode in ("proxy", "dnat"):
+        for n in (0, 1, 100):
+            params = {"ports": n, "mode": mode, "backend": "nftables"}
+            run = {"run_s": 0.1 + n / 1000, "rm_s": 0.05, "kernel_objects": 17.0 + n}
+            run["helpers_pss_mib"] = 5.0 + n
+            results.add(Sample("publish", "run", f"{mode}/nftables", 0, values=run, params=params))
+            if mode == "dnat" and n:
+                rate = {"req_s": 18000.0, "p50_ms": 0.8, "p99_ms": 5.0, "errors": 0.0}
+                results.add(Sample("connrate", "http-close", "dnat/nftables", 0, rate, params))
+        first = {"first_200_s": 0.3, "run_returned_s": 0.25}
+        results.add(
+            Sample(
+                "first-response",
+                "run-to-200",
+                f"{mode}/nftables",
+                0,
+                values=first,
+                params={"mode": mode, "probe_outcomes": {"ok": 1, "refused": 40}},
+            )
+        )
+    return results
