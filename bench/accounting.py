@@ -1,5 +1,5 @@
 """CPU accounting around one sample: the proxy's own CPU, and how busy the rest of the machine
-was (the machine is shared: other people's work must be visible in the results).
+was (on a shared machine, unrelated load must be visible in the results).
 
 "Ours" is everything the run started: the load generators (reaped children of this process),
 the daemons and every proxy (process trees), and the server containers (their cgroups). The

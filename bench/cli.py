@@ -212,7 +212,7 @@ def run_studies(
 
 def new_results(env: Environment, command: str, started: str, backends: list[str]) -> Results:
     notes = [
-        "The machine is shared: other engineers' test suites ran during this benchmark. Compare "
+        "The machine is shared: unrelated test suites ran during this benchmark. Compare "
         "the ratios (all variants were alternated within each metric, so they saw the same "
         "conditions) rather than the absolute figures.",
         f"Firewall backends measured in the publishing study: {', '.join(backends)}.",

@@ -32,7 +32,7 @@ class Sample:
     started: float = 0.0  # unix time
     wall_s: float = 0.0
     # CPU seconds over the sample: the whole machine, what this benchmark's processes used,
-    # and the difference (other engineers' work on a shared machine).
+    # and the difference (unrelated load on a shared machine).
     load: dict[str, float] = field(default_factory=dict)
     disturbed: bool = False
     attempts: int = 1
