@@ -1,6 +1,6 @@
 """``/containers``: Docker's container calls (v1.41 shapes) translated to the engine.
 
-What the docker CLI sends is in /work/shared/reference/docker-cli-api-trace.md: ``run -d`` is
+What the docker CLI sends (traced against dockerd 20.10): ``run -d`` is
 create → ``wait?condition=next-exit`` → start; ``run`` in the foreground attaches first (a
 hijacked connection); ``--rm`` sets ``HostConfig.AutoRemove`` and waits with
 ``condition=removed``. A create that asks for something pyengined cannot do is refused with 501
