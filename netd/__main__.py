@@ -1,4 +1,4 @@
-"""``python -m netd status``: the bridge, endpoints, published ports and live firewall rules."""
+"""``python -m netd status``: networks, endpoints, published ports and live firewall rules."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def main() -> None:
     help="Firewall backend; default: the persisted one, else whichever is installed.",
 )
 def status(data_root: Path, table: str | None, backend: str | None) -> None:
-    """Show the bridge, endpoints, published ports and the live firewall rules."""
+    """Show the networks, endpoints, published ports and the live firewall rules."""
     try:
         click.echo(render_status(collect_status(data_root, table, backend)), nl=False)
     except NetdError as exc:

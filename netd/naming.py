@@ -21,12 +21,30 @@ def netns_name(prefix: str, container_id: str) -> str:
     return f"{prefix}{container_id[:12]}"
 
 
-def host_veth_name(container_id: str) -> str:
-    """``pye<10 hex>``: the id's first 10 hex digits, or a hash of it when it is not hex."""
+def host_veth_name(container_id: str, index: int = 0) -> str:
+    """The host end of the container's ``eth<index>``: ``pye<10 hex>``.
+
+    For ``eth0`` the hex digits are the id's first 10 (a hash of the id when it is not hex), as
+    ``ip link`` users know them from Docker's ``veth<7 hex>``; for ``eth1``... a hash of the id
+    and the index, so every name can be recomputed from the container id alone.
+    """
     digits = container_id[:10].lower()
-    if len(digits) < 10 or not _HEX.match(digits):
-        digits = hashlib.sha256(container_id.encode()).hexdigest()[:10]
+    if index == 0:
+        if len(digits) < 10 or not _HEX.match(digits):
+            digits = hashlib.sha256(container_id.encode()).hexdigest()[:10]
+    else:
+        digits = hashlib.sha256(f"{container_id}/eth{index}".encode()).hexdigest()[:10]
     return f"pye{digits}"
+
+
+def container_ifname(index: int) -> str:
+    return f"eth{index}"
+
+
+def bridge_name_for(network_id: str) -> str:
+    """``pyebr-<first 9 of the id>``: Docker's ``br-<12>`` with our prefix, which makes leaks
+    visible; 9 digits because a name holds at most 15 characters (IFNAMSIZ)."""
+    return f"pyebr-{network_id[:9]}"
 
 
 def mac_for_ip(addr: IPv4Address) -> str:

@@ -1,9 +1,14 @@
-"""A container's network sandbox: a named network namespace and the veth pair that joins it to
-the bridge (host end on the bridge, peer renamed ``eth0`` inside the namespace)."""
+"""A container's network sandbox: a named network namespace, and the veth pairs that join it to
+bridges (host end on the bridge, peer born inside the namespace as ``eth<N>``).
+
+Namespaces are only ever entered with ``flags=0``: pyroute2 would otherwise create a missing
+one (``O_CREAT`` is its default), and a namespace must exist only while netd's state says so.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 from ipaddress import IPv4Address, IPv4Interface
 
 from pyroute2 import IPRoute, netns
@@ -12,7 +17,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 from netd.errors import NetdError
 
 NETNS_RUN_DIR = "/run/netns"
-CONTAINER_IFNAME = "eth0"
 
 
 def netns_path(name: str) -> str:
@@ -39,6 +43,10 @@ def delete_netns(name: str) -> None:
         netns.remove(name)
 
 
+def _in_netns(name: str) -> IPRoute:
+    return IPRoute(netns=name, flags=0)
+
+
 def link_exists(ifname: str) -> bool:
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=ifname))
@@ -55,20 +63,21 @@ def delete_link(ifname: str) -> None:
 
 
 def _configure_inside(
-    netns_name: str, address: IPv4Interface, gateway: IPv4Address, mac: str
+    netns_name: str, ifname: str, address: IPv4Interface, mac: str, mtu: int
 ) -> None:
-    with IPRoute(netns=netns_name) as ns:
+    with _in_netns(netns_name) as ns:
         lo = ns.link_lookup(ifname="lo")[0]
         ns.link("set", index=lo, state="up")
-        eth0 = ns.link_lookup(ifname=CONTAINER_IFNAME)[0]
-        ns.link("set", index=eth0, address=mac)
-        ns.addr("add", index=eth0, address=str(address.ip), prefixlen=address.network.prefixlen)
-        ns.link("set", index=eth0, state="up")
-        ns.route("add", dst="0.0.0.0/0", gateway=str(gateway))
+        index = ns.link_lookup(ifname=ifname)[0]
+        ns.link("set", index=index, address=mac)
+        if mtu:
+            ns.link("set", index=index, mtu=mtu)
+        ns.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+        ns.link("set", index=index, state="up")
 
 
-def plug_into_bridge(host_veth: str, bridge: str, hairpin: bool) -> None:
-    """Enslave ``host_veth`` to ``bridge`` (again), set its hairpin mode and bring it up."""
+def plug_into_bridge(host_veth: str, bridge: str, hairpin: bool, isolated: bool) -> None:
+    """Enslave ``host_veth`` to ``bridge`` (again), set its port flags and bring it up."""
     with IPRoute() as ipr:
         bridges = ipr.link_lookup(ifname=bridge)
         ports = ipr.link_lookup(ifname=host_veth)
@@ -77,8 +86,13 @@ def plug_into_bridge(host_veth: str, bridge: str, hairpin: bool) -> None:
         try:
             ipr.link("set", index=ports[0], master=bridges[0])
             # Hairpin mode lets a frame leave through the port it came in on, so a container
-            # can reach itself through a DNATed host port (bridge(8), "hairpin").
-            ipr.brport("set", index=ports[0], mode=1 if hairpin else 0)
+            # can reach itself through a DNATed host port (bridge(8), "hairpin"). An isolated
+            # port forwards to non-isolated ports only (bridge(8), "isolated"; the bridge's own
+            # interface, i.e. the gateway, is not a port), which is how enable_icc=false keeps
+            # containers of one network apart without br_netfilter.
+            ipr.brport(
+                "set", index=ports[0], mode=1 if hairpin else 0, isolated=1 if isolated else 0
+            )
             ipr.link("set", index=ports[0], state="up")
         except NetlinkError as exc:
             raise NetdError(f"cannot plug {host_veth} into {bridge}: {exc.args[-1]}") from None
@@ -87,30 +101,72 @@ def plug_into_bridge(host_veth: str, bridge: str, hairpin: bool) -> None:
 def connect_netns_to_bridge(
     netns_name: str,
     host_veth: str,
+    ifname: str,
     bridge: str,
     address: IPv4Interface,
-    gateway: IPv4Address,
     mac: str,
     hairpin: bool,
+    isolated: bool,
+    mtu: int = 0,
 ) -> None:
-    """Create the veth pair with its peer born inside the namespace as eth0, address it, route
-    by default through ``gateway``, and enslave the host end to ``bridge``. All or nothing."""
+    """Create the veth pair with its peer born inside the namespace as ``ifname``, address it
+    and enslave the host end to ``bridge``. All or nothing (routes: ``set_default_route``)."""
+    if not netns_exists(netns_name):
+        raise NetdError(f"network namespace {netns_name} does not exist")
     try:
         with IPRoute() as ipr:
             ipr.link(
                 "add",
                 ifname=host_veth,
                 kind="veth",
-                peer={"ifname": CONTAINER_IFNAME, "net_ns_fd": netns_name},
+                peer={"ifname": ifname, "net_ns_fd": netns_name},
             )
+            if mtu:
+                ipr.link("set", index=ipr.link_lookup(ifname=host_veth)[0], mtu=mtu)
     except NetlinkError as exc:
         raise NetdError(f"cannot create veth {host_veth}: {exc.args[-1]}") from None
     try:
-        _configure_inside(netns_name, address, gateway, mac)
-        plug_into_bridge(host_veth, bridge, hairpin)
+        _configure_inside(netns_name, ifname, address, mac, mtu)
+        plug_into_bridge(host_veth, bridge, hairpin, isolated)
     except NetlinkError as exc:
         delete_link(host_veth)
         raise NetdError(f"cannot configure veth {host_veth}: {exc.args[-1]}") from None
     except BaseException:
         delete_link(host_veth)
         raise
+
+
+def set_default_route(netns_name: str, via: tuple[str, IPv4Address] | None) -> None:
+    """Make the namespace's IPv4 default route go through ``(ifname, gateway)``, or have none."""
+    try:
+        with _in_netns(netns_name) as ns:
+            current = ns.get_routes(family=socket.AF_INET, dst_len=0, table=254)
+            wanted = None
+            if via is not None:
+                found = ns.link_lookup(ifname=via[0])
+                if not found:
+                    raise NetdError(f"no interface {via[0]} in network namespace {netns_name}")
+                wanted = (found[0], str(via[1]))
+            have = [(r.get_attr("RTA_OIF"), r.get_attr("RTA_GATEWAY")) for r in current]
+            if have == ([wanted] if wanted else []):
+                return
+            for route in current:
+                ns.route("del", dst="0.0.0.0/0", oif=route.get_attr("RTA_OIF"))
+            if wanted is not None:
+                ns.route("add", dst="0.0.0.0/0", oif=wanted[0], gateway=wanted[1])
+    except NetlinkError as exc:
+        raise NetdError(
+            f"cannot set the default route in network namespace {netns_name}: {exc.args[-1]}"
+        ) from None
+
+
+def interfaces_in(netns_name: str) -> dict[str, list[str]]:
+    """Interface name → its IPv4 addresses (``a.b.c.d/len``) inside the namespace."""
+    with _in_netns(netns_name) as ns:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ns.get_links()}
+        result: dict[str, list[str]] = {name: [] for name in names.values()}
+        for addr in ns.get_addr(family=socket.AF_INET):
+            name = names.get(addr["index"])
+            if name is not None:
+                result[name].append(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+        return result

@@ -1,12 +1,14 @@
-"""What netd has set up, for people learning how it works: the bridge and endpoints from the
-persisted state, checked against the kernel, and the firewall rules and published-port
-mappings as the kernel holds them now. Read-only: nothing here changes the kernel or a file.
+"""What netd has set up, for people learning how it works: the networks (with their bridges)
+and endpoints from the persisted state, checked against the kernel, and the firewall rules and
+published-port mappings as the kernel holds them now. Read-only: nothing here changes the
+kernel or a file.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -14,6 +16,7 @@ from pyroute2 import IPRoute
 from netd import sandbox
 from netd.controller import (
     ENDPOINTS_FILE,
+    IPAM_FILE,
     NETWORK_FILE,
     STATE_DIR,
     Endpoint,
@@ -24,6 +27,8 @@ from netd.errors import NetdError
 from netd.firewall import BACKENDS, Firewall, PortMapping, make_firewall
 from netd.firewall.iptables import IptablesFirewall
 from netd.jsonstate import read_json
+from netd.network import DEFAULT_NETWORK, READY, Network, default_network_id
+from netd.state import NetdState
 
 _IFF_UP = 0x1  # <linux/if.h>
 
@@ -36,6 +41,12 @@ class BridgeStatus:
     up: bool = False
     addresses: list[str] = field(default_factory=list)  # live IPv4 address/prefix
     ports: list[str] = field(default_factory=list)  # live enslaved interfaces
+
+
+@dataclass
+class NetworkStatus:
+    network: Network
+    bridge: BridgeStatus
 
 
 @dataclass
@@ -55,7 +66,7 @@ class PortStatus:
 @dataclass
 class NetdStatus:
     data_root: Path
-    bridge: BridgeStatus
+    networks: list[NetworkStatus]  # the default network first
     backend: str  # "" when no firewall of ours was found
     table: str
     userland_proxy: bool | None
@@ -65,6 +76,11 @@ class NetdStatus:
     firewall_text: str
     firewall_error: str = ""
     iptables_variant: str = ""  # "nf_tables" or "legacy" for the iptables backend
+
+    @property
+    def bridge(self) -> BridgeStatus:
+        """The default network's bridge."""
+        return self.networks[0].bridge
 
 
 def _bridge_status(name: str, subnet: str) -> BridgeStatus:
@@ -89,6 +105,22 @@ def _bridge_status(name: str, subnet: str) -> BridgeStatus:
     return status
 
 
+def _default_network(network: dict[str, str], defaults: NetdConfig) -> Network:
+    """The default network as the firewall record (network.json) describes it."""
+    bridge = network.get("bridge") or defaults.bridge
+    subnet = network.get("subnet", "")
+    gateway = network.get("gateway", "")
+    seed = IPv4Interface(f"{gateway}/{subnet.split('/')[-1]}" if subnet else defaults.bridge_cidr)
+    return Network(
+        id=default_network_id(bridge, seed),
+        name=DEFAULT_NETWORK,
+        bridge=bridge,
+        subnet=subnet or str(seed.network),
+        gateway=gateway or str(seed.ip),
+        default=True,
+    )
+
+
 def _pick_backend(table: str, userland_proxy: bool) -> tuple[str, Firewall | None]:
     """The backend whose objects for ``table`` exist (nftables first), if any."""
     for backend in BACKENDS:
@@ -106,19 +138,25 @@ def collect_status(
 ) -> NetdStatus:
     state_dir = data_root / STATE_DIR
     network = read_json(state_dir / NETWORK_FILE, None) or {}
-    persisted = read_json(state_dir / ENDPOINTS_FILE, None) or {}
     defaults = NetdConfig(data_root=data_root)
     table = table or network.get("table") or defaults.table
     proxy = network.get("userland_proxy")
-    bridge = _bridge_status(network.get("bridge") or defaults.bridge, network.get("subnet", ""))
-
+    persisted = NetdState.load(
+        state_dir / ENDPOINTS_FILE, _default_network(network, defaults), state_dir / IPAM_FILE
+    )
+    known_networks = list(persisted.networks.values())
+    if not any(n.default for n in known_networks):
+        known_networks.insert(0, _default_network(network, defaults))
+    networks = [
+        NetworkStatus(net, _bridge_status(net.bridge, net.subnet)) for net in known_networks
+    ]
     endpoints = [
         EndpointStatus(
             ep,
             sandbox.netns_exists(ep.netns_name),
             sandbox.link_exists(ep.host_veth),
         )
-        for ep in (Endpoint(**raw) for raw in persisted.get("endpoints", {}).values())
+        for ep in persisted.endpoints.values()
     ]
 
     firewall: Firewall | None = None
@@ -145,16 +183,15 @@ def collect_status(
 
     ports: list[PortStatus] = []
     known: set[PortMapping] = set()
-    for cid, raws in persisted.get("ports", {}).items():
-        for raw in raws:
-            port = PublishedPort(**raw)
+    for cid, published in persisted.ports.items():
+        for port in published:
             known.add(port.mapping())
             in_kernel = None if live is None else port.mapping() in live
             ports.append(PortStatus(cid, port, in_kernel))
     unknown = [m for m in live or [] if m not in known]
     return NetdStatus(
         data_root=data_root,
-        bridge=bridge,
+        networks=networks,
         backend=chosen or "",
         table=table,
         userland_proxy=proxy,
@@ -182,23 +219,41 @@ def _mapping_text(m: PortMapping) -> str:
 def render_status(status: NetdStatus) -> str:
     out: list[str] = [f"netd state under {status.data_root / STATE_DIR}", ""]
 
-    b = status.bridge
-    out.append("Bridge")
-    if b.exists:
-        state = "UP" if b.up else "DOWN"
-        addrs = ", ".join(b.addresses) or "no address"
-        out.append(f"  {b.name}  {addrs}  {state}  ports: {', '.join(b.ports) or 'none'}")
-    else:
-        out.append(f"  {b.name}  (no such link)")
-    if b.subnet:
-        out.append(f"  subnet (persisted): {b.subnet}")
     proxy = {True: "on", False: "off (kernel DNAT only)", None: "unknown"}[status.userland_proxy]
-    out.append(f"  userland proxy: {proxy}")
+    out.append(f"userland proxy: {proxy}")
+    out.append("")
+
+    out.append(f"Networks ({len(status.networks)})")
+    for ns in status.networks:
+        net, b = ns.network, ns.bridge
+        flags = [
+            flag
+            for flag, on in (
+                ("default", net.default),
+                ("internal", net.internal),
+                ("icc off", not net.enable_icc),
+                ("no masquerade", not net.masquerade),
+                (net.state, net.state != READY),
+            )
+            if on
+        ]
+        range_text = f"  ip-range {net.ip_range}" if net.ip_range else ""
+        out.append(
+            f"  {net.name}  {net.id[:12]}  subnet {net.subnet}  gateway {net.gateway}"
+            f"{range_text}" + (f"  ({', '.join(flags)})" if flags else "")
+        )
+        if b.exists:
+            state = "UP" if b.up else "DOWN"
+            addrs = ", ".join(b.addresses) or "no address"
+            out.append(f"    {b.name}  {addrs}  {state}  ports: {', '.join(b.ports) or 'none'}")
+        else:
+            out.append(f"    {b.name}  (no such link)")
     out.append("")
 
     out.append(f"Endpoints ({len(status.endpoints)})")
     if status.endpoints:
-        rows = [["CONTAINER", "NETNS", "HOST VETH", "ADDRESS", "MAC", "LIVE"]]
+        names = {ns.network.id: ns.network.name for ns in status.networks}
+        rows = [["CONTAINER", "NETWORK", "IF", "NETNS", "HOST VETH", "ADDRESS", "MAC", "LIVE"]]
         for e in status.endpoints:
             ep = e.endpoint
             missing = [
@@ -206,14 +261,19 @@ def render_status(status: NetdStatus) -> str:
                 for name, present in (("netns", e.netns_present), ("veth", e.veth_present))
                 if not present
             ]
+            live = "yes" if not missing else "missing " + ",".join(missing)
+            if ep.state != READY:
+                live = f"{ep.state}, {live}"
             rows.append(
                 [
                     ep.container_id[:12],
+                    names.get(ep.network_id, ep.network_name or "?"),
+                    ep.ifname,
                     ep.netns_name,
                     ep.host_veth,
                     f"{ep.ip}/{ep.prefixlen}",
                     ep.mac,
-                    "yes" if not missing else "missing " + ",".join(missing),
+                    live,
                 ]
             )
         out += _table(rows)

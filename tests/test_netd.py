@@ -322,7 +322,9 @@ def test_delete_endpoint_leaves_nothing(net: Net, ext: ExternalHost) -> None:
     assert not netns_exists(ep.netns_name)
     assert net.mappings() == []
     assert net.ctrl.endpoints() == {} and net.ctrl.published(cid) == []
-    assert read_json(net.cfg.data_root / "network" / "ipam.json")["allocations"] == {}
+    state = read_json(net.cfg.data_root / "network" / "endpoints.json")
+    assert [n["ipam"]["allocations"] for n in state["networks"].values()] == [{}]
+    assert state["endpoints"] == {} and state["sandboxes"] == {}
     assert_port_free(port, "tcp")
     assert_port_free(port, "udp", "127.0.0.1")
     net.ctrl.delete_endpoint(cid)  # idempotent
@@ -737,7 +739,7 @@ def test_status_shows_bridge_endpoint_and_published_port(net: Net) -> None:
     assert f"{BRIDGE}  {GATEWAY}/24  UP  ports: {ep.host_veth}" in out
     endpoint_row = next(line for line in out.splitlines() if line.startswith(f"  {cid[:12]}  "))
     assert endpoint_row.split() == [
-        cid[:12], ep.netns_name, ep.host_veth, f"{ep.ip}/24", ep.mac, "yes"
+        cid[:12], "bridge", "eth0", ep.netns_name, ep.host_veth, f"{ep.ip}/24", ep.mac, "yes"
     ]  # fmt: skip
     mapping = f"tcp 127.0.0.1:{port} -> {ep.ip}:80"
     assert f"  {cid[:12]}  {mapping}  yes" in out

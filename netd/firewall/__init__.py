@@ -7,7 +7,11 @@ Both backends implement the same policy (docs in each module):
   conntrack sees them (Docker 28's "direct routing" protection);
 * packets to a port published on a loopback address are dropped unless they arrive on ``lo``,
   so a LAN host cannot reach it by spoofing 127.0.0.1 (moby#45610, moby#41872);
-* published ports are DNATed from every other interface, and from the host itself.
+* published ports are DNATed from every other interface, and from the host itself;
+* no traffic is forwarded between two bridge networks (Docker's DOCKER-ISOLATION), except
+  connections to published ports, which any client may open;
+* an internal network's bridge forwards nothing to or from any other interface, and its
+  subnet is not masqueraded.
 
 A backend owns one table (or chain set) outright and nothing else; every method is one
 transaction that either applies completely or leaves the previous state untouched.
@@ -37,6 +41,8 @@ class BridgeNetwork:
     bridge: str
     subnet: IPv4Network
     gateway: IPv4Address
+    internal: bool = False  # no forwarding in or out, no masquerade
+    masquerade: bool = True  # source NAT for traffic leaving through another interface
 
 
 @dataclass(frozen=True)

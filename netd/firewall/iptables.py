@@ -6,7 +6,7 @@ For table name ``pyengine`` the chains are (prefix = the table name upper-cased)
     nat    PREROUTING  --tag--> PYENGINE-PREROUTING --> PYENGINE-DNAT   one DNAT rule per port
     nat    OUTPUT      --tag--> PYENGINE-OUTPUT     --> PYENGINE-DNAT
     nat    POSTROUTING --tag--> PYENGINE-POSTROUTING                    masquerade
-    filter FORWARD     --tag--> PYENGINE-FORWARD                        bridge forwarding policy
+    filter FORWARD     --tag--> PYENGINE-FORWARD    --> PYENGINE-ISOLATE   bridge forwarding policy
 
 The jumps from the built-in chains carry ``-m comment --comment <table>`` (the "tag"); they and
 the chains above are all this backend ever writes or deletes. The rules mirror the nftables
@@ -71,7 +71,7 @@ _JUMPS = (
 _CHAIN_SUFFIXES = {
     "raw": ("PREROUTING",),
     "nat": ("PREROUTING", "OUTPUT", "POSTROUTING", "DNAT"),
-    "filter": ("FORWARD",),
+    "filter": ("FORWARD", "ISOLATE"),
 }
 
 
@@ -271,16 +271,28 @@ class IptablesFirewall(Firewall):
         prerouting = ["-d 127.0.0.0/8 -j RETURN"]  # loopback never arrives from a wire
         output: list[str] = []
         postrouting: list[str] = []
+        # Before any accept: internal networks, then the isolation between networks.
+        forward_first: list[str] = []
         forward: list[str] = []
+        # Jumped to by packets leaving a bridge through another interface: those going into
+        # another of our bridges are dropped, unless they belong to a connection to a published
+        # port (DNATed, or the reply of one), which any client may open.
+        isolate = ["-m conntrack --ctstate DNAT -j RETURN"]
         for net in networks:
             br, subnet = net.bridge, str(net.subnet)
             # Containers are reached through the bridge or through DNAT of a host address; the
             # gateway address is the host's own.
             raw.append(f"-d {net.gateway}/32 -j RETURN")
             raw.append(f"-d {subnet} ! -i {br} -j DROP")
+            isolate.append(f"-o {br} -j DROP")
+            if net.internal:
+                forward_first += [f"-i {br} ! -o {br} -j DROP", f"! -i {br} -o {br} -j DROP"]
+                continue
+            forward_first.append(f"-i {br} ! -o {br} -j {c('ISOLATE')}")
             if proxy:
                 prerouting.append(f"-i {br} -j RETURN")  # containers go through the proxy
-            postrouting.append(f"-s {subnet} ! -o {br} -j MASQUERADE")
+            if net.masquerade:
+                postrouting.append(f"-s {subnet} ! -o {br} -j MASQUERADE")
             if not proxy:
                 # Loopback and hairpin connections DNATed to the bridge: rewrite the source so
                 # replies come back through this host and get un-NATed.
@@ -311,7 +323,7 @@ class IptablesFirewall(Firewall):
                     c("DNAT"): dnat,
                 }
             ),
-            "filter": TableState({c("FORWARD"): forward}),
+            "filter": TableState({c("FORWARD"): forward_first + forward, c("ISOLATE"): isolate}),
         }
         for jump in _JUMPS:
             target[jump.table].jumps.append((jump.builtin, self._jump_spec(jump)))

@@ -11,6 +11,11 @@ its drops see the destination as it was on the wire: a packet to a published hos
 carries the host's address there, while one routed straight at a container carries the
 container's. The loopback drop looks the port up in the same map the DNAT rule uses, so it
 follows publish/unpublish without any rule change.
+
+``filter_forward`` starts with the network-wide drops: an internal network's bridge forwards
+nothing in or out, and a packet leaving one bridge for another goes through ``isolate_networks``
+(Docker's DOCKER-ISOLATION stages in one chain), which drops it unless conntrack marks its
+connection as DNATed, i.e. as a connection to a published port.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from netd.naming import valid_ifname
 MAP_ON_ADDR = "published_on_addr"
 # Keyed by protocol and port only: mappings bound to every local address (0.0.0.0).
 MAP_ON_ANY = "published_on_any"
+ISOLATE_CHAIN = "isolate_networks"
 
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _PROTOCOLS = ("tcp", "udp")
@@ -98,17 +104,32 @@ class NftablesFirewall(Firewall):
         prerouting = ["ip daddr 127.0.0.0/8 return"]  # loopback never arrives from a wire
         output: list[str] = []
         postrouting: list[str] = []
+        # Before any accept: internal networks, then the isolation between networks.
+        forward_first: list[str] = []
         forward: list[str] = []
+        # Jumped to by packets leaving a bridge through another interface: those going into
+        # another of our bridges are dropped, unless they belong to a connection to a published
+        # port (DNATed, or the reply of one), which any client may open.
+        isolate = ["ct status dnat return"]
         for net in networks:
             br, subnet = f'"{net.bridge}"', str(net.subnet)
             # Containers are reached through the bridge or through DNAT of a host address,
             # never by routing to their addresses from elsewhere; the gateway is the host's.
             raw.append(f"iifname != {br} ip daddr {subnet} ip daddr != {net.gateway} counter drop")
+            isolate.append(f"oifname {br} counter drop")
+            if net.internal:
+                forward_first += [
+                    f"iifname {br} oifname != {br} counter drop",
+                    f"oifname {br} iifname != {br} counter drop",
+                ]
+                continue
+            forward_first.append(f"iifname {br} oifname != {br} jump {ISOLATE_CHAIN}")
             if proxy:
                 # Containers reach published ports through the userland proxy (Docker's
                 # "! -i docker0" on the nat DOCKER jump).
                 prerouting.append(f"iifname {br} return")
-            postrouting.append(f"ip saddr {subnet} oifname != {br} masquerade")
+            if net.masquerade:
+                postrouting.append(f"ip saddr {subnet} oifname != {br} masquerade")
             if not proxy:
                 # Host loopback and hairpin connections were DNATed to the bridge: rewrite the
                 # source so replies come back through this host and get un-NATed.
@@ -158,9 +179,14 @@ class NftablesFirewall(Firewall):
                 "nat_postrouting",
                 ["type nat hook postrouting priority srcnat; policy accept;", *postrouting],
             )
+            + chain(ISOLATE_CHAIN, isolate)
             + chain(
                 "filter_forward",
-                ["type filter hook forward priority filter; policy accept;", *forward],
+                [
+                    "type filter hook forward priority filter; policy accept;",
+                    *forward_first,
+                    *forward,
+                ],
             )
             + "}\n"
         )

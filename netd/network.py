@@ -1,0 +1,285 @@
+"""A bridge network: the default one (``bridge``, the daemon's ``--bridge``/``--bip``) or a
+user-defined one, with the Docker options netd understands.
+
+Options (Docker's names, values as strings; ``strconv.ParseBool`` spellings for booleans):
+
+* ``com.docker.network.bridge.name``: the bridge's interface name (default ``pyebr-<id9>``);
+* ``com.docker.network.bridge.enable_icc``: ``false`` isolates the bridge's container ports from
+  each other (bridge port isolation, bridge(8) ``isolated``), so containers of the network
+  cannot reach one another, while each still reaches its gateway and the outside. This works
+  with or without br_netfilter; when it is active (bridge-nf-call-iptables=1) a DNATed frame
+  between two containers of one bridge is bridged, not routed, so, as with Docker's
+  ``-i br -o br -j DROP``, a neighbour cannot reach a container's published port either;
+* ``com.docker.network.bridge.enable_ip_masquerade``: ``false`` leaves outgoing traffic un-NATed;
+* ``com.docker.network.bridge.host_binding_ipv4``: the host address ports are published on when
+  a binding names none (default 0.0.0.0);
+* ``com.docker.network.driver.mtu``: the MTU of the containers' veth pairs.
+
+Any other option is refused, so a user never believes an option took effect when it did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from netd.errors import Conflict, NetdError
+from netd.firewall import BridgeNetwork
+from netd.naming import bridge_name_for, valid_ifname
+from netd.subnetpool import HostRoute, check_no_route_overlap, pick_subnet
+
+DEFAULT_NETWORK = "bridge"
+DRIVER = "bridge"
+# Docker's pre-defined networks: "bridge" is netd's default network; "host" and "none" are not
+# bridge networks, but their names are taken all the same.
+PREDEFINED_NETWORKS = (DEFAULT_NETWORK, "host", "none")
+
+OPT_BRIDGE_NAME = "com.docker.network.bridge.name"
+OPT_ENABLE_ICC = "com.docker.network.bridge.enable_icc"
+OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
+OPT_HOST_BINDING = "com.docker.network.bridge.host_binding_ipv4"
+OPT_MTU = "com.docker.network.driver.mtu"
+SUPPORTED_OPTIONS = (OPT_BRIDGE_NAME, OPT_ENABLE_ICC, OPT_MASQUERADE, OPT_HOST_BINDING, OPT_MTU)
+
+# Docker's network name rule (daemon/network.go, "validNetworkName" via restrictedNamePattern).
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+_TRUE = ("1", "t", "T", "TRUE", "true", "True")
+_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+
+# Lifecycle of a record in the state file. An operation writes its record (or mark) before it
+# touches the kernel, so the next setup() knows what a crash may have left: "creating" is
+# rolled back, "removing" is carried through.
+CREATING, READY, REMOVING = "creating", "ready", "removing"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_network_id() -> str:
+    return secrets.token_hex(32)
+
+
+def default_network_id(bridge: str, gateway: IPv4Interface) -> str:
+    """Stable across restarts for the same ``--bridge``/``--bip`` (the API showed this id
+    before netd kept networks: keep it)."""
+    seed = f"pyengine default network {bridge} {gateway.with_prefixlen}"
+    return hashlib.sha256(seed.encode()).hexdigest()
+
+
+def check_network_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise NetdError(
+            f'invalid network name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed'
+        )
+
+
+def _parse_bool(option: str, value: str) -> bool:
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise NetdError(f'invalid value "{value}" for option {option} (want true or false)')
+
+
+@dataclass(frozen=True)
+class BridgeOptions:
+    bridge_name: str = ""
+    enable_icc: bool = True
+    masquerade: bool = True
+    host_binding_ipv4: str = "0.0.0.0"
+    mtu: int = 0  # 0: the kernel's default (1500 for veth)
+
+
+def parse_options(options: dict[str, str] | None) -> BridgeOptions:
+    """Docker driver options → what netd does with them; unknown options are refused."""
+    options = dict(options or {})
+    for key, value in options.items():
+        if key not in SUPPORTED_OPTIONS:
+            supported = ", ".join(SUPPORTED_OPTIONS)
+            raise NetdError(f'unsupported network option "{key}" (supported: {supported})')
+        if not isinstance(value, str):
+            raise NetdError(f"option {key} must be a string, got {value!r}")
+    parsed = BridgeOptions()
+    if OPT_ENABLE_ICC in options:
+        parsed = replace(parsed, enable_icc=_parse_bool(OPT_ENABLE_ICC, options[OPT_ENABLE_ICC]))
+    if OPT_MASQUERADE in options:
+        parsed = replace(parsed, masquerade=_parse_bool(OPT_MASQUERADE, options[OPT_MASQUERADE]))
+    if OPT_BRIDGE_NAME in options:
+        parsed = replace(parsed, bridge_name=options[OPT_BRIDGE_NAME])
+    if OPT_HOST_BINDING in options:
+        value = options[OPT_HOST_BINDING]
+        try:
+            address = IPv4Address(value)
+        except ValueError:
+            raise NetdError(
+                f'invalid value "{value}" for option {OPT_HOST_BINDING} (want an IPv4 address)'
+            ) from None
+        parsed = replace(parsed, host_binding_ipv4=str(address))
+    if OPT_MTU in options:
+        value = options[OPT_MTU]
+        if not value.isdigit() or not 68 <= int(value) <= 65535:
+            raise NetdError(f'invalid value "{value}" for option {OPT_MTU} (want 68-65535)')
+        parsed = replace(parsed, mtu=int(value))
+    return parsed
+
+
+@dataclass
+class Network:
+    id: str  # 64 hex
+    name: str
+    bridge: str  # the Linux bridge
+    subnet: str  # IPv4 network, e.g. "10.112.0.0/24"
+    gateway: str  # the bridge's address, the containers' default gateway
+    ip_range: str = ""  # automatic addresses come from here ("" = the whole subnet)
+    internal: bool = False  # no traffic in or out of the bridge but to its own containers
+    enable_icc: bool = True
+    masquerade: bool = True
+    host_binding_ipv4: str = "0.0.0.0"
+    mtu: int = 0
+    enable_ipv6: bool = False
+    configured_subnet: bool = False  # the user gave the subnet (Docker allows --ip only then)
+    default: bool = False  # the daemon's default network, "bridge"
+    driver: str = DRIVER
+    options: dict[str, str] = field(default_factory=dict)  # as the user gave them
+    labels: dict[str, str] = field(default_factory=dict)
+    created: str = ""
+    state: str = READY
+
+    @property
+    def interface(self) -> IPv4Interface:
+        """The gateway address with the subnet's prefix: what the bridge carries."""
+        return IPv4Interface(f"{self.gateway}/{IPv4Network(self.subnet).prefixlen}")
+
+    def firewall_view(self) -> BridgeNetwork:
+        return BridgeNetwork(
+            self.bridge,
+            IPv4Network(self.subnet),
+            IPv4Address(self.gateway),
+            internal=self.internal,
+            masquerade=self.masquerade,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Network:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class NetworkRequest:
+    """What ``create_network`` is asked for (the IPv4 part of Docker's NetworkCreate)."""
+
+    name: str
+    subnet: str | None = None
+    gateway: str | None = None
+    ip_range: str | None = None
+    internal: bool = False
+    enable_ipv6: bool = False
+    options: dict[str, str] | None = None
+    labels: dict[str, str] | None = None
+
+
+def _parse_subnet(text: str) -> IPv4Network:
+    try:
+        subnet = IPv4Network(text, strict=False)
+    except ValueError:
+        raise NetdError(f'invalid subnet "{text}"') from None
+    if str(subnet.network_address) != text.split("/")[0]:
+        raise NetdError(f"invalid subnet {text}: it should be {subnet}")
+    if subnet.prefixlen > 30:
+        raise NetdError(f"subnet {subnet} is too small: a /30 or larger is needed")
+    return subnet
+
+
+def _parse_gateway(text: str | None, subnet: IPv4Network) -> IPv4Address:
+    if not text:
+        return subnet.network_address + 1
+    try:
+        gateway = IPv4Address(text)
+    except ValueError:
+        raise NetdError(f'invalid gateway "{text}"') from None
+    if gateway not in subnet or gateway in (subnet.network_address, subnet.broadcast_address):
+        raise NetdError(f"gateway {gateway} is not a host address of subnet {subnet}")
+    return gateway
+
+
+def _parse_ip_range(text: str | None, subnet: IPv4Network) -> str:
+    if not text:
+        return ""
+    try:
+        pool = IPv4Network(text)
+    except ValueError:
+        raise NetdError(f'invalid ip-range "{text}"') from None
+    if not pool.subnet_of(subnet):
+        raise NetdError(f"ip-range {pool} is not inside subnet {subnet}")
+    return str(pool)
+
+
+def plan_network(
+    request: NetworkRequest,
+    existing: Sequence[Network],
+    routes: Sequence[HostRoute],
+    pools: Sequence[tuple[str, int]],
+) -> Network:
+    """Validate ``request`` against the ``existing`` networks and the host's ``routes`` into a
+    record in state CREATING (nothing is created yet). An explicit subnet may overlap neither
+    another network nor a route of the host; an automatic one is the first free pool subnet."""
+    name = request.name
+    check_network_name(name)
+    if name in PREDEFINED_NETWORKS or any(n.name == name for n in existing):
+        raise Conflict(f"network with name {name} already exists")
+    if request.enable_ipv6:
+        raise NetdError("IPv6 networks are not supported yet (enable_ipv6)")
+    opts = parse_options(request.options)
+    labels = dict(request.labels or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise NetdError("network labels must map strings to strings")
+    network_id = new_network_id()
+    while not opts.bridge_name and any(n.bridge == bridge_name_for(network_id) for n in existing):
+        network_id = new_network_id()  # 36 bits of the id name the bridge: a rare clash
+    bridge = opts.bridge_name or bridge_name_for(network_id)
+    if not valid_ifname(bridge):
+        raise NetdError(f'invalid bridge name "{bridge}"')
+    for net in existing:
+        if net.bridge == bridge:
+            raise Conflict(f'bridge {bridge} is already used by network "{net.name}"')
+
+    own_bridges = {n.bridge for n in existing}
+    if request.subnet:
+        subnet = _parse_subnet(request.subnet)
+        for net in existing:
+            if subnet.overlaps(IPv4Network(net.subnet)):
+                raise Conflict(f'subnet {subnet} overlaps network "{net.name}" ({net.subnet})')
+        check_no_route_overlap(subnet, routes, own_bridges)
+    else:
+        if request.gateway or request.ip_range:
+            raise NetdError("a gateway or an ip-range needs a subnet")
+        taken = [IPv4Network(n.subnet) for n in existing]
+        subnet = pick_subnet(pools, taken, routes, own_bridges)
+    return Network(
+        id=network_id,
+        name=name,
+        bridge=bridge,
+        subnet=str(subnet),
+        gateway=str(_parse_gateway(request.gateway, subnet)),
+        ip_range=_parse_ip_range(request.ip_range, subnet),
+        internal=bool(request.internal),
+        enable_icc=opts.enable_icc,
+        masquerade=opts.masquerade,
+        host_binding_ipv4=opts.host_binding_ipv4,
+        mtu=opts.mtu,
+        configured_subnet=bool(request.subnet),
+        options=dict(request.options or {}),
+        labels=labels,
+        created=now_rfc3339(),
+        state=CREATING,
+    )

@@ -1,0 +1,198 @@
+"""netd's persisted state: networks (with their address allocations), sandboxes (a container's
+namespace), endpoints (a container on a network) and published ports, in one JSON file.
+
+One file, written atomically after every step that changes it, means no crash can leave two
+halves of the state disagreeing; records carry a lifecycle mark (``network.CREATING`` /
+``READY`` / ``REMOVING``) written *before* the kernel is touched, so the next ``setup()`` knows
+what a crash may have left half-done. The file is still called ``endpoints.json`` (the first
+slice's name; tools read ``endpoints[*].host_veth`` and ``netns_name`` from it to sweep).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from netd.errors import NetdError
+from netd.firewall import PortMapping
+from netd.ipam import Ipam
+from netd.jsonstate import read_json, write_json_atomic
+from netd.network import READY, Network
+
+STATE_VERSION = 2
+
+
+@dataclass
+class Sandbox:
+    """A container's network namespace: made with its first endpoint, kept (with only ``lo``)
+    when its last endpoint is disconnected, removed with the container."""
+
+    container_id: str
+    netns_name: str
+    netns_path: str
+    state: str = READY
+
+
+@dataclass
+class Endpoint:
+    container_id: str
+    netns_name: str
+    netns_path: str
+    host_veth: str
+    ip: str
+    prefixlen: int
+    gateway: str
+    mac: str
+    network_id: str = ""
+    network_name: str = ""
+    ifname: str = "eth0"  # inside the namespace
+    aliases: list[str] = field(default_factory=list)
+    id: str = ""  # 64 hex, Docker's EndpointID
+    state: str = READY
+
+    @property
+    def key(self) -> str:
+        return endpoint_key(self.container_id, self.network_id)
+
+    @property
+    def index(self) -> int:
+        """N of ``eth<N>``."""
+        return int(self.ifname.removeprefix("eth"))
+
+
+def endpoint_key(container_id: str, network_id: str) -> str:
+    return f"{container_id}/{network_id}"
+
+
+@dataclass
+class PublishedPort:
+    proto: str
+    host_ip: str  # "0.0.0.0" = every local IPv4 address
+    host_port: int
+    container_ip: str
+    container_port: int
+    network_id: str = ""  # the network whose endpoint address the port is DNATed to
+    # The socket reserving the host port; never persisted. With the userland proxy the daemon
+    # hands a dup of it to pyengine-proxy (-use-listen-fd); netd closes its copy on unpublish.
+    sock: socket.socket | None = field(default=None, compare=False, repr=False)
+
+    def mapping(self) -> PortMapping:
+        return PortMapping(
+            self.proto, self.host_ip, self.host_port, self.container_ip, self.container_port
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "proto": self.proto,
+            "host_ip": self.host_ip,
+            "host_port": self.host_port,
+            "container_ip": self.container_ip,
+            "container_port": self.container_port,
+            "network_id": self.network_id,
+        }
+
+
+def close_ports(ports: list[PublishedPort]) -> None:
+    for port in ports:
+        if port.sock is not None:
+            port.sock.close()
+            port.sock = None
+
+
+def ipam_for(network: Network) -> Ipam:
+    return Ipam(
+        IPv4Network(network.subnet),
+        IPv4Address(network.gateway),
+        IPv4Network(network.ip_range) if network.ip_range else None,
+    )
+
+
+@dataclass
+class NetdState:
+    networks: dict[str, Network] = field(default_factory=dict)  # by id, in creation order
+    ipams: dict[str, Ipam] = field(default_factory=dict)  # by network id
+    sandboxes: dict[str, Sandbox] = field(default_factory=dict)  # by container id
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by endpoint_key()
+    ports: dict[str, list[PublishedPort]] = field(default_factory=dict)  # by container id
+
+    def add_network(self, network: Network) -> None:
+        self.networks[network.id] = network
+        self.ipams[network.id] = ipam_for(network)
+
+    def drop_network(self, network_id: str) -> None:
+        self.networks.pop(network_id, None)
+        self.ipams.pop(network_id, None)
+
+    def container_endpoints(self, container_id: str) -> list[Endpoint]:
+        """The container's endpoints, ``eth0`` first."""
+        found = [ep for ep in self.endpoints.values() if ep.container_id == container_id]
+        return sorted(found, key=lambda ep: ep.index)
+
+    def network_endpoints(self, network_id: str) -> list[Endpoint]:
+        return [ep for ep in self.endpoints.values() if ep.network_id == network_id]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "networks": {
+                nid: {**net.to_json(), "ipam": self.ipams[nid].to_json()}
+                for nid, net in self.networks.items()
+            },
+            "sandboxes": {cid: asdict(sb) for cid, sb in self.sandboxes.items()},
+            "endpoints": {key: asdict(ep) for key, ep in self.endpoints.items()},
+            "ports": {
+                cid: [p.to_json() for p in ports] for cid, ports in self.ports.items() if ports
+            },
+        }
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: Path, default: Network, legacy_ipam: Path) -> NetdState:
+        """The state in ``path``; a first-slice file (one default network, addresses in
+        ``legacy_ipam``) is read as endpoints on ``default``."""
+        data = read_json(path, None) or {}
+        state = cls()
+        version = data.get("version", 1 if data else STATE_VERSION)
+        if version == 1:
+            return cls._load_first_slice(data, default, legacy_ipam)
+        if version != STATE_VERSION:
+            raise NetdError(f"{path}: unknown state version {version!r}")
+        for nid, raw in data.get("networks", {}).items():
+            raw = dict(raw)
+            ipam_data = raw.pop("ipam", {})
+            network = Network.from_json(raw)
+            state.add_network(network)
+            state.ipams[nid].load_json(ipam_data)
+        # The file's keys are sorted: restore creation order, the default network first.
+        state.networks = dict(
+            sorted(state.networks.items(), key=lambda kv: (not kv[1].default, kv[1].created))
+        )
+        for cid, raw in data.get("sandboxes", {}).items():
+            state.sandboxes[cid] = Sandbox(**raw)
+        for key, raw in data.get("endpoints", {}).items():
+            state.endpoints[key] = Endpoint(**raw)
+        for cid, raws in data.get("ports", {}).items():
+            state.ports[cid] = [PublishedPort(**raw) for raw in raws]
+        return state
+
+    @classmethod
+    def _load_first_slice(cls, data: dict[str, Any], default: Network, ipam: Path) -> NetdState:
+        state = cls()
+        network = Network.from_json(default.to_json())
+        state.add_network(network)
+        old_ipam = read_json(ipam, None) or {}
+        if old_ipam.get("subnet") == network.subnet:
+            state.ipams[network.id].load_json(old_ipam)
+        for cid, raw in data.get("endpoints", {}).items():
+            ep = Endpoint(**raw, network_id=network.id, network_name=network.name)
+            state.endpoints[ep.key] = ep
+            state.sandboxes[cid] = Sandbox(cid, ep.netns_name, ep.netns_path)
+            state.ipams[network.id].claim(ep.ip, cid)
+        for cid, raws in data.get("ports", {}).items():
+            state.ports[cid] = [PublishedPort(**raw, network_id=network.id) for raw in raws]
+        return state
