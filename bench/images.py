@@ -10,23 +10,16 @@ reproducible in the same way (SOURCE_DATE_EPOCH, fixed gzip header, sorted membe
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from engine.imagebuild import (
     DEFAULT_PATH_ENV,
     DEFAULT_SUITE,
-    MERGED_USR_HOOKS,
     ImageBuildError,
-    default_mirror,
-    rfc3339,
-    source_date_epoch,
-    write_oci_archive,
+    build_debian_image,
 )
 from engine.reference import normalize
 
@@ -40,49 +33,6 @@ IPERF3_CONFIG: dict[str, Any] = {
 BUILD_TIMEOUT_SECONDS = 900
 
 
-def iperf3_mmdebstrap_command(out_tar: Path, suite: str, mirror: str | None) -> list[str]:
-    """A slim Debian rootfs holding iperf3 and what it links against."""
-    command = [
-        "mmdebstrap",
-        "--variant=essential",
-        "--include=iperf3",
-        f"--hook-dir={MERGED_USR_HOOKS}",
-        "--dpkgopt=path-exclude=/usr/share/man/*",
-        "--dpkgopt=path-exclude=/usr/share/locale/*",
-        "--dpkgopt=path-exclude=/usr/share/doc/*",
-        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
-        "--dpkgopt=path-exclude=/usr/share/info/*",
-        "--skip=output/dev",
-        suite,
-        str(out_tar),
-    ]
-    if mirror:
-        command.append(mirror)
-    return command
-
-
-def write_iperf3_rootfs(
-    out_tar: Path, suite: str, mirror: str | None, epoch: int, verbose: bool = False
-) -> None:
-    if shutil.which("mmdebstrap") is None:
-        raise ImageBuildError("mmdebstrap is not installed (apt-get install mmdebstrap)")
-    if not MERGED_USR_HOOKS.is_dir():
-        raise ImageBuildError(f"{MERGED_USR_HOOKS} is missing (mmdebstrap too old?)")
-    result = subprocess.run(
-        iperf3_mmdebstrap_command(out_tar, suite, mirror),
-        env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)},
-        stdin=subprocess.DEVNULL,
-        stdout=None if verbose else subprocess.PIPE,
-        stderr=None if verbose else subprocess.STDOUT,
-        text=True,
-        check=False,
-        timeout=BUILD_TIMEOUT_SECONDS,
-    )
-    if result.returncode != 0:
-        tail = (result.stdout or "").strip().splitlines()[-1:] or ["see its output"]
-        raise ImageBuildError(f"mmdebstrap failed with status {result.returncode}: {tail[0]}")
-
-
 def build_iperf3_image(
     out: Path,
     ref: str = "iperf3:latest",
@@ -91,21 +41,16 @@ def build_iperf3_image(
     verbose: bool = False,
 ) -> None:
     """Write the iperf3 image archive to ``out`` (mirror None: the host's apt sources)."""
-    epoch = source_date_epoch()
-    mirror = mirror or default_mirror()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pyengine-rootfs-", dir=out.parent) as tmp:
-        rootfs = Path(tmp) / "rootfs.tar"
-        write_iperf3_rootfs(rootfs, suite, mirror, epoch, verbose)
-        write_oci_archive(
-            rootfs,
-            IPERF3_CONFIG,
-            ref,
-            out,
-            rfc3339(epoch),
-            f"mmdebstrap --variant=essential --include=iperf3 {suite}",
-        )
+    build_debian_image(
+        out,
+        ["iperf3"],
+        IPERF3_CONFIG,
+        ref,
+        suite,
+        mirror,
+        verbose=verbose,
+        timeout=BUILD_TIMEOUT_SECONDS,
+    )
 
 
 BUILDERS = {"iperf3": build_iperf3_image}

@@ -318,23 +318,34 @@ def build_busybox_image(
         )
 
 
-# --- nginx ----------------------------------------------------------------------------------
+# --- images from Debian packages -----------------------------------------------------------
+
+NGINX_LOG_HOOKS = (
+    'ln -sf /dev/stdout "$1"/var/log/nginx/access.log',
+    'ln -sf /dev/stderr "$1"/var/log/nginx/error.log',
+)
 
 
-def nginx_mmdebstrap_command(out_tar: Path, suite: str, mirror: str | None) -> list[str]:
-    """The mmdebstrap invocation for a slim nginx rootfs (see the images reference notes)."""
+def debian_mmdebstrap_command(
+    out_tar: Path,
+    suite: str,
+    mirror: str | None,
+    packages: list[str],
+    customize_hooks: tuple[str, ...] = (),
+) -> list[str]:
+    """The mmdebstrap invocation for a slim rootfs holding ``packages`` (see the images
+    reference notes: essential variant, merged-usr hook, no docs, no device nodes)."""
     command = [
         "mmdebstrap",
         "--variant=essential",
-        "--include=nginx",
+        f"--include={','.join(packages)}",
         f"--hook-dir={MERGED_USR_HOOKS}",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-include=/usr/share/doc/*/copyright",
         "--dpkgopt=path-exclude=/usr/share/info/*",
-        '--customize-hook=ln -sf /dev/stdout "$1"/var/log/nginx/access.log',
-        '--customize-hook=ln -sf /dev/stderr "$1"/var/log/nginx/error.log',
+        *(f"--customize-hook={hook}" for hook in customize_hooks),
         "--skip=output/dev",
         suite,
         str(out_tar),
@@ -349,26 +360,66 @@ def default_mirror() -> str | None:
     return str(DEBIAN_SOURCES) if DEBIAN_SOURCES.exists() else None
 
 
-def write_nginx_rootfs(
-    out_tar: Path, suite: str, mirror: str | None, epoch: int, verbose: bool = False
+def write_debian_rootfs(
+    out_tar: Path,
+    suite: str,
+    mirror: str | None,
+    epoch: int,
+    packages: list[str],
+    customize_hooks: tuple[str, ...] = (),
+    verbose: bool = False,
+    timeout: float | None = None,
 ) -> None:
     if shutil.which("mmdebstrap") is None:
         raise ImageBuildError("mmdebstrap is not installed (apt-get install mmdebstrap)")
     if not MERGED_USR_HOOKS.is_dir():
         raise ImageBuildError(f"{MERGED_USR_HOOKS} is missing (mmdebstrap too old?)")
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(epoch)}
     result = subprocess.run(
-        nginx_mmdebstrap_command(out_tar, suite, mirror),
-        env=env,
+        debian_mmdebstrap_command(out_tar, suite, mirror, packages, customize_hooks),
+        env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch)},
         stdin=subprocess.DEVNULL,
         stdout=None if verbose else subprocess.PIPE,
         stderr=None if verbose else subprocess.STDOUT,
         text=True,
         check=False,
+        timeout=timeout,
     )
     if result.returncode != 0:
         tail = (result.stdout or "").strip().splitlines()[-1:] or ["see its output"]
         raise ImageBuildError(f"mmdebstrap failed with status {result.returncode}: {tail[0]}")
+
+
+def build_debian_image(
+    out: Path,
+    packages: list[str],
+    config: dict[str, Any],
+    ref: str,
+    suite: str = DEFAULT_SUITE,
+    mirror: str | None = None,
+    epoch: int | None = None,
+    customize_hooks: tuple[str, ...] = (),
+    verbose: bool = False,
+    timeout: float | None = None,
+) -> None:
+    """Write an image archive to ``out``: Debian's ``packages`` in a slim rootfs, one layer,
+    ``config`` as the image config (mirror: None means the host's sources)."""
+    epoch = source_date_epoch() if epoch is None else epoch
+    mirror = mirror or default_mirror()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pyengine-rootfs-", dir=out.parent) as tmp:
+        rootfs = Path(tmp) / "rootfs.tar"
+        write_debian_rootfs(
+            rootfs, suite, mirror, epoch, packages, customize_hooks, verbose, timeout
+        )
+        write_oci_archive(
+            rootfs,
+            config,
+            ref,
+            out,
+            rfc3339(epoch),
+            f"mmdebstrap --variant=essential --include={','.join(packages)} {suite}",
+        )
 
 
 def build_nginx_image(
@@ -379,22 +430,10 @@ def build_nginx_image(
     epoch: int | None = None,
     verbose: bool = False,
 ) -> None:
-    """Write the nginx image archive to ``out`` (mirror: None means the host's sources)."""
-    epoch = source_date_epoch() if epoch is None else epoch
-    mirror = mirror or default_mirror()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pyengine-rootfs-", dir=out.parent) as tmp:
-        rootfs = Path(tmp) / "rootfs.tar"
-        write_nginx_rootfs(rootfs, suite, mirror, epoch, verbose)
-        write_oci_archive(
-            rootfs,
-            NGINX_CONFIG,
-            ref,
-            out,
-            rfc3339(epoch),
-            f"mmdebstrap --variant=essential --include=nginx {suite}",
-        )
+    """Write the nginx image archive to ``out``: Debian's nginx, logging to stdout/stderr."""
+    build_debian_image(
+        out, ["nginx"], NGINX_CONFIG, ref, suite, mirror, epoch, NGINX_LOG_HOOKS, verbose
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
