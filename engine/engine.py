@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -678,9 +677,6 @@ class Engine:
         # pyroute2 and libnftables calls block: run them off the loop, one at a time.
         async with self._net_lock:
             return await asyncio.to_thread(fn, *args)
-
-    def remove_all_state(self) -> None:
-        shutil.rmtree(self.cfg.data_root / "containers", ignore_errors=True)
 
 
 class _JsonLogReader:
