@@ -1,10 +1,10 @@
 """The Docker Engine API (v1.41 shapes) over aiohttp: translation between HTTP and the engine.
 
 The parts: api_system (ping, version, info), api_containers, api_images (and ``/auth``),
-api_networks (the default bridge). Every route is served with and without the ``/v1.NN``
-prefix; a version outside [MIN_API_VERSION, API_VERSION] is a 400 as in Docker. Errors are
-``{"message": ...}`` with Docker's status codes; a Docker feature pyengined lacks is a 501 that
-names it, never a 500 with a traceback.
+api_networks (the default bridge and user-defined networks). Every route is served with and
+without the ``/v1.NN`` prefix; a version outside [MIN_API_VERSION, API_VERSION] is a 400 as in
+Docker. Errors are ``{"message": ...}`` with Docker's status codes; a Docker feature pyengined
+lacks is a 501 that names it, never a 500 with a traceback.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from engine.containers import ContainerConflict, ContainerNotFound
 from engine.engine import Engine, InvalidParameter, NotRunning
 from engine.images import ImageConflict, ImageLoadError, ImageNotFound
 from engine.runtime import ContainerStartError
+from netd import errors as netd_errors
 from netd.errors import NetdError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -86,9 +87,9 @@ async def _no_such_volume(request: web.Request) -> web.Response:
 
 # Exception → status, most specific first. Anything else is a 500 with one line.
 _STATUS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
-    ((ContainerNotFound, ImageNotFound, NotFound), 404),
-    ((ContainerConflict, NotRunning, ImageConflict), 409),
-    (Forbidden, 403),
+    ((ContainerNotFound, ImageNotFound, NotFound, netd_errors.NotFound), 404),
+    ((ContainerConflict, NotRunning, ImageConflict, netd_errors.Conflict), 409),
+    ((Forbidden, netd_errors.Forbidden), 403),
     (NotImplementedByEngine, 501),
     (
         (

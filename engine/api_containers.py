@@ -35,7 +35,7 @@ from engine.api_common import (
     stream_frame,
     unix_seconds,
 )
-from engine.api_networks import DEFAULT_NETWORK, NO_USER_NETWORKS, NetworksApi, endpoint_id
+from engine.api_networks import NetworksApi
 from engine.containers import Container
 from engine.engine import (
     DaemonShuttingDown,
@@ -46,6 +46,8 @@ from engine.engine import (
 )
 from engine.images import ImageNotFound
 from engine.monitor import parse_log_config
+from engine.networking import UNSUPPORTED_NETWORK_MODES
+from netd.network import DEFAULT_NETWORK
 
 CONTAINER_FILTERS = {
     "id",
@@ -61,7 +63,6 @@ CONTAINER_FILTERS = {
     "expose",
 }
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
-DEFAULT_NETWORK_MODES = ("", "default", DEFAULT_NETWORK)
 DISCONNECT_POLL_INTERVAL = 1.0
 T = TypeVar("T")
 _PORT_KEY_RE = re.compile(r"^([0-9]{1,5})(?:/(tcp|udp|sctp))?$")
@@ -200,28 +201,15 @@ def check_create_body(
 
     mode = host_config.get("NetworkMode") or ""
     _check_type(mode, (str,), "NetworkMode")
-    if mode in ("host", "none") or mode.startswith("container:"):
+    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
         raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
-    # 400, not Docker's 404: the docker CLI takes any 404 from create for a missing image
-    # and starts pulling it.
-    if mode not in DEFAULT_NETWORK_MODES:
-        raise BadParameter(f"network {mode} not found ({NO_USER_NETWORKS})")
+    # The networks themselves are checked by the engine: a missing one is a 400, not Docker's
+    # 404, because the docker CLI takes any 404 from create for a missing image and pulls.
     endpoints = (networking or {}).get("EndpointsConfig") or {}
     _check_type(endpoints, (dict,), "NetworkingConfig.EndpointsConfig")
-    for name, endpoint in endpoints.items():
-        if name not in DEFAULT_NETWORK_MODES:
-            raise BadParameter(f"network {name} not found ({NO_USER_NETWORKS})")
-        endpoint = endpoint or {}
-        ipam = endpoint.get("IPAMConfig") or {}
-        if ipam.get("IPv4Address") or ipam.get("IPv6Address"):
-            raise BadParameter(
-                "user specified IP address is supported on user defined networks only"
-            )
-        if endpoint.get("Aliases"):
-            raise BadParameter(
-                "network-scoped alias is supported only for containers in user defined networks"
-            )
-        if endpoint.get("Links"):
+    for endpoint in endpoints.values():
+        _check_type(endpoint, (dict,), "EndpointsConfig entry")
+        if (endpoint or {}).get("Links"):
             raise NotImplementedByEngine("links (--link) are not supported by pyengined")
 
 
@@ -328,24 +316,6 @@ class ContainersApi:
             return "Removal In Progress"
         return "Created"
 
-    def _endpoint_settings(self, c: Container) -> dict[str, Any]:
-        n = c.network
-        return {
-            "IPAMConfig": None,
-            "Links": None,
-            "Aliases": None,
-            "NetworkID": self.networks.default().id,
-            "EndpointID": endpoint_id(c) if n.ip else "",
-            "Gateway": n.gateway,
-            "IPAddress": n.ip,
-            "IPPrefixLen": n.prefixlen,
-            "IPv6Gateway": "",
-            "GlobalIPv6Address": "",
-            "GlobalIPv6PrefixLen": 0,
-            "MacAddress": n.mac,
-            "DriverOpts": None,
-        }
-
     def summary(self, c: Container, size: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {
             "Id": c.id,
@@ -359,7 +329,7 @@ class ContainersApi:
             "State": c.state.status,
             "Status": self._status_text(c),
             "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
-            "NetworkSettings": {"Networks": {DEFAULT_NETWORK: self._endpoint_settings(c)}},
+            "NetworkSettings": {"Networks": self.networks.container_networks(c)},
             "Mounts": [],
         }
         if size:
@@ -375,6 +345,8 @@ class ContainersApi:
     def inspect(self, c: Container) -> dict[str, Any]:
         s = c.state
         n = c.network
+        networks = self.networks.container_networks(c)
+        default = networks.get(DEFAULT_NETWORK) or {}
         cdir = self.engine.containers.dir(c)
         host_config = {
             "Binds": None,
@@ -467,23 +439,24 @@ class ContainersApi:
             "Config": config,
             "NetworkSettings": {
                 "Bridge": "",
-                "SandboxID": c.id if n.ip else "",
+                "SandboxID": c.id if c.state.running else "",
                 "HairpinMode": False,
                 "LinkLocalIPv6Address": "",
                 "LinkLocalIPv6PrefixLen": 0,
                 "Ports": self.ports_map(c),
-                "SandboxKey": n.netns_path,
+                "SandboxKey": n.netns_path if c.state.running else "",
                 "SecondaryIPAddresses": None,
                 "SecondaryIPv6Addresses": None,
-                "EndpointID": endpoint_id(c) if n.ip else "",
-                "Gateway": n.gateway,
+                # Docker fills these from the default network's endpoint only.
+                "EndpointID": default.get("EndpointID", ""),
+                "Gateway": default.get("Gateway", ""),
                 "GlobalIPv6Address": "",
                 "GlobalIPv6PrefixLen": 0,
-                "IPAddress": n.ip,
-                "IPPrefixLen": n.prefixlen,
+                "IPAddress": default.get("IPAddress", ""),
+                "IPPrefixLen": default.get("IPPrefixLen", 0),
                 "IPv6Gateway": "",
-                "MacAddress": n.mac,
-                "Networks": {DEFAULT_NETWORK: self._endpoint_settings(c)},
+                "MacAddress": default.get("MacAddress", ""),
+                "Networks": networks,
             },
         }
 
@@ -531,7 +504,9 @@ class ContainersApi:
             "exited": lambda c, v: c.state.status == "exited" and c.state.exit_code == int(v),
             "label": label,
             "ancestor": lambda c, v: c.image_id in ancestors,
-            "network": lambda c, v: self.networks.default().matches(v),
+            "network": lambda c, v: any(
+                a.name == v or a.network_id.startswith(v) for a in self.engine.attachments(c)
+            ),
             "before": lambda c, v: all(c.created < t for t in before),
             "since": lambda c, v: all(c.created > t for t in since),
             "publish": lambda c, v: has_port(c, v, True),
@@ -576,7 +551,9 @@ class ContainersApi:
         if platform:
             self._check_platform(body.get("Image") or "", platform)
         name = request.query.get("name") or None
-        c = await self.engine.create(name, body, host_config)
+        c = await self.engine.create(
+            name, body, host_config, (networking or {}).get("EndpointsConfig")
+        )
         return json_response({"Id": c.id, "Warnings": []}, status=201)
 
     def _check_platform(self, image_ref: str, platform: str) -> None:
@@ -680,6 +657,13 @@ class ContainersApi:
 
     # ---- wiring ----------------------------------------------------------------------------
 
+    async def rename(self, request: web.Request) -> web.Response:
+        name = request.query.get("name") or ""
+        if not name:
+            raise BadParameter("a new name is required (name)")
+        await self.engine.rename(request.match_info["id"], name)
+        return web.Response(status=204)
+
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
             ("POST", "/containers/create", self.create),
@@ -692,6 +676,7 @@ class ContainersApi:
             ("POST", "/containers/{id}/wait", self.wait),
             ("POST", "/containers/{id}/attach", self.attach),
             ("GET", "/containers/{id}/logs", self.logs),
+            ("POST", "/containers/{id}/rename", self.rename),
             ("DELETE", "/containers/{id}", self.remove),
         ]
 

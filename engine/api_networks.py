@@ -1,172 +1,270 @@
-"""``/networks``: the default bridge network, in Docker's shapes.
+"""``/networks``: the default ``bridge`` network and user-defined bridge networks, in Docker's
+shapes (Engine API v1.41 ``NetworkResource``, ``NetworkCreateRequest``, ``NetworkConnect``).
 
-Only Docker's default network, ``bridge``, exists (netd's bridge, ``--bridge``/``--bip``).
-User-defined networks are not built yet: creating, connecting and disconnecting answer 501, and
-removing ``bridge`` is refused as Docker refuses it (403).
+Only the bridge driver exists; IPv6 networks, several IPAM configs, overlay/macvlan drivers,
+attachable/ingress/config-only networks answer 501 with the reason, never a silent no-op.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from ipaddress import IPv4Interface
 from typing import Any
 
 from aiohttp import web
 
 from engine.api_common import (
-    Forbidden,
-    NotFound,
+    BadParameter,
     NotImplementedByEngine,
+    flag,
     json_body,
     json_response,
     parse_filters,
 )
-from engine.containers import Container, now_rfc3339
+from engine.containers import Container
 from engine.engine import Engine
+from netd.controller import Endpoint, Network
+from netd.errors import Conflict, Forbidden
+from netd.errors import NotFound as NetworkNotFound
+from netd.network import DEFAULT_NETWORK, OPT_BRIDGE_NAME, PREDEFINED_NETWORKS
 
-DEFAULT_NETWORK = "bridge"
 NETWORK_FILTERS = {"name", "id", "driver", "type", "scope", "label", "dangling"}
-NO_USER_NETWORKS = (
-    "user-defined networks are not supported by pyengined yet: only the default network "
-    f'"{DEFAULT_NETWORK}" exists'
-)
+
+# What Docker shows for its default network's options (with our bridge's name).
+_DEFAULT_NETWORK_OPTIONS = {
+    "com.docker.network.bridge.default_bridge": "true",
+    "com.docker.network.bridge.enable_icc": "true",
+    "com.docker.network.bridge.enable_ip_masquerade": "true",
+    "com.docker.network.bridge.host_binding_ipv4": "0.0.0.0",
+    "com.docker.network.driver.mtu": "1500",
+}
 
 
-@dataclass(frozen=True)
-class DefaultNetwork:
-    """Docker's view of netd's bridge: a stable ID derived from its name and address."""
-
-    bridge: str
-    gateway: IPv4Interface
-    created: str
-
-    @classmethod
-    def of(cls, engine: Engine, created: str) -> DefaultNetwork:
-        cfg = engine.network.cfg
-        return cls(cfg.bridge, IPv4Interface(cfg.bridge_cidr), created)
-
-    @property
-    def id(self) -> str:
-        seed = f"pyengine default network {self.bridge} {self.gateway.with_prefixlen}"
-        return hashlib.sha256(seed.encode()).hexdigest()
-
-    def matches(self, ref: str) -> bool:
-        return ref == DEFAULT_NETWORK or (ref != "" and self.id.startswith(ref))
+def endpoint_settings(network: Network, ep: Endpoint | None, aliases: list[str]) -> dict[str, Any]:
+    """Docker's ``EndpointSettings`` of a container on ``network`` (``ep`` None: not running)."""
+    return {
+        "IPAMConfig": None,
+        "Links": None,
+        "Aliases": (aliases or None) if not network.default else None,
+        "NetworkID": network.id,
+        "EndpointID": ep.id if ep else "",
+        "Gateway": ep.gateway if ep else "",
+        "IPAddress": ep.ip if ep else "",
+        "IPPrefixLen": ep.prefixlen if ep else 0,
+        "IPv6Gateway": "",
+        "GlobalIPv6Address": "",
+        "GlobalIPv6PrefixLen": 0,
+        "MacAddress": ep.mac if ep else "",
+        "DriverOpts": None,
+    }
 
 
-def endpoint_id(container: Container) -> str:
-    """A stable 64-hex endpoint ID for a container's place on the default network."""
-    return hashlib.sha256(f"pyengine endpoint {container.id}".encode()).hexdigest()
+def _label_matches(labels: dict[str, str], wanted: str) -> bool:
+    key, eq, value = wanted.partition("=")
+    return key in labels and (not eq or labels[key] == value)
 
 
 class NetworksApi:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.created = now_rfc3339()
 
-    def default(self) -> DefaultNetwork:
-        return DefaultNetwork.of(self.engine, self.created)
-
-    def _get(self, ref: str) -> DefaultNetwork:
-        net = self.default()
-        if not net.matches(ref):
-            raise NotFound(f"network {ref} not found")
-        return net
-
-    def inspect(self, net: DefaultNetwork) -> dict[str, Any]:
-        containers = {
-            c.id: {
-                "Name": c.name,
-                "EndpointID": endpoint_id(c),
-                "MacAddress": c.network.mac,
-                "IPv4Address": f"{c.network.ip}/{c.network.prefixlen}",
+    def inspect(self, net: Network, verbose: bool = False) -> dict[str, Any]:
+        del verbose  # swarm-only detail
+        containers: dict[str, dict[str, str]] = {}
+        for c, ep in self.engine.network_endpoints(net):
+            containers[ep.container_id] = {
+                "Name": c.name if c else "",
+                "EndpointID": ep.id,
+                "MacAddress": ep.mac,
+                "IPv4Address": f"{ep.ip}/{ep.prefixlen}",
                 "IPv6Address": "",
             }
-            for c in self.engine.containers.all()
-            if c.state.running and c.network.ip
-        }
+        ipam_config: dict[str, str] = {"Subnet": net.subnet, "Gateway": net.gateway}
+        if net.ip_range:
+            ipam_config["IPRange"] = net.ip_range
+        options = (
+            {**_DEFAULT_NETWORK_OPTIONS, OPT_BRIDGE_NAME: net.bridge}
+            if net.default
+            else dict(net.options)
+        )
         return {
-            "Name": DEFAULT_NETWORK,
+            "Name": net.name,
             "Id": net.id,
             "Created": net.created,
             "Scope": "local",
-            "Driver": "bridge",
-            "EnableIPv6": False,
+            "Driver": net.driver,
+            "EnableIPv6": net.enable_ipv6,
             "IPAM": {
                 "Driver": "default",
-                "Options": None,
-                "Config": [
-                    {
-                        "Subnet": str(net.gateway.network),
-                        "Gateway": str(net.gateway.ip),
-                    }
-                ],
+                "Options": {} if not net.default else None,
+                "Config": [ipam_config],
             },
-            "Internal": False,
+            "Internal": net.internal,
             "Attachable": False,
             "Ingress": False,
             "ConfigFrom": {"Network": ""},
             "ConfigOnly": False,
             "Containers": containers,
-            "Options": {
-                "com.docker.network.bridge.default_bridge": "true",
-                "com.docker.network.bridge.enable_icc": "true",
-                "com.docker.network.bridge.enable_ip_masquerade": "true",
-                "com.docker.network.bridge.host_binding_ipv4": "0.0.0.0",
-                "com.docker.network.bridge.name": net.bridge,
-                "com.docker.network.driver.mtu": "1500",
-            },
-            "Labels": {},
+            "Options": options,
+            "Labels": dict(net.labels),
         }
 
-    def _listed(self, net: DefaultNetwork, filters: dict[str, list[str]]) -> bool:
+    def _listed(self, net: Network, filters: dict[str, list[str]]) -> bool:
+        builtin = net.name in PREDEFINED_NETWORKS
+
+        def dangling(value: str) -> bool:
+            unused = not builtin and not self.engine.network_endpoints(net)
+            return unused if value.lower() in ("1", "true") else not unused
+
         checks = {
-            "name": lambda v: v in DEFAULT_NETWORK,
+            "name": lambda v: v in net.name,
             "id": lambda v: net.id.startswith(v),
-            "driver": lambda v: v == "bridge",
-            "type": lambda v: v == "builtin",
+            "driver": lambda v: v == net.driver,
+            "type": lambda v: v == ("builtin" if builtin else "custom"),
             "scope": lambda v: v == "local",
-            "label": lambda v: False,
-            "dangling": lambda v: v.lower() in ("0", "false"),
+            "label": lambda v: _label_matches(net.labels, v),
+            "dangling": dangling,
         }
+        for value in filters.get("type", []):
+            if value not in ("builtin", "custom"):
+                raise BadParameter(f"invalid filter: 'type'='{value}'")
         return all(any(checks[key](v) for v in values) for key, values in filters.items())
 
     async def list(self, request: web.Request) -> web.Response:
         filters = parse_filters(request, NETWORK_FILTERS)
-        net = self.default()
-        out = [self.inspect(net)] if self._listed(net, filters) else []
-        return json_response(out)
+        nets = [n for n in self.engine.networks() if self._listed(n, filters)]
+        return json_response([self.inspect(n) for n in nets])
 
     async def inspect_handler(self, request: web.Request) -> web.Response:
-        return json_response(self.inspect(self._get(request.match_info["id"])))
+        net = self.engine.find_network(request.match_info["id"])
+        return json_response(self.inspect(net, flag(request, "verbose")))
 
     async def create(self, request: web.Request) -> web.Response:
         body = await json_body(request)
         name = body.get("Name")
-        if name == DEFAULT_NETWORK:
-            raise Forbidden(f"network with name {name} already exists")
-        raise NotImplementedByEngine(f"cannot create network {name!r}: {NO_USER_NETWORKS}")
+        if not isinstance(name, str) or not name:
+            raise BadParameter("a network needs a name (Name)")
+        driver = body.get("Driver") or "bridge"
+        if driver != "bridge":
+            raise NotImplementedByEngine(
+                f'network driver "{driver}" is not supported by pyengined (bridge only)'
+            )
+        for key in ("Attachable", "Ingress", "ConfigOnly", "Scope"):
+            if body.get(key) not in (None, False, "", "local"):
+                raise NotImplementedByEngine(f"{key} networks are not supported by pyengined")
+        if (body.get("ConfigFrom") or {}).get("Network"):
+            raise NotImplementedByEngine("ConfigFrom networks are not supported by pyengined")
+        if body.get("EnableIPv6"):
+            raise NotImplementedByEngine("IPv6 networks (--ipv6) are not supported by pyengined")
+        ipam = body.get("IPAM") or {}
+        if not isinstance(ipam, dict):
+            raise BadParameter("IPAM must be an object")
+        if (ipam.get("Driver") or "default") != "default":
+            raise NotImplementedByEngine(
+                f'IPAM driver "{ipam["Driver"]}" is not supported by pyengined'
+            )
+        if ipam.get("Options"):
+            raise NotImplementedByEngine("IPAM options are not supported by pyengined")
+        configs = ipam.get("Config") or []
+        if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+            raise BadParameter("IPAM.Config must be a list of objects")
+        if len(configs) > 1:
+            raise NotImplementedByEngine(
+                "several IPAM configs (subnets) per network are not supported by pyengined"
+            )
+        config: dict[str, Any] = configs[0] if configs else {}
+        if config.get("AuxiliaryAddresses"):
+            raise NotImplementedByEngine("--aux-address is not supported by pyengined")
+        if ":" in str(config.get("Subnet") or ""):
+            raise NotImplementedByEngine("IPv6 subnets are not supported by pyengined")
+        options = body.get("Options") or {}
+        labels = body.get("Labels") or {}
+        if not isinstance(options, dict) or not isinstance(labels, dict):
+            raise BadParameter("Options and Labels must be objects")
+        if name in PREDEFINED_NETWORKS:
+            raise Forbidden(f"{name} is a pre-defined network and cannot be created")
+        net = await self.engine.create_network(
+            name=name,
+            subnet=config.get("Subnet") or None,
+            gateway=config.get("Gateway") or None,
+            ip_range=config.get("IPRange") or None,
+            internal=bool(body.get("Internal")),
+            options=options,
+            labels=labels,
+        )
+        return json_response({"Id": net.id, "Warning": ""}, status=201)
 
     async def remove(self, request: web.Request) -> web.Response:
-        self._get(request.match_info["id"])
-        raise Forbidden(f"{DEFAULT_NETWORK} is a pre-defined network and cannot be removed")
+        net = self.engine.find_network(request.match_info["id"])
+        if net.name in PREDEFINED_NETWORKS:
+            raise Forbidden(f"{net.name} is a pre-defined network and cannot be removed")
+        try:
+            await self.engine.remove_network(net.id)
+        except Conflict as e:
+            # Docker answers 403 for a network in use.
+            raise Forbidden(f"error while removing network: {e}") from e
+        return web.Response(status=204)
 
     async def connect(self, request: web.Request) -> web.Response:
-        self._get(request.match_info["id"])
-        raise NotImplementedByEngine(
-            "connecting a container to a network after it was created is not supported by "
-            "pyengined yet: containers join the default network when they start"
-        )
+        body = await json_body(request)
+        ref = body.get("Container")
+        if not isinstance(ref, str) or not ref:
+            raise BadParameter("Container is required")
+        endpoint_config = body.get("EndpointConfig") or {}
+        if not isinstance(endpoint_config, dict):
+            raise BadParameter("EndpointConfig must be an object")
+        if endpoint_config.get("Links"):
+            raise NotImplementedByEngine("links (--link) are not supported by pyengined")
+        await self.engine.connect(ref, request.match_info["id"], endpoint_config)
+        return web.Response(status=200)
 
     async def disconnect(self, request: web.Request) -> web.Response:
-        self._get(request.match_info["id"])
-        raise NotImplementedByEngine(
-            "disconnecting a container from the default network is not supported by pyengined"
-        )
+        body = await json_body(request)
+        ref = body.get("Container")
+        if not isinstance(ref, str) or not ref:
+            raise BadParameter("Container is required")
+        await self.engine.disconnect(ref, request.match_info["id"], bool(body.get("Force")))
+        return web.Response(status=200)
 
     async def prune(self, request: web.Request) -> web.Response:
-        return json_response({"NetworksDeleted": []})
+        filters = parse_filters(request, {"label", "until"})
+        if filters.get("until"):
+            raise NotImplementedByEngine("the until filter of network prune is not supported")
+        deleted: list[str] = []
+        for net in self.engine.networks():
+            if net.name in PREDEFINED_NETWORKS or self.engine.network_endpoints(net):
+                continue
+            if any(not _label_matches(net.labels, v) for v in filters.get("label", [])):
+                continue
+            if self._configured_by_containers(net):
+                continue
+            try:
+                await self.engine.remove_network(net.id)
+            except Conflict:
+                continue
+            deleted.append(net.name)
+        return json_response({"NetworksDeleted": deleted})
+
+    def _configured_by_containers(self, net: Network) -> bool:
+        """A stopped container created on ``net`` still uses it (Docker keeps it on prune)."""
+        return any(
+            a.network_id == net.id
+            for c in self.engine.containers.all()
+            for a in self.engine.attachments(c)
+        )
+
+    def container_networks(self, c: Container) -> dict[str, dict[str, Any]]:
+        """``NetworkSettings.Networks`` of a container: each network it is (to be) on."""
+        endpoints = {ep.network_id: ep for ep in self.engine.endpoints(c)}
+        out: dict[str, dict[str, Any]] = {}
+        for a in self.engine.attachments(c):
+            try:
+                net = self.engine.find_network(a.network_id)
+            except NetworkNotFound:  # removed since the container was created on it
+                continue
+            settings = endpoint_settings(net, endpoints.get(a.network_id), a.aliases)
+            if a.ip:
+                settings["IPAMConfig"] = {"IPv4Address": a.ip}
+            out[net.name] = settings
+        return out
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
@@ -178,3 +276,6 @@ class NetworksApi:
             ("POST", "/networks/{id}/connect", self.connect),
             ("POST", "/networks/{id}/disconnect", self.disconnect),
         ]
+
+
+__all__ = ["DEFAULT_NETWORK", "NetworksApi", "endpoint_settings"]

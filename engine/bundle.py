@@ -200,20 +200,24 @@ def write_network_files(
     ip: str | None,
     *,
     host_resolv_conf: Path = HOST_RESOLV_CONF,
+    resolv_conf: str | None = None,
 ) -> dict[str, Path]:
-    """Write hosts, hostname and resolv.conf into ``container_dir``.
+    """Write hosts, hostname and resolv.conf into ``container_dir``: ``resolv_conf`` when
+    given (the embedded DNS server's), else the host's without its loopback nameservers.
 
     Returns in-container path → file, for bind mounts."""
     container_dir.mkdir(parents=True, exist_ok=True)
     hosts = HOSTS_HEADER + (f"{ip}\t{hostname}\n" if ip else "")
-    try:
-        host_resolv = host_resolv_conf.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        host_resolv = ""
+    if resolv_conf is None:
+        try:
+            host_resolv = host_resolv_conf.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            host_resolv = ""
+        resolv_conf = container_resolv_conf(host_resolv)
     files = {
         "/etc/hosts": (container_dir / "hosts", hosts),
         "/etc/hostname": (container_dir / "hostname", f"{hostname}\n"),
-        "/etc/resolv.conf": (container_dir / "resolv.conf", container_resolv_conf(host_resolv)),
+        "/etc/resolv.conf": (container_dir / "resolv.conf", resolv_conf),
     }
     for path, text in files.values():
         _write_file_atomic(path, text)

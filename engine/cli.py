@@ -101,6 +101,11 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 multiple=True,
                 help="json-file log option: max-size=SIZE (e.g. 10m), max-file=N.",
             ),
+            click.option("--network", default=None, help="Connect it to this network."),
+            click.option("--ip", default=None, help="IPv4 address on that network."),
+            click.option(
+                "--network-alias", "aliases", multiple=True, help="A name on that network."
+            ),
         ]
     ):
         fn = option(fn)
@@ -116,6 +121,9 @@ def _container_config(
     entrypoint: str | None,
     auto_remove: bool,
     log_opts: tuple[str, ...] = (),
+    network: str | None = None,
+    ip: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     bindings = _port_bindings(publish)
     log_config: dict[str, str] = {}
@@ -136,8 +144,22 @@ def _container_config(
             "PublishAllPorts": publish_all,
             "AutoRemove": auto_remove,
             "LogConfig": {"Type": "json-file", "Config": log_config},
+            "NetworkMode": network or "default",
         },
+        "NetworkingConfig": _networking_config(network, ip, aliases),
     }
+
+
+def _networking_config(
+    network: str | None, ip: str | None, aliases: tuple[str, ...]
+) -> dict[str, Any]:
+    """Docker's EndpointsConfig for the network the container is created on."""
+    if not (ip or aliases):
+        return {}
+    endpoint: dict[str, Any] = {"Aliases": list(aliases)}
+    if ip:
+        endpoint["IPAMConfig"] = {"IPv4Address": ip}
+    return {"EndpointsConfig": {network or "default": endpoint}}
 
 
 def _create(client: Client, name: str | None, image: str, config: dict[str, Any]) -> str:
@@ -166,6 +188,9 @@ def run(
     env: tuple[str, ...],
     entrypoint: str | None,
     log_opts: tuple[str, ...],
+    network: str | None,
+    ip: str | None,
+    aliases: tuple[str, ...],
     image: str,
     command: tuple[str, ...],
 ) -> None:
@@ -174,7 +199,17 @@ def run(
     # In the foreground the client removes the container itself after the exit code is read,
     # so nothing races the log stream (the docker CLI did this before API 1.25).
     config = _container_config(
-        image, command, publish, publish_all, env, entrypoint, auto_remove and detach, log_opts
+        image,
+        command,
+        publish,
+        publish_all,
+        env,
+        entrypoint,
+        auto_remove and detach,
+        log_opts,
+        network,
+        ip,
+        aliases,
     )
     container_id = _create(client, name, image, config)
     try:
@@ -208,12 +243,25 @@ def create(
     env: tuple[str, ...],
     entrypoint: str | None,
     log_opts: tuple[str, ...],
+    network: str | None,
+    ip: str | None,
+    aliases: tuple[str, ...],
     image: str,
     command: tuple[str, ...],
 ) -> None:
     """Create a container without starting it; print its ID."""
     config = _container_config(
-        image, command, publish, publish_all, env, entrypoint, auto_remove, log_opts
+        image,
+        command,
+        publish,
+        publish_all,
+        env,
+        entrypoint,
+        auto_remove,
+        log_opts,
+        network,
+        ip,
+        aliases,
     )
     click.echo(_create(_client(ctx), name, image, config))
 
@@ -276,9 +324,14 @@ def _table(rows: list[list[str]]) -> None:
         click.echo("   ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
 
 
+def join_host_port(ip: str, port: Any) -> str:
+    """``0.0.0.0:8080``, ``[::]:8080``: as the docker CLI prints a host binding."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
 def format_ports(ports: list[dict[str, Any]]) -> str:
     return ", ".join(
-        f"{p['IP']}:{p['PublicPort']}->{p['PrivatePort']}/{p['Type']}"
+        f"{join_host_port(p['IP'], p['PublicPort'])}->{p['PrivatePort']}/{p['Type']}"
         if p.get("PublicPort")
         else f"{p['PrivatePort']}/{p['Type']}"
         for p in ports
@@ -370,18 +423,18 @@ def port(ctx: click.Context, container: str, port: str | None) -> None:
         if not bindings:
             _fail(f"Error: No public port '{key}' published for {container}")
         for b in bindings:
-            click.echo(f"{b['HostIp']}:{b['HostPort']}")
+            click.echo(join_host_port(b["HostIp"], b["HostPort"]))
         return
     for key, bindings in ports.items():
         for b in bindings or []:
-            click.echo(f"{key} -> {b['HostIp']}:{b['HostPort']}")
+            click.echo(f"{key} -> {join_host_port(b['HostIp'], b['HostPort'])}")
 
 
 @main.command()
 @click.option(
     "--type",
     "kind",
-    type=click.Choice(["container", "image"]),
+    type=click.Choice(["container", "image", "network"]),
     default=None,
     help="Only look for this kind of object.",
 )
@@ -393,7 +446,11 @@ def inspect(ctx: click.Context, kind: str | None, names: tuple[str, ...]) -> Non
     client = _client(ctx)
     found = []
     missing = []
-    lookups = {"container": client.inspect, "image": client.image_inspect}
+    lookups = {
+        "container": client.inspect,
+        "image": client.image_inspect,
+        "network": client.network_inspect,
+    }
     for name in names:
         for what, lookup in lookups.items():
             if kind not in (None, what):
@@ -640,6 +697,165 @@ def logout(server: str) -> None:
         _fail(f"Error: {e}")
     name = server or "docker.io"
     click.echo(f"Removing login credentials for {name}" if removed else f"Not logged in to {name}")
+
+
+@main.command()
+@click.argument("container")
+@click.argument("new_name")
+@click.pass_context
+@daemon_errors()
+def rename(ctx: click.Context, container: str, new_name: str) -> None:
+    """Rename a container (its DNS name on user-defined networks follows at once)."""
+    _client(ctx).rename(container, new_name)
+
+
+@main.group()
+def network() -> None:
+    """Manage networks: the default bridge and user-defined bridge networks."""
+
+
+def _key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"pyengine: invalid {what} {pair!r}: want KEY=VALUE", 125)
+        out[key] = value
+    return out
+
+
+@network.command("create")
+@click.option("-d", "--driver", default="bridge", help="Only bridge is supported.")
+@click.option("--subnet", default=None, help="IPv4 subnet in CIDR form (default: automatic).")
+@click.option("--gateway", default=None, help="Gateway address in the subnet.")
+@click.option("--ip-range", default=None, help="Allocate container addresses from this range.")
+@click.option("--internal", is_flag=True, help="No access to or from outside the network.")
+@click.option("--ipv6", is_flag=True, help="Enable IPv6 (not supported yet).")
+@click.option("-o", "--opt", "opts", multiple=True, help="Driver option KEY=VALUE.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE")
+@click.argument("name")
+@click.pass_context
+@daemon_errors()
+def network_create(
+    ctx: click.Context,
+    driver: str,
+    subnet: str | None,
+    gateway: str | None,
+    ip_range: str | None,
+    internal: bool,
+    ipv6: bool,
+    opts: tuple[str, ...],
+    labels: tuple[str, ...],
+    name: str,
+) -> None:
+    """Create a bridge network; print its ID."""
+    if (gateway or ip_range) and not subnet:
+        _fail("pyengine: --gateway and --ip-range need --subnet", 125)
+    ipam_config = {
+        k: v for k, v in (("Subnet", subnet), ("Gateway", gateway), ("IPRange", ip_range)) if v
+    }
+    request = {
+        "Name": name,
+        "CheckDuplicate": True,
+        "Driver": driver,
+        "Internal": internal,
+        "EnableIPv6": ipv6,
+        "IPAM": {"Driver": "default", "Config": [ipam_config] if ipam_config else []},
+        "Options": _key_values(opts, "option"),
+        "Labels": _key_values(labels, "label"),
+    }
+    click.echo(_client(ctx).network_create(request))
+
+
+@network.command("ls")
+@click.option("-q", "--quiet", is_flag=True, help="Only IDs.")
+@click.option("-f", "--filter", "filters", multiple=True, help="KEY=VALUE (name, id, driver...)")
+@click.option("--no-trunc", is_flag=True, help="Full IDs.")
+@click.pass_context
+@daemon_errors()
+def network_ls(ctx: click.Context, quiet: bool, filters: tuple[str, ...], no_trunc: bool) -> None:
+    """List networks."""
+    wanted: dict[str, list[str]] = {}
+    for key, value in _key_values(filters, "filter").items():
+        wanted.setdefault(key, []).append(value)
+    nets = sorted(_client(ctx).networks(wanted), key=lambda n: n["Name"])
+    ids = [n["Id"] if no_trunc else n["Id"][:12] for n in nets]
+    if quiet:
+        for net_id in ids:
+            click.echo(net_id)
+        return
+    rows = [["NETWORK ID", "NAME", "DRIVER", "SCOPE"]]
+    rows += [[i, n["Name"], n["Driver"], n["Scope"]] for i, n in zip(ids, nets, strict=True)]
+    _table(rows)
+
+
+@network.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def network_inspect(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Show networks' details as JSON (Docker's shape)."""
+    client = _client(ctx)
+    found, missing = [], []
+    for name in names:
+        try:
+            found.append(client.network_inspect(name))
+        except DaemonError as e:
+            if e.status != 404:
+                raise
+            missing.append(name)
+    click.echo(json.dumps(found, indent=4))
+    for name in missing:
+        click.echo(f"Error: No such network: {name}", err=True)
+    if missing:
+        sys.exit(1)
+
+
+@network.command("rm")
+@click.argument("names", nargs=-1, required=True)
+@click.pass_context
+@daemon_errors()
+def network_rm(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Remove networks (refused while a running container is connected)."""
+    client = _client(ctx)
+    failed = False
+    for name in names:
+        try:
+            client.network_remove(name)
+            click.echo(name)
+        except DaemonError as e:
+            click.echo(f"Error response from daemon: {e}", err=True)
+            failed = True
+    if failed:
+        sys.exit(1)
+
+
+@network.command("connect")
+@click.option("--ip", default=None, help="IPv4 address on the network.")
+@click.option("--alias", "aliases", multiple=True, help="A name on the network.")
+@click.argument("network_name")
+@click.argument("container")
+@click.pass_context
+@daemon_errors()
+def network_connect(
+    ctx: click.Context, ip: str | None, aliases: tuple[str, ...], network_name: str, container: str
+) -> None:
+    """Connect a container to a network (a running one gets a new interface at once)."""
+    endpoint: dict[str, Any] = {"Aliases": list(aliases)}
+    if ip:
+        endpoint["IPAMConfig"] = {"IPv4Address": ip}
+    _client(ctx).network_connect(network_name, container, endpoint)
+
+
+@network.command("disconnect")
+@click.option("-f", "--force", is_flag=True, help="Also when the network is gone.")
+@click.argument("network_name")
+@click.argument("container")
+@click.pass_context
+@daemon_errors()
+def network_disconnect(ctx: click.Context, force: bool, network_name: str, container: str) -> None:
+    """Disconnect a container from a network."""
+    _client(ctx).network_disconnect(network_name, container, force)
 
 
 main.add_command(lab_main, "lab")

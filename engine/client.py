@@ -96,6 +96,34 @@ class Client:
     def ping(self) -> str:
         return self.request("GET", "/_ping", timeout=5).read().decode()
 
+    def rename(self, ref: str, name: str) -> None:
+        self.request("POST", f"/containers/{ref}/rename", query={"name": name}).read()
+
+    # ---- networks ------------------------------------------------------------------------
+
+    def networks(self, filters: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+        query = {"filters": json.dumps(filters)} if filters else None
+        return self.json("GET", "/networks", query=query)
+
+    def network_inspect(self, ref: str) -> dict[str, Any]:
+        return self.json("GET", f"/networks/{ref}")
+
+    def network_create(self, request: dict[str, Any]) -> str:
+        return self.json("POST", "/networks/create", body=request)["Id"]
+
+    def network_remove(self, ref: str) -> None:
+        self.request("DELETE", f"/networks/{ref}").read()
+
+    def network_connect(
+        self, network: str, container: str, endpoint_config: dict[str, Any]
+    ) -> None:
+        body = {"Container": container, "EndpointConfig": endpoint_config}
+        self.request("POST", f"/networks/{network}/connect", body=body).read()
+
+    def network_disconnect(self, network: str, container: str, force: bool = False) -> None:
+        body = {"Container": container, "Force": force}
+        self.request("POST", f"/networks/{network}/disconnect", body=body).read()
+
     def create(self, name: str | None, config: dict[str, Any]) -> str:
         return self.json("POST", "/containers/create", query={"name": name}, body=config)["Id"]
 

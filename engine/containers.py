@@ -99,6 +99,17 @@ class NetworkRecord:
 
 
 @dataclass
+class NetworkAttachment:
+    """A network the container is to be connected to when it starts (Docker's NetworkMode and
+    EndpointsConfig, and later ``network connect``); the first one is its ``eth0``."""
+
+    network_id: str
+    name: str  # the network's name when it was attached (for messages; the id is the key)
+    ip: str = ""  # the IPv4 address asked for (--ip); "" = the next free one
+    aliases: list[str] = field(default_factory=list)  # --network-alias, for name resolution
+
+
+@dataclass
 class Container:
     id: str
     name: str
@@ -109,16 +120,18 @@ class Container:
     host_config: dict[str, Any]  # Docker's HostConfig (PortBindings, AutoRemove, ...)
     args: list[str] = field(default_factory=list)  # resolved argv (Entrypoint + Cmd)
     state: ContainerState = field(default_factory=ContainerState)
-    network: NetworkRecord = field(default_factory=NetworkRecord)
+    network: NetworkRecord = field(default_factory=NetworkRecord)  # its first endpoint, running
+    networks: list[NetworkAttachment] = field(default_factory=list)  # [] = the default network
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Container:
         net = dict(data.get("network", {}))
         net["ports"] = [PublishedPortRecord(**p) for p in net.get("ports", [])]
         return cls(
-            **{k: v for k, v in data.items() if k not in ("state", "network")},
+            **{k: v for k, v in data.items() if k not in ("state", "network", "networks")},
             state=ContainerState(**data.get("state", {})),
             network=NetworkRecord(**net),
+            networks=[NetworkAttachment(**a) for a in data.get("networks", [])],
         )
 
 

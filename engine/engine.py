@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from engine import bundle, rootfs
 from engine.containers import (
@@ -26,18 +26,31 @@ from engine.containers import (
     ContainerNotFound,
     ContainerState,
     ContainerStore,
+    NetworkAttachment,
     NetworkRecord,
     PublishedPortRecord,
     now_rfc3339,
 )
 from engine.images import ImageConflict, ImageStore
 from engine.monitor import LogOptions, parse_log_config, rotated_log_path
+from engine.networking import (
+    NetworkRequestError,
+    attachment_for,
+    dns_names,
+    plan_attachments,
+)
 from engine.reference import normalize
 from engine.runtime import ExitStatus, RuncError, Runtime
-from netd.controller import NetdError, NetworkController
+from netd.controller import Endpoint, NetdError, Network, NetworkController
+from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
+from netd.errors import Forbidden
+from netd.errors import NotFound as NetworkNotFound
 from netd.jsonstate import write_json_atomic
 from netd.portspec import PortBinding, from_docker_port_bindings
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
+
+if TYPE_CHECKING:
+    from netd.dns.service import EmbeddedDns
 
 log = logging.getLogger("pyengined.engine")
 
@@ -139,12 +152,14 @@ class Engine:
         network: NetworkController,
         proxies: ProxySupervisor,
         runtime: Runtime,
+        dns: EmbeddedDns | None = None,
     ) -> None:
         self.cfg = cfg
         self.images = images
         self.network = network
         self.proxies = proxies
         self.runtime = runtime
+        self.dns = dns  # the embedded DNS server of user-defined networks (None: host resolvers)
         self.containers = ContainerStore(cfg.data_root / "containers")
         self._lifecycles: dict[str, _Lifecycle] = {}
         self._closing = False  # the API is shutting down: streams and waits end now
@@ -253,12 +268,23 @@ class Engine:
     # ---- lifecycle ---------------------------------------------------------------------------
 
     async def create(
-        self, name: str | None, config: dict[str, Any], host_config: dict[str, Any]
+        self,
+        name: str | None,
+        config: dict[str, Any],
+        host_config: dict[str, Any],
+        endpoints_config: dict[str, Any] | None = None,
     ) -> Container:
         image_ref = config.get("Image") or ""
         if not image_ref:
             raise InvalidParameter("No image specified")
         image = self.images.get(image_ref)
+        mode = host_config.get("NetworkMode") or ""
+        try:
+            networks = await self._netd(
+                plan_attachments, mode, endpoints_config, self.network.network
+            )
+        except NetworkRequestError as e:
+            raise InvalidParameter(str(e)) from e
         image_config = image.config.get("config") or {}
         bindings = self._bindings(host_config)  # validates the publish specs before anything exists
         del bindings
@@ -296,8 +322,9 @@ class Engine:
             image=image_ref,
             image_id=image.id,
             config=merged,
-            host_config=dict(host_config),
+            host_config={**host_config, "NetworkMode": mode or "default"},
             args=args,
+            networks=networks,
         )
         self.containers.add(container)
         self._lifecycle(container.id)
@@ -351,8 +378,9 @@ class Engine:
         image = self.images.get(c.image_id)
         undo: list[Any] = []
         try:
-            endpoint = await self._netd(self.network.create_endpoint, c.id)
-            undo.append(lambda: self._netd(self.network.delete_endpoint, c.id))
+            endpoints = await self._connect_all(c, undo)
+            endpoint = endpoints[0]
+            embedded_dns = await self._start_dns(c, endpoints, undo)
             published = await self._netd(
                 self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
             )
@@ -394,7 +422,12 @@ class Engine:
                 user = bundle.resolve_user(rootfs_dir, c.config.get("User") or "")
             except ValueError as e:
                 raise InvalidParameter(str(e)) from e
-            files = bundle.write_network_files(cdir, c.config["Hostname"], endpoint.ip)
+            files = bundle.write_network_files(
+                cdir,
+                c.config["Hostname"],
+                endpoint.ip,
+                resolv_conf=self._embedded_resolv_conf() if embedded_dns else None,
+            )
             spec = bundle.runtime_spec(
                 rootfs=rootfs_dir,
                 args=c.args,
@@ -422,7 +455,7 @@ class Engine:
             c.network = NetworkRecord()
             c.state.error = str(e)
             self.containers.save(c)
-            if isinstance(e, NetdError):
+            if isinstance(e, NetdError) and not isinstance(e, NetworkNotFound):
                 raise InvalidParameter(str(e)) from e
             raise
         c.state = ContainerState(
@@ -453,6 +486,7 @@ class Engine:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
         for p in c.network.ports:
             await self.proxies.stop(_proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+        await self._stop_dns(c)
         await self._netd(self.network.delete_endpoint, c.id)
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
 
@@ -583,6 +617,197 @@ class Engine:
                     f"used by stopped container {users[0].id[:12]}"
                 )
         return await asyncio.to_thread(self.images.remove, ref, force)
+
+    # ---- networks --------------------------------------------------------------------------
+
+    def attachments(self, c: Container) -> list[NetworkAttachment]:
+        """The networks ``c`` joins when it starts, its ``eth0`` first (a record written before
+        networks existed has none: the default network)."""
+        if c.networks:
+            return c.networks
+        default = self.network.default_network
+        return [NetworkAttachment(default.id, default.name)]
+
+    def endpoints(self, c: Container) -> list[Endpoint]:
+        """The running container's endpoints, ``eth0`` first ([] when it is not running)."""
+        if not c.state.running:
+            return []
+        return self.network.container_endpoints(c.id)
+
+    def networks(self) -> list[Network]:
+        return self.network.networks()
+
+    def find_network(self, ref: str) -> Network:
+        return self.network.network(ref)
+
+    def network_endpoints(self, network: Network) -> list[tuple[Container | None, Endpoint]]:
+        out: list[tuple[Container | None, Endpoint]] = []
+        for ep in self.network.network_endpoints(network.id):
+            try:
+                out.append((self.containers.get(ep.container_id), ep))
+            except ContainerNotFound:
+                out.append((None, ep))
+        return out
+
+    async def create_network(self, **request: Any) -> Network:
+        """A user-defined bridge network (netd's ``create_network`` arguments)."""
+        network: Network = await self._netd(lambda: self.network.create_network(**request))
+        return network
+
+    async def remove_network(self, ref: str) -> None:
+        network = self.find_network(ref)
+        await self._netd(self.network.remove_network, network.id)
+
+    async def _connect_all(self, c: Container, undo: list[Any]) -> list[Endpoint]:
+        """Connect a starting container to each of its networks, ``eth0`` first."""
+        endpoints: list[Endpoint] = []
+        for a in self.attachments(c):
+            try:
+                ep = await self._netd(
+                    self.network.connect, c.id, a.network_id, a.ip or None, a.aliases
+                )
+            except NetworkNotFound:
+                raise NetworkNotFound(f"network {a.name} not found") from None
+            if not endpoints:
+                undo.append(lambda: self._netd(self.network.delete_endpoint, c.id))
+            endpoints.append(ep)
+        return endpoints
+
+    def _names_on(self, c: Container, network_id: str) -> list[str]:
+        for a in self.attachments(c):
+            if a.network_id == network_id:
+                return dns_names(c, a)
+        return dns_names(c, NetworkAttachment(network_id, ""))
+
+    def _register_names(self, c: Container, ep: Endpoint) -> None:
+        """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
+        if self.dns is None or ep.network_id == self.network.default_network.id:
+            return
+        self.dns.set_endpoint(ep.network_id, c.id, self._names_on(c, ep.network_id), [ep.ip])
+
+    def _uses_embedded_dns(self, c: Container) -> bool:
+        """Docker: a container whose first network is user-defined asks 127.0.0.11."""
+        return self.dns is not None and (
+            self.attachments(c)[0].network_id != self.network.default_network.id
+        )
+
+    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> bool:
+        """Names on every user-defined network, and the container's own DNS server when its
+        first network is one. True when its resolv.conf must point at that server."""
+        if self.dns is None:
+            return False
+        dns = self.dns
+        for ep in endpoints:
+            self._register_names(c, ep)
+        undo.append(lambda: self._stop_dns(c))
+        if not self._uses_embedded_dns(c):
+            return False
+        await dns.attach(c.id, endpoints[0].netns_path)
+        return True
+
+    async def _stop_dns(self, c: Container) -> None:
+        if self.dns is None:
+            return
+        self.dns.forget(c.id)
+        await self.dns.detach(c.id)
+
+    @staticmethod
+    def _embedded_resolv_conf() -> str:
+        try:
+            host = HOST_RESOLV_CONF.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            host = ""
+        return container_resolv_conf(host)
+
+    async def connect(
+        self,
+        container_ref: str,
+        network_ref: str,
+        endpoint_config: dict[str, Any] | None = None,
+    ) -> None:
+        """Docker's ``network connect``: a running container gets a new interface now, a
+        stopped one when it starts."""
+        c = self.containers.get(container_ref)
+        network = self.find_network(network_ref)
+        try:
+            attachment = attachment_for(network, endpoint_config)
+        except NetworkRequestError as e:
+            raise InvalidParameter(str(e)) from e
+        if any(a.network_id == network.id for a in self.attachments(c)):
+            raise Forbidden(f"endpoint with name {c.name} already exists in network {network.name}")
+        if c.state.running:
+            ep = await self._netd(
+                self.network.connect,
+                c.id,
+                network.id,
+                attachment.ip or None,
+                attachment.aliases,
+            )
+            c.networks = [*self.attachments(c), attachment]
+            self._register_names(c, ep)
+        else:
+            c.networks = [*self.attachments(c), attachment]
+        self.containers.save(c)
+
+    async def disconnect(self, container_ref: str, network_ref: str, force: bool = False) -> None:
+        """Docker's ``network disconnect``: the interface goes now (and the ports published
+        through it); a stopped container forgets the network."""
+        c = self.containers.get(container_ref)
+        try:
+            network_id = self.find_network(network_ref).id
+        except NetworkNotFound:
+            if not force:
+                raise
+            network_id = ""
+        attachments = self.attachments(c)
+        kept = [a for a in attachments if a.network_id != network_id]
+        if len(kept) == len(attachments):
+            raise NetworkNotFound(f"container {c.name} is not connected to network {network_ref}")
+        if c.state.running:
+            published = await self._netd(self.network.published, c.id)
+            for p in published:
+                if p.network_id == network_id:
+                    await self.proxies.stop(_proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+            if self.dns is not None:
+                self.dns.remove_endpoint(network_id, c.id)
+            await self._netd(self.network.disconnect, c.id, network_id)
+            self._refresh_network_record(c)
+        c.networks = kept
+        self.containers.save(c)
+
+    def _refresh_network_record(self, c: Container) -> None:
+        """``c.network`` after a disconnect: its first endpoint left, and the ports still
+        published."""
+        endpoints = self.network.container_endpoints(c.id)
+        published = self.network.published(c.id)
+        if not endpoints:
+            c.network = NetworkRecord(netns_path=c.network.netns_path)
+            return
+        first = endpoints[0]
+        c.network = NetworkRecord(
+            ip=first.ip,
+            prefixlen=first.prefixlen,
+            gateway=first.gateway,
+            mac=first.mac,
+            netns_path=first.netns_path,
+            ports=[
+                PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
+                for p in published
+            ],
+        )
+
+    async def rename(self, ref: str, new_name: str) -> None:
+        """Docker's ``rename``; the embedded DNS answers the new name at once."""
+        c = self.containers.get(ref)
+        if new_name.lstrip("/") == c.name:
+            raise InvalidParameter("Renaming a container with the same name as its current name")
+        try:
+            c.name = self.containers.check_name(new_name)
+        except ValueError as e:
+            raise InvalidParameter(str(e)) from e
+        self.containers.save(c)
+        for ep in self.endpoints(c):
+            self._register_names(c, ep)
 
     # ---- output --------------------------------------------------------------------------
 

@@ -1,0 +1,129 @@
+"""Which networks a container joins: Docker's ``HostConfig.NetworkMode`` and
+``NetworkingConfig.EndpointsConfig`` (or a later ``network connect``) checked against netd's
+networks and turned into the container's attachments, before anything exists in the kernel.
+
+Docker's rules, kept here: a container is created on one network (more are connected later);
+``--ip`` needs a user-defined network whose subnet the user configured; ``--network-alias`` needs a
+user-defined network; the default network ``bridge`` has no embedded DNS, so a container whose
+first network is ``bridge`` keeps the host's resolvers, and one whose first network is
+user-defined gets the embedded DNS server (127.0.0.11).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from engine.containers import Container, NetworkAttachment
+from netd.errors import NetdError, NotFound
+from netd.network import DEFAULT_NETWORK, Network
+
+# NetworkMode values that mean the default network.
+DEFAULT_NETWORK_MODES = ("", "default", DEFAULT_NETWORK)
+UNSUPPORTED_NETWORK_MODES = ("host", "none")
+_ALIAS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")
+
+
+class NetworkRequestError(ValueError):
+    """What the client asked for cannot be done (a 400, one line)."""
+
+
+def network_name_of_mode(mode: str) -> str:
+    return DEFAULT_NETWORK if mode in DEFAULT_NETWORK_MODES else mode
+
+
+def check_network_mode(mode: str) -> None:
+    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
+        raise NetworkRequestError(f"network mode {mode!r} is not supported by pyengined")
+
+
+def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> NetworkAttachment:
+    """One network and Docker's EndpointSettings for it (IPAMConfig, Aliases) → an attachment;
+    NetworkRequestError for what Docker refuses too."""
+    config = endpoint_config or {}
+    if not isinstance(config, dict):
+        raise NetworkRequestError("an endpoint configuration must be an object")
+    ipam = config.get("IPAMConfig") or {}
+    if not isinstance(ipam, dict):
+        raise NetworkRequestError("IPAMConfig must be an object")
+    ip = ipam.get("IPv4Address") or ""
+    if ipam.get("IPv6Address"):
+        raise NetworkRequestError(
+            f"invalid IPv6 address {ipam['IPv6Address']}: network {network.name} has no IPv6"
+        )
+    if ip:
+        if network.default:
+            raise NetworkRequestError(
+                "user specified IP address is supported on user defined networks only"
+            )
+        if not network.configured_subnet:
+            raise NetworkRequestError(
+                "user specified IP address is supported only when connecting to networks "
+                "with user configured subnets"
+            )
+        try:
+            address = IPv4Address(ip)
+        except ValueError:
+            raise NetworkRequestError(f"invalid IPv4 address: {ip}") from None
+        if address not in IPv4Network(network.subnet):
+            raise NetworkRequestError(
+                f"no configured subnet contains IP address {ip} (network {network.name}: "
+                f"{network.subnet})"
+            )
+        ip = str(address)
+    aliases = config.get("Aliases") or []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        raise NetworkRequestError("Aliases must be a list of strings")
+    if aliases and network.default:
+        raise NetworkRequestError(
+            "network-scoped alias is supported only for containers in user defined networks"
+        )
+    for alias in aliases:
+        if not _ALIAS.match(alias):
+            raise NetworkRequestError(f'invalid network alias "{alias}"')
+    unique = list(dict.fromkeys(aliases))
+    return NetworkAttachment(network.id, network.name, ip, unique)
+
+
+def plan_attachments(
+    mode: str,
+    endpoints_config: dict[str, Any] | None,
+    find: Callable[[str], Network],
+) -> list[NetworkAttachment]:
+    """The network a new container is created on: NetworkMode's (the default one when unset),
+    with its EndpointsConfig entry. ``find`` resolves a name or id (netd's NotFound)."""
+    check_network_mode(mode)
+    endpoints = endpoints_config or {}
+    if not isinstance(endpoints, dict):
+        raise NetworkRequestError("NetworkingConfig.EndpointsConfig must be an object")
+    network = _find(find, network_name_of_mode(mode))
+    config: dict[str, Any] | None = None
+    others: list[str] = []
+    for ref, endpoint in endpoints.items():
+        if _find(find, network_name_of_mode(ref)).id == network.id:
+            config = endpoint
+        else:
+            others.append(ref)
+    if others:
+        raise NetworkRequestError(
+            "a container is created on one network only: connect it to "
+            f"{', '.join(sorted(others))} with network connect"
+        )
+    return [attachment_for(network, config)]
+
+
+def _find(find: Callable[[str], Network], ref: str) -> Network:
+    try:
+        return find(ref)
+    except NotFound:
+        raise NetworkRequestError(f"network {ref} not found") from None
+    except NetdError as e:
+        raise NetworkRequestError(str(e)) from None
+
+
+def dns_names(container: Container, attachment: NetworkAttachment) -> list[str]:
+    """What others on a network resolve the container by: its name, its short id and its
+    aliases on that network (Docker's embedded DNS answers the same names)."""
+    return list(dict.fromkeys([container.name, container.id[:12], *attachment.aliases]))
