@@ -3,6 +3,7 @@
     python -m bench --quick --out /tmp/bench-quick        # every variant once, about a minute
     python -m bench --out bench-results                   # the reference run (~15 minutes)
     python -m bench --report-only bench-results/results.json --out bench-results
+    pyengine-bench dns --json dns.json                    # the DNS responder vs dnsmasq
 
 Writes OUT/results.json (raw samples), OUT/results.md (tables) and OUT/plots/*.png.
 """
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
         prog="pyengine-bench",
         description="Benchmark pyengine's userland proxy against kernel DNAT, docker-proxy "
         "and socat, in network namespaces it creates and removes.",
+        epilog="pyengine-bench dns [--help]: the embedded DNS responder against dnsmasq.",
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     p.add_argument("--quick", action="store_true", help="every variant once, small sizes (~1 min)")
@@ -233,6 +235,11 @@ def new_results(env: Environment, command: str, started: str, backends: list[str
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["dns"]:
+        from bench.dns import main as dns_main
+
+        program = "python -m bench dns" if sys.argv[0].endswith("__main__.py") else None
+        return dns_main(argv[1:], prog=program or "pyengine-bench dns")
     args = parser().parse_args(argv)
     if args.report_only:
         results = Results.read(args.report_only)

@@ -4,15 +4,19 @@ The daemon keeps one table per user-defined network and updates it as containers
 the responder reads it on every query. Updates replace a container's whole record under a lock,
 so a reader sees a container's old record or its new one, never a mix, and sees it as soon as
 ``set``/``remove`` returns (nothing is cached between the table and the wire).
+
+A container's responder does not read one table but a ``ScopedNames``: the tables of the
+networks that container is on, merged, asked afresh on every query.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
+from typing import Protocol
 
 from netd.errors import NetdError
 
@@ -149,6 +153,33 @@ class NameTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._records)
+
+
+class NameLookup(Protocol):
+    """What a responder answers from: NameTable.lookup's contract."""
+
+    def lookup(self, qname: str, qtype: str) -> list[str] | None: ...
+
+
+class ScopedNames:
+    """The names one container resolves: the union of the tables of the networks it is on.
+
+    ``tables`` is called on every lookup and returns those tables in the order the container
+    joined the networks, so joining or leaving a network changes the answers of the very next
+    query. A name no table knows is None (NXDOMAIN or forwarded); a name one table knows without
+    an address of the asked family is [] (NODATA), like NameTable.lookup.
+    """
+
+    def __init__(self, tables: Callable[[], Sequence[NameTable]]) -> None:
+        self._tables = tables
+
+    def lookup(self, qname: str, qtype: str) -> list[str] | None:
+        merged: list[str] | None = None
+        for table in self._tables():
+            found = table.lookup(qname, qtype)
+            if found is not None:
+                merged = found if merged is None else merged + found
+        return None if merged is None else _unique(merged)
 
 
 def _discard(index: dict[str, list[str]], key: str, container_id: str) -> None:

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from netd.dns import wire
 from netd.dns.forwarder import Forwarder
-from netd.dns.records import NameTable, normalize_name
+from netd.dns.records import NameLookup, normalize_name
 from netd.dns.sockets import bind_udp_tcp
 from netd.errors import NetdError
 
@@ -66,11 +66,12 @@ class _Listeners:
 
 
 class DnsResponder:
-    """Answers a network's names on ``listen`` (UDP and TCP) and forwards the rest."""
+    """Answers the names of ``table`` (one network's NameTable, or a container's ScopedNames)
+    on ``listen`` (UDP and TCP) and forwards the rest."""
 
     def __init__(
         self,
-        table: NameTable,
+        table: NameLookup,
         listen: tuple[str, int],
         upstreams: list[tuple[str, int]],
         domain: str = "",
