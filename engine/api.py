@@ -44,7 +44,6 @@ NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("GET", "/exec/{id}/json", "exec"),
     ("POST", "/containers/{id}/pause", "pause"),
     ("POST", "/containers/{id}/unpause", "unpause"),
-    ("POST", "/containers/{id}/rename", "rename"),
     ("POST", "/containers/{id}/update", "update"),
     ("POST", "/containers/{id}/resize", "TTY resizing (pyengined has no TTYs)"),
     ("GET", "/containers/{id}/export", "export"),

@@ -35,7 +35,7 @@ from engine.api_common import (
     stream_frame,
     unix_seconds,
 )
-from engine.api_networks import NetworksApi
+from engine.api_networks import NetworksApi, check_endpoint_config
 from engine.containers import Container
 from engine.engine import (
     DaemonShuttingDown,
@@ -209,8 +209,7 @@ def check_create_body(
     _check_type(endpoints, (dict,), "NetworkingConfig.EndpointsConfig")
     for endpoint in endpoints.values():
         _check_type(endpoint, (dict,), "EndpointsConfig entry")
-        if (endpoint or {}).get("Links"):
-            raise NotImplementedByEngine("links (--link) are not supported by pyengined")
+        check_endpoint_config(endpoint)
 
 
 def _command_text(args: list[str]) -> str:

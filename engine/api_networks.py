@@ -57,6 +57,29 @@ def endpoint_settings(network: Network, ep: Endpoint | None, aliases: list[str])
     }
 
 
+# EndpointSettings a client may send that pyengined cannot honour: refused (501), never ignored.
+_UNSUPPORTED_ENDPOINT_SETTINGS = {
+    "Links": "links (--link)",
+    "DriverOpts": "endpoint driver options (--driver-opt)",
+    "MacAddress": "--mac-address",
+}
+
+
+def check_endpoint_config(config: Any) -> None:
+    """Refuse (501) what one ``EndpointSettings`` of a create or a connect asks for and
+    pyengined cannot do; its types and addresses are checked by the engine."""
+    if not isinstance(config, dict):
+        return
+    for key, what in _UNSUPPORTED_ENDPOINT_SETTINGS.items():
+        if config.get(key):
+            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
+    ipam = config.get("IPAMConfig")
+    if isinstance(ipam, dict) and ipam.get("LinkLocalIPs"):
+        raise NotImplementedByEngine(
+            "link-local addresses (--link-local-ip) are not supported by pyengined"
+        )
+
+
 def _label_matches(labels: dict[str, str], wanted: str) -> bool:
     key, eq, value = wanted.partition("=")
     return key in labels and (not eq or labels[key] == value)
@@ -147,9 +170,14 @@ class NetworksApi:
             raise NotImplementedByEngine(
                 f'network driver "{driver}" is not supported by pyengined (bridge only)'
             )
-        for key in ("Attachable", "Ingress", "ConfigOnly", "Scope"):
-            if body.get(key) not in (None, False, "", "local"):
+        for key in ("Attachable", "Ingress", "ConfigOnly"):
+            if body.get(key):
                 raise NotImplementedByEngine(f"{key} networks are not supported by pyengined")
+        scope = body.get("Scope") or "local"
+        if scope != "local":
+            raise NotImplementedByEngine(
+                f'scope "{scope}" networks are not supported by pyengined (local only)'
+            )
         if (body.get("ConfigFrom") or {}).get("Network"):
             raise NotImplementedByEngine("ConfigFrom networks are not supported by pyengined")
         if body.get("EnableIPv6"):
@@ -211,8 +239,7 @@ class NetworksApi:
         endpoint_config = body.get("EndpointConfig") or {}
         if not isinstance(endpoint_config, dict):
             raise BadParameter("EndpointConfig must be an object")
-        if endpoint_config.get("Links"):
-            raise NotImplementedByEngine("links (--link) are not supported by pyengined")
+        check_endpoint_config(endpoint_config)
         await self.engine.connect(ref, request.match_info["id"], endpoint_config)
         return web.Response(status=200)
 
@@ -225,6 +252,8 @@ class NetworksApi:
         return web.Response(status=200)
 
     async def prune(self, request: web.Request) -> web.Response:
+        """Docker's rule: a network no running container is connected to goes (a stopped
+        container created on it then fails to start, as after ``network rm``)."""
         filters = parse_filters(request, {"label", "until"})
         if filters.get("until"):
             raise NotImplementedByEngine("the until filter of network prune is not supported")
@@ -234,22 +263,12 @@ class NetworksApi:
                 continue
             if any(not _label_matches(net.labels, v) for v in filters.get("label", [])):
                 continue
-            if self._configured_by_containers(net):
-                continue
             try:
                 await self.engine.remove_network(net.id)
             except Conflict:
                 continue
             deleted.append(net.name)
         return json_response({"NetworksDeleted": deleted})
-
-    def _configured_by_containers(self, net: Network) -> bool:
-        """A stopped container created on ``net`` still uses it (Docker keeps it on prune)."""
-        return any(
-            a.network_id == net.id
-            for c in self.engine.containers.all()
-            for a in self.engine.attachments(c)
-        )
 
     def container_networks(self, c: Container) -> dict[str, dict[str, Any]]:
         """``NetworkSettings.Networks`` of a container: each network it is (to be) on."""
@@ -278,4 +297,4 @@ class NetworksApi:
         ]
 
 
-__all__ = ["DEFAULT_NETWORK", "NetworksApi", "endpoint_settings"]
+__all__ = ["DEFAULT_NETWORK", "NetworksApi", "check_endpoint_config", "endpoint_settings"]

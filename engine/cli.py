@@ -101,6 +101,7 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 multiple=True,
                 help="json-file log option: max-size=SIZE (e.g. 10m), max-file=N.",
             ),
+            click.option("-l", "--label", "labels", multiple=True, help="KEY=VALUE"),
             click.option("--network", default=None, help="Connect it to this network."),
             click.option("--ip", default=None, help="IPv4 address on that network."),
             click.option(
@@ -124,6 +125,7 @@ def _container_config(
     network: str | None = None,
     ip: str | None = None,
     aliases: tuple[str, ...] = (),
+    labels: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     bindings = _port_bindings(publish)
     log_config: dict[str, str] = {}
@@ -139,6 +141,7 @@ def _container_config(
         "Entrypoint": [entrypoint] if entrypoint is not None else None,
         "Env": env_list,
         "ExposedPorts": {k: {} for k in bindings},
+        "Labels": _key_values(labels, "label"),
         "HostConfig": {
             "PortBindings": bindings,
             "PublishAllPorts": publish_all,
@@ -188,6 +191,7 @@ def run(
     env: tuple[str, ...],
     entrypoint: str | None,
     log_opts: tuple[str, ...],
+    labels: tuple[str, ...],
     network: str | None,
     ip: str | None,
     aliases: tuple[str, ...],
@@ -210,6 +214,7 @@ def run(
         network,
         ip,
         aliases,
+        labels,
     )
     container_id = _create(client, name, image, config)
     try:
@@ -243,6 +248,7 @@ def create(
     env: tuple[str, ...],
     entrypoint: str | None,
     log_opts: tuple[str, ...],
+    labels: tuple[str, ...],
     network: str | None,
     ip: str | None,
     aliases: tuple[str, ...],
@@ -262,6 +268,7 @@ def create(
         network,
         ip,
         aliases,
+        labels,
     )
     click.echo(_create(_client(ctx), name, image, config))
 

@@ -127,3 +127,43 @@ def dns_names(container: Container, attachment: NetworkAttachment) -> list[str]:
     """What others on a network resolve the container by: its name, its short id and its
     aliases on that network (Docker's embedded DNS answers the same names)."""
     return list(dict.fromkeys([container.name, container.id[:12], *attachment.aliases]))
+
+
+# Container labels that choose PROXY protocol toward the container per published TCP port
+# (docs/proxy.md): the first for every port, the second (``<label>.<port>/tcp``) for one port.
+PROXY_PROTOCOL_LABEL = "pyengine.proxy-protocol"
+PROXY_PROTOCOL_VALUES = ("v1", "v2", "off")
+
+
+def proxy_protocol_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The container's PROXY protocol labels, checked: key -> v1|v2|off."""
+    chosen: dict[str, str] = {}
+    for key, value in labels.items():
+        if key != PROXY_PROTOCOL_LABEL and not key.startswith(PROXY_PROTOCOL_LABEL + "."):
+            continue
+        port_key = key[len(PROXY_PROTOCOL_LABEL) + 1 :]
+        if port_key:
+            port, _, proto = port_key.partition("/")
+            if not port.isdigit() or not 0 < int(port) <= 65535 or proto not in ("", "tcp"):
+                raise NetworkRequestError(
+                    f'invalid label "{key}": want {PROXY_PROTOCOL_LABEL}.<port>/tcp '
+                    "(PROXY protocol is for TCP ports only)"
+                )
+        if value not in PROXY_PROTOCOL_VALUES:
+            raise NetworkRequestError(
+                f'invalid value "{value}" for label {key} (want v1, v2 or off)'
+            )
+        chosen[key] = value
+    return chosen
+
+
+def proxy_protocol_for(labels: dict[str, str], container_port: int, proto: str) -> str:
+    """ "v1", "v2" or "" (off) for one published port."""
+    if proto != "tcp":
+        return ""
+    chosen = proxy_protocol_labels(labels)
+    value = chosen.get(
+        f"{PROXY_PROTOCOL_LABEL}.{container_port}/tcp",
+        chosen.get(f"{PROXY_PROTOCOL_LABEL}.{container_port}", chosen.get(PROXY_PROTOCOL_LABEL)),
+    )
+    return "" if value in (None, "off") else value

@@ -4,40 +4,46 @@ A UDP flow seen before the DNAT mapping existed keeps its conntrack entry (and s
 un-NATed destination) for as long as packets keep arriving; NAT rules are consulted only for
 a connection's first packet (conntrack(8)). Docker flushes such entries (moby#44688) but by the
 container port (moby#53384); the entry's original destination is the *host* port.
+
+Both families are handled: an IPv6 host port is never NATed (the userland proxy carries it),
+so its stale entries are harmless, but flushing them too keeps one rule for every port.
 """
 
 from __future__ import annotations
 
 import errno
 import socket
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
-_LOOPBACK = IPv4Network("127.0.0.0/8")
 ANY_IPV4 = "0.0.0.0"
+ANY_IPV6 = "::"
+_LOOPBACK = {socket.AF_INET: IPv4Network("127.0.0.0/8"), socket.AF_INET6: IPv6Network("::1/128")}
 
 
-def _local_ipv4_addresses() -> set[str]:
+def _local_addresses(family: socket.AddressFamily) -> set[str]:
     with IPRoute() as ipr:
-        addrs = ipr.get_addr(family=socket.AF_INET)
-        return {a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS") for a in addrs}
+        addrs = ipr.get_addr(family=family)
+        return {
+            str(ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))) for a in addrs
+        }
 
 
 def delete_udp_flows_to(host_ip: str, host_port: int) -> int:
     """Delete UDP entries whose original destination is ``host_ip:host_port`` (any local
-    address when ``host_ip`` is 0.0.0.0). Returns how many were deleted."""
-    targets = _local_ipv4_addresses() if host_ip == ANY_IPV4 else {host_ip}
+    address of the family when ``host_ip`` is 0.0.0.0 or ::). Returns how many were deleted."""
+    family = socket.AF_INET6 if ":" in host_ip else socket.AF_INET
+    unspecified = host_ip in (ANY_IPV4, ANY_IPV6)
+    targets = _local_addresses(family) if unspecified else {str(ip_address(host_ip))}
     deleted = 0
-    with Conntrack() as ct:
-        query = NFCTAttrTuple(proto=socket.IPPROTO_UDP, dport=host_port)
+    with Conntrack(nfgen_family=family) as ct:
+        query = NFCTAttrTuple(family=family, proto=socket.IPPROTO_UDP, dport=host_port)
         for entry in list(ct.dump_entries(tuple_orig=query)):
-            daddr = entry.tuple_orig.daddr
-            if daddr not in targets and not (
-                host_ip == ANY_IPV4 and IPv4Address(daddr) in _LOOPBACK
-            ):
+            daddr = ip_address(entry.tuple_orig.daddr)
+            if str(daddr) not in targets and not (unspecified and daddr in _LOOPBACK[family]):
                 continue
             try:
                 ct.delete(entry)

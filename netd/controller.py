@@ -29,8 +29,9 @@ import ipaddress
 import logging
 import re
 import secrets
+import socket
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -58,7 +59,15 @@ from netd.network import (
     now_rfc3339,
     plan_network,
 )
-from netd.portmap import PortReservation, detach_drop_filter, reserve_host_port
+from netd.portmap import (
+    ANY_IPV6,
+    PortReservation,
+    detach_drop_filter,
+    host_addresses_overlap,
+    is_ipv6,
+    reserve_dual_stack_port,
+    reserve_host_port,
+)
 from netd.portspec import PROTOCOLS, PortBinding
 from netd.state import (
     Endpoint,
@@ -67,6 +76,7 @@ from netd.state import (
     Sandbox,
     close_ports,
     endpoint_key,
+    firewall_mappings,
 )
 from netd.subnetpool import DEFAULT_ADDRESS_POOLS
 
@@ -110,18 +120,34 @@ class NetdConfig:
     address_pools: tuple[tuple[str, int], ...] = DEFAULT_ADDRESS_POOLS
 
 
-def _normalise_host_ip(host_ip: str, default: str) -> str:
-    if host_ip == "":
-        host_ip = default
-    if host_ip == ANY_IPV4:
-        return ANY_IPV4
+def _normalise_host_ip(host_ip: str) -> str:
     try:
         addr = ipaddress.ip_address(host_ip)
     except ValueError:
         raise NetdError(f'invalid host IP "{host_ip}"') from None
-    if addr.version == 6:
-        raise NetdError(f'cannot publish on IPv6 address "{host_ip}": IPv6 is not supported yet')
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        # An IPV6_V6ONLY socket cannot bind it (ipv6(7)); the IPv4 address says the same.
+        raise NetdError(f'invalid host IP "{host_ip}": use the IPv4 address {addr.ipv4_mapped}')
     return str(addr)
+
+
+def _publish_addresses(host_ip: str, host_binding_ipv4: str, userland_proxy: bool) -> list[str]:
+    """The host addresses one binding is published on, as Docker 28 does for a container with
+    an IPv4 address only. Without a host address: 0.0.0.0 and :: (the same port on both), but
+    only 0.0.0.0 without the userland proxy (nothing can NAT IPv6 to IPv4), and only the
+    network's ``host_binding_ipv4`` when that is set. An explicit IPv6 address needs the proxy.
+    """
+    if host_ip == "":
+        if host_binding_ipv4 != ANY_IPV4:
+            return [_normalise_host_ip(host_binding_ipv4)]
+        return [ANY_IPV4, ANY_IPV6] if userland_proxy else [ANY_IPV4]
+    address = _normalise_host_ip(host_ip)
+    if is_ipv6(address) and not userland_proxy:
+        raise NetdError(
+            f'cannot publish on IPv6 address "{address}": the container has no IPv6 address '
+            "and the userland proxy is disabled"
+        )
+    return [address]
 
 
 class NetworkController:
@@ -233,7 +259,7 @@ class NetworkController:
             log.warning("cannot remove the previous %s rules of %s: %s", backend, table, exc)
 
     def _firewall_mappings(self) -> list[PortMapping]:
-        return [p.mapping() for ports in self._st.ports.values() for p in ports]
+        return firewall_mappings(p for ports in self._st.ports.values() for p in ports)
 
     def _install_firewall(self) -> None:
         """Rebuild the whole ruleset from the state, in one transaction."""
@@ -246,7 +272,11 @@ class NetworkController:
 
     # -- setup / teardown -------------------------------------------------------------------
 
-    def setup(self, containers: Collection[str] | None = None) -> None:
+    def setup(
+        self,
+        containers: Collection[str] | None = None,
+        held_sockets: Mapping[tuple[str, str, int], socket.socket] | None = None,
+    ) -> None:
         """Bring the kernel in line with the state; idempotent, and the recovery after a crash.
 
         * networks: one being created is rolled back, one being removed is removed; the
@@ -258,9 +288,23 @@ class NetworkController:
           default route set;
         * addresses: exactly the live endpoints' addresses are allocated;
         * published ports: those of removed endpoints are dropped, the others get a reserving
-          socket again (a new process holds none);
+          socket again (a new process holds none): the one ``held_sockets`` has for that
+          (proto, host_ip, host_port), if any, else a newly bound one. Held sockets are the
+          listening sockets of proxies that outlived the previous daemon: keeping them, rather
+          than binding again, keeps those ports open throughout. setup() owns them: those it
+          does not use are closed, also when it fails;
         * the firewall: a fresh table (or chain set) from the state, in one transaction.
         """
+        held = dict(held_sockets or {})
+        try:
+            self._setup(containers, held)
+        finally:
+            for sock in held.values():
+                sock.close()
+
+    def _setup(
+        self, containers: Collection[str] | None, held: dict[tuple[str, str, int], socket.socket]
+    ) -> None:
         with self._lock:
             sysctl.enable_ip_forward()
             st = self._st
@@ -283,7 +327,7 @@ class NetworkController:
                     log.warning("cannot set up the bridge of network %s: %s", net.name, exc)
             self._reconcile_endpoints(containers)
             self._reconcile_addresses()
-            fresh = self._restore_port_reservations()
+            fresh = self._restore_port_reservations(held)
             try:
                 self._remove_previous_firewall()
                 self._install_firewall()
@@ -374,12 +418,22 @@ class NetworkController:
         for nid, ipam in self._st.ipams.items():
             ipam.allocations = {ep.ip: ep.container_id for ep in self._st.network_endpoints(nid)}
 
-    def _restore_port_reservations(self) -> list[PublishedPort]:
-        """Re-bind the host ports of persisted mappings that hold no socket in this process."""
+    def _restore_port_reservations(
+        self, held: dict[tuple[str, str, int], socket.socket] | None = None
+    ) -> list[PublishedPort]:
+        """Give the persisted mappings that hold no socket in this process one again: the
+        matching socket taken out of ``held``, else a newly bound one."""
+        held = {} if held is None else held
         fresh: list[PublishedPort] = []
         for cid, ports in self._st.ports.items():
             for port in list(ports):
                 if port.sock is not None:
+                    continue
+                kept = held.pop((port.proto, port.host_ip, port.host_port), None)
+                if kept is not None:
+                    # A surviving proxy serves it: no drop filter to lift (_after_reserve).
+                    port.sock = kept
+                    fresh.append(port)
                     continue
                 try:
                     res = reserve_host_port(
@@ -713,7 +767,7 @@ class NetworkController:
             st.ports[ep.container_id] = [p for p in ports if p not in on_endpoint]
         self._save()
         try:
-            self._firewall.remove_mappings([p.mapping() for p in on_endpoint])
+            self._firewall.remove_mappings(firewall_mappings(on_endpoint))
         except BaseException:
             ep.state = previous
             st.ports[ep.container_id] = ports
@@ -747,7 +801,7 @@ class NetworkController:
             st.ports.pop(container_id, None)
             self._save()
             try:
-                self._firewall.remove_mappings([p.mapping() for p in ports])
+                self._firewall.remove_mappings(firewall_mappings(ports))
             except BaseException:
                 for record, state in previous:
                     record.state = state
@@ -797,12 +851,13 @@ class NetworkController:
     def _is_taken(
         self, proto: str, host_ip: str, port: int, skip: PublishedPort | None = None
     ) -> bool:
-        """Whether this engine already maps ``port`` on ``host_ip`` (or on every address)."""
+        """Whether this engine already holds ``port`` on ``host_ip``, or on an address that
+        clashes with it (the same family's unspecified address; IPv4 and IPv6 never clash)."""
         for ports in self._st.ports.values():
             for p in ports:
                 if p is skip or p.proto != proto or p.host_port != port:
                     continue
-                if p.host_ip == host_ip or ANY_IPV4 in (p.host_ip, host_ip):
+                if host_addresses_overlap(p.host_ip, host_ip):
                     return True
         return False
 
@@ -815,8 +870,10 @@ class NetworkController:
         self, container_id: str, endpoint: Endpoint, bindings: list[PortBinding]
     ) -> list[PublishedPort]:
         """Reserve every host port, then map them all to ``endpoint``'s address in one
-        firewall transaction. A binding without a host address uses the network's
-        ``host_binding_ipv4`` (0.0.0.0 unless set). Internal networks publish nothing."""
+        firewall transaction. A binding without a host address is published on 0.0.0.0 and
+        :: (see ``_publish_addresses``): one PublishedPort per address, the same host port on
+        both. Ports on IPv6 addresses are left to the proxy (``PublishedPort.in_firewall``).
+        Internal networks publish nothing."""
         with self._lock:
             self._require_ready()
             key = endpoint_key(container_id, endpoint.network_id or self.default_network.id)
@@ -832,7 +889,10 @@ class NetworkController:
             for b in bindings:
                 if b.proto not in PROTOCOLS:
                     raise NetdError(f'unsupported protocol "{b.proto}"')
-            requests = [(b, _normalise_host_ip(b.host_ip, net.host_binding_ipv4)) for b in bindings]
+            proxy = self.cfg.userland_proxy
+            requests = [
+                (b, _publish_addresses(b.host_ip, net.host_binding_ipv4, proxy)) for b in bindings
+            ]
             new: list[PublishedPort] = []
 
             def taken(proto: str, host_ip: str, port: int) -> bool:
@@ -841,27 +901,34 @@ class NetworkController:
                 return any(
                     p.proto == proto
                     and p.host_port == port
-                    and (p.host_ip == host_ip or ANY_IPV4 in (p.host_ip, host_ip))
+                    and host_addresses_overlap(p.host_ip, host_ip)
                     for p in new
                 )
 
             try:
-                for b, host_ip in requests:
-                    res: PortReservation = reserve_host_port(
-                        b.proto, host_ip, b.host_port, b.host_port_end, taken
+                for b, addresses in requests:
+                    reserved: list[PortReservation] = (
+                        reserve_dual_stack_port(b.proto, b.host_port, b.host_port_end, taken)
+                        if addresses == [ANY_IPV4, ANY_IPV6]
+                        else [
+                            reserve_host_port(
+                                b.proto, addresses[0], b.host_port, b.host_port_end, taken
+                            )
+                        ]
                     )
-                    new.append(
+                    new += [
                         PublishedPort(
                             b.proto,
-                            host_ip,
+                            res.host_ip,
                             res.host_port,
                             current.ip,
                             b.container_port,
                             net.id,
                             res.sock,
                         )
-                    )
-                self._firewall.add_mappings([p.mapping() for p in new])
+                        for res in reserved
+                    ]
+                self._firewall.add_mappings(firewall_mappings(new))
             except BaseException:
                 close_ports(new)
                 raise
@@ -874,7 +941,7 @@ class NetworkController:
                 self._st.ports[container_id] = [
                     p for p in self._st.ports[container_id] if all(p is not n for n in new)
                 ]
-                self._firewall.remove_mappings([p.mapping() for p in new])
+                self._firewall.remove_mappings(firewall_mappings(new))
                 close_ports(new)
                 raise
             for port in new:
@@ -904,7 +971,7 @@ class NetworkController:
             # The state first: a crash after this write leaves mappings the next setup() drops.
             self._save()
             try:
-                self._firewall.remove_mappings([p.mapping() for p in ports])
+                self._firewall.remove_mappings(firewall_mappings(ports))
             except BaseException:
                 self._st.ports[container_id] = ports
                 self._save()

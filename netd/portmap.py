@@ -4,20 +4,29 @@ TCP: ``SO_REUSEADDR``, bound, not listening, so a connection that no rule redire
 (RST) instead of hanging. UDP: a classic BPF program ``ret 0`` is attached *before* ``bind(2)``,
 so the socket drops every datagram until the filter is detached (socket(7) SO_ATTACH_FILTER,
 Documentation/networking/filter.rst).
+
+IPv6 sockets are bound with ``IPV6_V6ONLY`` (ipv6(7)), whatever ``net.ipv6.bindv6only`` says:
+"::" then holds the port for IPv6 only, so "0.0.0.0" and "::" are two independent reservations,
+and a port published on both families is two sockets on the same port number.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from netd.errors import NetdError
 
+log = logging.getLogger(__name__)
+
 ANY_IPV4 = "0.0.0.0"
+ANY_IPV6 = "::"
 
 # <asm-generic/socket.h>; Python's socket module does not export these.
 SO_ATTACH_FILTER = 26
@@ -61,10 +70,47 @@ class PortReservation:
     sock: socket.socket
 
 
+def is_ipv6(host_ip: str) -> bool:
+    return ":" in host_ip
+
+
+def host_addresses_overlap(a: str, b: str) -> bool:
+    """Whether reservations of one port on host addresses ``a`` and ``b`` clash: same family,
+    and the same address or the family's unspecified one on either side. IPv4 and IPv6 never
+    clash, as the IPv6 sockets are IPV6_V6ONLY."""
+    if is_ipv6(a) != is_ipv6(b):
+        return False
+    unspecified = ANY_IPV6 if is_ipv6(a) else ANY_IPV4
+    return a == b or unspecified in (a, b)
+
+
+_DISABLE_IPV6 = Path("/proc/sys/net/ipv6/conf/all/disable_ipv6")
+
+
+def host_has_ipv6() -> bool:
+    """Whether this network namespace does IPv6: the ``ipv6`` sysctls exist (no
+    ``ipv6.disable=1``), ``disable_ipv6`` is 0 (ip-sysctl.rst) and AF_INET6 sockets exist."""
+    try:
+        if _DISABLE_IPV6.read_text().strip() != "0":
+            return False
+    except FileNotFoundError:
+        return False
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC).close()
+    except OSError as exc:
+        if exc.errno == errno.EAFNOSUPPORT:
+            return False
+        raise NetdError(f"cannot create an IPv6 socket: {os.strerror(exc.errno)}") from None
+    return True
+
+
 def _bind_socket(proto: str, host_ip: str, port: int) -> socket.socket:
     sock_type = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(socket.AF_INET, sock_type | socket.SOCK_CLOEXEC)
+    family = socket.AF_INET6 if is_ipv6(host_ip) else socket.AF_INET
+    sock = socket.socket(family, sock_type | socket.SOCK_CLOEXEC)
     try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if proto == "tcp":
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         else:
@@ -128,3 +174,82 @@ def reserve_host_port(
     if host_port_end:
         raise NetdError(f"no free port in {host_port}-{host_port_end}/{proto} on {host_ip}")
     raise NetdError(f"{_describe(proto, host_ip, host_port)} is already in use")
+
+
+def _bind_free(
+    proto: str, host_ip: str, port: int, is_taken: Callable[[str, str, int], bool]
+) -> socket.socket | None:
+    """A socket holding ``host_ip:port``; None when this engine or another socket holds it."""
+    if is_taken(proto, host_ip, port):
+        return None
+    try:
+        return _bind_socket(proto, host_ip, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+
+
+def _reserve_both_families(
+    proto: str, port: int, is_taken: Callable[[str, str, int], bool]
+) -> list[PortReservation] | str:
+    """``port`` on 0.0.0.0 and on ::, or the address that is held already. Only 0.0.0.0 when
+    :: cannot be bound at all (EADDRNOTAVAIL: IPv6 is off on this host)."""
+    try:
+        v4 = _bind_free(proto, ANY_IPV4, port, is_taken)
+    except OSError as exc:
+        raise _bind_error(proto, ANY_IPV4, port, exc) from None
+    if v4 is None:
+        return ANY_IPV4
+    reserved = [PortReservation(proto, ANY_IPV4, port, v4)]
+    try:
+        v6 = _bind_free(proto, ANY_IPV6, port, is_taken)
+    except OSError as exc:
+        if exc.errno == errno.EADDRNOTAVAIL:
+            log.info("cannot bind [::]: no IPv6; port %d/%s is published on IPv4 only", port, proto)
+            return reserved
+        v4.close()
+        raise _bind_error(proto, ANY_IPV6, port, exc) from None
+    except BaseException:
+        v4.close()
+        raise
+    if v6 is None:
+        v4.close()
+        return ANY_IPV6
+    return [*reserved, PortReservation(proto, ANY_IPV6, port, v6)]
+
+
+def reserve_dual_stack_port(
+    proto: str,
+    host_port: int,
+    host_port_end: int,
+    is_taken: Callable[[str, str, int], bool],
+) -> list[PortReservation]:
+    """Reserve one port number on 0.0.0.0 *and* on :: (Docker 28 publishes a port without a
+    host address on both families): a fixed port must be free on both, and an ephemeral pick or
+    a range takes the first port free on both. Without IPv6 on this host (``host_has_ipv6``, or
+    :: refusing to bind) only the 0.0.0.0 reservation is made, as Docker does.
+    """
+    if not host_has_ipv6():
+        log.info("no IPv6 on this host: %s ports are published on IPv4 only", proto)
+        return [reserve_host_port(proto, ANY_IPV4, host_port, host_port_end, is_taken)]
+    both = f"{ANY_IPV4} and {ANY_IPV6}"
+    if host_port == 0:
+        for _ in range(_EPHEMERAL_ATTEMPTS):
+            # The kernel's pick for IPv4, then both families on that number; a port someone
+            # holds on :: only sends us round again.
+            pick = reserve_host_port(proto, ANY_IPV4, 0, 0, is_taken)
+            pick.sock.close()
+            reserved = _reserve_both_families(proto, pick.host_port, is_taken)
+            if not isinstance(reserved, str):
+                return reserved
+        raise NetdError(f"no free ephemeral port for {proto} on {both}")
+    busy = ANY_IPV4
+    for port in range(host_port, (host_port_end or host_port) + 1):
+        reserved = _reserve_both_families(proto, port, is_taken)
+        if not isinstance(reserved, str):
+            return reserved
+        busy = reserved
+    if host_port_end:
+        raise NetdError(f"no free port in {host_port}-{host_port_end}/{proto} on {both}")
+    raise NetdError(f"{_describe(proto, busy, host_port)} is already in use")

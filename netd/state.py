@@ -11,6 +11,7 @@ slice's name; tools read ``endpoints[*].host_veth`` and ``netns_name`` from it t
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -21,6 +22,7 @@ from netd.firewall import PortMapping
 from netd.ipam import Ipam
 from netd.jsonstate import read_json, write_json_atomic
 from netd.network import READY, Network
+from netd.portmap import is_ipv6
 
 STATE_VERSION = 2
 
@@ -70,7 +72,7 @@ def endpoint_key(container_id: str, network_id: str) -> str:
 @dataclass
 class PublishedPort:
     proto: str
-    host_ip: str  # "0.0.0.0" = every local IPv4 address
+    host_ip: str  # "0.0.0.0" / "::" = every local IPv4 / IPv6 address
     host_port: int
     container_ip: str
     container_port: int
@@ -78,6 +80,12 @@ class PublishedPort:
     # The socket reserving the host port; never persisted. With the userland proxy the daemon
     # hands a dup of it to pyengine-proxy (-use-listen-fd); netd closes its copy on unpublish.
     sock: socket.socket | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def in_firewall(self) -> bool:
+        """Whether the firewall maps this port. A port on an IPv6 host address is the userland
+        proxy's alone: the container has no IPv6 address to DNAT to."""
+        return not is_ipv6(self.host_ip)
 
     def mapping(self) -> PortMapping:
         return PortMapping(
@@ -93,6 +101,11 @@ class PublishedPort:
             "container_port": self.container_port,
             "network_id": self.network_id,
         }
+
+
+def firewall_mappings(ports: Iterable[PublishedPort]) -> list[PortMapping]:
+    """What the firewall is given for ``ports``: only the ones ``in_firewall``."""
+    return [p.mapping() for p in ports if p.in_firewall]
 
 
 def close_ports(ports: list[PublishedPort]) -> None:

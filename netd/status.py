@@ -60,7 +60,9 @@ class EndpointStatus:
 class PortStatus:
     container_id: str
     port: PublishedPort
-    in_kernel: bool | None  # None: the kernel's mappings could not be read
+    # None: the kernel's mappings could not be read, or the port is not the firewall's (an
+    # IPv6 host address, served by the userland proxy alone: PublishedPort.in_firewall)
+    in_kernel: bool | None
 
 
 @dataclass
@@ -185,8 +187,10 @@ def collect_status(
     known: set[PortMapping] = set()
     for cid, published in persisted.ports.items():
         for port in published:
-            known.add(port.mapping())
-            in_kernel = None if live is None else port.mapping() in live
+            in_kernel = None
+            if port.in_firewall:
+                known.add(port.mapping())
+                in_kernel = None if live is None else port.mapping() in live
             ports.append(PortStatus(cid, port, in_kernel))
     unknown = [m for m in live or [] if m not in known]
     return NetdStatus(
@@ -213,7 +217,8 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 
 def _mapping_text(m: PortMapping) -> str:
-    return f"{m.proto} {m.host_ip}:{m.host_port} -> {m.container_ip}:{m.container_port}"
+    host = f"[{m.host_ip}]" if ":" in m.host_ip else m.host_ip
+    return f"{m.proto} {host}:{m.host_port} -> {m.container_ip}:{m.container_port}"
 
 
 def render_status(status: NetdStatus) -> str:
@@ -284,6 +289,8 @@ def render_status(status: NetdStatus) -> str:
         rows = [["CONTAINER", "MAPPING", "IN KERNEL"]]
         for p in status.ports:
             seen = {True: "yes", False: "NO", None: "?"}[p.in_kernel]
+            if not p.port.in_firewall:
+                seen = "no (proxy only)"
             rows.append([p.container_id[:12], _mapping_text(p.port.mapping()), seen])
         out += _table(rows)
     for m in status.unknown_mappings:

@@ -2,9 +2,11 @@
 user needs, checked against the output shapes Docker documents.
 
 One pyengined (userland-proxy mode; docker-py's tests use kernel DNAT) on its own bridge,
-subnet and nft table. DOCKER_HOST points the CLI at it and DOCKER_CONFIG at a directory of the
-test's own: dockerd and /var/run/docker.sock are never touched. Traffic goes only to loopback
-(published ports, the test registries) and to the daemon's own bridge.
+subnet and nft table; the user-defined networks the tests create live in 10.63.0.0/16.
+DOCKER_HOST points the CLI at it and DOCKER_CONFIG at a directory of the test's own: dockerd and
+/var/run/docker.sock are never touched. Traffic goes only to loopback (published ports, the test
+registries) and to the bridges of that daemon. Containers talk to containers with busybox's
+``nc -w 2``: the image's busybox (Debian's static 1.35) crashes on ``wget -T``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from engine.client import Client
+from netd.naming import bridge_name_for
 from tests.conftest import (
     BIN,
     Daemon,
@@ -126,6 +129,21 @@ def names(docker: DockerCli) -> Iterator[Callable[[str], str]]:
         docker("rm", "-f", n)
 
 
+def host_has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+def published_host_ips() -> list[str]:
+    """What a ``-p PORT:80`` is published on with the userland proxy, as the 20.10 CLI prints
+    it: 0.0.0.0, and "::" when the host has IPv6."""
+    return ["0.0.0.0", "::"] if host_has_ipv6() else ["0.0.0.0"]
+
+
 def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode != 0, result.stdout
     assert "Traceback" not in result.stderr
@@ -182,17 +200,24 @@ def test_run_detached_publishes_port(docker: DockerCli, names: Callable[[str], s
     status, body = wait_http(f"http://127.0.0.1:{port}/")
     assert status == 200 and "Welcome to nginx" in body
 
-    assert docker("port", name, check=True).stdout == f"80/tcp -> 0.0.0.0:{port}\n"
-    assert docker("port", name, "80", check=True).stdout == f"0.0.0.0:{port}\n"
+    # Docker 28: without a host address, 0.0.0.0 and (the proxy carrying it) [::] when the
+    # host has IPv6. The 20.10 CLI prints the IPv6 one as ":::port".
+    host_ips = published_host_ips()
+    lines = "".join(f"80/tcp -> {ip}:{port}\n" for ip in host_ips)
+    assert docker("port", name, check=True).stdout == lines
+    assert docker("port", name, "80", check=True).stdout == "".join(
+        f"{ip}:{port}\n" for ip in host_ips
+    )
     ps = docker("ps", "--format", "{{.ID}} {{.Names}} {{.Ports}} {{.Status}}", check=True)
-    assert f"{cid[:12]} {name} 0.0.0.0:{port}->80/tcp Up" in ps.stdout
+    ports = ", ".join(f"{ip}:{port}->80/tcp" for ip in host_ips)
+    assert f"{cid[:12]} {name} {ports} Up" in ps.stdout
 
     info = docker.inspect(name)
     assert info["Id"] == cid and info["Name"] == f"/{name}"
     assert info["State"]["Running"] is True and info["State"]["Pid"] > 0
     # HostPort is a string (swagger PortBinding).
     assert info["NetworkSettings"]["Ports"] == {
-        "80/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(port)}]
+        "80/tcp": [{"HostIp": ip, "HostPort": str(port)} for ip in host_ips]
     }
     bridge = info["NetworkSettings"]["Networks"]["bridge"]
     assert IPv4Address(bridge["IPAddress"]) in SUBNET
@@ -209,9 +234,11 @@ def test_run_detached_publishes_port(docker: DockerCli, names: Callable[[str], s
 def test_run_publish_all_and_env(docker: DockerCli, names: Callable[[str], str]) -> None:
     name = names("pall")
     docker("run", "-d", "-P", "--name", name, "nginx", check=True)
-    mapping = docker("port", name, "80/tcp", check=True).stdout.strip()
-    host_ip, _, host_port = mapping.rpartition(":")
-    assert host_ip == "0.0.0.0" and int(host_port) > 0
+    mappings = docker("port", name, "80/tcp", check=True).stdout.splitlines()
+    split = [m.rpartition(":") for m in mappings]
+    host_port = split[0][2]
+    assert [(ip, port) for ip, _, port in split] == [(ip, host_port) for ip in published_host_ips()]
+    assert int(host_port) > 0
     assert wait_http(f"http://127.0.0.1:{host_port}/")[0] == 200
 
     out = docker("run", "--rm", "-e", "PYETEST=hello there", "busybox", "sh", "-c", "echo $PYETEST")
@@ -402,15 +429,91 @@ def test_images_load_tag_inspect_rmi(
 
 # ---- networks ----------------------------------------------------------------------------------
 
+# The user-defined networks of these tests live in 10.63.0.0/16, one /24 per test (10.63.N.0/24),
+# always with an explicit subnet: automatic ones come from a pool other daemons draw on too.
+HTTP_PROBE = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 80"
+
+
+@pytest.fixture
+def networks(docker: DockerCli) -> Iterator[Callable[[str], str]]:
+    """Network names for one test (``pyetest-cli-net-...``); afterwards the containers on each
+    are force-removed, then the network itself."""
+    used: list[str] = []
+
+    def name(suffix: str) -> str:
+        used.append(f"pyetest-cli-net-{suffix}")
+        return used[-1]
+
+    yield name
+    for net in reversed(used):
+        on_it = docker("ps", "-aq", "--filter", f"network={net}").stdout.split()
+        if on_it:
+            docker("rm", "-f", *on_it)
+        docker("network", "rm", net)
+
+
+def create_network(docker: DockerCli, name: str, *args: str) -> str:
+    out = docker("network", "create", *args, name, check=True).stdout.strip()
+    assert ID_RE.match(out), out
+    return out
+
+
+def network_inspect(docker: DockerCli, ref: str) -> dict[str, Any]:
+    return json.loads(docker("network", "inspect", ref, check=True).stdout)[0]
+
+
+def network_names(docker: DockerCli) -> list[str]:
+    return docker("network", "ls", "--format", "{{.Name}}", check=True).stdout.split()
+
+
+def ip_on(docker: DockerCli, container: str, network: str) -> str:
+    return docker.inspect(container)["NetworkSettings"]["Networks"][network]["IPAddress"]
+
+
+def sandbox_addresses(docker: DockerCli, container: str) -> dict[str, str]:
+    """Interface → IPv4 address/prefix inside a running container's network namespace."""
+    nsenter = require_tool("nsenter")
+    key = docker.inspect(container)["NetworkSettings"]["SandboxKey"]
+    assert key, f"{container} has no network namespace"
+    out = subprocess.run(
+        [nsenter, f"--net={key}", "ip", "-o", "-4", "addr", "show"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if fields[1] != "lo":
+            found[fields[1]] = fields[3]
+    return found
+
+
+def link_exists(ifname: str) -> bool:
+    return (
+        subprocess.run(["ip", "link", "show", "dev", ifname], capture_output=True).returncode == 0
+    )
+
+
+def http_from(docker: DockerCli, network: str, ip: str) -> subprocess.CompletedProcess[str]:
+    """A one-shot busybox on ``network`` asks ``ip``:80 for / with nc (2 s timeout): its exit
+    code and output say whether the request got through."""
+    script = HTTP_PROBE.format(ip=ip)
+    return docker("run", "--rm", "--network", network, "busybox", "sh", "-c", script)
+
 
 def test_network_ls_and_inspect_default_bridge(
     docker: DockerCli, names: Callable[[str], str]
 ) -> None:
-    rows = docker("network", "ls", "--format", "{{.Name}} {{.Driver}} {{.Scope}}", check=True)
+    rows = docker(
+        "network", "ls", "--filter", "type=builtin", "--format", "{{.Name}} {{.Driver}} {{.Scope}}",
+        check=True,
+    )  # fmt: skip
     assert rows.stdout.splitlines() == ["bridge bridge local"]
     name = names("net")
     cid = docker("run", "-d", "--name", name, "busybox", "sleep", "60", check=True).stdout.strip()
-    net = json.loads(docker("network", "inspect", "bridge", check=True).stdout)[0]
+    net = network_inspect(docker, "bridge")
     assert net["Name"] == "bridge" and net["Driver"] == "bridge" and net["Scope"] == "local"
     assert net["IPAM"]["Config"] == [{"Subnet": str(SUBNET), "Gateway": docker.daemon.gateway}]
     assert net["Options"]["com.docker.network.bridge.name"] == NAME
@@ -418,10 +521,426 @@ def test_network_ls_and_inspect_default_bridge(
     assert endpoint["Name"] == name
     assert IPv4Address(endpoint["IPv4Address"].split("/")[0]) in SUBNET
     assert docker.inspect(name)["NetworkSettings"]["Networks"]["bridge"]["NetworkID"] == net["Id"]
+    # Docker fills the top-level address fields from the default network's endpoint.
+    settings = docker.inspect(name)["NetworkSettings"]
+    assert settings["IPAddress"] == endpoint["IPv4Address"].split("/")[0]
 
-    one_line_error(docker("network", "create", "pyetest-net"), "not supported by pyengined")
+    one_line_error(docker("network", "create", "bridge"), "pre-defined network")
     one_line_error(docker("network", "rm", "bridge"), "pre-defined network")
     one_line_error(docker("network", "inspect", "pyetest-none"), "pyetest-none")
+
+
+def test_network_create_ls_inspect(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    name = networks("one")
+    net_id = create_network(
+        docker, name,
+        "--subnet", "10.63.1.0/24", "--gateway", "10.63.1.254", "--ip-range", "10.63.1.128/25",
+        "-o", "com.docker.network.bridge.enable_icc=false", "--label", "pyetest.k=v",
+    )  # fmt: skip
+    short = net_id[:12]
+    row = "{{.ID}} {{.Name}} {{.Driver}} {{.Scope}} {{.Internal}} {{.IPv6}} {{.Labels}}"
+    rows = docker("network", "ls", "--filter", f"name={name}", "--format", row, check=True)
+    assert rows.stdout.splitlines() == [f"{short} {name} bridge local false false pyetest.k=v"]
+
+    def ls_q(*filters: str) -> list[str]:
+        args = [arg for f in filters for arg in ("--filter", f)]
+        return docker("network", "ls", "-q", *args, check=True).stdout.split()
+
+    assert ls_q("label=pyetest.k=v") == [short]
+    assert ls_q("label=pyetest.k") == [short]
+    assert ls_q("label=pyetest.k=other") == []
+    assert ls_q(f"id={net_id[:8]}") == [short]
+    assert ls_q("type=custom", f"name={name}") == [short]
+    assert ls_q("type=builtin", f"name={name}") == []
+    assert ls_q("driver=bridge", "scope=local", f"name={name}") == [short]
+    assert ls_q("dangling=true", f"name={name}") == [short]  # nothing on it yet
+    assert net_id in docker("network", "ls", "-q", "--no-trunc", check=True).stdout.split()
+
+    net = network_inspect(docker, name)
+    assert net["Name"] == name and net["Id"] == net_id
+    assert net["Driver"] == "bridge" and net["Scope"] == "local"
+    assert net["EnableIPv6"] is False and net["Internal"] is False
+    assert net["IPAM"]["Driver"] == "default"
+    assert net["IPAM"]["Config"] == [
+        {"Subnet": "10.63.1.0/24", "Gateway": "10.63.1.254", "IPRange": "10.63.1.128/25"}
+    ]
+    assert net["Options"] == {"com.docker.network.bridge.enable_icc": "false"}
+    assert net["Labels"] == {"pyetest.k": "v"}
+    assert net["Containers"] == {}
+    assert docker("network", "inspect", "-f", "{{.Name}}", short, check=True).stdout == f"{name}\n"
+    # The network is a real bridge carrying the gateway address.
+    bridge = bridge_name_for(net_id)
+    addresses = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show", "dev", bridge], capture_output=True, text=True
+    ).stdout
+    assert "10.63.1.254/24" in addresses, addresses
+
+    c = names("one")
+    cid = docker(
+        "run", "-d", "--name", c, "--network", name, "busybox", "sleep", "300", check=True
+    ).stdout.strip()
+    ip = ip_on(docker, c, name)
+    assert IPv4Address(ip) in IPv4Network("10.63.1.128/25"), "automatic addresses: the ip-range"
+    member = network_inspect(docker, name)["Containers"][cid]
+    assert member["Name"] == c and member["IPv4Address"] == f"{ip}/24"
+    assert ID_RE.match(member["EndpointID"]) and member["MacAddress"].startswith("02:42:")
+    assert ls_q("dangling=true", f"name={name}") == []
+    assert ls_q("dangling=false", f"name={name}") == [short]
+
+
+def test_network_driver_options_and_internal(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    name = networks("opts")
+    bridge = "pyetestclibr2"
+    create_network(
+        docker, name, "--internal", "--subnet", "10.63.2.0/24",
+        "-o", f"com.docker.network.bridge.name={bridge}",
+        "-o", "com.docker.network.driver.mtu=1400",
+    )  # fmt: skip
+    net = network_inspect(docker, name)
+    assert net["Internal"] is True
+    assert net["Options"] == {
+        "com.docker.network.bridge.name": bridge,
+        "com.docker.network.driver.mtu": "1400",
+    }
+    assert docker(
+        "network", "ls", "--filter", f"name={name}", "--format", "{{.Internal}}"
+    ).stdout == ("true\n")
+    assert link_exists(bridge)
+
+    c = names("mtu")
+    docker("run", "-d", "--name", c, "--network", name, "busybox", "sleep", "300", check=True)
+    key = docker.inspect(c)["NetworkSettings"]["SandboxKey"]
+    link = subprocess.run(
+        [require_tool("nsenter"), f"--net={key}", "ip", "-o", "link", "show", "dev", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert " mtu 1400 " in link, link
+
+    docker("rm", "-f", c, check=True)
+    assert docker("network", "rm", name, check=True).stdout == f"{name}\n"
+    assert not link_exists(bridge), "the bridge goes with its network"
+
+
+def test_run_with_ip_and_network_alias(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    name = networks("ip")
+    net_id = create_network(docker, name, "--subnet", "10.63.3.0/24")
+    c = names("ip")
+    cid = docker(
+        "run", "-d", "--name", c, "--network", name, "--ip", "10.63.3.10",
+        "--network-alias", "web", "busybox", "sleep", "300", check=True,
+    ).stdout.strip()  # fmt: skip
+    info = docker.inspect(c)
+    assert info["HostConfig"]["NetworkMode"] == name
+    settings = info["NetworkSettings"]
+    assert list(settings["Networks"]) == [name]
+    endpoint = settings["Networks"][name]
+    assert endpoint["NetworkID"] == net_id and ID_RE.match(endpoint["EndpointID"])
+    assert endpoint["IPAddress"] == "10.63.3.10" and endpoint["IPPrefixLen"] == 24
+    assert endpoint["Gateway"] == "10.63.3.1"
+    assert "web" in endpoint["Aliases"]
+    assert endpoint["IPAMConfig"] == {"IPv4Address": "10.63.3.10"}
+    # As in Docker, the top-level fields belong to the default network only: empty here.
+    assert settings["IPAddress"] == "" and settings["Gateway"] == ""
+    assert settings["MacAddress"] == "" and settings["EndpointID"] == ""
+    assert settings["SandboxKey"]
+    assert sandbox_addresses(docker, c) == {"eth0": "10.63.3.10/24"}
+    member = network_inspect(docker, name)["Containers"][cid]
+    assert member["Name"] == c and member["IPv4Address"] == "10.63.3.10/24"
+    ps = docker("ps", "--filter", f"network={name}", "--format", "{{.Names}} {{.Networks}}")
+    assert ps.stdout == f"{c} {name}\n"
+
+    # An address in use fails the start, not the create: the container stays, created (Docker).
+    second = names("ip-taken")
+    taken = docker("run", "--name", second, "--network", name, "--ip", "10.63.3.10", "busybox")
+    assert taken.returncode == 125
+    one_line_error(taken, "Error response from daemon", "10.63.3.10")
+    state = docker.inspect(second)["State"]
+    assert state["Status"] == "created" and "10.63.3.10" in state["Error"]
+    assert list(network_inspect(docker, name)["Containers"]) == [cid]
+
+    before = docker("ps", "-aq", check=True).stdout
+    outside = docker("run", "--network", name, "--ip", "10.63.99.5", "busybox", "true")
+    assert outside.returncode == 125
+    one_line_error(outside, "Error response from daemon", "10.63.99.5")
+    assert docker("ps", "-aq", check=True).stdout == before
+
+
+def test_network_connect_and_disconnect_a_running_container(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    front, back = networks("front"), networks("back")
+    create_network(docker, front, "--subnet", "10.63.4.0/24")
+    create_network(docker, back, "--subnet", "10.63.5.0/24")
+    c = names("multi")
+    docker(
+        "run", "-d", "--name", c, "--network", front, "--ip", "10.63.4.10",
+        "busybox", "sleep", "300", check=True,
+    )  # fmt: skip
+    connected = docker("network", "connect", "--ip", "10.63.5.20", "--alias", "db", back, c)
+    assert connected.returncode == 0 and connected.stdout == "", connected.stderr
+    assert sandbox_addresses(docker, c) == {"eth0": "10.63.4.10/24", "eth1": "10.63.5.20/24"}
+    nets = docker.inspect(c)["NetworkSettings"]["Networks"]
+    assert set(nets) == {front, back}
+    assert nets[back]["IPAddress"] == "10.63.5.20" and nets[back]["Gateway"] == "10.63.5.1"
+    assert "db" in nets[back]["Aliases"]
+    assert nets[back]["IPAMConfig"] == {"IPv4Address": "10.63.5.20"}
+    assert nets[front]["IPAddress"] == "10.63.4.10"
+    rows = docker("ps", "--filter", f"name={c}", "--format", "{{.Networks}}", check=True).stdout
+    assert sorted(rows.strip().split(",")) == sorted([front, back])
+
+    one_line_error(docker("network", "connect", back, c), "already exists")
+    one_line_error(docker("network", "connect", "pyetest-none", c), "pyetest-none")
+    # What pyengined cannot do on an endpoint is refused, not ignored.
+    for args, needle in (
+        (["--link", f"{c}:pyetest-l"], "links"),
+        (["--driver-opt", "pyetest=1"], "driver options"),
+        (["--link-local-ip", "169.254.7.7"], "link-local"),
+        (["--ip6", "fd00:63::7"], "IPv6"),
+        (["--ip", "10.63.4.99"], "10.63.4.99"),
+    ):
+        one_line_error(docker("network", "connect", *args, back, c), needle)
+
+    disconnected = docker("network", "disconnect", back, c)
+    assert disconnected.returncode == 0 and disconnected.stdout == "", disconnected.stderr
+    assert sandbox_addresses(docker, c) == {"eth0": "10.63.4.10/24"}
+    assert set(docker.inspect(c)["NetworkSettings"]["Networks"]) == {front}
+    assert network_inspect(docker, back)["Containers"] == {}
+    one_line_error(docker("network", "disconnect", back, c), "is not connected")
+
+    # Created on one network only (Docker before API 1.44): more come with network connect.
+    two = docker("run", "--network", front, "--network", back, "busybox", "true")
+    one_line_error(two, "Error response from daemon", "one network only")
+
+
+def test_network_connect_a_created_container(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    first, second = networks("first"), networks("second")
+    create_network(docker, first, "--subnet", "10.63.6.0/24")
+    create_network(docker, second, "--subnet", "10.63.7.0/24")
+    c = names("created")
+    docker("create", "--name", c, "--network", first, "busybox", "sleep", "300", check=True)
+    docker("network", "connect", "--ip", "10.63.7.7", "--alias", "later", second, c, check=True)
+    info = docker.inspect(c)
+    assert info["NetworkSettings"]["SandboxKey"] == ""
+    nets = info["NetworkSettings"]["Networks"]
+    assert set(nets) == {first, second}
+    # Not running: the network is recorded, no endpoint exists yet.
+    assert nets[second]["IPAddress"] == "" and nets[second]["EndpointID"] == ""
+    assert nets[second]["Aliases"] == ["later"]
+    assert nets[second]["IPAMConfig"] == {"IPv4Address": "10.63.7.7"}
+    assert network_inspect(docker, second)["Containers"] == {}
+    ps = docker("ps", "-a", "--filter", f"network={second}", "--format", "{{.Names}}")
+    assert ps.stdout == f"{c}\n"
+
+    docker("start", c, check=True)
+    addresses = sandbox_addresses(docker, c)
+    assert set(addresses) == {"eth0", "eth1"}
+    assert IPv4Address(addresses["eth0"].split("/")[0]) in IPv4Network("10.63.6.0/24")
+    assert addresses["eth1"] == "10.63.7.7/24"
+    assert ip_on(docker, c, second) == "10.63.7.7"
+
+    # A created container can leave a network again before it starts.
+    c2 = names("created2")
+    docker("create", "--name", c2, "--network", first, "busybox", "sleep", "300", check=True)
+    docker("network", "connect", second, c2, check=True)
+    docker("network", "disconnect", second, c2, check=True)
+    assert set(docker.inspect(c2)["NetworkSettings"]["Networks"]) == {first}
+    docker("start", c2, check=True)
+    assert set(sandbox_addresses(docker, c2)) == {"eth0"}
+
+
+def test_network_rm_is_refused_while_in_use(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    name = networks("busy")
+    net_id = create_network(docker, name, "--subnet", "10.63.8.0/24")
+    c = names("busy")
+    docker("run", "-d", "--name", c, "--network", name, "busybox", "sleep", "300", check=True)
+    refused = docker("network", "rm", name)
+    assert refused.returncode == 1
+    one_line_error(refused, "Error response from daemon", "active endpoints")
+    assert name in network_names(docker)
+
+    docker("rm", "-f", c, check=True)
+    assert docker("network", "rm", name, check=True).stdout == f"{name}\n"
+    assert name not in network_names(docker)
+    one_line_error(docker("network", "inspect", name), "No such network")
+    assert not link_exists(bridge_name_for(net_id))
+
+
+def test_rename_and_ps_filter_network(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    name = networks("ren")
+    net_id = create_network(docker, name, "--subnet", "10.63.9.0/24")
+    old, new, elsewhere = names("old"), names("new"), names("elsewhere")
+    cid = docker(
+        "run", "-d", "--name", old, "--network", name, "busybox", "sleep", "300", check=True
+    ).stdout.strip()
+    docker("run", "-d", "--name", elsewhere, "busybox", "sleep", "300", check=True)
+
+    renamed = docker("rename", old, new)
+    assert renamed.returncode == 0 and renamed.stdout == "", renamed.stderr
+    assert docker.inspect(cid)["Name"] == f"/{new}"
+    assert network_inspect(docker, name)["Containers"][cid]["Name"] == new
+    one_line_error(docker("inspect", old), old)
+
+    def on(network: str) -> list[str]:
+        ps = docker("ps", "--filter", f"network={network}", "--format", "{{.Names}}", check=True)
+        return ps.stdout.split()
+
+    assert on(name) == [new]
+    assert on(net_id[:12]) == [new]
+    assert elsewhere in on("bridge") and new not in on("bridge")
+
+    # The CLI adds a line of its own ("Error: failed to rename container named ...").
+    for target, needle in ((new, "same name"), (elsewhere, "is already in use")):
+        refused = docker("rename", new, target)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert "Error response from daemon: " in refused.stderr and needle in refused.stderr
+    assert docker.inspect(cid)["Name"] == f"/{new}"
+
+
+def test_network_prune(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    labelled, plain, used = networks("prune-l"), networks("prune-p"), networks("prune-u")
+    create_network(docker, labelled, "--subnet", "10.63.10.0/24", "--label", "pyetest.prune=yes")
+    create_network(docker, plain, "--subnet", "10.63.11.0/24")
+    create_network(docker, used, "--subnet", "10.63.12.0/24", "--label", "pyetest.prune=yes")
+    docker(
+        "run", "-d", "--name", names("prune"), "--network", used, "busybox", "sleep", "300",
+        check=True,
+    )  # fmt: skip
+
+    out = docker("network", "prune", "-f", "--filter", "label=pyetest.prune=yes", check=True)
+    assert out.stdout == f"Deleted Networks:\n{labelled}\n\n"
+    out = docker("network", "prune", "-f", check=True)
+    assert out.stdout == f"Deleted Networks:\n{plain}\n\n"
+    assert docker("network", "prune", "-f", check=True).stdout == ""
+    assert sorted(network_names(docker)) == ["bridge", used]
+    one_line_error(docker("network", "prune", "-f", "--filter", "until=1h"), "until")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--subnet", "10.63.300.0/24"], 'invalid subnet "10.63.300.0/24"'),
+        (["--subnet", "10.63.13.1/24"], "it should be 10.63.13.0/24"),
+        (["--subnet", "10.63.13.0/31"], "too small"),
+        (["--subnet", "10.63.13.0/24", "--gateway", "10.63.13.0"], "not a host address"),
+        (["--subnet", "10.63.13.0/24", "--subnet", "10.63.14.0/24"], "several IPAM configs"),
+        (["--subnet", "10.63.13.0/24", "--ipv6"], "IPv6 networks"),
+        (["--subnet", "fd00:63::/64"], "IPv6 subnets"),
+        (["--subnet", "10.63.13.0/24", "-d", "overlay"], 'network driver "overlay"'),
+        (["--subnet", "10.63.13.0/24", "-d", "macvlan"], 'network driver "macvlan"'),
+        (["--subnet", "10.63.13.0/24", "-o", "pyetest.opt=1"], '"pyetest.opt"'),
+        (
+            ["--subnet", "10.63.13.0/24", "-o", "com.docker.network.driver.mtu=9"],
+            "com.docker.network.driver.mtu",
+        ),
+        (["--subnet", "10.63.13.0/24", "--aux-address", "a=10.63.13.5"], "--aux-address"),
+        (["--subnet", "10.63.13.0/24", "--ipam-driver", "pyetest"], 'IPAM driver "pyetest"'),
+        (["--subnet", "10.63.13.0/24", "--ipam-opt", "a=b"], "IPAM options"),
+        (["--subnet", "10.63.13.0/24", "--attachable"], "Attachable"),
+        (["--subnet", "10.63.13.0/24", "--scope", "swarm"], 'scope "swarm"'),
+        (["--subnet", "10.63.13.0/24", "--config-only"], "ConfigOnly"),
+    ],
+)
+def test_network_create_refusals(docker: DockerCli, args: list[str], needle: str) -> None:
+    before = docker("network", "ls", "-q", "--no-trunc", check=True).stdout
+    out = docker("network", "create", *args, "pyetest-cli-net-refused")
+    assert out.returncode == 1
+    one_line_error(out, "Error response from daemon", needle)
+    assert docker("network", "ls", "-q", "--no-trunc", check=True).stdout == before
+
+
+def test_network_create_duplicate_and_overlap(
+    docker: DockerCli, networks: Callable[[str], str]
+) -> None:
+    name, other = networks("dup"), networks("overlap")
+    create_network(docker, name, "--subnet", "10.63.15.0/24")
+    again = docker("network", "create", "--subnet", "10.63.16.0/24", name)
+    one_line_error(again, "Error response from daemon", f"network with name {name} already exists")
+    for subnet in ("10.63.15.128/25", "10.63.0.0/16"):
+        overlap = docker("network", "create", "--subnet", subnet, other)
+        one_line_error(overlap, "Error response from daemon", "overlaps", name)
+    bad_name = docker("network", "create", "--subnet", "10.63.16.0/24", "pyetest bad")
+    one_line_error(bad_name, "Error response from daemon", "invalid network name")
+    assert [n for n in network_names(docker) if n.startswith("pyetest")] == [name]
+
+
+def test_published_port_on_a_user_network(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    name = networks("pub")
+    create_network(docker, name, "--subnet", "10.63.17.0/24")
+    c, port = names("pub"), free_port()
+    docker("run", "-d", "--name", c, "--network", name, "-p", f"{port}:80", "nginx", check=True)
+    status, body = wait_http(f"http://127.0.0.1:{port}/")
+    assert status == 200 and "Welcome to nginx" in body
+    host_ips = published_host_ips()
+    assert docker("port", c, "80", check=True).stdout == "".join(
+        f"{ip}:{port}\n" for ip in host_ips
+    )
+    settings = docker.inspect(c)["NetworkSettings"]
+    assert settings["Ports"] == {
+        "80/tcp": [{"HostIp": ip, "HostPort": str(port)} for ip in host_ips]
+    }
+    ip = settings["Networks"][name]["IPAddress"]
+    assert IPv4Address(ip) in IPv4Network("10.63.17.0/24")
+    # The host reaches the container through the network's bridge as well.
+    assert http_get(f"http://{ip}/")[0] == 200
+
+
+def test_traffic_between_containers_follows_their_networks(
+    docker: DockerCli, networks: Callable[[str], str], names: Callable[[str], str]
+) -> None:
+    a, b, quiet = networks("a"), networks("b"), networks("noicc")
+    create_network(docker, a, "--subnet", "10.63.18.0/24")
+    create_network(docker, b, "--subnet", "10.63.19.0/24")
+    create_network(
+        docker,
+        quiet,
+        "--subnet",
+        "10.63.20.0/24",
+        "-o",
+        "com.docker.network.bridge.enable_icc=false",
+    )
+    web = names("traffic-web")
+    docker("run", "-d", "--name", web, "--network", a, "nginx", check=True)
+    web_a = ip_on(docker, web, a)
+    wait_http(f"http://{web_a}/")  # nginx is up (from the host, through a's bridge)
+
+    same = http_from(docker, a, web_a)
+    assert same.returncode == 0 and same.stdout.startswith("HTTP/1.1 200 OK"), same.stderr
+    across = http_from(docker, b, web_a)
+    assert across.returncode != 0 and "HTTP/" not in across.stdout, across
+
+    docker("network", "connect", b, web, check=True)
+    web_b = ip_on(docker, web, b)
+    via_b = http_from(docker, b, web_b)
+    assert via_b.returncode == 0 and via_b.stdout.startswith("HTTP/1.1 200 OK"), via_b.stderr
+
+    # enable_icc=false: containers of that network do not reach one another.
+    docker("network", "connect", quiet, web, check=True)
+    web_quiet = ip_on(docker, web, quiet)
+    assert wait_http(f"http://{web_quiet}/")[0] == 200  # the gateway still does
+    isolated = http_from(docker, quiet, web_quiet)
+    assert isolated.returncode != 0 and "HTTP/" not in isolated.stdout, isolated
+
+    docker("network", "disconnect", b, web, check=True)
+    gone = http_from(docker, b, web_b)
+    assert gone.returncode != 0 and "HTTP/" not in gone.stdout, gone
 
 
 # ---- what pyengined does not do: clear errors, nothing left behind ------------------------------

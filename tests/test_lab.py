@@ -237,8 +237,11 @@ def test_exercise_publish(lab: LabUnderTest) -> None:
     for role, port in (("proxy", lab.proxy_port), ("dnat", lab.dnat_port)):
         mode = "userland proxy" if role == "proxy" else "kernel DNAT"
         published = section(out, f"{mode} (pyengined")
-        assert f"0.0.0.0:{port}->80/tcp   web" in published
+        # Docker 28: with the proxy, [::] too (tests/test_netd_ipv6.py).
+        ports = f"0.0.0.0:{port}->80/tcp" + (f", [::]:{port}->80/tcp" if role == "proxy" else "")
+        assert f"{ports}   web" in published
         assert f"80/tcp -> 0.0.0.0:{port}" in published
+        assert (f"80/tcp -> [::]:{port}" in published) == (role == "proxy")
         assert f'"IPAddress": "{lab.web_ip(role)}"' in published
         reached = section(out, f"{mode}: reach it")
         assert f"200 from {lab.host_ip}:{port}" in reached

@@ -201,7 +201,8 @@ class Hardened:
         return cid, self.ctrl.create_endpoint(cid)
 
     def publish(self, cid: str, ep: Endpoint, spec: str) -> PublishedPort:
-        [published] = self.ctrl.publish(cid, ep, parse_publish(spec))
+        """The IPv4 port (with the proxy, a spec without address also gets an IPv6 twin)."""
+        published, *_ipv6 = self.ctrl.publish(cid, ep, parse_publish(spec))
         return published
 
     def raw_drops(self) -> dict[str, int]:

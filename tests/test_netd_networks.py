@@ -826,8 +826,9 @@ def test_setup_recreates_what_live_endpoints_need(nets: Nets) -> None:
         assert _default_routes(endpoint.netns_name) == [(net.gateway, "eth0")]
     assert ctrl.container_endpoints(cid) == [ep] and ctrl.container_endpoints(cid2) == [ep2]
     assert kernel_mappings(nets.backend, TABLE) == [("0.0.0.0", "tcp", port, ep.ip, 80)]
-    [published] = ctrl.published(cid)
-    assert published.sock is not None
+    published = ctrl.published(cid)
+    assert [p.host_ip for p in published] == (["0.0.0.0", "::"] if nets.proxy else ["0.0.0.0"])
+    assert all(p.sock is not None for p in published)
     with start_whoami_server(None, "tcp", net.gateway) as server:
         assert tcp_whoami(ep.netns_name, net.gateway, server.port) == ep.ip
 
