@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -20,10 +21,14 @@ from engine.engine import Engine, EngineConfig
 from engine.images import ImageStore
 from engine.runtime import Runtime
 from netd.controller import NetdConfig, NetworkController
+from netd.dns.resolvconf import DNS_PORT
+from netd.dns.service import EmbeddedDns
 from netd.errors import NetdError
 from proxy.supervisor import ProxySupervisor
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
+PROXIES_FILE = "proxies.json"  # the running proxies, for the next daemon (proxy/supervisor.py)
+PROXIES_FILE = "proxies.json"  # the running proxies, for the next daemon (proxy/supervisor.py)
 log = logging.getLogger("pyengined")
 
 
@@ -48,8 +53,18 @@ async def serve(
     sock_path: str, engine: Engine, network: NetworkController, pidfile: Path | None
 ) -> None:
     started = time.monotonic()
-    await asyncio.to_thread(network.setup)
+    # Live restore in proxy mode: the proxies a previous daemon left running kept serving;
+    # their listening sockets become netd's reservations of those ports (never re-bound, so
+    # never closed) and recover() adopts the proxies. Otherwise they are stopped first.
+    held = await engine.proxies.take_over(
+        keep=engine.cfg.live_restore and engine.cfg.userland_proxy
+    )
+    # Sandboxes of containers the engine no longer knows go now; recover() then releases the
+    # endpoints of known containers that are not running.
+    known = [c.id for c in engine.containers.all()]
+    await asyncio.to_thread(network.setup, containers=known, held_sockets=held)
     await engine.recover()
+    await engine.restore_names()
     log.info("state recovered in %.3f s", time.monotonic() - started)
     app = make_app(engine)
     runner = web.AppRunner(app, access_log=None)
@@ -88,6 +103,7 @@ async def serve(
         log.info("live restore: keeping the network up for the running containers")
     else:
         await asyncio.to_thread(network.teardown)
+    await engine.close_dns()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock_path)
     if pidfile:
@@ -149,6 +165,14 @@ async def serve(
     help="true: containers keep running while the daemon is down (it adopts them again when "
     "it starts); false: stop them all when the daemon stops.",
 )
+@click.option(
+    "--dns",
+    "dns_servers",
+    multiple=True,
+    help="DNS server (IPv4 or IPv6 address) containers use instead of the host's resolvers: "
+    "the upstream of the embedded DNS server on user-defined networks, and the nameserver of "
+    "containers on the default bridge. Repeat for several.",
+)
 @click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
 @click.option("--runc", "runc_path", default="runc", show_default=True)
 @click.option("-D", "--debug", is_flag=True, help="Debug logging.")
@@ -162,6 +186,7 @@ def main(
     bip: str,
     firewall_table: str,
     live_restore: str,
+    dns_servers: tuple[str, ...],
     pidfile: Path | None,
     runc_path: str,
     debug: bool,
@@ -175,6 +200,13 @@ def main(
         raise click.ClickException("pyengined must run as root")
     use_proxy = _bool(userland_proxy)
     keep_running = _bool(live_restore)
+    for server in dns_servers:
+        try:
+            ipaddress.ip_address(server)
+        except ValueError:
+            raise click.BadParameter(
+                f"{server!r} is not an IP address", param_hint="--dns"
+            ) from None
     sock_path = unix_socket_path(host)
     data_root.mkdir(parents=True, exist_ok=True)
     try:
@@ -199,11 +231,17 @@ def main(
             userland_proxy=use_proxy,
             runc=runc_path,
             live_restore=keep_running,
+            dns_servers=list(dns_servers),
         ),
         images=ImageStore(data_root / "image"),
         network=network,
-        proxies=ProxySupervisor(proxy_argv),
+        proxies=ProxySupervisor(
+            proxy_argv,
+            state_path=data_root / PROXIES_FILE,
+            outlive_daemon=use_proxy and keep_running,
+        ),
         runtime=Runtime(data_root / "runc", runc=runc_path),
+        dns=EmbeddedDns([(s, DNS_PORT) for s in dns_servers] if dns_servers else None),
     )
     try:
         uvloop.run(serve(sock_path, engine, network, pidfile))

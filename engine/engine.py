@@ -38,10 +38,12 @@ from engine.networking import (
     attachment_for,
     dns_names,
     plan_attachments,
+    proxy_protocol_for,
+    proxy_protocol_labels,
 )
 from engine.reference import normalize
 from engine.runtime import ExitStatus, RuncError, Runtime
-from netd.controller import Endpoint, NetdError, Network, NetworkController
+from netd.controller import Endpoint, NetdError, Network, NetworkController, PublishedPort
 from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
 from netd.errors import Forbidden
 from netd.errors import NotFound as NetworkNotFound
@@ -109,6 +111,9 @@ class EngineConfig:
     runc: str = "runc"
     # Docker's --live-restore: containers keep running across a daemon restart.
     live_restore: bool = True
+    # Docker's --dns: nameservers for containers (default bridge: in their resolv.conf; user-
+    # defined networks: the embedded DNS server's upstreams). Empty: the host's.
+    dns_servers: list[str] = field(default_factory=list)
 
 
 def parse_signal(sig: str) -> str:
@@ -176,8 +181,9 @@ class Engine:
         re-reserved their host ports). Containers a previous daemon left 'running':
 
         * with live restore, those whose monitor is still alive are adopted again: watched
-          through a pidfd, and in proxy mode their published ports get new proxies at once
-          (the old ones died with the old daemon: PR_SET_PDEATHSIG);
+          through a pidfd; in proxy mode their proxies, which kept serving while no daemon
+          ran, are adopted too (the daemon's take_over() found them and handed their
+          listening sockets to netd's setup()), and a port whose proxy is gone gets a new one;
         * those whose monitor ended while no daemon ran get the exit status it recorded;
         * without live restore (or when it was being removed), a live one is killed, as
           Docker does with containers it will not restore.
@@ -201,6 +207,8 @@ class Engine:
             if removing:
                 with contextlib.suppress(ContainerNotFound):
                     await self.remove(c.id, force=True)
+        # Proxies of containers that were not adopted (ended meanwhile, or removed).
+        await self.proxies.stop_survivors()
         live = {c.id for c in self.containers.all() if c.state.running}
         for container_id in list(self.network.endpoints()):
             if container_id not in live:
@@ -219,14 +227,11 @@ class Engine:
                 if p.sock is None:
                     continue
                 key = _proxy_key(c.id, p.proto, p.host_ip, p.host_port)
+                spec = self._proxy_spec(c, p)
                 try:
-                    await self.proxies.start(
-                        key,
-                        ProxySpec(
-                            p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port
-                        ),
-                        p.sock,
-                    )
+                    # The proxy that kept serving while no daemon ran, or else a new one.
+                    if await self.proxies.adopt_survivor(key, spec, p.sock) is None:
+                        await self.proxies.start(key, spec, p.sock)
                 except ProxyError as e:  # the container runs on; this one port is not served
                     log.warning("live restore: %s", e)
         # netd drops a mapping whose host port someone else took while no daemon held it.
@@ -246,8 +251,8 @@ class Engine:
             lifecycle.pulse()
 
     async def shutdown(self) -> bool:
-        """With live restore, leave running containers (and their monitors) alone and only
-        stop watching them; otherwise stop them all. Then stop the proxies. True when
+        """With live restore, leave running containers (and their monitors and proxies) alone
+        and only stop watching them; otherwise stop them all, then their proxies. True when
         containers were left running: their network must stay up for them."""
         running = [c for c in self.containers.all() if c.state.running]
         if self.cfg.live_restore and running:
@@ -257,7 +262,8 @@ class Engine:
             for task in watchers:
                 task.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
-            await self.proxies.stop_all()
+            # The proxies keep serving the published ports; the next daemon adopts them.
+            await self.proxies.detach()
             return True
         await asyncio.gather(
             *(self.stop(c.id, timeout=10) for c in running), return_exceptions=True
@@ -285,6 +291,7 @@ class Engine:
             )
         except NetworkRequestError as e:
             raise InvalidParameter(str(e)) from e
+        self._check_proxy_protocol(config.get("Labels") or {})
         image_config = image.config.get("config") or {}
         bindings = self._bindings(host_config)  # validates the publish specs before anything exists
         del bindings
@@ -329,6 +336,30 @@ class Engine:
         self.containers.add(container)
         self._lifecycle(container.id)
         return container
+
+    def _check_proxy_protocol(self, labels: dict[str, Any]) -> None:
+        """PROXY protocol labels must be well-formed, and need the userland proxy (only the
+        proxy can add the header; kernel DNAT forwards packets as they are)."""
+        try:
+            chosen = proxy_protocol_labels({str(k): str(v) for k, v in labels.items()})
+        except NetworkRequestError as e:
+            raise InvalidParameter(str(e)) from e
+        if not self.cfg.userland_proxy and any(v != "off" for v in chosen.values()):
+            raise InvalidParameter(
+                "PROXY protocol (label pyengine.proxy-protocol) needs the userland proxy: "
+                "this daemon runs with --userland-proxy=false"
+            )
+
+    def _proxy_spec(self, c: Container, p: PublishedPort) -> ProxySpec:
+        labels = c.config.get("Labels") or {}
+        return ProxySpec(
+            p.proto,
+            p.host_ip,
+            p.host_port,
+            p.container_ip,
+            p.container_port,
+            proxy_protocol=proxy_protocol_for(labels, p.container_port, p.proto) or None,
+        )
 
     def _bindings(self, host_config: dict[str, Any]) -> list[PortBinding]:
         try:
@@ -388,13 +419,7 @@ class Engine:
                 for p in published:
                     key = _proxy_key(c.id, p.proto, p.host_ip, p.host_port)
                     undo.append(lambda key=key: self.proxies.stop(key))
-                    await self.proxies.start(
-                        key,
-                        ProxySpec(
-                            p.proto, p.host_ip, p.host_port, p.container_ip, p.container_port
-                        ),
-                        p.sock,
-                    )
+                    await self.proxies.start(key, self._proxy_spec(c, p), p.sock)
             c.network = NetworkRecord(
                 ip=endpoint.ip,
                 prefixlen=endpoint.prefixlen,
@@ -426,7 +451,7 @@ class Engine:
                 cdir,
                 c.config["Hostname"],
                 endpoint.ip,
-                resolv_conf=self._embedded_resolv_conf() if embedded_dns else None,
+                resolv_conf=self._embedded_resolv_conf() if embedded_dns else self._resolv_conf(),
             )
             spec = bundle.runtime_spec(
                 rootfs=rootfs_dir,
@@ -711,6 +736,12 @@ class Engine:
         self.dns.forget(c.id)
         await self.dns.detach(c.id)
 
+    def _resolv_conf(self) -> str | None:
+        """A default-bridge container's resolv.conf when --dns is set (else the host's)."""
+        if not self.cfg.dns_servers:
+            return None
+        return "".join(f"nameserver {server}\n" for server in self.cfg.dns_servers)
+
     @staticmethod
     def _embedded_resolv_conf() -> str:
         try:
@@ -718,6 +749,27 @@ class Engine:
         except FileNotFoundError:
             host = ""
         return container_resolv_conf(host)
+
+    async def restore_names(self) -> None:
+        """After recover(): the running containers' names on their user-defined networks, and
+        their DNS servers (they lived in the previous daemon's process)."""
+        if self.dns is None:
+            return
+        for c in self.containers.all():
+            endpoints = self.endpoints(c)
+            if not endpoints:
+                continue
+            for ep in endpoints:
+                self._register_names(c, ep)
+            if self._uses_embedded_dns(c):
+                try:
+                    await self.dns.attach(c.id, endpoints[0].netns_path)
+                except NetdError as e:
+                    log.warning("cannot restore the DNS server of %s: %s", c.id[:12], e)
+
+    async def close_dns(self) -> None:
+        if self.dns is not None:
+            await self.dns.close()
 
     async def connect(
         self,

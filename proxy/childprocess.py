@@ -3,7 +3,9 @@
 asyncio's subprocess API can only pass fds at the numbers they already have, and preexec_fn is
 unsafe in a threaded daemon; posix_spawn(3) file actions place them without running Python in
 the child. Exit is noticed by polling a pidfd (pidfd_open(2): readable once the process exits),
-which works on any event loop and reaps only this one pid.
+which works on any event loop and reaps only this one pid. The same works for a process that is
+nobody's child of ours (a proxy a previous daemon left running): its pidfd tells when it exits,
+only its exit status stays unknown.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import fcntl
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 _RESET_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGXFSZ)
@@ -32,14 +35,19 @@ class ChildProcess:
     reaped_elsewhere: bool = False
     """True for a child of another process (the fork server): it reaps it and reports the exit
     status through :meth:`report_exit`; the pidfd only signals it and notices its exit."""
+    foreign: bool = False
+    """True for a process that is not our child and whose status nobody reports (one that
+    outlived the daemon that started it): its exit is known from the pidfd alone, and it is
+    never waited for (waitpid on its pid could reap an unrelated child that reused it)."""
     _grace_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    _released: bool = field(default=False, repr=False)
 
     @property
     def running(self) -> bool:
         return not self.exited.done()
 
     def send_signal(self, signum: int) -> None:
-        if not self.running:
+        if not self.running or self._released:
             return
         try:
             signal.pidfd_send_signal(self.pidfd, signum)
@@ -59,7 +67,21 @@ class ChildProcess:
         if self._grace_timer is not None:
             self._finish(None)
 
+    def release(self) -> None:
+        """Stop watching the process and close the pidfd; it runs on, unsupervised, and
+        ``exited`` never resolves."""
+        if self._released or self.exited.done():
+            return
+        self._released = True
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+        self._loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+
     def _on_pidfd_readable(self) -> None:
+        if self.foreign:
+            self._finish(None)
+            return
         if self.reaped_elsewhere:
             # pidfd_open(2): readable once the process has exited, parent or not. Stop polling
             # (level triggered) and give the reaper a moment to report the status.
@@ -80,7 +102,7 @@ class ChildProcess:
         self._finish(code)
 
     def _finish(self, code: int | None) -> None:
-        if self.exited.done():
+        if self.exited.done() or self._released:
             return
         if self._grace_timer is not None:
             self._grace_timer.cancel()
@@ -89,8 +111,11 @@ class ChildProcess:
         self.exited.set_result(code)
 
 
-def watch_process(pid: int, pidfd: int, *, reaped_elsewhere: bool) -> ChildProcess:
+def watch_process(
+    pid: int, pidfd: int, *, reaped_elsewhere: bool, foreign: bool = False
+) -> ChildProcess:
     """A ChildProcess for ``pid``, whose exit is noticed through ``pidfd`` (which it now owns).
+    ``foreign``: not our child, and nobody reports its status (see ChildProcess.foreign).
     Must be called from the event loop's thread."""
     loop = asyncio.get_running_loop()
     child = ChildProcess(
@@ -99,16 +124,19 @@ def watch_process(pid: int, pidfd: int, *, reaped_elsewhere: bool) -> ChildProce
         exited=loop.create_future(),
         _loop=loop,
         reaped_elsewhere=reaped_elsewhere,
+        foreign=foreign,
     )
     loop.add_reader(pidfd, child._on_pidfd_readable)
     return child
 
 
-def spawn_with_fds(argv: list[str], fds: dict[int, int]) -> ChildProcess:
+def spawn_with_fds(
+    argv: list[str], fds: dict[int, int], env: Mapping[str, str] | None = None
+) -> ChildProcess:
     """Run ``argv`` (PATH is searched) with ``fds[n]`` as its fd ``n``, stdin from /dev/null,
     stdout and stderr shared with us, in its own process group (so a terminal's ^C reaches the
-    parent only); every other fd of ours is close-on-exec (PEP 446). Must be called from the
-    event loop's thread."""
+    parent only); every other fd of ours is close-on-exec (PEP 446). ``env``: its environment
+    (default: ours). Must be called from the event loop's thread."""
     asyncio.get_running_loop()  # fail early off the loop's thread, before anything is spawned
     # Lift the sources above every target first, so one dup2 cannot clobber a later source.
     first_free = max(fds, default=2) + 1
@@ -121,7 +149,7 @@ def spawn_with_fds(argv: list[str], fds: dict[int, int]) -> ChildProcess:
         pid = os.posix_spawnp(
             argv[0],
             argv,
-            os.environ,
+            os.environ if env is None else env,
             file_actions=actions,
             setpgroup=0,
             setsigmask=(),

@@ -49,8 +49,16 @@ class ForkServerClient:
     def server_pid(self) -> int | None:
         return self._server.pid if self._server is not None and self._server.running else None
 
-    async def spawn(self, argv: list[str], fds: dict[int, int]) -> ChildProcess:
-        """Fork a proxy running ``pyengine-proxy argv`` with ``fds[n]`` as its fd ``n``."""
+    async def start(self) -> None:
+        """Start the fork server now, if it is not running (spawn() does so on first use)."""
+        await self._ensure_started()
+
+    async def spawn(
+        self, argv: list[str], fds: dict[int, int], *, outlive_parent: bool = False
+    ) -> ChildProcess:
+        """Fork a proxy running ``pyengine-proxy argv`` with ``fds[n]`` as its fd ``n``.
+        ``outlive_parent``: the proxy keeps running when the fork server dies (and so when
+        the daemon dies) instead of getting SIGTERM."""
         control = await self._ensure_started()
         request_id = next(self._request_ids)
         loop = asyncio.get_running_loop()
@@ -58,7 +66,9 @@ class ForkServerClient:
         self._pending[request_id] = reply
         targets = list(fds)
         try:
-            payload = encode({"id": request_id, "argv": argv, "fds": targets})
+            payload = encode(
+                {"id": request_id, "argv": argv, "fds": targets, "outlive_parent": outlive_parent}
+            )
             try:
                 socket.send_fds(control, [payload], [fds[n] for n in targets])
             except OSError as err:
@@ -88,7 +98,8 @@ class ForkServerClient:
         return child
 
     async def close(self) -> None:
-        """Stop the fork server (its proxies get SIGTERM from the kernel when it exits)."""
+        """Stop the fork server (its proxies get SIGTERM from the kernel when it exits, except
+        those spawned with ``outlive_parent``)."""
         server, control = self._server, self._control
         self._server, self._control = None, None
         if control is not None:

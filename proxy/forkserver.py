@@ -15,7 +15,8 @@ It talks to the supervisor over a SOCK_SEQPACKET socket (its fd 3), one JSON obj
 with file descriptors attached as SCM_RIGHTS (unix(7)):
 
 - server -> client, once: ``{"ready": true, "pid": N}`` when the imports are done;
-- client -> server: ``{"id": N, "argv": [...], "fds": [3, 4]}`` with those fds attached, in order;
+- client -> server: ``{"id": N, "argv": [...], "fds": [3, 4], "outlive_parent": false}`` with
+  those fds attached, in order;
 - server -> client: ``{"id": N, "pid": P}`` with a pidfd of the child attached, or
   ``{"id": N, "error": "..."}``;
 - server -> client, whenever a proxy exits: ``{"exited": P, "code": C}`` (as
@@ -23,7 +24,8 @@ with file descriptors attached as SCM_RIGHTS (unix(7)):
 
 The server exits when the supervisor closes its end (and gets SIGTERM if the supervisor's thread
 dies first, PR_SET_PDEATHSIG); each child gets SIGTERM when the server dies, as docker-proxy does
-when dockerd dies.
+when dockerd dies, unless its request said ``"outlive_parent": true`` (a daemon with live
+restore: the proxy keeps serving while no daemon runs, and the next daemon adopts it).
 
     python -m proxy.forkserver   # with the control socket as fd 3
 """
@@ -41,7 +43,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from proxy.prctl import set_parent_death_signal, set_process_name
+from proxy.prctl import outlive_parent, set_parent_death_signal, set_process_name
 
 if TYPE_CHECKING:
     import asyncio
@@ -192,9 +194,14 @@ class ForkServer:
             raise ValueError(f"{len(targets)} fd numbers for {len(fds)} fds")
         if not set(targets) <= set(_ASSIGNED_FDS):
             raise ValueError(f"fds can only be passed as {_ASSIGNED_FDS}")
+        assignment = {
+            "argv": argv,
+            "fds": targets,
+            "outlive_parent": request.get("outlive_parent") is True,
+        }
         spare = self._take_spare()
         try:
-            socket.send_fds(spare.channel, [encode({"argv": argv, "fds": targets})], fds)
+            socket.send_fds(spare.channel, [encode(assignment)], fds)
         except OSError as err:
             os.close(spare.pidfd)
             raise OSError(err.errno, f"the spare did not take its assignment: {err}") from None
@@ -306,7 +313,10 @@ def _wait_for_assignment(channel: socket.socket) -> NoReturn:
             os._exit(0)  # the server went away without needing this spare
         assignment = decode(data)
         code = _become_proxy(
-            assignment["argv"], dict(zip(assignment["fds"], fds, strict=True)), loop
+            assignment["argv"],
+            dict(zip(assignment["fds"], fds, strict=True)),
+            loop,
+            outlives_server=assignment.get("outlive_parent") is True,
         )
     except BaseException as err:  # anything else is a bug; say so, never return to the server
         try:
@@ -321,8 +331,18 @@ def _wait_for_assignment(channel: socket.socket) -> NoReturn:
             os._exit(code)
 
 
-def _become_proxy(argv: list[str], fds: dict[int, int], loop: asyncio.AbstractEventLoop) -> int:
-    """Put the received fds at their numbers and run the proxy; return its exit code."""
+def _become_proxy(
+    argv: list[str],
+    fds: dict[int, int],
+    loop: asyncio.AbstractEventLoop,
+    *,
+    outlives_server: bool,
+) -> int:
+    """Put the received fds at their numbers and run the proxy; return its exit code.
+    ``outlives_server``: drop the spare's parent-death signal, and ignore the proxy's own
+    request for one."""
+    if outlives_server:
+        outlive_parent()
     for target, source in fds.items():
         os.dup2(source, target)
         os.close(source)

@@ -3,6 +3,24 @@
 The supervisor holds its own dup of each listening socket, so the port stays bound while a
 proxy restarts: connections and datagrams that arrive meanwhile wait in the socket's queue and
 are served by the next proxy, which receives the very same socket as its fd 4.
+
+Live restore (``outlive_daemon=True``): the proxies get no parent-death signal, so they outlive
+the daemon and keep serving its published ports while no daemon runs. The supervisor records
+what it runs in ``state_path`` (JSON, written atomically after every change): each proxy's key,
+its :class:`ProxySpec`, and the identity of its process (pid, start time, name, command line),
+which tells it from a process that later got the same pid. Handing the proxies over:
+
+1. the old daemon's :meth:`detach` stops watching them and leaves them running (a SIGKILLed
+   daemon leaves them running without being asked);
+2. the next daemon's :meth:`take_over`, before netd re-reserves host ports, recognises each
+   recorded proxy that still runs, holds it by a pidfd, and copies its listening socket out of
+   it (pidfd_getfd(2) of its fd 4): those copies become netd's reservations of the ports, so
+   the port is never re-bound and never closed;
+3. :meth:`adopt_survivor` then puts each one under supervision again, watched through its
+   pidfd and restarted on the same socket if it dies, like a proxy of this supervisor's own;
+   :meth:`stop_survivors` stops those no container claimed.
+
+Without ``outlive_daemon`` the proxies die with the daemon, as docker-proxy dies with dockerd.
 """
 
 from __future__ import annotations
@@ -13,12 +31,17 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds
+from netd.jsonstate import read_json, write_json_atomic
+from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds, watch_process
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
 from proxy.handshake import LISTEN_FD, STATUS_FD
+from proxy.pidfd import ProcessIdentity, open_pidfd, socket_of
+from proxy.prctl import OUTLIVE_PARENT_ENV
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -28,6 +51,12 @@ STOP_TIMEOUT_SECONDS = 5.0
 _STABLE_AFTER_SECONDS = 10.0
 _FIRST_BACKOFF_SECONDS = 0.5
 _MAX_BACKOFF_SECONDS = 30.0
+STATE_VERSION = 1
+
+_SOCKET_TYPES = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
+
+PortAddress = tuple[str, str, int]
+"""(proto, host_ip, host_port): how netd names a port reservation."""
 
 
 class ProxyError(Exception):
@@ -42,6 +71,10 @@ class ProxySpec:
     container_ip: str
     container_port: int
     proxy_protocol: str | None = None  # "v1" | "v2": a PROXY protocol header to the container
+
+    @property
+    def address(self) -> PortAddress:
+        return (self.proto, self.host_ip, self.host_port)
 
     def command_line(self) -> list[str]:
         extra = ["-proxy-protocol", self.proxy_protocol] if self.proxy_protocol else []
@@ -60,6 +93,21 @@ class ProxySpec:
             *extra,
         ]
 
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProxySpec:
+        proxy_protocol = data.get("proxy_protocol")
+        return cls(
+            str(data["proto"]),
+            str(data["host_ip"]),
+            int(data["host_port"]),
+            str(data["container_ip"]),
+            int(data["container_port"]),
+            None if proxy_protocol is None else str(proxy_protocol),
+        )
+
 
 @dataclass(eq=False)
 class _SupervisedProxy:
@@ -67,10 +115,23 @@ class _SupervisedProxy:
     spec: ProxySpec
     listen_socket: socket.socket
     child: ChildProcess | None = None
+    identity: ProcessIdentity | None = None  # of the process last started (or adopted)
     started_at: float = 0.0
     quick_exits: int = 0
     stopping: bool = False
     restart_task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class _Survivor:
+    """A proxy a previous daemon left running: recognised and held, not supervised yet."""
+
+    key: str
+    spec: ProxySpec
+    identity: ProcessIdentity
+    pidfd: int
+    listen_socket: socket.socket | None  # a copy of the proxy's fd 4
+    problem: str | None = None  # why it cannot be kept, though it is the recorded proxy
 
 
 def default_proxy_argv() -> list[str]:
@@ -78,16 +139,35 @@ def default_proxy_argv() -> list[str]:
 
 
 class ProxySupervisor:
-    def __init__(self, argv: list[str] | None = None, *, fork_server: bool | None = None) -> None:
+    def __init__(
+        self,
+        argv: list[str] | None = None,
+        *,
+        fork_server: bool | None = None,
+        state_path: Path | None = None,
+        outlive_daemon: bool = False,
+    ) -> None:
         """argv: how to run the proxy; default [sys.executable, "-m", "proxy.main"].
 
         fork_server: fork each proxy from a warm fork server (proxy/forkserver.py) instead of
-        exec'ing ``argv``; by default, whenever ``argv`` is this Python's own proxy."""
+        exec'ing ``argv``; by default, whenever ``argv`` is this Python's own proxy.
+
+        state_path: where to record the running proxies (JSON), for :meth:`take_over` in the
+        next daemon; None: nowhere.
+
+        outlive_daemon: the proxies keep running when this process (or the fork server) dies,
+        instead of getting SIGTERM (PR_SET_PDEATHSIG); for live restore."""
         self._argv = list(argv) if argv else default_proxy_argv()
         if fork_server is None:
             fork_server = self._argv == default_proxy_argv()
         self._fork_server = ForkServerClient() if fork_server else None
+        self._state_path = state_path
+        self._outlive_daemon = outlive_daemon
         self._proxies: dict[str, _SupervisedProxy] = {}
+        self._survivors: dict[str, _Survivor] = {}
+        self._warm_up: asyncio.Task[None] | None = None
+
+    # ---- proxies of this supervisor's own ------------------------------------------------------
 
     async def start(self, key: str, spec: ProxySpec, listen_sock: socket.socket) -> int:
         """Start one proxy for spec with listen_sock passed as fd 4 (-use-listen-fd) and a pipe
@@ -95,10 +175,10 @@ class ProxySupervisor:
         '1\\n<err>' or early exit. The supervisor keeps its own dup of listen_sock, so the
         caller may close its copy. If the proxy later dies unexpectedly, it is restarted on the
         same socket, with one log line."""
-        if key in self._proxies:
+        if key in self._proxies or key in self._survivors:
             raise ProxyError(f"a proxy for {key} is already running")
         try:
-            own_socket = listen_sock.dup()
+            own_socket = _dup(listen_sock)
         except OSError as err:
             raise ProxyError(f"cannot duplicate the socket for {key}: {err.strerror}") from None
         supervised = _SupervisedProxy(key=key, spec=spec, listen_socket=own_socket)
@@ -114,10 +194,23 @@ class ProxySupervisor:
             own_socket.close()
             raise
         self._watch(supervised, child)
+        try:
+            self._save()
+        except OSError as err:
+            # Unrecorded, a proxy that outlives this daemon would be unknown to the next one.
+            await self.stop(key)
+            raise ProxyError(
+                f"cannot record the proxy for {key} in {self._state_path}: {err.strerror or err}"
+            ) from None
         return child.pid
 
     async def stop(self, key: str) -> None:
-        """SIGTERM the proxy, wait up to 5 s, then SIGKILL; close the socket dup."""
+        """SIGTERM the proxy (through its pidfd), wait up to 5 s, then SIGKILL; close the
+        socket dup. A survivor not adopted yet is stopped the same way."""
+        survivor = self._survivors.pop(key, None)
+        if survivor is not None:
+            await self._stop_survivor(survivor)
+            self._save_or_warn()
         supervised = self._proxies.pop(key, None)
         if supervised is None:
             return
@@ -130,12 +223,48 @@ class ProxySupervisor:
                 await _terminate(supervised.child)
         finally:
             supervised.listen_socket.close()
+            self._save_or_warn()
 
     async def stop_all(self) -> None:
-        """Stop every proxy, then the fork server (started again if a proxy is started later)."""
+        """Stop every proxy (survivors included), then the fork server (started again if a
+        proxy is started later)."""
+        await self._cancel_warm_up()
         await asyncio.gather(*(self.stop(key) for key in list(self._proxies)))
+        await self.stop_survivors()
         if self._fork_server is not None:
             await self._fork_server.close()
+        self._save_or_warn()
+
+    async def detach(self) -> None:
+        """Live restore: leave every proxy running and stop supervising it; the state file
+        keeps them for the next daemon's :meth:`take_over`. A restart in progress is given
+        up (that port waits for the next daemon). Then the fork server is stopped; the proxies
+        do not depend on it. Without ``outlive_daemon`` the proxies could not outlive this
+        process anyway: this is :meth:`stop_all`."""
+        if not self._outlive_daemon:
+            await self.stop_all()
+            return
+        await self._cancel_warm_up()
+        self._save_or_warn()
+        proxies, self._proxies = list(self._proxies.values()), {}
+        survivors, self._survivors = list(self._survivors.values()), {}
+        restarts = [p.restart_task for p in proxies if p.restart_task is not None]
+        for supervised in proxies:
+            supervised.stopping = True
+        for task in restarts:
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
+        for supervised in proxies:
+            if supervised.child is not None:
+                supervised.child.release()
+            supervised.listen_socket.close()
+        for survivor in survivors:
+            os.close(survivor.pidfd)
+            if survivor.listen_socket is not None:
+                survivor.listen_socket.close()
+        if self._fork_server is not None:
+            await self._fork_server.close()
+        log.info("left %d proxies running for the next daemon", len(proxies) + len(survivors))
 
     @property
     def fork_server_pid(self) -> int | None:
@@ -147,6 +276,187 @@ class ProxySupervisor:
             for key, supervised in self._proxies.items()
             if supervised.child is not None and supervised.child.running
         }
+
+    # ---- proxies a previous daemon left running --------------------------------------------
+
+    async def take_over(self, *, keep: bool = True) -> dict[PortAddress, socket.socket]:
+        """Find the proxies recorded in the state file that still run (same pid, start time,
+        name and command line). ``keep``: hold each one (a pidfd, and a copy of its listening
+        socket taken from its fd 4) until :meth:`adopt_survivor` or :meth:`stop_survivors`,
+        and return another copy of each socket keyed (proto, host_ip, host_port), for netd's
+        ``setup(held_sockets=...)``; the caller owns those. Otherwise stop them and return {}.
+        Records of proxies that are gone, or whose pid now names another process, are
+        dropped (that process is left alone). Call it before starting any proxy."""
+        if self._proxies or self._survivors:
+            raise ProxyError("take_over() must come before any proxy is started or adopted")
+        held: dict[PortAddress, socket.socket] = {}
+        unwanted: list[_Survivor] = []
+        try:
+            for key, spec, identity in self._load():
+                survivor = _recognise(key, spec, identity)
+                if survivor is None:
+                    continue
+                if survivor.problem is not None:
+                    log.warning("proxy %s (pid %d): %s", key, identity.pid, survivor.problem)
+                if (
+                    survivor.listen_socket is None
+                    or survivor.problem is not None
+                    or not keep
+                    or key in self._survivors
+                    or spec.address in held
+                ):
+                    unwanted.append(survivor)
+                    continue
+                try:
+                    held[spec.address] = _dup(survivor.listen_socket)
+                except OSError as err:
+                    log.warning("cannot duplicate the socket of proxy %s: %s", key, err.strerror)
+                    unwanted.append(survivor)
+                    continue
+                self._survivors[key] = survivor
+        finally:
+            await asyncio.gather(*(self._stop_survivor(s) for s in unwanted))
+            self._save_or_warn()
+        if held:
+            log.info("taking over %d proxies left running by the previous daemon", len(held))
+        return held
+
+    async def adopt_survivor(
+        self, key: str, spec: ProxySpec, reservation: socket.socket | None = None
+    ) -> int | None:
+        """Supervise the survivor recorded under ``key`` (see :meth:`adopt`) and return its
+        pid; None when there is none. A survivor that does not serve ``spec`` on the socket
+        ``reservation`` (netd's reservation of the port, when given) is stopped instead, and
+        None returned: the caller starts a new proxy."""
+        survivor = self._survivors.pop(key, None)
+        if survivor is None:
+            return None
+        assert survivor.listen_socket is not None  # take_over() keeps only those with one
+        mismatch = (
+            "a different mapping"
+            if survivor.spec != spec
+            else "another socket"
+            if reservation is not None and not _same_socket(reservation, survivor.listen_socket)
+            else None
+        )
+        if mismatch is not None:
+            log.warning("proxy %s of the previous daemon serves %s; replacing it", key, mismatch)
+            await self._stop_survivor(survivor)
+            self._save_or_warn()
+            return None
+        self.adopt(key, spec, survivor.identity.pid, survivor.pidfd, survivor.listen_socket)
+        return survivor.identity.pid
+
+    def adopt(self, key: str, spec: ProxySpec, pid: int, pidfd: int, sock: socket.socket) -> None:
+        """Supervise a running proxy this supervisor did not start (and whose parent it is
+        not): ``pidfd`` refers to it and ``sock`` is its listening socket; the supervisor owns
+        both from now on. It is watched through the pidfd (readable once it exits: no waitpid)
+        and, if it dies, restarted on ``sock`` like a proxy of its own; :meth:`stop`
+        terminates it through the pidfd."""
+        if key in self._proxies:
+            os.close(pidfd)
+            sock.close()
+            raise ProxyError(f"a proxy for {key} is already running")
+        supervised = _SupervisedProxy(key=key, spec=spec, listen_socket=sock)
+        self._proxies[key] = supervised
+        child = watch_process(pid, pidfd, reaped_elsewhere=False, foreign=True)
+        self._watch(supervised, child)
+        self._save_or_warn()
+        log.info("adopted proxy %s (pid %d)", key, pid)
+        self._start_warm_up()
+
+    async def stop_survivors(self) -> None:
+        """Stop the survivors nobody adopted (their containers were not restored)."""
+        survivors, self._survivors = list(self._survivors.values()), {}
+        if not survivors:
+            return
+        await asyncio.gather(*(self._stop_survivor(s) for s in survivors))
+        self._save_or_warn()
+
+    async def _stop_survivor(self, survivor: _Survivor) -> None:
+        pid = survivor.identity.pid
+        log.info("stopping proxy %s (pid %d) of the previous daemon", survivor.key, pid)
+        child = watch_process(pid, survivor.pidfd, reaped_elsewhere=False, foreign=True)
+        try:
+            await _terminate(child)
+        finally:
+            if survivor.listen_socket is not None:
+                survivor.listen_socket.close()
+
+    def _start_warm_up(self) -> None:
+        """Start the fork server in the background, so that restarting an adopted proxy is as
+        quick as restarting one of our own (a cold fork server takes most of a second)."""
+        if self._fork_server is None or self._warm_up is not None:
+            return
+        self._warm_up = asyncio.get_running_loop().create_task(self._warm_fork_server())
+
+    async def _warm_fork_server(self) -> None:
+        assert self._fork_server is not None
+        try:
+            await self._fork_server.start()
+        except ForkServerError as err:
+            log.warning("%s (it is started again when a proxy needs it)", err)
+
+    async def _cancel_warm_up(self) -> None:
+        task, self._warm_up = self._warm_up, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # ---- the state file ------------------------------------------------------------------------
+
+    def _records(self) -> list[dict[str, Any]]:
+        records = [
+            {"key": p.key, "spec": p.spec.to_json(), "process": p.identity.to_json()}
+            for p in self._proxies.values()
+            if p.identity is not None
+        ]
+        records += [
+            {"key": s.key, "spec": s.spec.to_json(), "process": s.identity.to_json()}
+            for s in self._survivors.values()
+        ]
+        return records
+
+    def _save(self) -> None:
+        """Record what runs now (no file when nothing does). Raises OSError."""
+        if self._state_path is None:
+            return
+        records = self._records()
+        if records:
+            write_json_atomic(self._state_path, {"version": STATE_VERSION, "proxies": records})
+        else:
+            self._state_path.unlink(missing_ok=True)
+
+    def _save_or_warn(self) -> None:
+        try:
+            self._save()
+        except OSError as err:
+            log.warning("cannot record the running proxies in %s: %s", self._state_path, err)
+
+    def _load(self) -> list[tuple[str, ProxySpec, ProcessIdentity]]:
+        if self._state_path is None:
+            return []
+        try:
+            data = read_json(self._state_path, {})
+        except (OSError, ValueError) as err:
+            log.warning("ignoring %s: %s", self._state_path, err)
+            return []
+        entries = data.get("proxies", []) if isinstance(data, dict) else []
+        loaded = []
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                loaded.append(
+                    (
+                        str(entry["key"]),
+                        ProxySpec.from_json(entry["spec"]),
+                        ProcessIdentity.from_json(entry["process"]),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("ignoring a malformed proxy record in %s: %r", self._state_path, err)
+        return loaded
+
+    # ---- starting and watching -----------------------------------------------------------------
 
     async def _launch(self, supervised: _SupervisedProxy) -> ChildProcess:
         """Spawn the proxy and wait for its handshake; on any failure it is killed again."""
@@ -188,12 +498,13 @@ class ProxySupervisor:
     async def _spawn(self, args: list[str], fds: dict[int, int]) -> ChildProcess:
         if self._fork_server is not None:
             try:
-                return await self._fork_server.spawn(args, fds)
+                return await self._fork_server.spawn(args, fds, outlive_parent=self._outlive_daemon)
             except ForkServerError as err:
                 raise ProxyError(str(err)) from None
         argv = self._argv + args
+        env = {**os.environ, OUTLIVE_PARENT_ENV: "1"} if self._outlive_daemon else None
         try:
-            return spawn_with_fds(argv, fds)
+            return spawn_with_fds(argv, fds, env)
         except OSError as err:
             raise ProxyError(f"cannot run {argv[0]}: {err.strerror or err}") from None
 
@@ -201,6 +512,7 @@ class ProxySupervisor:
         loop = asyncio.get_running_loop()
         supervised.child = child
         supervised.started_at = loop.time()
+        supervised.identity = ProcessIdentity.of(child.pid) if child.running else None
         child.exited.add_done_callback(lambda _: self._on_exit(supervised, child))
 
     def _on_exit(self, supervised: _SupervisedProxy, child: ChildProcess) -> None:
@@ -239,7 +551,56 @@ class ProxySupervisor:
                 continue
             supervised.restart_task = None
             self._watch(supervised, child)
+            self._save_or_warn()
             return
+
+
+def _recognise(key: str, spec: ProxySpec, identity: ProcessIdentity) -> _Survivor | None:
+    """The recorded proxy, held by a pidfd, with a copy of its listening socket (or the
+    problem with it); None (and a log line) when it is gone or its pid names another process
+    now."""
+    pidfd = open_pidfd(identity)
+    if pidfd is None:
+        log.info("proxy %s (pid %d) of the previous daemon is gone", key, identity.pid)
+        return None
+    try:
+        sock = socket_of(pidfd, LISTEN_FD)
+    except OSError as err:
+        return _Survivor(
+            key, spec, identity, pidfd, None, f"its fd {LISTEN_FD} cannot be taken ({err})"
+        )
+    return _Survivor(key, spec, identity, pidfd, sock, _listener_problem(sock, spec))
+
+
+def _listener_problem(sock: socket.socket, spec: ProxySpec) -> str | None:
+    try:
+        if sock.type != _SOCKET_TYPES.get(spec.proto):
+            return f"its fd {LISTEN_FD} is not a {spec.proto} socket"
+        port = sock.getsockname()[1]
+        if port != spec.host_port:
+            return f"its fd {LISTEN_FD} is bound to port {port}, not {spec.host_port}"
+        if spec.proto == "tcp" and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return f"its fd {LISTEN_FD} is not listening"
+    except OSError as err:
+        return f"its fd {LISTEN_FD} is not a usable socket ({err.strerror or err})"
+    return None
+
+
+def _dup(sock: socket.socket) -> socket.socket:
+    """Another fd for ``sock``, leaving its flags alone. socket.dup() would not: it sets the
+    copy's timeout, which clears O_NONBLOCK; that flag belongs to the open file description
+    (fcntl(2)), which every dup shares, the proxy's fd 4 included, and a proxy whose listener
+    turned blocking blocks in accept(2)."""
+    return socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
+
+
+def _same_socket(a: socket.socket, b: socket.socket) -> bool:
+    """Whether two fds refer to one socket (sockfs gives each socket an inode of its own)."""
+    try:
+        first, second = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _backoff(attempt: int) -> float:
