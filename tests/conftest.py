@@ -198,3 +198,6 @@ def assert_nothing_left(d: Daemon) -> None:
     procs = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True).stdout
     assert str(d.data_root) not in procs, "a process of the test daemon is still running"
     assert str(d.data_root) not in Path("/proc/mounts").read_text(), "a rootfs is still mounted"
+    # Forked proxies do not name the data root on their command line; the supervisor's record
+    # of the running proxies is gone once it stopped them all.
+    assert not (d.data_root / "proxies.json").exists(), "proxies were left running"
