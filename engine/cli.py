@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import wraps
 from pathlib import Path
@@ -113,43 +114,50 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+@dataclass(frozen=True)
+class ContainerOptions:
+    """What ``container_options`` collects, for ``run`` and ``create`` alike."""
+
+    publish: tuple[str, ...]
+    publish_all: bool
+    name: str | None
+    auto_remove: bool
+    env: tuple[str, ...]
+    entrypoint: str | None
+    log_opts: tuple[str, ...]
+    labels: tuple[str, ...]
+    network: str | None
+    ip: str | None
+    aliases: tuple[str, ...]
+
+
 def _container_config(
-    image: str,
-    command: tuple[str, ...],
-    publish: tuple[str, ...],
-    publish_all: bool,
-    env: tuple[str, ...],
-    entrypoint: str | None,
-    auto_remove: bool,
-    log_opts: tuple[str, ...] = (),
-    network: str | None = None,
-    ip: str | None = None,
-    aliases: tuple[str, ...] = (),
-    labels: tuple[str, ...] = (),
+    image: str, command: tuple[str, ...], opts: ContainerOptions, auto_remove: bool
 ) -> dict[str, Any]:
-    bindings = _port_bindings(publish)
+    """Docker's create body; ``auto_remove`` is the daemon's part of ``--rm``."""
+    bindings = _port_bindings(opts.publish)
     log_config: dict[str, str] = {}
-    for opt in log_opts:
+    for opt in opts.log_opts:
         key, sep, value = opt.partition("=")
         if not sep or not key:
             _fail(f"pyengine: invalid log opt {opt!r}: want KEY=VALUE", 125)
         log_config[key] = value
-    env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in env]
+    env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in opts.env]
     return {
         "Image": image,
         "Cmd": list(command) or None,
-        "Entrypoint": [entrypoint] if entrypoint is not None else None,
+        "Entrypoint": [opts.entrypoint] if opts.entrypoint is not None else None,
         "Env": env_list,
         "ExposedPorts": {k: {} for k in bindings},
-        "Labels": _key_values(labels, "label"),
+        "Labels": _key_values(opts.labels, "label"),
         "HostConfig": {
             "PortBindings": bindings,
-            "PublishAllPorts": publish_all,
+            "PublishAllPorts": opts.publish_all,
             "AutoRemove": auto_remove,
             "LogConfig": {"Type": "json-file", "Config": log_config},
-            "NetworkMode": network or "default",
+            "NetworkMode": opts.network or "default",
         },
-        "NetworkingConfig": _networking_config(network, ip, aliases),
+        "NetworkingConfig": _networking_config(opts.network, opts.ip, opts.aliases),
     }
 
 
@@ -182,41 +190,16 @@ def _create(client: Client, name: str | None, image: str, config: dict[str, Any]
 @click.pass_context
 @daemon_errors(exit_code=125)
 def run(
-    ctx: click.Context,
-    detach: bool,
-    publish: tuple[str, ...],
-    publish_all: bool,
-    name: str | None,
-    auto_remove: bool,
-    env: tuple[str, ...],
-    entrypoint: str | None,
-    log_opts: tuple[str, ...],
-    labels: tuple[str, ...],
-    network: str | None,
-    ip: str | None,
-    aliases: tuple[str, ...],
-    image: str,
-    command: tuple[str, ...],
+    ctx: click.Context, detach: bool, image: str, command: tuple[str, ...], **options: Any
 ) -> None:
     """Create and start a container."""
     client = _client(ctx)
+    opts = ContainerOptions(**options)
+    auto_remove = opts.auto_remove
     # In the foreground the client removes the container itself after the exit code is read,
     # so nothing races the log stream (the docker CLI did this before API 1.25).
-    config = _container_config(
-        image,
-        command,
-        publish,
-        publish_all,
-        env,
-        entrypoint,
-        auto_remove and detach,
-        log_opts,
-        network,
-        ip,
-        aliases,
-        labels,
-    )
-    container_id = _create(client, name, image, config)
+    config = _container_config(image, command, opts, auto_remove and detach)
+    container_id = _create(client, opts.name, image, config)
     try:
         client.start(container_id)
     except DaemonError:
@@ -239,38 +222,11 @@ def run(
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 @daemon_errors(exit_code=125)
-def create(
-    ctx: click.Context,
-    publish: tuple[str, ...],
-    publish_all: bool,
-    name: str | None,
-    auto_remove: bool,
-    env: tuple[str, ...],
-    entrypoint: str | None,
-    log_opts: tuple[str, ...],
-    labels: tuple[str, ...],
-    network: str | None,
-    ip: str | None,
-    aliases: tuple[str, ...],
-    image: str,
-    command: tuple[str, ...],
-) -> None:
+def create(ctx: click.Context, image: str, command: tuple[str, ...], **options: Any) -> None:
     """Create a container without starting it; print its ID."""
-    config = _container_config(
-        image,
-        command,
-        publish,
-        publish_all,
-        env,
-        entrypoint,
-        auto_remove,
-        log_opts,
-        network,
-        ip,
-        aliases,
-        labels,
-    )
-    click.echo(_create(_client(ctx), name, image, config))
+    opts = ContainerOptions(**options)
+    config = _container_config(image, command, opts, opts.auto_remove)
+    click.echo(_create(_client(ctx), opts.name, image, config))
 
 
 def _follow_until_exit(client: Client, container_id: str) -> int:
