@@ -7,9 +7,11 @@ thereby copy, the shared pages), and forks the proxies from itself: a child's me
 shared with the server page by page until one of them writes to it.
 
 To answer a request quickly, the server keeps one *spare* child forked in advance: it has
-already paid for the fork, the interpreter's after-fork work and its event loop, and waits for
-its assignment (the proxy's arguments and fds) on a socket of its own. A request hands the spare
-its assignment, answers with the spare's pid, and only then forks the next spare.
+already paid for the fork and its set-up, and waits for its assignment (the proxy's arguments
+and fds) on a socket of its own. A request hands the spare its assignment, answers with the
+spare's pid, and only then forks the next spare. Forks skip CPython's after-fork hooks
+(proxy/rawfork.py), and a proxy makes no event loop until its first traffic (proxy/idle.py):
+every page a child writes to is a page it no longer shares.
 
 It talks to the supervisor over a SOCK_SEQPACKET socket (its fd 3), one JSON object per message,
 with file descriptors attached as SCM_RIGHTS (unix(7)):
@@ -41,12 +43,10 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from proxy.prctl import outlive_parent, set_parent_death_signal, set_process_name
-
-if TYPE_CHECKING:
-    import asyncio
+from proxy.rawfork import fork_without_hooks
 
 CONTROL_FD = 3
 MAX_MESSAGE = 64 * 1024
@@ -55,7 +55,7 @@ PROCESS_NAME = b"pyengine-proxy"
 SPARE_NAME = b"pyengine-spare"  # what ps calls a spare until it becomes a proxy
 REHEARSALS = 3
 # The fds a proxy receives at fixed numbers (handshake.STATUS_FD and LISTEN_FD): a spare keeps
-# them occupied until its assignment, so its event loop's own fds land above them.
+# them occupied until its assignment, so that no fd it opens before lands on them.
 _ASSIGNED_FDS = (3, 4)
 
 
@@ -81,6 +81,10 @@ def main() -> None:
     control = socket.socket(fileno=CONTROL_FD)
     control.set_inheritable(False)
     set_parent_death_signal(signal.SIGTERM)
+    # The server runs in a process group of its own, so no terminal's ^C reaches it; with
+    # SIGINT at SIG_DFL (not Python's default handler), a proxy that installs its own handler
+    # is spared signal.signal()'s failing enum conversion of the old one, and its copies.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _warm_up()
     server = ForkServer(control)
     sys.exit(server.serve())
@@ -92,9 +96,11 @@ def _warm_up() -> None:
     # does; libuv reads this once.
     os.environ.setdefault("UV_USE_IO_URING", "0")
     import proxy.prctl
+    import proxy.rawfork
     from proxy.main import install_log_handler
 
     proxy.prctl.resolve()
+    proxy.rawfork.resolve()
     if os.environ.get("PYENGINE_PROXY_KSM") == "1":
         proxy.prctl.enable_memory_merging()
     install_log_handler()
@@ -228,7 +234,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             theirs = _above_assigned_fds(theirs)  # the spare puts placeholders at 3 and 4
-            pid = os.fork()
+            pid = fork_without_hooks()  # this process has one thread and holds no lock
         except BaseException:
             ours.close()
             theirs.close()
@@ -251,7 +257,8 @@ class ForkServer:
         """Drop the server's own fds in a new child; detach() first, so that no socket object
         (still referenced by the frames below) can ever close a reused fd number later."""
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # The SIGCHLD handler stays: a proxy has no children, and signal.signal() would cost
+        # ~0.2 MB of copied pages here (it converts the old handler to an enum, and fails).
         os.close(self._control.detach())
         os.close(spare_channel.detach())
         os.close(self._wakeup_read)
@@ -289,7 +296,7 @@ def _wait_for_assignment(channel: socket.socket) -> NoReturn:
     """In a spare child: get ready to be a proxy, wait for which one, become it."""
     code = 1
     try:
-        gc.enable()  # for the child's own objects; the frozen ones stay out of its reach
+        # The collector stays off until the proxy leaves its idle phase (proxy/main.py run()).
         os.setpgid(0, 0)  # a process group of its own, like a posix_spawn(setpgroup=0) proxy
         set_parent_death_signal(signal.SIGTERM)
         set_process_name(SPARE_NAME)
@@ -297,16 +304,13 @@ def _wait_for_assignment(channel: socket.socket) -> NoReturn:
         for low, high in ((3, channel_fd), (channel_fd + 1, _max_fd())):
             if low < high:
                 os.closerange(low, high)
-        # Hold fds 3 and 4 so that the event loop made below gets fds above them.
+        # Hold fds 3 and 4 so that no fd the proxy opens before its assignment lands on them.
         placeholder = os.open(os.devnull, os.O_RDONLY)
         for fd in _ASSIGNED_FDS:
             if fd != placeholder:
                 os.dup2(placeholder, fd, inheritable=False)
         if placeholder not in _ASSIGNED_FDS:
             os.close(placeholder)
-        import uvloop
-
-        loop = uvloop.new_event_loop()
         data, fds, _, _ = socket.recv_fds(channel, MAX_MESSAGE, MAX_FDS)
         channel.close()
         if not data:
@@ -315,7 +319,6 @@ def _wait_for_assignment(channel: socket.socket) -> NoReturn:
         code = _become_proxy(
             assignment["argv"],
             dict(zip(assignment["fds"], fds, strict=True)),
-            loop,
             outlives_server=assignment.get("outlive_parent") is True,
         )
     except BaseException as err:  # anything else is a bug; say so, never return to the server
@@ -334,7 +337,6 @@ def _wait_for_assignment(channel: socket.socket) -> NoReturn:
 def _become_proxy(
     argv: list[str],
     fds: dict[int, int],
-    loop: asyncio.AbstractEventLoop,
     *,
     outlives_server: bool,
 ) -> int:
@@ -354,7 +356,7 @@ def _become_proxy(
     from proxy.main import main as proxy_main
 
     try:
-        proxy_main(argv, loop=loop)
+        proxy_main(argv)
     except SystemExit as exit_request:
         return exit_request.code if isinstance(exit_request.code, int) else 1
     return 0

@@ -7,6 +7,7 @@ pyengine-proxy -proto tcp|udp -host-ip IP -host-port N -container-ip IP -contain
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -17,17 +18,18 @@ from importlib import metadata
 import uvloop
 
 from proxy.handshake import StartupStatus
+from proxy.idle import STOP_SIGNALS, IdleWait
 from proxy.listener import ListenerError, open_listener
 from proxy.options import USAGE, ProxyOptions, UsageError, parse_command_line
 from proxy.prctl import set_parent_death_signal
 from proxy.tcp import TcpProxy
-from proxy.udp import UdpProxy
+from proxy.udp import UdpProxy, prepare_listener
 
 log = logging.getLogger("proxy")
 
 
-def main(argv: list[str] | None = None, *, loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """The command. ``loop``: an event loop made in advance (see :func:`run`)."""
+def main(argv: list[str] | None = None) -> None:
+    """The command."""
     # First thing: fd 3 must be looked at before anything else can open an fd that lands on it.
     status = StartupStatus.from_inherited_fd()
     try:
@@ -44,47 +46,67 @@ def main(argv: list[str] | None = None, *, loop: asyncio.AbstractEventLoop | Non
         sys.exit(0)
     assert command.options is not None
     _configure_logging(command.options)
-    sys.exit(run(command.options, status, loop=loop))
+    sys.exit(run(command.options, status))
 
 
-def run(
-    options: ProxyOptions,
-    status: StartupStatus,
-    *,
-    rehearsal: bool = False,
-    loop: asyncio.AbstractEventLoop | None = None,
-) -> int:
-    """Proxy until SIGINT or SIGTERM and return the exit code. A rehearsal stops as soon as it
-    is ready and leaves no signal handler behind: the fork server runs one to warm up. ``loop``:
-    an event loop made in advance (a fork server's spare child makes one before it is needed)."""
+def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False) -> int:
+    """Proxy until SIGINT or SIGTERM and return the exit code. The proxy reports ready once
+    it listens, and makes its event loop only when the first traffic arrives (proxy/idle.py).
+    A rehearsal goes through every step at once and stops, leaving no signal handler behind:
+    the fork server runs it to warm up."""
+    if status.has_parent:
+        _exit_with_parent()
+    _raise_open_file_limit()
+    try:
+        listener = open_listener(options)
+    except ListenerError as err:
+        log.error("%s", err)
+        status.report_failure(str(err))
+        return 1
+    if options.proto == "udp":
+        try:
+            prepare_listener(listener)
+        except OSError as err:
+            listener.close()
+            message = f"cannot start proxying: {err.strerror or err}"
+            log.error("%s", message)
+            status.report_failure(message)
+            return 1
+    idle = None if rehearsal else IdleWait()
+    try:
+        status.report_ready()
+        log.debug("ready")
+        if idle is not None and not idle.until_traffic(listener):
+            listener.close()
+            return 0
+    finally:
+        if idle is not None:
+            idle.close()
+    if not rehearsal:
+        # A forked proxy runs with the collector off until here (nothing it made so far is
+        # cyclic); connections are (a connection and its relays refer to each other).
+        gc.enable()
     # A bare loop rather than asyncio.Runner: nothing here needs the Runner's context or task
     # clean-up, and every object not created is a page a forked proxy does not copy.
-    loop = loop if loop is not None else uvloop.new_event_loop()
+    loop = uvloop.new_event_loop()
     try:
-        if status.has_parent:
-            _exit_with_parent()
-        _raise_open_file_limit()
-        try:
-            listener = open_listener(options)
-        except ListenerError as err:
-            log.error("%s", err)
-            status.report_failure(str(err))
-            return 1
-        return loop.run_until_complete(_serve(options, listener, status, rehearsal))
+        return loop.run_until_complete(_serve(options, listener, idle))
     finally:
         loop.close()
 
 
-async def _serve(
-    options: ProxyOptions, listener: socket.socket, status: StartupStatus, rehearsal: bool
-) -> int:
+async def _serve(options: ProxyOptions, listener: socket.socket, idle: IdleWait | None) -> int:
+    """Proxy until stopped; ``idle``: the idle phase's signal catcher (None: a rehearsal, which
+    stops at once)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    if rehearsal:
+    if idle is None:
         stop_requested.set()
     else:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop_requested.set)
+        if idle.stop_requested:  # caught after the idle phase, before the loop's handlers
+            stop_requested.set()
     proxy: TcpProxy | UdpProxy
     if options.proto == "tcp":
         proxy = TcpProxy(
@@ -106,12 +128,8 @@ async def _serve(
         proxy.start()
     except OSError as err:
         listener.close()
-        message = f"cannot start proxying: {err.strerror or err}"
-        log.error("%s", message)
-        status.report_failure(message)
+        log.error("cannot start proxying: %s", err.strerror or err)
         return 1
-    status.report_ready()
-    log.debug("ready")
     await stop_requested.wait()
     proxy.close()
     return 0

@@ -23,7 +23,9 @@ PR_SET_NAME = 15
 PR_SET_MEMORY_MERGE = 67  # Linux 6.4
 OUTLIVE_PARENT_ENV = "PYENGINE_PROXY_OUTLIVE_PARENT"
 
-_outlives_parent = False
+# Read once, at import: an exec'd proxy's environment is its own from the start, and a forked
+# proxy is told by outlive_parent(); reading os.environ in a forked child would copy ~0.1 MB.
+_outlives_parent = os.environ.get(OUTLIVE_PARENT_ENV) == "1"
 
 
 @functools.cache
@@ -42,7 +44,7 @@ def resolve() -> None:
 def set_parent_death_signal(signum: signal.Signals) -> bool:
     """Receive ``signum`` when the parent thread exits (PR_SET_PDEATHSIG); False if unavailable.
     Does nothing (and returns True) in a process that is to outlive its parent."""
-    if _outlives_parent or os.environ.get(OUTLIVE_PARENT_ENV) == "1":
+    if _outlives_parent:
         return True
     prctl = _prctl()
     return prctl is not None and prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0

@@ -44,6 +44,16 @@ class UdpFlow:
     idle_timer: asyncio.TimerHandle | None = None
 
 
+def prepare_listener(listener: socket.socket) -> bool:
+    """On a wildcard address the kernel would pick a reply's source by routing, which need not
+    be the address the client sent to: ask for each datagram's destination (True), before the
+    first datagram is queued (it is reported only for datagrams queued from then on)."""
+    if not is_wildcard(listener.getsockname()[0]):
+        return False
+    enable_packet_info(listener)
+    return True
+
+
 class UdpProxy:
     """Receives on ``listener`` and relays datagrams to ``backend_ip:backend_port`` and back."""
 
@@ -74,11 +84,7 @@ class UdpProxy:
         return len(self._flows)
 
     def start(self) -> None:
-        # On a wildcard address the kernel would pick the reply's source by routing, which
-        # need not be the address the client sent to; ask for each datagram's destination.
-        if is_wildcard(self._listener.getsockname()[0]):
-            enable_packet_info(self._listener)
-            self._reply_from_destination = True
+        self._reply_from_destination = prepare_listener(self._listener)
         self._listener.setblocking(False)
         self._loop.add_reader(self._listener.fileno(), self._on_client_datagrams)
 

@@ -481,6 +481,21 @@ def test_tcp_refused_backend_closes_the_client(
     assert "Connection refused" in proxy.stderr()
 
 
+def fds_once_serving(proxy: RunningProxy, port: int) -> collections.Counter[str]:
+    """The proxy's fds with no connection open, once it has served one. An idle proxy has no
+    event loop yet (proxy/idle.py): the first connection makes it (its epoll fd and its own
+    sockets), so open one through an echo backend, and wait until the proxy has closed the
+    connection's two sockets again."""
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as client:
+        client.sendall(b"wake")
+        received = b""
+        while len(received) < 4:
+            received += client.recv(4)
+        open_sockets = proxy.fd_kinds()["socket"]  # the client's and the backend's included
+    assert wait_until(lambda: proxy.fd_kinds()["socket"] == open_sockets - 2)
+    return proxy.fd_kinds()
+
+
 def assert_no_fd_leak(proxy: RunningProxy, idle: collections.Counter[str]) -> None:
     """Once the connections have closed in the proxy too (waited for here), it holds the fds
     it held when idle, plus pipes only as many as the pool keeps."""
@@ -530,7 +545,7 @@ def test_tcp_no_fd_leak_over_2000_connections(
                 assert received == message
             client.close()
 
-    idle = proxy.fd_kinds()
+    idle = fds_once_serving(proxy, port)
     for first in range(0, 2000, 50):
         batch(50, first)
     assert_no_fd_leak(proxy, idle)
@@ -682,7 +697,7 @@ def test_tcp_no_fd_or_memory_leak_over_100000_connections(
         port = free_port(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1")
         proxy = spawn_proxy(proxy_args("tcp", "127.0.0.1", port, backend))
         assert proxy.status == b"0\n"
-        idle = proxy.fd_kinds()
+        idle = await loop.run_in_executor(None, fds_once_serving, proxy, port)
 
         async def settled() -> collections.Counter[str]:
             """The proxy's fds once the last connections have closed in it too."""
@@ -791,10 +806,13 @@ def test_udp_idle_flows_are_closed(
     port = free_port(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
     proxy = spawn_proxy(proxy_args("udp", "127.0.0.1", port, backend, "-udp-idle-timeout", "2"))
     assert proxy.status == b"0\n"
-    idle_fds = proxy.fd_count()
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(10)]
     try:
-        for client in clients:
+        # An idle proxy makes its event loop at the first datagram (proxy/idle.py): count its
+        # fds from there, less the backend socket of that first flow.
+        assert udp_exchange(clients[0], ("127.0.0.1", port), b"hi")[0] == b"hi"
+        idle_fds = proxy.fd_count() - 1
+        for client in clients[1:]:
             assert udp_exchange(client, ("127.0.0.1", port), b"hi")[0] == b"hi"
         assert proxy.fd_count() == idle_fds + len(clients)  # one backend socket per flow
         assert wait_until(lambda: proxy.fd_count() == idle_fds)
