@@ -1,8 +1,9 @@
 """``/networks``: the default ``bridge`` network and user-defined bridge networks, in Docker's
 shapes (Engine API v1.41 ``NetworkResource``, ``NetworkCreateRequest``, ``NetworkConnect``).
 
-Only the bridge driver exists; IPv6 networks, several IPAM configs, overlay/macvlan drivers,
-attachable/ingress/config-only networks answer 501 with the reason, never a silent no-op.
+Only the bridge driver exists; IPv6 networks (``EnableIPv6``) take up to one IPv4 and one IPv6
+``IPAM.Config`` entry. Two subnets of one family, overlay/macvlan drivers, attachable/ingress/
+config-only networks answer 501 with the reason, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def endpoint_settings(network: Network, ep: Endpoint | None, aliases: list[str])
         "Gateway": ep.gateway if ep else "",
         "IPAddress": ep.ip if ep else "",
         "IPPrefixLen": ep.prefixlen if ep else 0,
-        "IPv6Gateway": "",
-        "GlobalIPv6Address": "",
-        "GlobalIPv6PrefixLen": 0,
+        "IPv6Gateway": ep.ipv6_gateway if ep else "",
+        "GlobalIPv6Address": ep.ipv6 if ep else "",
+        "GlobalIPv6PrefixLen": ep.ipv6_prefixlen if ep else 0,
         "MacAddress": ep.mac if ep else "",
         "DriverOpts": None,
     }
@@ -80,6 +81,25 @@ def check_endpoint_config(config: Any) -> None:
         )
 
 
+def _configs_by_family(configs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``IPAM.Config`` as (its IPv4 entry, its IPv6 entry), each {} when absent; an entry's
+    family is its subnet's (or, without one, its gateway's)."""
+    by_family: dict[int, dict[str, Any]] = {}
+    for config in configs:
+        if config.get("AuxiliaryAddresses"):
+            raise NotImplementedByEngine("--aux-address is not supported by pyengined")
+        address = str(config.get("Subnet") or config.get("Gateway") or "")
+        family = 6 if ":" in address else 4
+        if family in by_family:
+            raise NotImplementedByEngine(
+                f"several IPv{family} subnets per network are not supported by pyengined"
+            )
+        if family == 6 and config.get("IPRange"):
+            raise NotImplementedByEngine("an IPv6 --ip-range is not supported by pyengined")
+        by_family[family] = config
+    return by_family.get(4, {}), by_family.get(6, {})
+
+
 def _label_matches(labels: dict[str, str], wanted: str) -> bool:
     key, eq, value = wanted.partition("=")
     return key in labels and (not eq or labels[key] == value)
@@ -98,11 +118,14 @@ class NetworksApi:
                 "EndpointID": ep.id,
                 "MacAddress": ep.mac,
                 "IPv4Address": f"{ep.ip}/{ep.prefixlen}",
-                "IPv6Address": "",
+                "IPv6Address": f"{ep.ipv6}/{ep.ipv6_prefixlen}" if ep.ipv6 else "",
             }
         ipam_config: dict[str, str] = {"Subnet": net.subnet, "Gateway": net.gateway}
         if net.ip_range:
             ipam_config["IPRange"] = net.ip_range
+        ipam_configs = [ipam_config]
+        if net.subnet6:
+            ipam_configs.append({"Subnet": net.subnet6, "Gateway": net.gateway6})
         options = (
             {**_DEFAULT_NETWORK_OPTIONS, OPT_BRIDGE_NAME: net.bridge}
             if net.default
@@ -118,7 +141,7 @@ class NetworksApi:
             "IPAM": {
                 "Driver": "default",
                 "Options": {} if not net.default else None,
-                "Config": [ipam_config],
+                "Config": ipam_configs,
             },
             "Internal": net.internal,
             "Attachable": False,
@@ -180,8 +203,6 @@ class NetworksApi:
             )
         if (body.get("ConfigFrom") or {}).get("Network"):
             raise NotImplementedByEngine("ConfigFrom networks are not supported by pyengined")
-        if body.get("EnableIPv6"):
-            raise NotImplementedByEngine("IPv6 networks (--ipv6) are not supported by pyengined")
         ipam = body.get("IPAM") or {}
         if not isinstance(ipam, dict):
             raise BadParameter("IPAM must be an object")
@@ -194,15 +215,12 @@ class NetworksApi:
         configs = ipam.get("Config") or []
         if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
             raise BadParameter("IPAM.Config must be a list of objects")
-        if len(configs) > 1:
-            raise NotImplementedByEngine(
-                "several IPAM configs (subnets) per network are not supported by pyengined"
-            )
-        config: dict[str, Any] = configs[0] if configs else {}
-        if config.get("AuxiliaryAddresses"):
-            raise NotImplementedByEngine("--aux-address is not supported by pyengined")
-        if ":" in str(config.get("Subnet") or ""):
-            raise NotImplementedByEngine("IPv6 subnets are not supported by pyengined")
+        config, config6 = _configs_by_family(configs)
+        enable_ipv6 = body.get("EnableIPv6")
+        if enable_ipv6 is not None and not isinstance(enable_ipv6, bool):
+            raise BadParameter("EnableIPv6 must be a boolean")
+        if config6 and not enable_ipv6:
+            raise BadParameter("an IPv6 subnet or gateway needs EnableIPv6 (--ipv6)")
         options = body.get("Options") or {}
         labels = body.get("Labels") or {}
         if not isinstance(options, dict) or not isinstance(labels, dict):
@@ -215,8 +233,11 @@ class NetworksApi:
             gateway=config.get("Gateway") or None,
             ip_range=config.get("IPRange") or None,
             internal=bool(body.get("Internal")),
+            enable_ipv6=bool(enable_ipv6),
             options=options,
             labels=labels,
+            subnet6=config6.get("Subnet") or None,
+            gateway6=config6.get("Gateway") or None,
         )
         return json_response({"Id": net.id, "Warning": ""}, status=201)
 
@@ -280,8 +301,9 @@ class NetworksApi:
             except NetworkNotFound:  # removed since the container was created on it
                 continue
             settings = endpoint_settings(net, endpoints.get(a.network_id), a.aliases)
-            if a.ip:
-                settings["IPAMConfig"] = {"IPv4Address": a.ip}
+            ipam = {k: v for k, v in (("IPv4Address", a.ip), ("IPv6Address", a.ip6)) if v}
+            if ipam:
+                settings["IPAMConfig"] = ipam
             out[net.name] = settings
         return out
 

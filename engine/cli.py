@@ -105,6 +105,7 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("-l", "--label", "labels", multiple=True, help="KEY=VALUE"),
             click.option("--network", default=None, help="Connect it to this network."),
             click.option("--ip", default=None, help="IPv4 address on that network."),
+            click.option("--ip6", default=None, help="IPv6 address on that network."),
             click.option(
                 "--network-alias", "aliases", multiple=True, help="A name on that network."
             ),
@@ -128,6 +129,7 @@ class ContainerOptions:
     labels: tuple[str, ...]
     network: str | None
     ip: str | None
+    ip6: str | None
     aliases: tuple[str, ...]
 
 
@@ -157,19 +159,24 @@ def _container_config(
             "LogConfig": {"Type": "json-file", "Config": log_config},
             "NetworkMode": opts.network or "default",
         },
-        "NetworkingConfig": _networking_config(opts.network, opts.ip, opts.aliases),
+        "NetworkingConfig": _networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
     }
 
 
+def _ipam_config(ip: str | None, ip6: str | None) -> dict[str, str]:
+    """Docker's EndpointIPAMConfig for ``--ip`` / ``--ip6``."""
+    return {k: v for k, v in (("IPv4Address", ip), ("IPv6Address", ip6)) if v}
+
+
 def _networking_config(
-    network: str | None, ip: str | None, aliases: tuple[str, ...]
+    network: str | None, ip: str | None, aliases: tuple[str, ...], ip6: str | None = None
 ) -> dict[str, Any]:
     """Docker's EndpointsConfig for the network the container is created on."""
-    if not (ip or aliases):
+    if not (ip or ip6 or aliases):
         return {}
     endpoint: dict[str, Any] = {"Aliases": list(aliases)}
-    if ip:
-        endpoint["IPAMConfig"] = {"IPv4Address": ip}
+    if ip or ip6:
+        endpoint["IPAMConfig"] = _ipam_config(ip, ip6)
     return {"EndpointsConfig": {network or "default": endpoint}}
 
 
@@ -689,11 +696,18 @@ def _key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
 
 @network.command("create")
 @click.option("-d", "--driver", default="bridge", help="Only bridge is supported.")
-@click.option("--subnet", default=None, help="IPv4 subnet in CIDR form (default: automatic).")
-@click.option("--gateway", default=None, help="Gateway address in the subnet.")
+@click.option(
+    "--subnet",
+    "subnets",
+    multiple=True,
+    help="Subnet in CIDR form, at most one IPv4 and one IPv6 (default: automatic).",
+)
+@click.option(
+    "--gateway", "gateways", multiple=True, help="Gateway address in a subnet (one per subnet)."
+)
 @click.option("--ip-range", default=None, help="Allocate container addresses from this range.")
 @click.option("--internal", is_flag=True, help="No access to or from outside the network.")
-@click.option("--ipv6", is_flag=True, help="Enable IPv6 (not supported yet).")
+@click.option("--ipv6", is_flag=True, help="Enable IPv6 (an IPv6 subnet as well as an IPv4 one).")
 @click.option("-o", "--opt", "opts", multiple=True, help="Driver option KEY=VALUE.")
 @click.option("--label", "labels", multiple=True, help="KEY=VALUE")
 @click.argument("name")
@@ -702,8 +716,8 @@ def _key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
 def network_create(
     ctx: click.Context,
     driver: str,
-    subnet: str | None,
-    gateway: str | None,
+    subnets: tuple[str, ...],
+    gateways: tuple[str, ...],
     ip_range: str | None,
     internal: bool,
     ipv6: bool,
@@ -712,18 +726,32 @@ def network_create(
     name: str,
 ) -> None:
     """Create a bridge network; print its ID."""
-    if (gateway or ip_range) and not subnet:
+    if (gateways or ip_range) and not subnets:
         _fail("pyengine: --gateway and --ip-range need --subnet", 125)
-    ipam_config = {
-        k: v for k, v in (("Subnet", subnet), ("Gateway", gateway), ("IPRange", ip_range)) if v
-    }
+    if len(gateways) > len(subnets):
+        _fail("pyengine: cannot have more gateways than subnets", 125)
+    if ip_range and len(subnets) > 1:
+        _fail("pyengine: --ip-range with several subnets is not supported", 125)
+    # As docker's CLI: the n-th --gateway (and --ip-range) goes with the n-th --subnet.
+    configs = [
+        {
+            k: v
+            for k, v in (
+                ("Subnet", subnet),
+                ("Gateway", gateways[i] if i < len(gateways) else None),
+                ("IPRange", ip_range if i == 0 else None),
+            )
+            if v
+        }
+        for i, subnet in enumerate(subnets)
+    ]
     request = {
         "Name": name,
         "CheckDuplicate": True,
         "Driver": driver,
         "Internal": internal,
         "EnableIPv6": ipv6,
-        "IPAM": {"Driver": "default", "Config": [ipam_config] if ipam_config else []},
+        "IPAM": {"Driver": "default", "Config": configs},
         "Options": _key_values(opts, "option"),
         "Labels": _key_values(labels, "label"),
     }
@@ -795,18 +823,24 @@ def network_rm(ctx: click.Context, names: tuple[str, ...]) -> None:
 
 @network.command("connect")
 @click.option("--ip", default=None, help="IPv4 address on the network.")
+@click.option("--ip6", default=None, help="IPv6 address on the network.")
 @click.option("--alias", "aliases", multiple=True, help="A name on the network.")
 @click.argument("network_name")
 @click.argument("container")
 @click.pass_context
 @daemon_errors()
 def network_connect(
-    ctx: click.Context, ip: str | None, aliases: tuple[str, ...], network_name: str, container: str
+    ctx: click.Context,
+    ip: str | None,
+    ip6: str | None,
+    aliases: tuple[str, ...],
+    network_name: str,
+    container: str,
 ) -> None:
     """Connect a container to a network (a running one gets a new interface at once)."""
     endpoint: dict[str, Any] = {"Aliases": list(aliases)}
-    if ip:
-        endpoint["IPAMConfig"] = {"IPv4Address": ip}
+    if ip or ip6:
+        endpoint["IPAMConfig"] = _ipam_config(ip, ip6)
     _client(ctx).network_connect(network_name, container, endpoint)
 
 

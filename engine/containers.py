@@ -107,6 +107,7 @@ class NetworkAttachment:
     name: str  # the network's name when it was attached (for messages; the id is the key)
     ip: str = ""  # the IPv4 address asked for (--ip); "" = the next free one
     aliases: list[str] = field(default_factory=list)  # --network-alias, for name resolution
+    ip6: str = ""  # the IPv6 address asked for (--ip6) on an IPv6 network
 
 
 @dataclass

@@ -689,7 +689,12 @@ class Engine:
         for a in self.attachments(c):
             try:
                 ep = await self._netd(
-                    self.network.connect, c.id, a.network_id, a.ip or None, a.aliases
+                    self.network.connect,
+                    c.id,
+                    a.network_id,
+                    a.ip or None,
+                    a.aliases,
+                    a.ip6 or None,
                 )
             except NetworkNotFound:
                 raise NetworkNotFound(f"network {a.name} not found") from None
@@ -708,7 +713,13 @@ class Engine:
         """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
         if self.dns is None or ep.network_id == self.network.default_network.id:
             return
-        self.dns.set_endpoint(ep.network_id, c.id, self._names_on(c, ep.network_id), [ep.ip])
+        self.dns.set_endpoint(
+            ep.network_id,
+            c.id,
+            self._names_on(c, ep.network_id),
+            [ep.ip],
+            [ep.ipv6] if ep.ipv6 else [],
+        )
 
     def _uses_embedded_dns(self, c: Container) -> bool:
         """Docker: a container whose first network is user-defined asks 127.0.0.11."""
@@ -794,6 +805,7 @@ class Engine:
                 network.id,
                 attachment.ip or None,
                 attachment.aliases,
+                attachment.ip6 or None,
             )
             c.networks = [*self.attachments(c), attachment]
             self._register_names(c, ep)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from engine.containers import Container, NetworkAttachment
@@ -49,10 +49,7 @@ def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> 
     if not isinstance(ipam, dict):
         raise NetworkRequestError("IPAMConfig must be an object")
     ip = ipam.get("IPv4Address") or ""
-    if ipam.get("IPv6Address"):
-        raise NetworkRequestError(
-            f"invalid IPv6 address {ipam['IPv6Address']}: network {network.name} has no IPv6"
-        )
+    ip6 = check_ipv6_address(network, ipam["IPv6Address"]) if ipam.get("IPv6Address") else ""
     if ip:
         if network.default:
             raise NetworkRequestError(
@@ -84,7 +81,29 @@ def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> 
         if not _ALIAS.match(alias):
             raise NetworkRequestError(f'invalid network alias "{alias}"')
     unique = list(dict.fromkeys(aliases))
-    return NetworkAttachment(network.id, network.name, ip, unique)
+    return NetworkAttachment(network.id, network.name, ip, unique, ip6)
+
+
+def check_ipv6_address(network: Network, ip6: Any) -> str:
+    """Docker's checks of ``--ip6`` (``IPAMConfig.IPv6Address``) on ``network``: the address,
+    normalised."""
+    if not network.subnet6:
+        raise NetworkRequestError(f"invalid IPv6 address {ip6}: network {network.name} has no IPv6")
+    if not network.configured_subnet6:
+        raise NetworkRequestError(
+            "user specified IP address is supported only when connecting to networks "
+            "with user configured subnets"
+        )
+    try:
+        address = IPv6Address(str(ip6))
+    except ValueError:
+        raise NetworkRequestError(f"invalid IPv6 address: {ip6}") from None
+    if address not in IPv6Network(network.subnet6):
+        raise NetworkRequestError(
+            f"no configured subnet contains IP address {ip6} (network {network.name}: "
+            f"{network.subnet6})"
+        )
+    return str(address)
 
 
 def plan_attachments(

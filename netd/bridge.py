@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import socket
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Interface, IPv6Interface
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from netd import sysctl
 from netd.errors import NetdError
 from netd.naming import mac_for_ip
+
+IFA_F_NODAD = 0x02  # <linux/if_addr.h>: no duplicate address detection
+_RT_SCOPE_UNIVERSE = 0  # global addresses; link-local ones (fe80::/10) are the kernel's
 
 
 def _link_kind(ipr: IPRoute, index: int) -> str | None:
@@ -18,8 +22,12 @@ def _link_kind(ipr: IPRoute, index: int) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def ensure_bridge(name: str, gateway: IPv4Interface) -> None:
-    """Create ``name`` if missing, make ``gateway`` its only IPv4 address, and bring it up.
+def ensure_bridge(name: str, gateway: IPv4Interface, gateway6: IPv6Interface | None = None) -> None:
+    """Create ``name`` if missing, make ``gateway`` its only IPv4 address and ``gateway6`` its
+    only global IPv6 address (none when None), and bring it up.
+
+    The IPv6 gateway is added "nodad": it is this host's by construction, and an address in
+    DAD stays tentative (unusable as a source) for a second or more (RFC 4862 5.4).
 
     The bridge gets a fixed MAC; otherwise it takes the lowest MAC of its ports, which changes
     as containers come and go (bridge(8) / br_stp_recalculate_bridge_id).
@@ -44,6 +52,7 @@ def ensure_bridge(name: str, gateway: IPv4Interface) -> None:
                 ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
             if wanted not in have:
                 ipr.addr("add", index=index, address=wanted[0], prefixlen=wanted[1])
+            _ensure_gateway6(ipr, name, index, gateway6)
             ipr.link("set", index=index, state="up")
         except NetlinkError as exc:
             if created:
@@ -53,6 +62,21 @@ def ensure_bridge(name: str, gateway: IPv4Interface) -> None:
             if created:
                 delete_bridge(name)
             raise
+
+
+def _ensure_gateway6(ipr: IPRoute, name: str, index: int, gateway6: IPv6Interface | None) -> None:
+    if gateway6 is not None:
+        sysctl.enable_ipv6_on(name)
+    have = {
+        (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+        for a in ipr.get_addr(index=index, family=socket.AF_INET6)
+        if a["scope"] == _RT_SCOPE_UNIVERSE
+    }
+    wanted = {(str(gateway6.ip), gateway6.network.prefixlen)} if gateway6 is not None else set()
+    for address, prefixlen in have - wanted:
+        ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
+    for address, prefixlen in wanted - have:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen, flags=IFA_F_NODAD)
 
 
 def delete_bridge(name: str) -> None:

@@ -33,7 +33,7 @@ import socket
 import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from pathlib import Path
 
 from netd import bridge, conntrack, sandbox, subnetpool, sysctl
@@ -131,22 +131,33 @@ def _normalise_host_ip(host_ip: str) -> str:
     return str(addr)
 
 
-def _publish_addresses(host_ip: str, host_binding_ipv4: str, userland_proxy: bool) -> list[str]:
-    """The host addresses one binding is published on, as Docker 28 does for a container with
-    an IPv4 address only. Without a host address: 0.0.0.0 and :: (the same port on both), but
-    only 0.0.0.0 without the userland proxy (nothing can NAT IPv6 to IPv4), and only the
-    network's ``host_binding_ipv4`` when that is set. An explicit IPv6 address needs the proxy.
+def _publish_addresses(
+    host_ip: str, host_binding_ipv4: str, userland_proxy: bool, container_has_ipv6: bool = False
+) -> list[str]:
+    """The host addresses one binding is published on, as Docker 28 does. Without a host
+    address: 0.0.0.0 and :: (the same port on both), but only 0.0.0.0 for a container without
+    an IPv6 address when there is no userland proxy (nothing can NAT IPv6 to IPv4), and only
+    the network's ``host_binding_ipv4`` when that is set. An explicit IPv6 address needs the
+    proxy or a container with an IPv6 address; ``::1`` always needs the proxy (the kernel does
+    not DNAT a loopback source off the host).
     """
     if host_ip == "":
         if host_binding_ipv4 != ANY_IPV4:
             return [_normalise_host_ip(host_binding_ipv4)]
-        return [ANY_IPV4, ANY_IPV6] if userland_proxy else [ANY_IPV4]
+        both = userland_proxy or container_has_ipv6
+        return [ANY_IPV4, ANY_IPV6] if both else [ANY_IPV4]
     address = _normalise_host_ip(host_ip)
     if is_ipv6(address) and not userland_proxy:
-        raise NetdError(
-            f'cannot publish on IPv6 address "{address}": the container has no IPv6 address '
-            "and the userland proxy is disabled"
-        )
+        if not container_has_ipv6:
+            raise NetdError(
+                f'cannot publish on IPv6 address "{address}": the container has no IPv6 '
+                "address and the userland proxy is disabled"
+            )
+        if address == "::1":
+            raise NetdError(
+                'cannot publish on "::1" without the userland proxy: the kernel does not '
+                "route IPv6 loopback traffic to a container"
+            )
     return [address]
 
 
@@ -308,6 +319,8 @@ class NetworkController:
         with self._lock:
             sysctl.enable_ip_forward()
             st = self._st
+            if any(n.subnet6 for n in st.networks.values() if n.state == READY):
+                sysctl.enable_ipv6_forward()
             for net in list(st.networks.values()):
                 if net.state != READY:
                     log.warning("network %s was left %s; removing it", net.name, net.state)
@@ -316,7 +329,7 @@ class NetworkController:
                     bridge.delete_bridge(net.bridge)
             for net in st.networks.values():
                 try:
-                    bridge.ensure_bridge(net.bridge, net.interface)
+                    bridge.ensure_bridge(net.bridge, net.interface, net.interface6)
                     # DNAT of 127.0.0.0/8 traffic to the bridge needs it (Docker's
                     # setupLoopbackAddressesRouting); off again when the proxy handles loopback.
                     sysctl.set_route_localnet(net.bridge, not self.cfg.userland_proxy)
@@ -346,9 +359,7 @@ class NetworkController:
         """Remove an endpoint's veth, address, record and ports, without firewall changes (the
         caller reinstalls the firewall from the state)."""
         sandbox.delete_link(ep.host_veth)
-        ipam = self._st.ipams.get(ep.network_id)
-        if ipam is not None:
-            ipam.release(ep.ip)
+        self._st.release_addresses(ep)
         self._st.endpoints.pop(ep.key, None)
         ports = self._st.ports.get(ep.container_id, [])
         gone = [p for p in ports if p.network_id == ep.network_id]
@@ -411,12 +422,18 @@ class NetworkController:
 
     def _port_target_is_live(self, container_id: str, port: PublishedPort) -> bool:
         ep = self._st.endpoints.get(endpoint_key(container_id, port.network_id))
-        return ep is not None and ep.state == READY and ep.ip == port.container_ip
+        if ep is None or ep.state != READY:
+            return False
+        return port.container_ip in (ep.ip, ep.ipv6)
 
     def _reconcile_addresses(self) -> None:
         """Allocations = the live endpoints' addresses (an interrupted allocation is freed)."""
         for nid, ipam in self._st.ipams.items():
             ipam.allocations = {ep.ip: ep.container_id for ep in self._st.network_endpoints(nid)}
+        for nid, ipam in self._st.ipams6.items():
+            ipam.allocations = {
+                ep.ipv6: ep.container_id for ep in self._st.network_endpoints(nid) if ep.ipv6
+            }
 
     def _restore_port_reservations(
         self, held: dict[tuple[str, str, int], socket.socket] | None = None
@@ -528,12 +545,25 @@ class NetworkController:
         enable_ipv6: bool = False,
         options: dict[str, str] | None = None,
         labels: dict[str, str] | None = None,
+        subnet6: str | None = None,
+        gateway6: str | None = None,
     ) -> Network:
-        """A user-defined bridge network: its bridge, and its place in the firewall."""
+        """A user-defined bridge network: its bridge, and its place in the firewall. With
+        ``enable_ipv6`` it also gets an IPv6 subnet: ``subnet6`` (and ``gateway6``), or a /64
+        of the unique local pool."""
         with self._lock:
             self._require_ready()
             request = NetworkRequest(
-                name, subnet, gateway, ip_range, internal, enable_ipv6, options, labels
+                name,
+                subnet,
+                gateway,
+                ip_range,
+                internal,
+                enable_ipv6,
+                options,
+                labels,
+                subnet6,
+                gateway6,
             )
             existing = list(self._st.networks.values())
             network = plan_network(
@@ -545,7 +575,9 @@ class NetworkController:
             st.add_network(network)
             try:
                 self._save()
-                bridge.ensure_bridge(network.bridge, network.interface)
+                if network.subnet6:
+                    sysctl.enable_ipv6_forward()
+                bridge.ensure_bridge(network.bridge, network.interface, network.interface6)
                 sysctl.set_route_localnet(network.bridge, not self.cfg.userland_proxy)
                 self._install_firewall()
                 network.state = READY
@@ -612,6 +644,7 @@ class NetworkController:
             self._hairpin,
             not net.enable_icc,
             net.mtu,
+            IPv6Interface(f"{ep.ipv6}/{ep.ipv6_prefixlen}") if ep.ipv6 else None,
         )
 
     def _sync_default_route(self, container_id: str) -> None:
@@ -619,13 +652,18 @@ class NetworkController:
         sb = self._st.sandboxes.get(container_id)
         if sb is None or not sandbox.netns_exists(sb.netns_name):
             return
-        via = None
+        via: tuple[str, IPv4Address] | None = None
+        via6: tuple[str, IPv6Address] | None = None
         for ep in self._st.container_endpoints(container_id):
             net = self._st.networks.get(ep.network_id)
             if ep.state != REMOVING and net is not None and not net.internal:
-                via = (ep.ifname, IPv4Address(ep.gateway))
-                break
+                if via is None:
+                    via = (ep.ifname, IPv4Address(ep.gateway))
+                if via6 is None and ep.ipv6:
+                    via6 = (ep.ifname, IPv6Address(ep.ipv6_gateway))
         sandbox.set_default_route(sb.netns_name, via)
+        if via6 is not None or any(ep.ipv6 for ep in self._st.container_endpoints(container_id)):
+            sandbox.set_default_route(sb.netns_name, via6, socket.AF_INET6)
 
     def _check_container_id(self, container_id: str) -> None:
         if not isinstance(container_id, str) or not _CONTAINER_ID.match(container_id):
@@ -637,19 +675,27 @@ class NetworkController:
         network: str | Network,
         ip: str | None = None,
         aliases: Sequence[str] = (),
+        ip6: str | None = None,
     ) -> Endpoint:
         """Connect the container to ``network``: its namespace is created on the first
         connection (``eth0``); later ones add ``eth1``, ``eth2``... to the same namespace, also
-        while the container runs. ``ip`` asks for a given address (networks with a configured
-        subnet only, as Docker); ``aliases`` are recorded for name resolution."""
+        while the container runs. ``ip`` / ``ip6`` ask for a given IPv4 / IPv6 address
+        (networks with a configured subnet of that family only, as Docker); ``aliases`` are
+        recorded for name resolution. On an IPv6 network the endpoint gets an address of each
+        family."""
         with self._lock:
             self._require_ready()
             self._check_container_id(container_id)
             net = self._resolve(network)
-            return copy.deepcopy(self._connect(container_id, net, ip, list(aliases)))
+            return copy.deepcopy(self._connect(container_id, net, ip, list(aliases), ip6))
 
     def _connect(
-        self, container_id: str, net: Network, ip: str | None, aliases: list[str]
+        self,
+        container_id: str,
+        net: Network,
+        ip: str | None,
+        aliases: list[str],
+        ip6: str | None = None,
     ) -> Endpoint:
         st = self._st
         short = container_id[:12]
@@ -660,6 +706,13 @@ class NetworkController:
                 raise NetdError(
                     "user specified IP address is supported on user defined networks only"
                 )
+            raise NetdError(
+                "user specified IP address is supported only when connecting to networks "
+                "with user configured subnets"
+            )
+        if ip6 and not net.subnet6:
+            raise NetdError(f"invalid IPv6 address {ip6}: network {net.name} has no IPv6")
+        if ip6 and not net.configured_subnet6:
             raise NetdError(
                 "user specified IP address is supported only when connecting to networks "
                 "with user configured subnets"
@@ -689,6 +742,14 @@ class NetworkController:
 
         ipam = st.ipams[net.id]
         addr = ipam.allocate(container_id, ip)
+        addr6 = None
+        ipam6 = st.ipams6.get(net.id)
+        if ipam6 is not None:
+            try:
+                addr6 = ipam6.allocate(container_id, ip6)
+            except BaseException:
+                ipam.release(str(addr))
+                raise
         ep = Endpoint(
             container_id=container_id,
             netns_name=sb.netns_name,
@@ -704,6 +765,9 @@ class NetworkController:
             aliases=aliases,
             id=secrets.token_hex(32),
             state=CREATING,
+            ipv6=str(addr6) if addr6 is not None else "",
+            ipv6_prefixlen=ipam6.subnet.prefixlen if ipam6 is not None else 0,
+            ipv6_gateway=net.gateway6 if addr6 is not None else "",
         )
         st.sandboxes[container_id] = sb
         st.endpoints[ep.key] = ep
@@ -722,7 +786,7 @@ class NetworkController:
             sandbox.delete_link(ep.host_veth)
             if created_netns:
                 sandbox.delete_netns(sb.netns_name)
-            ipam.release(ep.ip)
+            st.release_addresses(ep)
             st.endpoints.pop(ep.key, None)
             if new_sandbox:
                 st.sandboxes.pop(container_id, None)
@@ -776,7 +840,7 @@ class NetworkController:
         close_ports(on_endpoint)
         # From here on the removal is carried through, now or by the next setup().
         sandbox.delete_link(ep.host_veth)
-        st.ipams[ep.network_id].release(ep.ip)
+        st.release_addresses(ep)
         del st.endpoints[ep.key]
         if not st.ports.get(ep.container_id):
             st.ports.pop(ep.container_id, None)
@@ -812,7 +876,7 @@ class NetworkController:
             close_ports(ports)
             for ep in endpoints:
                 sandbox.delete_link(ep.host_veth)
-                st.ipams[ep.network_id].release(ep.ip)
+                st.release_addresses(ep)
                 del st.endpoints[ep.key]
             if sb is not None:
                 sandbox.delete_netns(sb.netns_name)
@@ -890,8 +954,10 @@ class NetworkController:
                 if b.proto not in PROTOCOLS:
                     raise NetdError(f'unsupported protocol "{b.proto}"')
             proxy = self.cfg.userland_proxy
+            has_ipv6 = bool(current.ipv6)
             requests = [
-                (b, _publish_addresses(b.host_ip, net.host_binding_ipv4, proxy)) for b in bindings
+                (b, _publish_addresses(b.host_ip, net.host_binding_ipv4, proxy, has_ipv6))
+                for b in bindings
             ]
             new: list[PublishedPort] = []
 
@@ -921,7 +987,9 @@ class NetworkController:
                             b.proto,
                             res.host_ip,
                             res.host_port,
-                            current.ip,
+                            # An IPv6 host address goes to the container's IPv6 address when it
+                            # has one (DNAT or proxy), else through the proxy to its IPv4 one.
+                            current.ipv6 if has_ipv6 and is_ipv6(res.host_ip) else current.ip,
                             b.container_port,
                             net.id,
                             res.sock,

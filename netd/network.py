@@ -16,6 +16,11 @@ Options (Docker's names, values as strings; ``strconv.ParseBool`` spellings for 
 * ``com.docker.network.driver.mtu``: the MTU of the containers' veth pairs.
 
 Any other option is refused, so a user never believes an option took effect when it did not.
+
+``enable_ipv6`` (``network create --ipv6``, Docker 28's IPv6 bridge network) gives the network
+an IPv6 subnet as well as its IPv4 one: the user's, or a /64 of netd's unique local pool
+(netd/subnetpool.py). The bridge carries both gateways; each container gets an address of each
+family. The default network stays IPv4-only.
 """
 
 from __future__ import annotations
@@ -26,13 +31,26 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from typing import Any
 
 from netd.errors import Conflict, NetdError
 from netd.firewall import BridgeNetwork
 from netd.naming import bridge_name_for, valid_ifname
-from netd.subnetpool import HostRoute, check_no_route_overlap, pick_subnet
+from netd.subnetpool import (
+    DEFAULT_IPV6_POOL,
+    HostRoute,
+    check_no_route_overlap,
+    pick_subnet,
+    pick_subnet6,
+)
 
 DEFAULT_NETWORK = "bridge"
 DRIVER = "bridge"
@@ -145,6 +163,9 @@ class Network:
     mtu: int = 0
     enable_ipv6: bool = False
     configured_subnet: bool = False  # the user gave the subnet (Docker allows --ip only then)
+    subnet6: str = ""  # IPv6 network when enable_ipv6, e.g. "fd00:86::/64"
+    gateway6: str = ""  # the bridge's IPv6 address, the containers' IPv6 default gateway
+    configured_subnet6: bool = False  # the user gave the IPv6 subnet (--ip6 only then)
     default: bool = False  # the daemon's default network, "bridge"
     driver: str = DRIVER
     options: dict[str, str] = field(default_factory=dict)  # as the user gave them
@@ -157,6 +178,13 @@ class Network:
         """The gateway address with the subnet's prefix: what the bridge carries."""
         return IPv4Interface(f"{self.gateway}/{IPv4Network(self.subnet).prefixlen}")
 
+    @property
+    def interface6(self) -> IPv6Interface | None:
+        """The IPv6 gateway address with the IPv6 subnet's prefix (None: an IPv4-only network)."""
+        if not self.subnet6:
+            return None
+        return IPv6Interface(f"{self.gateway6}/{IPv6Network(self.subnet6).prefixlen}")
+
     def firewall_view(self) -> BridgeNetwork:
         return BridgeNetwork(
             self.bridge,
@@ -164,6 +192,8 @@ class Network:
             IPv4Address(self.gateway),
             internal=self.internal,
             masquerade=self.masquerade,
+            subnet6=IPv6Network(self.subnet6) if self.subnet6 else None,
+            gateway6=IPv6Address(self.gateway6) if self.gateway6 else None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -176,7 +206,8 @@ class Network:
 
 @dataclass(frozen=True)
 class NetworkRequest:
-    """What ``create_network`` is asked for (the IPv4 part of Docker's NetworkCreate)."""
+    """What ``create_network`` is asked for (Docker's NetworkCreate: at most one IPv4 and one
+    IPv6 subnet)."""
 
     name: str
     subnet: str | None = None
@@ -186,6 +217,8 @@ class NetworkRequest:
     enable_ipv6: bool = False
     options: dict[str, str] | None = None
     labels: dict[str, str] | None = None
+    subnet6: str | None = None
+    gateway6: str | None = None
 
 
 def _parse_subnet(text: str) -> IPv4Network:
@@ -198,6 +231,55 @@ def _parse_subnet(text: str) -> IPv4Network:
     if subnet.prefixlen > 30:
         raise NetdError(f"subnet {subnet} is too small: a /30 or larger is needed")
     return subnet
+
+
+def _parse_subnet6(text: str) -> IPv6Network:
+    try:
+        subnet = IPv6Network(text, strict=False)
+    except ValueError:
+        raise NetdError(f'invalid IPv6 subnet "{text}"') from None
+    if subnet.network_address != IPv6Address(text.split("/")[0]):
+        raise NetdError(f"invalid subnet {text}: it should be {subnet}")
+    if subnet.prefixlen > 126:
+        raise NetdError(f"subnet {subnet} is too small: a /126 or larger is needed")
+    return subnet
+
+
+def _parse_gateway6(text: str | None, subnet: IPv6Network) -> IPv6Address:
+    if not text:
+        return subnet.network_address + 1
+    try:
+        gateway = IPv6Address(text)
+    except ValueError:
+        raise NetdError(f'invalid IPv6 gateway "{text}"') from None
+    if gateway not in subnet or gateway == subnet.network_address:
+        raise NetdError(f"gateway {gateway} is not a host address of subnet {subnet}")
+    return gateway
+
+
+def _plan_subnet6(
+    request: NetworkRequest,
+    existing: Sequence[Network],
+    routes: Sequence[HostRoute],
+    own_bridges: set[str],
+) -> tuple[str, str]:
+    """The IPv6 subnet and gateway of a network (("", "") when IPv6 is not enabled)."""
+    if not request.enable_ipv6:
+        if request.subnet6 or request.gateway6:
+            raise NetdError("an IPv6 subnet or gateway needs IPv6 enabled (--ipv6)")
+        return "", ""
+    taken = [IPv6Network(n.subnet6) for n in existing if n.subnet6]
+    if request.subnet6:
+        subnet = _parse_subnet6(request.subnet6)
+        for net in existing:
+            if net.subnet6 and subnet.overlaps(IPv6Network(net.subnet6)):
+                raise Conflict(f'subnet {subnet} overlaps network "{net.name}" ({net.subnet6})')
+        check_no_route_overlap(subnet, routes, own_bridges)
+    else:
+        if request.gateway6:
+            raise NetdError("an IPv6 gateway needs an IPv6 subnet")
+        subnet = pick_subnet6(DEFAULT_IPV6_POOL, taken, routes, own_bridges)
+    return str(subnet), str(_parse_gateway6(request.gateway6, subnet))
 
 
 def _parse_gateway(text: str | None, subnet: IPv4Network) -> IPv4Address:
@@ -237,8 +319,6 @@ def plan_network(
     check_network_name(name)
     if name in PREDEFINED_NETWORKS or any(n.name == name for n in existing):
         raise Conflict(f"network with name {name} already exists")
-    if request.enable_ipv6:
-        raise NetdError("IPv6 networks are not supported yet (enable_ipv6)")
     opts = parse_options(request.options)
     labels = dict(request.labels or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
@@ -265,6 +345,7 @@ def plan_network(
             raise NetdError("a gateway or an ip-range needs a subnet")
         taken = [IPv4Network(n.subnet) for n in existing]
         subnet = pick_subnet(pools, taken, routes, own_bridges)
+    subnet6, gateway6 = _plan_subnet6(request, existing, routes, own_bridges)
     return Network(
         id=network_id,
         name=name,
@@ -278,6 +359,10 @@ def plan_network(
         host_binding_ipv4=opts.host_binding_ipv4,
         mtu=opts.mtu,
         configured_subnet=bool(request.subnet),
+        enable_ipv6=bool(request.enable_ipv6),
+        subnet6=subnet6,
+        gateway6=gateway6,
+        configured_subnet6=bool(request.subnet6),
         options=dict(request.options or {}),
         labels=labels,
         created=now_rfc3339(),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
-from ipaddress import IPv4Address, IPv4Interface
+import subprocess
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
@@ -17,6 +18,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from netd.errors import NetdError
 
 NETNS_RUN_DIR = "/run/netns"
+IFA_F_NODAD = 0x02  # <linux/if_addr.h>
+_SYSCTL_TIMEOUT = 30  # seconds
 
 
 def netns_path(name: str) -> str:
@@ -62,9 +65,42 @@ def delete_link(ifname: str) -> None:
                 raise NetdError(f"cannot delete link {ifname}: {exc.args[-1]}") from None
 
 
+def enable_ipv6_inside(netns_name: str, ifname: str) -> None:
+    """disable_ipv6=0 and accept_dad=0 on ``ifname`` inside the namespace.
+
+    /proc/sys/net shows the sysctls of the reading task's namespace, so they are written by a
+    child that joins the namespace (nsenter(1)); netd's own threads never change namespace.
+    DAD is off because the address is unique by IPAM, and a tentative address cannot be used
+    for a second or more after the interface comes up (RFC 4862 5.4)."""
+    conf = f"net.ipv6.conf.{ifname}"
+    argv = [
+        "nsenter",
+        f"--net={netns_path(netns_name)}",
+        "sysctl",
+        "-q",
+        "-w",
+        f"{conf}.disable_ipv6=0",
+        f"{conf}.accept_dad=0",
+    ]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=_SYSCTL_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NetdError(f"cannot enable IPv6 on {ifname} in {netns_name}: {exc}") from None
+    if result.returncode != 0:
+        why = result.stderr.strip().splitlines()[-1:] or ["sysctl failed"]
+        raise NetdError(f"cannot enable IPv6 on {ifname} in {netns_name}: {why[0]}")
+
+
 def _configure_inside(
-    netns_name: str, ifname: str, address: IPv4Interface, mac: str, mtu: int
+    netns_name: str,
+    ifname: str,
+    address: IPv4Interface,
+    mac: str,
+    mtu: int,
+    address6: IPv6Interface | None = None,
 ) -> None:
+    if address6 is not None:
+        enable_ipv6_inside(netns_name, ifname)
     with _in_netns(netns_name) as ns:
         lo = ns.link_lookup(ifname="lo")[0]
         ns.link("set", index=lo, state="up")
@@ -73,6 +109,14 @@ def _configure_inside(
         if mtu:
             ns.link("set", index=index, mtu=mtu)
         ns.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+        if address6 is not None:
+            ns.addr(
+                "add",
+                index=index,
+                address=str(address6.ip),
+                prefixlen=address6.network.prefixlen,
+                flags=IFA_F_NODAD,
+            )
         ns.link("set", index=index, state="up")
 
 
@@ -108,6 +152,7 @@ def connect_netns_to_bridge(
     hairpin: bool,
     isolated: bool,
     mtu: int = 0,
+    address6: IPv6Interface | None = None,
 ) -> None:
     """Create the veth pair with its peer born inside the namespace as ``ifname``, address it
     and enslave the host end to ``bridge``. All or nothing (routes: ``set_default_route``)."""
@@ -126,7 +171,7 @@ def connect_netns_to_bridge(
     except NetlinkError as exc:
         raise NetdError(f"cannot create veth {host_veth}: {exc.args[-1]}") from None
     try:
-        _configure_inside(netns_name, ifname, address, mac, mtu)
+        _configure_inside(netns_name, ifname, address, mac, mtu, address6)
         plug_into_bridge(host_veth, bridge, hairpin, isolated)
     except NetlinkError as exc:
         delete_link(host_veth)
@@ -136,11 +181,21 @@ def connect_netns_to_bridge(
         raise
 
 
-def set_default_route(netns_name: str, via: tuple[str, IPv4Address] | None) -> None:
-    """Make the namespace's IPv4 default route go through ``(ifname, gateway)``, or have none."""
+def set_default_route(
+    netns_name: str,
+    via: tuple[str, IPv4Address] | tuple[str, IPv6Address] | None,
+    family: int = socket.AF_INET,
+) -> None:
+    """Make the namespace's default route of ``family`` (AF_INET or AF_INET6) go through
+    ``(ifname, gateway)``, or have none."""
+    default = "::/0" if family == socket.AF_INET6 else "0.0.0.0/0"
     try:
         with _in_netns(netns_name) as ns:
-            current = ns.get_routes(family=socket.AF_INET, dst_len=0, table=254)
+            current = [
+                r
+                for r in ns.get_routes(family=family, dst_len=0, table=254)
+                if r.get_attr("RTA_GATEWAY") is not None
+            ]
             wanted = None
             if via is not None:
                 found = ns.link_lookup(ifname=via[0])
@@ -151,9 +206,14 @@ def set_default_route(netns_name: str, via: tuple[str, IPv4Address] | None) -> N
             if have == ([wanted] if wanted else []):
                 return
             for route in current:
-                ns.route("del", dst="0.0.0.0/0", oif=route.get_attr("RTA_OIF"))
+                ns.route(
+                    "del",
+                    dst=default,
+                    oif=route.get_attr("RTA_OIF"),
+                    gateway=route.get_attr("RTA_GATEWAY"),
+                )
             if wanted is not None:
-                ns.route("add", dst="0.0.0.0/0", oif=wanted[0], gateway=wanted[1])
+                ns.route("add", dst=default, oif=wanted[0], gateway=wanted[1])
     except NetlinkError as exc:
         raise NetdError(
             f"cannot set the default route in network namespace {netns_name}: {exc.args[-1]}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,10 @@ class Endpoint:
     aliases: list[str] = field(default_factory=list)
     id: str = ""  # 64 hex, Docker's EndpointID
     state: str = READY
+    # On a network with IPv6 (--ipv6): the container's IPv6 address; "" otherwise.
+    ipv6: str = ""
+    ipv6_prefixlen: int = 0
+    ipv6_gateway: str = ""
 
     @property
     def key(self) -> str:
@@ -83,9 +87,13 @@ class PublishedPort:
 
     @property
     def in_firewall(self) -> bool:
-        """Whether the firewall maps this port. A port on an IPv6 host address is the userland
-        proxy's alone: the container has no IPv6 address to DNAT to."""
-        return not is_ipv6(self.host_ip)
+        """Whether the firewall maps this port: when the host and container addresses are of
+        one family. A port on an IPv6 host address of a container without an IPv6 address is
+        the userland proxy's alone (nothing NATs IPv6 to IPv4); so is one on ``::1`` (the
+        kernel does not DNAT a loopback source off the host)."""
+        if self.host_ip == "::1":
+            return False
+        return is_ipv6(self.host_ip) == is_ipv6(self.container_ip)
 
     def mapping(self) -> PortMapping:
         return PortMapping(
@@ -123,10 +131,17 @@ def ipam_for(network: Network) -> Ipam:
     )
 
 
+def ipam6_for(network: Network) -> Ipam | None:
+    if not network.subnet6:
+        return None
+    return Ipam(IPv6Network(network.subnet6), IPv6Address(network.gateway6))
+
+
 @dataclass
 class NetdState:
     networks: dict[str, Network] = field(default_factory=dict)  # by id, in creation order
     ipams: dict[str, Ipam] = field(default_factory=dict)  # by network id
+    ipams6: dict[str, Ipam] = field(default_factory=dict)  # by network id, IPv6 networks only
     sandboxes: dict[str, Sandbox] = field(default_factory=dict)  # by container id
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by endpoint_key()
     ports: dict[str, list[PublishedPort]] = field(default_factory=dict)  # by container id
@@ -134,10 +149,23 @@ class NetdState:
     def add_network(self, network: Network) -> None:
         self.networks[network.id] = network
         self.ipams[network.id] = ipam_for(network)
+        ipam6 = ipam6_for(network)
+        if ipam6 is not None:
+            self.ipams6[network.id] = ipam6
 
     def drop_network(self, network_id: str) -> None:
         self.networks.pop(network_id, None)
         self.ipams.pop(network_id, None)
+        self.ipams6.pop(network_id, None)
+
+    def release_addresses(self, ep: Endpoint) -> None:
+        """Give the endpoint's addresses (both families) back to its network's IPAMs."""
+        ipam = self.ipams.get(ep.network_id)
+        if ipam is not None:
+            ipam.release(ep.ip)
+        ipam6 = self.ipams6.get(ep.network_id)
+        if ipam6 is not None and ep.ipv6:
+            ipam6.release(ep.ipv6)
 
     def container_endpoints(self, container_id: str) -> list[Endpoint]:
         """The container's endpoints, ``eth0`` first."""
@@ -151,7 +179,11 @@ class NetdState:
         return {
             "version": STATE_VERSION,
             "networks": {
-                nid: {**net.to_json(), "ipam": self.ipams[nid].to_json()}
+                nid: {
+                    **net.to_json(),
+                    "ipam": self.ipams[nid].to_json(),
+                    **({"ipam6": self.ipams6[nid].to_json()} if nid in self.ipams6 else {}),
+                }
                 for nid, net in self.networks.items()
             },
             "sandboxes": {cid: asdict(sb) for cid, sb in self.sandboxes.items()},
@@ -178,9 +210,12 @@ class NetdState:
         for nid, raw in data.get("networks", {}).items():
             raw = dict(raw)
             ipam_data = raw.pop("ipam", {})
+            ipam6_data = raw.pop("ipam6", {})
             network = Network.from_json(raw)
             state.add_network(network)
             state.ipams[nid].load_json(ipam_data)
+            if nid in state.ipams6:
+                state.ipams6[nid].load_json(ipam6_data)
         # The file's keys are sorted: restore creation order, the default network first.
         state.networks = dict(
             sorted(state.networks.items(), key=lambda kv: (not kv[1].default, kv[1].created))

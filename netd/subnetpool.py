@@ -9,6 +9,10 @@ so pyengine and a Docker daemon can share a host, and of pyengine's default brid
 Like Docker (libnetwork ``netutils.CheckRouteOverlaps``) the host's IPv4 routes of the main table
 are read at creation time and every pool subnet one of them overlaps is skipped; default routes
 (0.0.0.0/0) overlap everything and are ignored.
+
+IPv6 networks (``--ipv6``) without an explicit IPv6 subnet get a /64 of the unique local
+(RFC 4193) pool fdd0:5079:656e::/48, skipping the /64s the host's IPv6 routes overlap the same
+way (::/0 ignored).
 """
 
 from __future__ import annotations
@@ -16,32 +20,36 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from pyroute2 import IPRoute
 
 from netd.errors import Conflict, NetdError
 
 DEFAULT_ADDRESS_POOLS: tuple[tuple[str, int], ...] = (("10.112.0.0/12", 24),)
+# "pye" in the 40-bit global ID of an RFC 4193 prefix (fd + 0xd05079656e is "\xd0Pyen").
+DEFAULT_IPV6_POOL: tuple[str, int] = ("fdd0:5079:656e::/48", 64)
 _RT_TABLE_MAIN = 254  # <linux/rtnetlink.h>
 
 
 @dataclass(frozen=True)
 class HostRoute:
-    dst: IPv4Network
+    dst: IPv4Network | IPv6Network
     dev: str
 
 
 def host_routes() -> list[HostRoute]:
-    """The IPv4 routes of the main table (default routes left out)."""
+    """The IPv4 and IPv6 routes of the main table (default routes left out; IPv6 link-local,
+    multicast and the loopback route too, which no pool subnet can overlap)."""
     routes: list[HostRoute] = []
     with IPRoute() as ipr:
         names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for route in ipr.get_routes(family=socket.AF_INET, table=_RT_TABLE_MAIN):
-            if route["dst_len"] == 0:
-                continue
-            dst = IPv4Network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False)
-            routes.append(HostRoute(dst, names.get(route.get_attr("RTA_OIF"), "")))
+        for family, network in ((socket.AF_INET, IPv4Network), (socket.AF_INET6, IPv6Network)):
+            for route in ipr.get_routes(family=family, table=_RT_TABLE_MAIN):
+                if route["dst_len"] == 0 or route.get_attr("RTA_DST") is None:
+                    continue
+                dst = network(f"{route.get_attr('RTA_DST')}/{route['dst_len']}", strict=False)
+                routes.append(HostRoute(dst, names.get(route.get_attr("RTA_OIF"), "")))
     return routes
 
 
@@ -59,11 +67,13 @@ def parse_pools(pools: Sequence[tuple[str, int]]) -> list[tuple[IPv4Network, int
 
 
 def check_no_route_overlap(
-    subnet: IPv4Network, routes: Iterable[HostRoute], own_bridges: set[str]
+    subnet: IPv4Network | IPv6Network, routes: Iterable[HostRoute], own_bridges: set[str]
 ) -> None:
     """Refuse a subnet that overlaps a route of the host (routes via our bridges excepted)."""
     for route in routes:
-        if route.dev not in own_bridges and subnet.overlaps(route.dst):
+        if route.dst.version != subnet.version or route.dev in own_bridges:
+            continue
+        if subnet.overlaps(route.dst):  # type: ignore[arg-type]
             raise Conflict(
                 f"subnet {subnet} overlaps the host route {route.dst} dev {route.dev or '?'}"
             )
@@ -76,10 +86,31 @@ def pick_subnet(
     own_bridges: set[str],
 ) -> IPv4Network:
     """The first pool subnet overlapping neither ``taken`` nor a foreign host route."""
-    blocked = list(taken) + [r.dst for r in routes if r.dev not in own_bridges]
+    blocked = list(taken) + [
+        r.dst for r in routes if r.dev not in own_bridges and r.dst.version == 4
+    ]
     for base, size in parse_pools(pools):
         for candidate in base.subnets(new_prefix=size):
             if not any(candidate.overlaps(other) for other in blocked):
                 return candidate
     described = ", ".join(f"{base} in /{size}s" for base, size in pools)
     raise Conflict(f"all predefined address pools have been fully subnetted ({described})")
+
+
+def pick_subnet6(
+    pool: tuple[str, int],
+    taken: Sequence[IPv6Network],
+    routes: Sequence[HostRoute],
+    own_bridges: set[str],
+) -> IPv6Network:
+    """The first /64 (``pool``'s size) of ``pool`` overlapping neither ``taken`` nor a foreign
+    IPv6 host route."""
+    base, size = IPv6Network(pool[0]), pool[1]
+    blocked = list(taken) + [
+        r.dst for r in routes if r.dev not in own_bridges and r.dst.version == 6
+    ]
+    # Candidates are walked, not listed: a /48 holds 65536 /64s.
+    for candidate in base.subnets(new_prefix=size):
+        if not any(candidate.overlaps(other) for other in blocked):  # type: ignore[arg-type]
+            return candidate
+    raise Conflict(f"the IPv6 address pool {base} in /{size}s has been fully subnetted")

@@ -7,6 +7,7 @@ from pathlib import Path
 from netd.errors import NetdError
 
 _PROC_IPV4 = Path("/proc/sys/net/ipv4")
+_PROC_IPV6 = Path("/proc/sys/net/ipv6")
 
 
 def _write(path: Path, value: str) -> None:
@@ -26,3 +27,15 @@ def set_route_localnet(ifname: str, enabled: bool) -> None:
     """net.ipv4.conf.<if>.route_localnet: allow 127.0.0.0/8 sources/destinations to be routed
     out of ``ifname`` (needed when loopback traffic is DNATed to a container on the bridge)."""
     _write(_PROC_IPV4 / "conf" / ifname / "route_localnet", "1" if enabled else "0")
+
+
+def enable_ipv6_forward() -> None:
+    """net.ipv6.conf.all.forwarding=1: route IPv6 between bridges and the other interfaces
+    (set, as Docker does, once a network has IPv6; never reset). It makes every interface a
+    router, which stops it accepting router advertisements unless its accept_ra is 2."""
+    _write(_PROC_IPV6 / "conf" / "all" / "forwarding", "1")
+
+
+def enable_ipv6_on(ifname: str) -> None:
+    """net.ipv6.conf.<if>.disable_ipv6=0 on a host interface."""
+    _write(_PROC_IPV6 / "conf" / ifname / "disable_ipv6", "0")

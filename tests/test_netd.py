@@ -591,9 +591,9 @@ def test_mappings_follow_publish_and_unpublish(net: Net) -> None:
         == expected
     )
     if net.backend == "nftables":
-        # One rule per map, whatever the number of ports.
+        # One rule per map (two maps per family), whatever the number of ports.
         chain = json.loads(run("nft", "-j", "list", "chain", "inet", TABLE, "published_dnat"))
-        assert sum(1 for item in chain["nftables"] if "rule" in item) == 2
+        assert sum(1 for item in chain["nftables"] if "rule" in item) == 4
     else:
         # One DNAT rule per port, and a raw drop for the port bound to loopback only.
         lines = iptables_owned_lines(TABLE)

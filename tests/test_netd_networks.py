@@ -314,8 +314,8 @@ def test_create_inspect_and_remove_a_network(nets: Nets) -> None:
         nets.ctrl.create_network("pyt-a")
     with pytest.raises(NetdError, match='invalid network name "-x"'):
         nets.ctrl.create_network("-x")
-    with pytest.raises(NetdError, match="IPv6 networks are not supported yet"):
-        nets.ctrl.create_network("pyt-v6", enable_ipv6=True)
+    with pytest.raises(NetdError, match="needs IPv6 enabled"):
+        nets.ctrl.create_network("pyt-v6", subnet6="fd00:51::/64")
     with pytest.raises(Conflict, match=f"bridge {BRIDGE} is already used by network"):
         nets.ctrl.create_network("pyt-b", options={"com.docker.network.bridge.name": BRIDGE})
     # Nothing of the refused requests is left.

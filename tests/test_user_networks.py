@@ -227,7 +227,8 @@ def test_create_ls_inspect_rm(d: Daemon, names: Callable[[str], str]) -> None:
     one_line_error(d.cli("network", "create", name), "already exists")
     one_line_error(d.cli("network", "create", "--subnet", str(net), names("net")), "overlaps")
     one_line_error(d.cli("network", "create", "--subnet", "10.66.0.0/33", names("net")), "subnet")
-    one_line_error(d.cli("network", "create", "--ipv6", names("net")), "IPv6")
+    two_v6 = ["--subnet", "fd00:66:1::/64", "--subnet", "fd00:66:2::/64"]
+    one_line_error(d.cli("network", "create", "--ipv6", *two_v6, names("net")), "IPv6 subnets")
     one_line_error(d.cli("network", "create", "-d", "overlay", names("net")), "overlay")
     one_line_error(d.cli("network", "create", "-o", "pyetest.bogus=1", names("net")), "bogus")
     one_line_error(d.cli("network", "rm", "bridge"), "pre-defined")

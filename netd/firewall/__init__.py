@@ -13,6 +13,11 @@ Both backends implement the same policy (docs in each module):
 * an internal network's bridge forwards nothing to or from any other interface, and its
   subnet is not masqueraded.
 
+Both families: a network with an IPv6 subnet (``--ipv6``) gets the same direct-routing drop and
+masquerade (NAT66, as Docker 28 does for unique local subnets) for it, and a mapping whose host
+address and container address are IPv6 (``::`` = every local IPv6 address) is DNATed like an
+IPv4 one. The forwarding and isolation rules match interfaces, so they hold for both families.
+
 A backend owns one table (or chain set) outright and nothing else; every method is one
 transaction that either applies completely or leaves the previous state untouched.
 """
@@ -22,11 +27,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from netd.errors import NetdError
 
 ANY_IPV4 = "0.0.0.0"
+ANY_IPV6 = "::"
+ANY_ADDRESSES = (ANY_IPV4, ANY_IPV6)
 BACKENDS = ("nftables", "iptables")
 
 
@@ -43,11 +50,14 @@ class BridgeNetwork:
     gateway: IPv4Address
     internal: bool = False  # no forwarding in or out, no masquerade
     masquerade: bool = True  # source NAT for traffic leaving through another interface
+    subnet6: IPv6Network | None = None  # IPv6 networks only (--ipv6)
+    gateway6: IPv6Address | None = None
 
 
 @dataclass(frozen=True)
 class PortMapping:
-    """Traffic to ``host_ip:host_port`` (``0.0.0.0``: any local address) goes to the container."""
+    """Traffic to ``host_ip:host_port`` (``0.0.0.0`` / ``::``: any local address of that family)
+    goes to the container; both addresses are of one family."""
 
     proto: str
     host_ip: str
@@ -99,3 +109,7 @@ def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
         return IptablesFirewall(table, userland_proxy)
     supported = ", ".join(BACKENDS)
     raise NetdError(f'unsupported firewall backend "{backend}" (supported: {supported})')
+
+
+def is_ipv6_mapping(m: PortMapping) -> bool:
+    return ":" in m.host_ip

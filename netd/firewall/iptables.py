@@ -20,6 +20,15 @@ the sections committed before it are put back from the snapshot read just before
 
 The ``iptables-restore``/``iptables-save`` on PATH are used, i.e. whichever variant Debian's
 ``iptables`` alternative selects (iptables-nft by default since Debian 10).
+
+IPv6: the same chains, with the same names, are kept by ``ip6tables-restore`` for the IPv6
+subnets of networks created with ``--ipv6`` and the IPv6 mappings (``-d <addr>/128 ...
+--to-destination [<addr>]:<port>``). The interface rules (forwarding, isolation, internal) are
+the same in both families. A change touching both families commits IPv4 first; when the IPv6
+batch fails, the IPv4 tables are put back from their snapshot. ``::1`` is never DNATed (the
+kernel does not route a loopback source off the host; Docker's ip6tables OUTPUT jump has
+``! -d ::1`` for the same reason): in DNAT mode ``[::1]:<port>`` is refused by the reserving
+socket, with the proxy the proxy serves it.
 """
 
 from __future__ import annotations
@@ -29,10 +38,18 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from netd.firewall import ANY_IPV4, BridgeNetwork, Firewall, FirewallError, PortMapping
+from netd.firewall import (
+    ANY_ADDRESSES,
+    ANY_IPV6,
+    BridgeNetwork,
+    Firewall,
+    FirewallError,
+    PortMapping,
+    is_ipv6_mapping,
+)
 from netd.naming import valid_ifname
 
 # iptables chain names hold at most 28 characters (XT_EXTENSION_MAXNAMELEN - 1) and the longest
@@ -89,14 +106,29 @@ class TableState:
 Ruleset = dict[str, TableState]  # iptables table -> what we own in it
 
 
+@dataclass(frozen=True)
+class _Tools:
+    """The restore/save pair of one address family."""
+
+    family: int  # 4 or 6
+    restore: str
+    save: str
+
+
 def _check_mapping(m: PortMapping) -> None:
     if m.proto not in _PROTOCOLS:
         raise FirewallError(f'unsupported protocol "{m.proto}"')
     for port in (m.host_port, m.container_port):
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise FirewallError(f"invalid port {port!r}")
-    ipaddress.IPv4Address(m.host_ip)
-    ipaddress.IPv4Address(m.container_ip)
+    try:
+        host, container = ipaddress.ip_address(m.host_ip), ipaddress.ip_address(m.container_ip)
+    except ValueError as exc:
+        raise FirewallError(f"invalid mapping: {exc}") from None
+    if host.version != container.version:
+        raise FirewallError(
+            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
+        )
 
 
 def _key(m: PortMapping) -> tuple[str, str, int]:
@@ -104,21 +136,27 @@ def _key(m: PortMapping) -> tuple[str, str, int]:
 
 
 def _describe_key(m: PortMapping) -> str:
-    return f"{m.host_ip}:{m.host_port}/{m.proto}"
+    host = f"[{m.host_ip}]" if is_ipv6_mapping(m) else m.host_ip
+    return f"{host}:{m.host_port}/{m.proto}"
 
 
 def _dnat_spec(m: PortMapping) -> str:
-    """The DNAT rule of one mapping, exactly as iptables-save prints it back."""
-    dest = "" if m.host_ip == ANY_IPV4 else f"-d {m.host_ip}/32 "
+    """The DNAT rule of one mapping, exactly as ip(6)tables-save prints it back."""
+    v6 = is_ipv6_mapping(m)
+    dest = "" if m.host_ip in ANY_ADDRESSES else f"-d {m.host_ip}/{128 if v6 else 32} "
+    to = f"[{m.container_ip}]" if v6 else m.container_ip
     return (
         f"{dest}-p {m.proto} -m {m.proto} --dport {m.host_port} "
-        f"-j DNAT --to-destination {m.container_ip}:{m.container_port}"
+        f"-j DNAT --to-destination {to}:{m.container_port}"
     )
 
 
 def _loopback_drop_spec(m: PortMapping) -> str | None:
-    """The raw drop guarding a mapping bound to a loopback address (None for other mappings)."""
-    if m.host_ip == ANY_IPV4 or ipaddress.IPv4Address(m.host_ip) not in _LOOPBACK:
+    """The raw drop guarding a mapping bound to an IPv4 loopback address (None for other
+    mappings; the kernel itself drops ::1 arriving on any interface but lo)."""
+    if m.host_ip in ANY_ADDRESSES or is_ipv6_mapping(m):
+        return None
+    if ipaddress.IPv4Address(m.host_ip) not in _LOOPBACK:
         return None
     return f"-d {m.host_ip}/32 ! -i lo -p {m.proto} -m {m.proto} --dport {m.host_port} -j DROP"
 
@@ -135,19 +173,16 @@ def _mapping_from_spec(spec: str) -> PortMapping | None:
             return None
         if "!" in tokens:
             return None
-        host_ip = ANY_IPV4
+        container_ip, _, container_port = options["--to-destination"].rpartition(":")
+        container = ipaddress.ip_address(container_ip.removeprefix("[").removesuffix("]"))
+        host_ip = ANY_IPV6 if container.version == 6 else "0.0.0.0"
         if "-d" in options:
-            net = ipaddress.IPv4Network(options["-d"])
-            if net.prefixlen != 32:
+            net = ipaddress.ip_network(options["-d"])
+            if net.prefixlen != net.max_prefixlen or net.version != container.version:
                 return None
             host_ip = str(net.network_address)
-        container_ip, _, container_port = options["--to-destination"].rpartition(":")
         return PortMapping(
-            options["-p"],
-            host_ip,
-            int(options["--dport"]),
-            str(ipaddress.IPv4Address(container_ip)),
-            int(container_port),
+            options["-p"], host_ip, int(options["--dport"]), str(container), int(container_port)
         )
     except (KeyError, ValueError):
         return None
@@ -177,13 +212,15 @@ class IptablesFirewall(Firewall):
         userland_proxy: bool,
         restore: str = "iptables-restore",
         save: str = "iptables-save",
+        restore6: str = "ip6tables-restore",
+        save6: str = "ip6tables-save",
     ) -> None:
         if not _TABLE_NAME.match(table):
             raise FirewallError(
                 f'invalid table name "{table}" for the iptables backend '
                 "(a letter, then at most 15 letters, digits or underscores)"
             )
-        for tool in (restore, save):
+        for tool in (restore, save, restore6, save6):
             if shutil.which(tool) is None:
                 raise FirewallError(f"the iptables backend needs {tool} on PATH")
         self.table = table
@@ -192,6 +229,8 @@ class IptablesFirewall(Firewall):
         self.userland_proxy = userland_proxy
         self._restore = restore
         self._save = save
+        self._v4 = _Tools(4, restore, save)
+        self._v6 = _Tools(6, restore6, save6)
 
     # -- names ------------------------------------------------------------------------------
 
@@ -220,10 +259,11 @@ class IptablesFirewall(Firewall):
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise FirewallError(f"iptables: cannot run {argv[0]}: {exc}") from None
 
-    def _save_text(self, *args: str) -> str:
-        result = self._command([self._save, *args], "")
+    def _save_text(self, *args: str, tools: _Tools | None = None) -> str:
+        save = (tools or self._v4).save
+        result = self._command([save, *args], "")
         if result.returncode != 0:
-            raise FirewallError(_one_line(result.stderr or f"{self._save} failed"))
+            raise FirewallError(_one_line(result.stderr or f"{save} failed"))
         return result.stdout
 
     def _parse(self, text: str) -> Ruleset:
@@ -253,23 +293,28 @@ class IptablesFirewall(Firewall):
                     state.jumps.append((chain, spec))
         return result
 
-    def _read(self) -> Ruleset:
-        return self._parse(self._save_text())
+    def _read(self, tools: _Tools | None = None) -> Ruleset:
+        return self._parse(self._save_text(tools=tools))
 
     # -- the ruleset ------------------------------------------------------------------------
 
     def _target(
-        self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]
+        self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping], family: int = 4
     ) -> Ruleset:
-        """The complete state of a fresh install: chains, jumps, and one rule per mapping."""
+        """The complete state of a fresh install of one family: chains, jumps, and one rule per
+        mapping of that family."""
         for net in networks:
             if not valid_ifname(net.bridge):
                 raise FirewallError(f'invalid bridge name "{net.bridge}"')
+        v6 = family == 6
+        mappings = [m for m in mappings if is_ipv6_mapping(m) == v6]
         proxy = self.userland_proxy
         c = self.chain
         raw: list[str] = []
-        prerouting = ["-d 127.0.0.0/8 -j RETURN"]  # loopback never arrives from a wire
-        output: list[str] = []
+        loopback = "::1/128" if v6 else "127.0.0.0/8"
+        prerouting = [f"-d {loopback} -j RETURN"]  # loopback never arrives from a wire
+        # ::1 cannot be DNATed off the host (see the module's docstring).
+        output: list[str] = ["-d ::1/128 -j RETURN"] if v6 else []
         postrouting: list[str] = []
         # Before any accept: internal networks, then the isolation between networks.
         forward_first: list[str] = []
@@ -279,11 +324,19 @@ class IptablesFirewall(Firewall):
         # port (DNATed, or the reply of one), which any client may open.
         isolate = ["-m conntrack --ctstate DNAT -j RETURN"]
         for net in networks:
-            br, subnet = net.bridge, str(net.subnet)
+            br = net.bridge
+            subnet, gateway = (
+                (str(net.subnet), f"{net.gateway}/32")
+                if not v6
+                else (str(net.subnet6), f"{net.gateway6}/128")
+                if net.subnet6 is not None
+                else ("", "")
+            )
             # Containers are reached through the bridge or through DNAT of a host address; the
             # gateway address is the host's own.
-            raw.append(f"-d {net.gateway}/32 -j RETURN")
-            raw.append(f"-d {subnet} ! -i {br} -j DROP")
+            if subnet:
+                raw.append(f"-d {gateway} -j RETURN")
+                raw.append(f"-d {subnet} ! -i {br} -j DROP")
             isolate.append(f"-o {br} -j DROP")
             if net.internal:
                 forward_first += [f"-i {br} ! -o {br} -j DROP", f"! -i {br} -o {br} -j DROP"]
@@ -291,26 +344,30 @@ class IptablesFirewall(Firewall):
             forward_first.append(f"-i {br} ! -o {br} -j {c('ISOLATE')}")
             if proxy:
                 prerouting.append(f"-i {br} -j RETURN")  # containers go through the proxy
-            if net.masquerade:
+            if net.masquerade and subnet:
                 postrouting.append(f"-s {subnet} ! -o {br} -j MASQUERADE")
             if not proxy:
                 # Loopback and hairpin connections DNATed to the bridge: rewrite the source so
                 # replies come back through this host and get un-NATed.
-                postrouting.append(f"-s 127.0.0.0/8 -o {br} -j MASQUERADE")
-                postrouting.append(f"-s {subnet} -o {br} -m conntrack --ctstate DNAT -j MASQUERADE")
+                if not v6:
+                    postrouting.append(f"-s 127.0.0.0/8 -o {br} -j MASQUERADE")
+                if subnet:
+                    postrouting.append(
+                        f"-s {subnet} -o {br} -m conntrack --ctstate DNAT -j MASQUERADE"
+                    )
             forward += [
                 f"-o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
                 f"-o {br} -m conntrack --ctstate DNAT -j ACCEPT",
                 f"-i {br} -j ACCEPT",
                 f"-o {br} -j DROP",
             ]
-        if proxy:
+        if proxy and not v6:
             output.append("-d 127.0.0.0/8 -j RETURN")  # host loopback goes to the proxy
         prerouting.append(f"-m addrtype --dst-type LOCAL -j {c('DNAT')}")
         output.append(f"-m addrtype --dst-type LOCAL -j {c('DNAT')}")
         # Mappings bound to one address come first, as the nftables backend consults its
         # per-address map before the any-address one.
-        ordered = sorted(mappings, key=lambda m: m.host_ip == ANY_IPV4)
+        ordered = sorted(mappings, key=lambda m: m.host_ip in ANY_ADDRESSES)
         dnat = [_dnat_spec(m) for m in ordered]
         raw += [spec for m in ordered if (spec := _loopback_drop_spec(m))]
         target: Ruleset = {
@@ -359,29 +416,37 @@ class IptablesFirewall(Firewall):
 
     # -- transactions -----------------------------------------------------------------------
 
-    def _apply(self, sections: dict[str, list[str]], snapshot: Ruleset) -> None:
+    def _apply(
+        self, sections: dict[str, list[str]], snapshot: Ruleset, tools: _Tools | None = None
+    ) -> None:
         """Run one restore batch; if it fails, put back every table it already committed."""
+        tools = tools or self._v4
         batch = [line for table in TABLES for line in sections.get(table, [])]
         if not batch:
             return
-        result = self._command([self._restore, "-w", "--noflush"], "\n".join(batch) + "\n")
+        result = self._command([tools.restore, "-w", "--noflush"], "\n".join(batch) + "\n")
         if result.returncode == 0:
             return
         error = _one_line(result.stderr, batch)
         try:
-            current = self._read()
-            rollback = [
-                line
-                for table in TABLES
-                for line in self._converge(table, current[table], snapshot[table])
-            ]
-            if rollback:
-                undo = self._command([self._restore, "-w", "--noflush"], "\n".join(rollback) + "\n")
-                if undo.returncode != 0:
-                    raise FirewallError(_one_line(undo.stderr, rollback))
+            self.restore_snapshot(snapshot, tools)
         except FirewallError as exc:
             raise FirewallError(f"{error}; restoring the previous rules failed: {exc}") from None
         raise FirewallError(error)
+
+    def restore_snapshot(self, snapshot: Ruleset, tools: _Tools | None = None) -> None:
+        """Bring one family's tables back to ``snapshot`` (what ``_read`` returned)."""
+        tools = tools or self._v4
+        current = self._read(tools)
+        rollback = [
+            line
+            for table in TABLES
+            for line in self._converge(table, current[table], snapshot[table])
+        ]
+        if rollback:
+            undo = self._command([tools.restore, "-w", "--noflush"], "\n".join(rollback) + "\n")
+            if undo.returncode != 0:
+                raise FirewallError(_one_line(undo.stderr, rollback))
 
     def _require_installed(self, snapshot: Ruleset) -> list[str]:
         dnat = snapshot["nat"].chains.get(self.chain("DNAT"))
@@ -389,58 +454,63 @@ class IptablesFirewall(Firewall):
             raise FirewallError(f"iptables: chain {self.chain('DNAT')} is not installed")
         return dnat
 
-    # -- Firewall ---------------------------------------------------------------------------
+    # -- per family -------------------------------------------------------------------------
 
-    def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
-        for m in mappings:
-            _check_mapping(m)
-        keys = [_key(m) for m in mappings]
-        if len(set(keys)) != len(keys):
-            raise FirewallError("iptables: a host port is mapped twice")
-        target = self._target(networks, mappings)
-        snapshot = self._read()
-        self._apply(
-            {t: self._converge(t, snapshot[t], target[t]) for t in TABLES},
-            snapshot,
-        )
+    def _families(self) -> tuple[_Tools, _Tools]:
+        return (self._v4, self._v6)
 
-    def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
-        for m in mappings:
-            _check_mapping(m)
-        if not mappings:
-            return
-        snapshot = self._read()
+    def _both(self, change: Callable[[_Tools], Ruleset | None]) -> None:
+        """Run ``change`` for IPv4 then IPv6 (each returns its snapshot before changing
+        anything, or None when it changed nothing); when the IPv6 one fails, IPv4 is put back."""
+        snapshot4 = change(self._v4)
+        try:
+            change(self._v6)
+        except BaseException as exc:
+            if snapshot4 is not None:
+                try:
+                    self.restore_snapshot(snapshot4, self._v4)
+                except FirewallError as undo:
+                    raise FirewallError(
+                        f"{exc}; restoring the previous IPv4 rules failed: {undo}"
+                    ) from None
+            raise
+
+    def _add_family(self, tools: _Tools, mappings: Sequence[PortMapping]) -> Ruleset | None:
+        mine = [m for m in mappings if is_ipv6_mapping(m) == (tools.family == 6)]
+        if not mine:
+            return None
+        snapshot = self._read(tools)
         dnat = self._require_installed(snapshot)
         held = {_key(m) for spec in dnat if (m := _mapping_from_spec(spec)) is not None}
-        for m in mappings:
+        for m in mine:
             if _key(m) in held:
                 raise FirewallError(f"iptables: {_describe_key(m)} is mapped already")
             held.add(_key(m))
         nat, raw = [], []
-        for m in mappings:
-            where = "-A" if m.host_ip == ANY_IPV4 else "-I"
-            position = "" if m.host_ip == ANY_IPV4 else " 1"
+        for m in mine:
+            any_address = m.host_ip in ANY_ADDRESSES
+            where, position = ("-A", "") if any_address else ("-I", " 1")
             nat.append(f"{where} {self.chain('DNAT')}{position} {_dnat_spec(m)}")
             if spec := _loopback_drop_spec(m):
                 raw.append(f"-A {self.chain('PREROUTING')} {spec}")
         sections = {"nat": ["*nat", *nat, "COMMIT"]}
         if raw:
             sections["raw"] = ["*raw", *raw, "COMMIT"]
-        self._apply(sections, snapshot)
+        self._apply(sections, snapshot, tools)
+        return snapshot
 
-    def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
-        for m in mappings:
-            _check_mapping(m)
-        if not mappings:
-            return
-        snapshot = self._read()
+    def _remove_family(self, tools: _Tools, mappings: Sequence[PortMapping]) -> Ruleset | None:
+        mine = [m for m in mappings if is_ipv6_mapping(m) == (tools.family == 6)]
+        if not mine:
+            return None
+        snapshot = self._read(tools)
         dnat = snapshot["nat"].chains.get(self.chain("DNAT"))
         if dnat is None:
-            return  # nothing installed: nothing to remove
+            return None  # nothing installed: nothing to remove
         present = {_key(m): m for spec in dnat if (m := _mapping_from_spec(spec)) is not None}
         raw_rules = set(snapshot["raw"].chains.get(self.chain("PREROUTING"), []))
         nat, raw = [], []
-        for key in dict.fromkeys(_key(m) for m in mappings):
+        for key in dict.fromkeys(_key(m) for m in mine):
             held = present.get(key)
             if held is None:
                 continue
@@ -453,26 +523,75 @@ class IptablesFirewall(Firewall):
             sections["nat"] = ["*nat", *nat, "COMMIT"]
         if raw:
             sections["raw"] = ["*raw", *raw, "COMMIT"]
-        self._apply(sections, snapshot)
+        self._apply(sections, snapshot, tools)
+        return snapshot
+
+    # -- Firewall ---------------------------------------------------------------------------
+
+    def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        keys = [_key(m) for m in mappings]
+        if len(set(keys)) != len(keys):
+            raise FirewallError("iptables: a host port is mapped twice")
+
+        def install_family(tools: _Tools) -> Ruleset:
+            target = self._target(networks, mappings, tools.family)
+            snapshot = self._read(tools)
+            self._apply(
+                {t: self._converge(t, snapshot[t], target[t]) for t in TABLES}, snapshot, tools
+            )
+            return snapshot
+
+        self._both(install_family)
+
+    def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        if mappings:
+            self._both(lambda tools: self._add_family(tools, mappings))
+
+    def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
+        for m in mappings:
+            _check_mapping(m)
+        if mappings:
+            self._both(lambda tools: self._remove_family(tools, mappings))
 
     def mappings(self) -> list[PortMapping]:
-        state = self._parse(self._save_text("-t", "nat"))
-        dnat = self._require_installed(state)
-        return [m for spec in dnat if (m := _mapping_from_spec(spec)) is not None]
+        result: list[PortMapping] = []
+        for tools in self._families():
+            state = self._parse(self._save_text("-t", "nat", tools=tools))
+            dnat = self._require_installed(state)
+            result += [m for spec in dnat if (m := _mapping_from_spec(spec)) is not None]
+        return result
 
     def uninstall(self) -> None:
-        snapshot = self._read()
-        self._apply(
-            {t: self._converge(t, snapshot[t], TableState()) for t in TABLES},
-            snapshot,
-        )
+        def uninstall_family(tools: _Tools) -> Ruleset:
+            snapshot = self._read(tools)
+            self._apply(
+                {t: self._converge(t, snapshot[t], TableState()) for t in TABLES}, snapshot, tools
+            )
+            return snapshot
+
+        self._both(uninstall_family)
 
     def installed(self) -> bool:
-        return any(not state.empty() for state in self._read().values())
+        return any(
+            not state.empty() for tools in self._families() for state in self._read(tools).values()
+        )
 
     def describe(self) -> str:
-        """Our chains and jumps per table, with iptables-save's [packets:bytes] counters."""
-        text = self._save_text("-c")
+        """Our chains and jumps per table and family, with ip(6)tables-save's [packets:bytes]
+        counters."""
+        parts = []
+        for tools in self._families():
+            text = self._describe_family(tools)
+            if text:
+                parts.append(f"# {tools.save}\n{text}" if tools.family == 6 else text)
+        return "".join(parts)
+
+    def _describe_family(self, tools: _Tools) -> str:
+        text = self._save_text("-c", tools=tools)
         owned = self._parse(text)
         sections: dict[str, list[str]] = {}
         table = ""

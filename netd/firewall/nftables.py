@@ -16,6 +16,13 @@ follows publish/unpublish without any rule change.
 nothing in or out, and a packet leaving one bridge for another goes through ``isolate_networks``
 (Docker's DOCKER-ISOLATION stages in one chain), which drops it unless conntrack marks its
 connection as DNATed, i.e. as a connection to a published port.
+
+IPv6 (networks created with ``--ipv6``): two more maps with ``ipv6_addr`` keys and values, and
+the same rules for the IPv6 subnets. The host's ``::1`` is never DNATed: the kernel will not
+send a packet with a loopback source out of a non-loopback interface (IPv6 has no
+``route_localnet``; RFC 4291 2.5.3), so, as Docker does (``! -d ::1`` on its ip6tables OUTPUT
+jump), a connection to ``[::1]:<port>`` is left to the socket on ``[::]:<port>``: the userland
+proxy when it runs, else the reserving socket, which refuses it.
 """
 
 from __future__ import annotations
@@ -28,13 +35,26 @@ from typing import Any
 
 import nftables
 
-from netd.firewall import ANY_IPV4, BridgeNetwork, Firewall, FirewallError, PortMapping
+from netd.firewall import (
+    ANY_ADDRESSES,
+    ANY_IPV4,
+    ANY_IPV6,
+    BridgeNetwork,
+    Firewall,
+    FirewallError,
+    PortMapping,
+    is_ipv6_mapping,
+)
 from netd.naming import valid_ifname
 
 # Keyed by the destination address: mappings bound to one host address.
 MAP_ON_ADDR = "published_on_addr"
 # Keyed by protocol and port only: mappings bound to every local address (0.0.0.0).
 MAP_ON_ANY = "published_on_any"
+# The same two for IPv6 host and container addresses.
+MAP6_ON_ADDR = "published6_on_addr"
+MAP6_ON_ANY = "published6_on_any"
+MAPS = (MAP_ON_ADDR, MAP_ON_ANY, MAP6_ON_ADDR, MAP6_ON_ANY)
 ISOLATE_CHAIN = "isolate_networks"
 
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -47,16 +67,24 @@ def _check_mapping(m: PortMapping) -> None:
     for port in (m.host_port, m.container_port):
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise FirewallError(f"invalid port {port!r}")
-    ipaddress.IPv4Address(m.host_ip)
-    ipaddress.IPv4Address(m.container_ip)
+    try:
+        host, container = ipaddress.ip_address(m.host_ip), ipaddress.ip_address(m.container_ip)
+    except ValueError as exc:
+        raise FirewallError(f"invalid mapping: {exc}") from None
+    if host.version != container.version:
+        raise FirewallError(
+            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
+        )
 
 
 def _map_name(m: PortMapping) -> str:
+    if is_ipv6_mapping(m):
+        return MAP6_ON_ANY if m.host_ip == ANY_IPV6 else MAP6_ON_ADDR
     return MAP_ON_ANY if m.host_ip == ANY_IPV4 else MAP_ON_ADDR
 
 
 def _key(m: PortMapping) -> str:
-    if m.host_ip == ANY_IPV4:
+    if m.host_ip in ANY_ADDRESSES:
         return f"{m.proto} . {m.host_port}"
     return f"{m.host_ip} . {m.proto} . {m.host_port}"
 
@@ -101,8 +129,10 @@ class NftablesFirewall(Firewall):
             'iifname != "lo" ip daddr 127.0.0.0/8 '
             f"ip daddr . meta l4proto . th dport @{MAP_ON_ADDR} counter drop",
         ]
-        prerouting = ["ip daddr 127.0.0.0/8 return"]  # loopback never arrives from a wire
-        output: list[str] = []
+        # Loopback never arrives from a wire.
+        prerouting = ["ip daddr 127.0.0.0/8 return", "ip6 daddr ::1 return"]
+        # ::1 cannot be DNATed off the host (see the module's docstring).
+        output: list[str] = ["ip6 daddr ::1 return"]
         postrouting: list[str] = []
         # Before any accept: internal networks, then the isolation between networks.
         forward_first: list[str] = []
@@ -116,6 +146,11 @@ class NftablesFirewall(Firewall):
             # Containers are reached through the bridge or through DNAT of a host address,
             # never by routing to their addresses from elsewhere; the gateway is the host's.
             raw.append(f"iifname != {br} ip daddr {subnet} ip daddr != {net.gateway} counter drop")
+            subnet6 = str(net.subnet6) if net.subnet6 is not None else ""
+            if subnet6:
+                raw.append(
+                    f"iifname != {br} ip6 daddr {subnet6} ip6 daddr != {net.gateway6} counter drop"
+                )
             isolate.append(f"oifname {br} counter drop")
             if net.internal:
                 forward_first += [
@@ -130,11 +165,18 @@ class NftablesFirewall(Firewall):
                 prerouting.append(f"iifname {br} return")
             if net.masquerade:
                 postrouting.append(f"ip saddr {subnet} oifname != {br} masquerade")
+                if subnet6:
+                    # NAT66, as Docker 28 does for an IPv6 network unless masquerade is off.
+                    postrouting.append(f"ip6 saddr {subnet6} oifname != {br} masquerade")
             if not proxy:
                 # Host loopback and hairpin connections were DNATed to the bridge: rewrite the
                 # source so replies come back through this host and get un-NATed.
                 postrouting.append(f"oifname {br} ip saddr 127.0.0.0/8 masquerade")
                 postrouting.append(f"oifname {br} ip saddr {subnet} ct status dnat masquerade")
+                if subnet6:
+                    postrouting.append(
+                        f"oifname {br} ip6 saddr {subnet6} ct status dnat masquerade"
+                    )
             forward += [
                 f"oifname {br} ct state established,related accept",
                 f"oifname {br} ct status dnat accept",
@@ -158,12 +200,21 @@ class NftablesFirewall(Firewall):
             f"  map {MAP_ON_ANY} {{\n"
             "    type inet_proto . inet_service : ipv4_addr . inet_service\n"
             "  }\n"
+            f"  map {MAP6_ON_ADDR} {{\n"
+            "    type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service\n"
+            "  }\n"
+            f"  map {MAP6_ON_ANY} {{\n"
+            "    type inet_proto . inet_service : ipv6_addr . inet_service\n"
+            "  }\n"
             + chain(
                 "published_dnat",
                 [
                     "meta nfproto ipv4 dnat ip to ip daddr . meta l4proto . th dport "
                     f"map @{MAP_ON_ADDR}",
                     f"meta nfproto ipv4 dnat ip to meta l4proto . th dport map @{MAP_ON_ANY}",
+                    "meta nfproto ipv6 dnat ip6 to ip6 daddr . meta l4proto . th dport "
+                    f"map @{MAP6_ON_ADDR}",
+                    f"meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @{MAP6_ON_ANY}",
                 ],
             )
             + chain(
@@ -193,7 +244,7 @@ class NftablesFirewall(Firewall):
 
     def _elements(self, verb: str, mappings: Sequence[PortMapping], with_values: bool) -> str:
         lines = []
-        for name in (MAP_ON_ADDR, MAP_ON_ANY):
+        for name in MAPS:
             items = [m for m in mappings if _map_name(m) == name]
             if items:
                 render = _element if with_values else _key
@@ -240,7 +291,7 @@ class NftablesFirewall(Firewall):
 
     def mappings(self) -> list[PortMapping]:
         result: list[PortMapping] = []
-        for name in (MAP_ON_ADDR, MAP_ON_ANY):
+        for name in MAPS:
             rc, out, err = self._nft_json.cmd(f"list map inet {self.table} {name}")
             if rc != 0:
                 raise FirewallError(_one_line(err))
@@ -263,8 +314,8 @@ class NftablesFirewall(Firewall):
 def _mapping_from_json(name: str, key: Any, value: Any) -> PortMapping:
     key_parts = key["concat"]
     container_ip, container_port = value["concat"]
-    if name == MAP_ON_ANY:
-        host_ip, (proto, host_port) = ANY_IPV4, key_parts
+    if name in (MAP_ON_ANY, MAP6_ON_ANY):
+        host_ip, (proto, host_port) = ANY_IPV4 if name == MAP_ON_ANY else ANY_IPV6, key_parts
     else:
         host_ip, proto, host_port = key_parts
     return PortMapping(proto, host_ip, int(host_port), container_ip, int(container_port))
