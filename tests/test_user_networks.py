@@ -518,3 +518,28 @@ def test_docker_py_connect_with_alias_resolves(d: Daemon, names: Callable[[str],
     network.disconnect(container)
     assert resolves(d, net_name, "pyetest-pyalias") == []
     client.close()
+
+
+def test_run_with_ip6_on_an_ipv6_network(d: Daemon, names: Callable[[str], str]) -> None:
+    net_name, c = names("net"), names("c")
+    v4 = subnet()
+    d.cli(
+        "network", "create", "--ipv6", "--subnet", str(v4), "--subnet", "fd00:66:99::/64",
+        net_name, check=True,
+    )  # fmt: skip
+    d.cli(
+        "run", "-d", "--name", c, "--network", net_name, "--ip6", "fd00:66:99::99",
+        "busybox", "sleep", "300", check=True,
+    )  # fmt: skip
+    endpoint = inspect(d, c)["NetworkSettings"]["Networks"][net_name]
+    assert endpoint["GlobalIPv6Address"] == "fd00:66:99::99"
+    assert endpoint["GlobalIPv6PrefixLen"] == 64
+    assert endpoint["IPAMConfig"] == {"IPv6Address": "fd00:66:99::99"}
+    key = inspect(d, c)["NetworkSettings"]["SandboxKey"]
+    out = subprocess.run(
+        ["nsenter", f"--net={key}", "ip", "-o", "-6", "addr", "show", "dev", "eth0"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "fd00:66:99::99/64" in out
+    outside = d.cli("run", "--network", net_name, "--ip6", "fd00:77::1", "busybox", "true")
+    one_line_error(outside, "fd00:77::1")
