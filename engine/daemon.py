@@ -27,8 +27,7 @@ from netd.errors import NetdError
 from proxy.supervisor import ProxySupervisor
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
-PROXIES_FILE = "proxies.json"  # the running proxies, for the next daemon (proxy/supervisor.py)
-PROXIES_FILE = "proxies.json"  # the running proxies, for the next daemon (proxy/supervisor.py)
+PROXIES_DIR = "proxies"  # the running proxies, for the next daemon (proxy/supervisor.py)
 log = logging.getLogger("pyengined")
 
 
@@ -237,7 +236,7 @@ def main(
         network=network,
         proxies=ProxySupervisor(
             proxy_argv,
-            state_path=data_root / PROXIES_FILE,
+            state_path=data_root / PROXIES_DIR,
             outlive_daemon=use_proxy and keep_running,
         ),
         runtime=Runtime(data_root / "runc", runc=runc_path),

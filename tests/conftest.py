@@ -200,4 +200,4 @@ def assert_nothing_left(d: Daemon) -> None:
     assert str(d.data_root) not in Path("/proc/mounts").read_text(), "a rootfs is still mounted"
     # Forked proxies do not name the data root on their command line; the supervisor's record
     # of the running proxies is gone once it stopped them all.
-    assert not (d.data_root / "proxies.json").exists(), "proxies were left running"
+    assert not (d.data_root / "proxies").exists(), "proxies were left running"

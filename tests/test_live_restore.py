@@ -459,7 +459,7 @@ def test_proxies_follow_live_restore_off(
         assert listening_proxies(port) == set()
         assert not http_ok(port)
         assert inspect(d, cid)["State"]["ExitCode"] == 137
-        assert not (d.data_root / "proxies.json").exists()
+        assert not (d.data_root / "proxies").exists()
 
         # Without live restore the proxies die with the daemon, as docker-proxy with dockerd:
         # stopped at SIGTERM, and killed by the kernel with the fork server at SIGKILL.
@@ -575,11 +575,16 @@ def spawned_pids() -> Iterator[set[int]]:
             pass  # not ours (a fork server's orphan: init reaps it)
 
 
+def recorded(state_dir: Path) -> list[dict]:
+    """The supervisor's records: one JSON file per proxy under ``state_dir``."""
+    return [read_json(f, {}) for f in sorted(state_dir.glob("*.json"))]
+
+
 async def start_and_detach(
     tmp: Path, backend: tuple[str, int], fork_server: bool, pids: set[int]
 ) -> Handover:
     first = ProxySupervisor(
-        fork_server=fork_server, state_path=tmp / "proxies.json", outlive_daemon=True
+        fork_server=fork_server, state_path=tmp / "proxies", outlive_daemon=True
     )
     with socket.socket() as bound:
         bound.bind(("127.0.0.1", 0))
@@ -589,7 +594,7 @@ async def start_and_detach(
         pid = await first.start(key, spec, bound)
     pids.add(pid)
     await first.detach()
-    return Handover(tmp / "proxies.json", key, spec, pid)
+    return Handover(tmp / "proxies", key, spec, pid)
 
 
 @pytest.mark.parametrize("fork_server", [True, False], ids=["fork-server", "exec"])
@@ -604,7 +609,7 @@ def test_supervisor_hands_a_running_proxy_over(
     async def scenario() -> None:
         old = await start_and_detach(tmp_path, echo_server, fork_server, spawned_pids)
         port = old.spec.host_port
-        record = read_json(old.state_path)["proxies"]
+        record = recorded(old.state_path)
         assert [(r["key"], r["process"]["pid"]) for r in record] == [(old.key, old.pid)]
         # No supervisor now: the proxy serves on its own.
         assert await asyncio.to_thread(echo_roundtrip, port) == b"ping"
@@ -632,7 +637,7 @@ def test_supervisor_hands_a_running_proxy_over(
             assert os.readlink(f"/proc/{restarted}/fd/4") == (
                 f"socket:[{os.fstat(reservation.fileno()).st_ino}]"
             )
-            records = read_json(old.state_path)["proxies"]
+            records = recorded(old.state_path)
             assert [r["process"]["pid"] for r in records] == [restarted]
 
             await new.stop(old.key)
@@ -696,7 +701,7 @@ def test_supervisor_takes_over_only_what_it_recognises(
     time), is dropped and that process left alone; a record of the very process is trusted,
     and a process without the recorded listener is stopped."""
     require_root()
-    state_path = tmp_path / "proxies.json"
+    state_path = tmp_path / "proxies"
     spec = {
         "proto": "tcp",
         "host_ip": "127.0.0.1",
@@ -722,7 +727,9 @@ def test_supervisor_takes_over_only_what_it_recognises(
         {"key": "impostor", "spec": spec, "process": impostor_identity.to_json()},
         {"key": "malformed", "spec": {}, "process": {}},
     ]
-    write_json_atomic(state_path, {"version": 1, "proxies": records})
+    state_path.mkdir()
+    for number, record in enumerate(records):
+        write_json_atomic(state_path / f"record{number}.json", {"version": 1, **record})
 
     async def scenario() -> None:
         supervisor = ProxySupervisor(state_path=state_path, outlive_daemon=True)
@@ -745,7 +752,7 @@ def test_outliving_proxies_survive_their_fork_server(
     require_root()
 
     async def scenario() -> None:
-        supervisor = ProxySupervisor(state_path=tmp_path / "proxies.json", outlive_daemon=True)
+        supervisor = ProxySupervisor(state_path=tmp_path / "proxies", outlive_daemon=True)
         try:
             with socket.socket() as bound:
                 bound.bind(("127.0.0.1", 0))
