@@ -838,7 +838,7 @@ def test_network_prune(
         (["--subnet", "10.63.13.1/24"], "it should be 10.63.13.0/24"),
         (["--subnet", "10.63.13.0/31"], "too small"),
         (["--subnet", "10.63.13.0/24", "--gateway", "10.63.13.0"], "not a host address"),
-        (["--subnet", "10.63.13.0/24", "--subnet", "10.63.14.0/24"], "several IPAM configs"),
+        (["--subnet", "10.63.13.0/24", "--subnet", "10.63.14.0/24"], "several IPv4 subnets"),
         (["--ipv6", "--subnet", "fd00:63:1::/64", "--subnet", "fd00:63:2::/64"], "IPv6 subnets"),
         (["--subnet", "fd00:63::/64"], "needs EnableIPv6"),
         (["--subnet", "10.63.13.0/24", "-d", "overlay"], 'network driver "overlay"'),

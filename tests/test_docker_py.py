@@ -295,8 +295,20 @@ def test_network_create_refusals(client: Any) -> None:
     before = sorted(n.id for n in client.networks.list())
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({"driver": "overlay"}, 501, 'network driver "overlay"'),
-        ({"enable_ipv6": True}, 501, "IPv6"),
-        ({"ipam": pool("fd00:64::/64")}, 501, "IPv6"),
+        (
+            {
+                "enable_ipv6": True,
+                "ipam": docker.types.IPAMConfig(
+                    pool_configs=[
+                        docker.types.IPAMPool(subnet="fd00:64:1::/64"),
+                        docker.types.IPAMPool(subnet="fd00:64:2::/64"),
+                    ]
+                ),
+            },
+            501,
+            "several IPv6 subnets",
+        ),
+        ({"ipam": pool("fd00:64::/64")}, 400, "needs EnableIPv6"),
         ({"ipam": pool("10.64.3.0/24", aux_addresses={"a": "10.64.3.5"})}, 501, "aux-address"),
         ({"ipam": pool("10.64.3.1/24")}, 400, "it should be 10.64.3.0/24"),
         ({"ipam": pool("10.64.3.0/24"), "attachable": True}, 501, "Attachable"),
