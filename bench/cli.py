@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.cleanup import Cleanup, Interrupted
-from bench.config import VARIANTS, BenchConfig
+from bench.config import STUDIES, VARIANTS, BenchConfig
 from bench.daemons import BenchDaemonError, available_backends
 from bench.datapath import METRICS, datapath_steps, memory_steps, record_memory, run_datapath
 from bench.environment import (
@@ -32,7 +32,7 @@ from bench.firstresponse import first_response_daemons, run_first_response
 from bench.loadgen import LoadError
 from bench.ports import NoFreePorts
 from bench.progress import Progress
-from bench.publishing import run_publishing
+from bench.publishing import run_docker_publishing, run_publishing
 from bench.report import render, render_headline
 from bench.results import Results
 from bench.spawn import SpawnError
@@ -88,9 +88,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proxy-publish-max",
         type=int,
-        help="largest N published in proxy mode (one process per port; default 100)",
+        help="largest N published in proxy mode (one process per port; default 1000)",
     )
     p.add_argument("--connrate-duration", type=int, help="seconds per connection-rate sample")
+    p.add_argument(
+        "--connect-probe-duration",
+        type=float,
+        help="seconds of one-at-a-time connect() timing per connection-rate sample (2; 0: off)",
+    )
+    p.add_argument(
+        "--studies",
+        type=_csv,
+        help=f"subset of {','.join(STUDIES)} (publish includes the connection rate)",
+    )
+    p.add_argument(
+        "--docker",
+        action=argparse.BooleanOptionalAction,
+        help="also publish through Debian's dockerd, started by the bench (default: yes)",
+    )
+    p.add_argument(
+        "--docker-publish-max", type=int, help="largest N published through dockerd (1000)"
+    )
     p.add_argument("--first-response-repeat", type=int, help="repetitions of run -d -p to 200")
     p.add_argument(
         "--backends", type=_csv, help="firewall backends (default: all pyengined offers)"
@@ -124,6 +142,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "publish_repeat": args.publish_repeat,
         "proxy_publish_max": args.proxy_publish_max,
         "connrate_duration_s": args.connrate_duration,
+        "connect_probe_s": args.connect_probe_duration,
+        "studies": args.studies,
+        "docker": args.docker,
+        "docker_publish_max": args.docker_publish_max,
         "first_response_repeat": args.first_response_repeat,
         "backends": args.backends,
         "redo_disturbed": args.redo_disturbed,
@@ -174,10 +196,16 @@ def _backends(cfg: BenchConfig) -> list[str]:
 
 
 def _publish_steps(cfg: BenchConfig, backends: list[str]) -> int:
+    if "publish" not in cfg.studies:
+        return 0
     per_rep = 0
     for _backend in backends:
         for proxy in (True, False):
             per_rep += sum(1 for n in cfg.publish_counts if not proxy or n <= cfg.proxy_publish_max)
+    if cfg.docker:
+        for proxy in (True, False):
+            top = min(cfg.docker_publish_max, cfg.proxy_publish_max if proxy else 1 << 30)
+            per_rep += sum(1 for n in cfg.publish_counts if n <= top)
     return per_rep * cfg.publish_repeat
 
 
@@ -186,15 +214,25 @@ def run_studies(
 ) -> None:
     cfg = env.cfg
     progress.plan(
-        2 * memory_steps(env)
-        + datapath_steps(env)
-        + cfg.first_response_repeat * len(first_response_daemons(env))
+        (2 * memory_steps(env) if "memory" in cfg.studies else 0)
+        + (datapath_steps(env) if "datapath" in cfg.studies else 0)
+        + (
+            cfg.first_response_repeat * len(first_response_daemons(env))
+            if "first-response" in cfg.studies
+            else 0
+        )
         + _publish_steps(cfg, backends)
     )
-    record_memory(env, results, progress, "idle-fresh")
-    run_datapath(env, results, progress)
-    record_memory(env, results, progress, "idle-after-load")
-    run_first_response(env, results, progress)
+    if "memory" in cfg.studies:
+        record_memory(env, results, progress, "idle-fresh")
+    if "datapath" in cfg.studies:
+        run_datapath(env, results, progress)
+    if "memory" in cfg.studies:
+        record_memory(env, results, progress, "idle-after-load")
+    if "first-response" in cfg.studies:
+        run_first_response(env, results, progress)
+    if "publish" not in cfg.studies:
+        return
     daemons = []
     for backend in backends:
         for proxy in (True, False):
@@ -210,6 +248,15 @@ def run_studies(
                     mode = "proxy" if proxy else "dnat"
                     results.skipped.append({"what": f"publishing, {mode}/{backend}", "why": why})
     run_publishing(env, daemons, results, progress)
+    if cfg.docker:
+        # dockerd's rules go into the same iptables tables as pyengined's iptables backend
+        # (they coexist: different chain names, different ports), but it is measured alone.
+        for daemon in daemons:
+            if daemon.backend == "iptables":
+                daemon.stop()
+        run_docker_publishing(env, cleanup, results, progress)
+    else:
+        results.skipped.append({"what": "publishing through dockerd", "why": "--no-docker"})
 
 
 def new_results(env: Environment, command: str, started: str, backends: list[str]) -> Results:

@@ -22,6 +22,8 @@ VARIANTS: dict[str, str] = {
 }
 PROXY_VARIANTS = ("pyengine-proxy", "docker-proxy", "socat")
 REFERENCES = ("dnat-lo", "docker-proxy")  # the headline ratios divide by these
+# The studies, in the order they run; "publish" includes the DNAT connection rate.
+STUDIES = ("memory", "datapath", "first-response", "publish")
 
 
 @dataclass
@@ -39,6 +41,12 @@ class BenchConfig:
     # One pyengine-proxy process per port: 10,000 of them would need gigabytes and minutes.
     proxy_publish_max: int = 1000
     connrate_duration_s: int = 3
+    connect_probe_s: float = 2.0  # connect() latency, one at a time, before each wrk run
+    # The publishing study also against Debian's dockerd (when it is installed and the host's
+    # iptables hold no Docker chains), up to docker_publish_max ports.
+    docker: bool = True
+    docker_publish_max: int = 1000
+    studies: tuple[str, ...] = STUDIES
     first_response_repeat: int = 5
     variants: tuple[str, ...] = tuple(VARIANTS)
     metrics: tuple[str, ...] = ()  # empty: every data-path metric
@@ -62,7 +70,9 @@ class BenchConfig:
             publish_counts=(0, 1, 10),
             publish_repeat=1,
             proxy_publish_max=10,
+            docker_publish_max=10,
             connrate_duration_s=1,
+            connect_probe_s=0.5,
             first_response_repeat=1,
             redo_disturbed=0,
         )
@@ -72,6 +82,11 @@ class BenchConfig:
         if unknown:
             raise ValueError(
                 f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})"
+            )
+        unknown = [s for s in self.studies if s not in STUDIES]
+        if unknown or not self.studies:
+            raise ValueError(
+                f"unknown or no studies {', '.join(unknown)} (known: {', '.join(STUDIES)})"
             )
         if self.repeat < 1 or self.duration_s < 1:
             raise ValueError("--repeat and --duration must be at least 1")

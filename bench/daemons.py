@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from bench import procfs
 from engine.client import Client, DaemonError, DaemonUnreachable
@@ -82,6 +83,10 @@ class BenchDaemon:
     @property
     def label(self) -> str:
         return f"{self.mode}/{self.backend}"
+
+    @property
+    def program(self) -> str:
+        return "pyengined"
 
     @property
     def socket_path(self) -> Path:
@@ -152,6 +157,12 @@ class BenchDaemon:
             self.remove(container_id)
             raise
 
+    def start_published(self, container_id: str, timeout: float) -> None:
+        """POST /containers/ID/start, waiting up to ``timeout`` seconds (dockerd publishing
+        thousands of ports takes minutes; Client.start gives up after 120 s)."""
+        path = f"/containers/{quote(container_id)}/start"
+        self.client.request("POST", path, timeout=timeout).read()
+
     def remove(self, container_id: str) -> None:
         try:
             self.client.remove(container_id, force=True)
@@ -162,6 +173,14 @@ class BenchDaemon:
     def remove_all(self) -> None:
         for c in self.client.containers(all=True):
             self.remove(c["Id"])
+
+    def container_cpu_seconds(self, container_id: str) -> float | None:
+        return procfs.container_cpu_seconds(container_id)
+
+    def helper_pids(self) -> list[int]:
+        """The daemon's helper processes outside containers: proxies (and their fork server)
+        and container monitors."""
+        return [p for p in procfs.descendants(self.process.pid) if not procfs.in_container(p)]
 
     def proxy_pid(self, proto: str, host_port: int, host_ip: str = "127.0.0.1") -> int:
         """The pyengine-proxy process serving ``host_ip:host_port/proto``: the innermost of the

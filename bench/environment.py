@@ -23,6 +23,8 @@ from bench.anchors import HandStartedProxy, start_docker_proxy, start_socat
 from bench.cleanup import Cleanup
 from bench.config import VARIANTS, BenchConfig
 from bench.daemons import BenchDaemon, Publish, RunningContainer, start_daemon
+from bench.dockerd import DockerDaemon, start_dockerd
+from bench.dockerd import leftovers as dockerd_leftovers
 from bench.httpprobe import wait_for_200
 from bench.images import IPERF3_PORT, build_iperf3_image
 from bench.loadgen import WRK_REPORT_SCRIPT, Target
@@ -125,7 +127,9 @@ def leftovers_after(env: Environment) -> list[str]:
                 found.append(f"processes of {p.kind} (process group {p.pid})")
     for daemon in env.all_daemons():
         if daemon.process.poll() is None:
-            found.append(f"pyengined {daemon.name} (pid {daemon.process.pid})")
+            found.append(f"{daemon.program} {daemon.name} (pid {daemon.process.pid})")
+        if isinstance(daemon, DockerDaemon):
+            found += dockerd_leftovers(daemon.name, daemon.subnet)
     if env.workdir.exists():
         found.append(f"directory {env.workdir}")
     return found
@@ -356,6 +360,21 @@ def start_study_daemon(
     bip = f"{next(subnet.hosts())}/{subnet.prefixlen}"
     daemon = start_daemon(env.workdir / role, env.names.daemon(role), bip, userland_proxy, backend)
     cleanup.push(f"stop pyengined {daemon.name}", daemon.stop)
+    env.extra_daemons.append(daemon)
+    daemon.load(env.nginx_archive)
+    return daemon
+
+
+def start_study_dockerd(env: Environment, cleanup: Cleanup, userland_proxy: bool) -> DockerDaemon:
+    """Debian's dockerd for the publishing study, on a bridge of its own, with the nginx
+    image loaded (raises bench.dockerd.DockerdUnavailable when it cannot run here)."""
+    role = "p" if userland_proxy else "d"
+    subnet = choose_subnets(1, BRIDGE_CANDIDATES)[0]
+    env.bridge_subnets.append(str(subnet))
+    daemon = start_dockerd(
+        env.workdir / f"dockerd-{role}", env.names.docker_bridge(role), subnet, userland_proxy
+    )
+    cleanup.push(f"stop dockerd {daemon.name}", daemon.stop)
     env.extra_daemons.append(daemon)
     daemon.load(env.nginx_archive)
     return daemon

@@ -190,4 +190,14 @@ def write_plots(results: Results, directory: Path) -> list[str]:
             _scaling(results, "connrate", "http-close", "req_s"),
         ),
     )
+    name = "connect-p99.png"
+    keep(
+        name,
+        _lines(
+            directory / name,
+            "DNAT: p99 first-packet (connect) latency vs published ports",
+            "ms",
+            _scaling(results, "connrate", "http-close", "connect_p99_ms"),
+        ),
+    )
     return written

@@ -159,17 +159,18 @@ def in_container(pid: int) -> bool:
         return False
 
 
-def container_cpu_seconds(container_id: str) -> float | None:
-    """CPU of everything in the container's cgroup; None when the cgroup cannot be found."""
+def container_cpu_seconds(container_id: str, parent: str = "pyengine") -> float | None:
+    """CPU of everything in the container's cgroup (``/parent/id``: pyengine's, or a bench
+    dockerd's cgroup parent); None when the cgroup cannot be found."""
     for root in _CPUACCT_V1:
-        usage = root / "pyengine" / container_id / "cpuacct.usage"
+        usage = root / parent / container_id / "cpuacct.usage"
         if usage.exists():
             try:
                 return int(usage.read_text()) / 1e9
             except (OSError, ValueError):
                 return None
     for root in (_CGROUP_V2_UNIFIED, _CGROUP_V2):
-        stat = root / "pyengine" / container_id / "cpu.stat"
+        stat = root / parent / container_id / "cpu.stat"
         if stat.exists():
             for line in stat.read_text().splitlines():
                 key, _, value = line.partition(" ")

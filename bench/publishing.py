@@ -4,7 +4,10 @@
   port 80 (N = 0, 1, 100, 1,000, 10,000), and ``rm -f`` of it, per proxy mode and firewall
   backend, with the kernel objects the daemon's firewall holds while they are published.
 - Connection rate: with N ports published in DNAT mode, wrk opens a new connection per request
-  from the external client to the last of them (how the lookup scales with N).
+  from the external client to the last of them (how the lookup scales with N); before it, the
+  first-packet latency: connect() timed one connection at a time (``bench.connectprobe``).
+- Both against Debian's dockerd (``bench.dockerd``), driven through the same Docker API calls,
+  one dockerd at a time, after pyengined's samples.
 """
 
 from __future__ import annotations
@@ -15,13 +18,19 @@ import subprocess
 import time
 
 from bench import procfs
-from bench.daemons import BenchDaemon, Publish
+from bench.accounting import CpuSnapshot, usage_between
+from bench.cleanup import Cleanup
+from bench.connectprobe import ProbeError, measure_connect_latency
+from bench.daemons import BenchDaemon, BenchDaemonError, Publish
+from bench.dockerarchive import ArchiveError
+from bench.dockerd import DockerDaemon, DockerdCleanupError, DockerdUnavailable
 from bench.environment import (
     HTTP_PORT,
     NGINX_COMMAND,
     READY_TIMEOUT_SECONDS,
     SMALL_PATH,
     Environment,
+    start_study_dockerd,
 )
 from bench.httpprobe import wait_for_200
 from bench.loadgen import LoadError, Target, run_wrk
@@ -29,10 +38,16 @@ from bench.progress import Progress
 from bench.results import Results, Sample
 from engine.client import DaemonError, DaemonUnreachable
 
+# Upper bound for one create + start (dockerd needs minutes for 10,000 ports).
+PUBLISH_TIMEOUT_SECONDS = 1800
+
 
 def kernel_objects(daemon: BenchDaemon) -> float | None:
     """Rules plus map/set elements in the daemon's nftables table, or iptables rules naming
-    its table; None when they cannot be read."""
+    its table, or (dockerd) the iptables rules dockerd added: its chains' rules, the jumps to
+    them and the rules naming its bridge; None when they cannot be read."""
+    if isinstance(daemon, DockerDaemon):
+        return float(daemon.added_rules().rule_count)
     if daemon.backend == "nftables":
         out = subprocess.run(
             ["nft", "-j", "list", "table", "inet", daemon.name],
@@ -66,12 +81,11 @@ def kernel_objects(daemon: BenchDaemon) -> float | None:
 
 
 def helper_processes_pss_mib(daemon: BenchDaemon) -> float:
-    """Total Pss of the daemon's child processes outside containers: the proxies (and their
-    fork server) and the container monitors, in MiB."""
+    """Total Pss of the daemon's helper processes outside containers, in MiB: pyengined's
+    proxies, their fork server and the container monitors; dockerd's docker-proxy processes,
+    containerd and its shims."""
     total_kb = 0
-    for pid in procfs.descendants(daemon.process.pid):
-        if procfs.in_container(pid):
-            continue
+    for pid in daemon.helper_pids():
         memory = procfs.process_memory(pid)
         total_kb += memory.pss_kb if memory else 0
     return total_kb / 1024
@@ -105,13 +119,13 @@ def _publish_ports(
     t0 = time.monotonic()
     try:
         container_id = daemon.create("nginx", publish, cmd=NGINX_COMMAND)
-        daemon.client.start(container_id)
+        daemon.start_published(container_id, PUBLISH_TIMEOUT_SECONDS)
         run_s = time.monotonic() - t0
         objects = kernel_objects(daemon)
         helpers_pss = helper_processes_pss_mib(daemon)
         if count and not daemon.userland_proxy and env.cfg.connrate_duration_s:
             ip = daemon.client.inspect(container_id)["NetworkSettings"]["IPAddress"]
-            results.add(_connection_rate(env, daemon, ip, ports[-1], count, rep))
+            results.add(_connection_rate(env, daemon, container_id, ip, ports[-1], count, rep))
         t1 = time.monotonic()
         daemon.remove(container_id)
         container_id = ""
@@ -122,8 +136,8 @@ def _publish_ports(
             "kernel_objects": objects,
             "helpers_pss_mib": helpers_pss,
         }
-    except (DaemonError, DaemonUnreachable) as exc:
-        sample.error = f"pyengined: {exc}"
+    except (DaemonError, DaemonUnreachable, TimeoutError) as exc:
+        sample.error = f"{daemon.program}: {exc or 'no answer'}"
     finally:
         if container_id:
             with contextlib.suppress(DaemonError, DaemonUnreachable):
@@ -133,15 +147,32 @@ def _publish_ports(
 
 
 def _connection_rate(
-    env: Environment, daemon: BenchDaemon, container_ip: str, port: int, count: int, rep: int
+    env: Environment,
+    daemon: BenchDaemon,
+    container_id: str,
+    container_ip: str,
+    port: int,
+    count: int,
+    rep: int,
 ) -> Sample:
+    """The first-packet latency, then wrk's new-connection rate, with the CPU the rest of the
+    machine used meanwhile (``load``; ``disturbed`` above --disturbed-cpus)."""
     params = {"ports": count, "mode": daemon.mode, "backend": daemon.backend}
     sample = Sample("connrate", "http-close", daemon.label, rep, params=params, started=time.time())
     if not wait_for_200(container_ip, HTTP_PORT, READY_TIMEOUT_SECONDS, SMALL_PATH):
         sample.error = f"nginx at {container_ip} did not answer"
         return sample
     target = Target(env.ext.netns, env.ext.host_ip, port)
+    connect = None
+    roots, containers = env.our_root_pids(), env.container_ids()
+    before = CpuSnapshot.take(roots, containers, [])
+    target_cpu = daemon.container_cpu_seconds(container_id) or 0.0
+    t0 = time.monotonic()
     try:
+        if env.cfg.connect_probe_s:
+            connect = measure_connect_latency(
+                target.netns, target.ip, target.port, env.cfg.connect_probe_s
+            )
         w = run_wrk(
             env.tools["wrk"],
             target,
@@ -152,17 +183,57 @@ def _connection_rate(
             threads=env.cfg.wrk_threads,
             connections=env.cfg.wrk_connections,
         )
-    except LoadError as exc:
+    except (LoadError, ProbeError) as exc:
         sample.error = str(exc)
         return sample
+    wall = time.monotonic() - t0
+    usage = usage_between(before, CpuSnapshot.take(roots, containers, []))
+    # The nginx answering is the run's own load too (its cgroup is not among the data path's).
+    target_cpu = (daemon.container_cpu_seconds(container_id) or 0.0) - target_cpu
+    foreign = max(0.0, usage.foreign - target_cpu)
+    sample.load = {**usage.as_load(), "foreign_cpu_s": round(foreign, 3)}
+    sample.load["ours_cpu_s"] = round(usage.ours + target_cpu, 3)
+    sample.disturbed = foreign > env.cfg.disturbed_cpus * wall
     sample.values = {
         "req_s": w.requests_per_second,
         "p50_ms": w.p50_ms,
         "p99_ms": w.p99_ms,
         "errors": float(w.errors),
+        "connect_p50_ms": connect.p50_ms if connect else None,
+        "connect_p99_ms": connect.p99_ms if connect else None,
+        "connects": float(connect.connects) if connect else None,
     }
-    sample.wall_s = w.seconds
+    sample.wall_s = round(wall, 3)
     return sample
+
+
+def publish_limit(env: Environment, daemon: BenchDaemon) -> tuple[int, str] | None:
+    """The most ports ``daemon`` publishes in this run, and why; None: no limit."""
+    return _limit(env, daemon.userland_proxy, isinstance(daemon, DockerDaemon))
+
+
+def _limit(env: Environment, userland_proxy: bool, docker: bool) -> tuple[int, str] | None:
+    limits = []
+    if userland_proxy:
+        proxy = "docker-proxy" if docker else "pyengine-proxy"
+        limits.append(
+            (
+                env.cfg.proxy_publish_max,
+                f"one {proxy} process per port; above --proxy-publish-max "
+                f"{env.cfg.proxy_publish_max}",
+            )
+        )
+    if docker:
+        limits.append(
+            (
+                env.cfg.docker_publish_max,
+                "dockerd execs iptables several times per port, and every run reads the whole "
+                "ruleset, so its time per port grows with N (1,000 ports take tens of seconds "
+                "to publish and to remove); above --docker-publish-max "
+                f"{env.cfg.docker_publish_max}",
+            )
+        )
+    return min(limits, default=None)
 
 
 def publish_plan(env: Environment, daemons: list[BenchDaemon]) -> list[tuple[int, BenchDaemon]]:
@@ -170,7 +241,8 @@ def publish_plan(env: Environment, daemons: list[BenchDaemon]) -> list[tuple[int
     plan = []
     for count in env.cfg.publish_counts:
         for daemon in daemons:
-            if daemon.userland_proxy and count > env.cfg.proxy_publish_max:
+            limit = publish_limit(env, daemon)
+            if limit and count > limit[0]:
                 continue
             plan.append((count, daemon))
     return plan
@@ -179,14 +251,11 @@ def publish_plan(env: Environment, daemons: list[BenchDaemon]) -> list[tuple[int
 def skipped_counts(env: Environment, daemons: list[BenchDaemon]) -> list[dict[str, str]]:
     skipped = []
     for daemon in daemons:
+        limit = publish_limit(env, daemon)
         for count in env.cfg.publish_counts:
-            if daemon.userland_proxy and count > env.cfg.proxy_publish_max:
+            if limit and count > limit[0]:
                 skipped.append(
-                    {
-                        "what": f"publish {count:,} ports, {daemon.label}",
-                        "why": f"one pyengine-proxy process per port; above "
-                        f"--proxy-publish-max {env.cfg.proxy_publish_max}",
-                    }
+                    {"what": f"publish {count:,} ports, {daemon.label}", "why": limit[1]}
                 )
     return skipped
 
@@ -211,11 +280,53 @@ def run_publishing(
             text += f", helpers' Pss {v['helpers_pss_mib']:,.1f} MiB"
             last = results.samples[-2] if len(results.samples) > 1 else None
             if last and last.study == "connrate" and last.params.get("ports") == count:
+                lv = last.values
                 text += (
-                    f"; {last.values['req_s']:,.0f} conn/s, p99 {last.values['p99_ms']:.2f} ms"
+                    f"; {lv['req_s']:,.0f} conn/s, p99 {lv['p99_ms']:.2f} ms"
                     if last.ok
                     else f"; connection rate FAILED: {last.error}"
                 )
+                if last.ok and lv.get("connect_p99_ms") is not None:
+                    text += f", connect p99 {lv['connect_p99_ms']:.3f} ms"
             progress.step(
                 f"publish {count:,} · {daemon.label} · {rep + 1}/{env.cfg.publish_repeat}", text
             )
+
+
+def run_docker_publishing(
+    env: Environment, cleanup: Cleanup, results: Results, progress: Progress
+) -> None:
+    """The publishing study against dockerd: DNAT mode, then proxy mode, one dockerd each
+    (dockerd's chains have fixed names, so only one runs at a time), each removed with
+    everything it left on the host before the next starts."""
+    for userland_proxy in (False, True):
+        mode = "proxy" if userland_proxy else "dnat"
+        limit = _limit(env, userland_proxy, docker=True)
+        if limit and not any(n <= limit[0] for n in env.cfg.publish_counts):
+            for n in env.cfg.publish_counts:
+                results.skipped.append(
+                    {"what": f"publish {n:,} ports, {mode}/dockerd", "why": limit[1]}
+                )
+            continue
+        progress.note(f"starting dockerd --userland-proxy={str(userland_proxy).lower()}")
+        try:
+            daemon = start_study_dockerd(env, cleanup, userland_proxy)
+        except (
+            DockerdUnavailable,
+            BenchDaemonError,
+            DaemonError,
+            DaemonUnreachable,
+            ArchiveError,
+        ) as exc:
+            why = str(exc).splitlines()[0]
+            progress.note(f"no publishing study on dockerd ({mode}): {why}")
+            results.skipped.append({"what": f"publishing, {mode}/dockerd", "why": why})
+            continue
+        try:
+            run_publishing(env, [daemon], results, progress)
+        finally:
+            progress.note(f"stopping dockerd {daemon.name} and removing what it left")
+            try:
+                daemon.stop()
+            except DockerdCleanupError as exc:  # the run's clean-up tries once more
+                progress.note(str(exc))

@@ -208,25 +208,47 @@ def _publish_table(results: Results) -> str:
     return markdown_table([*headers, "daemon's helper processes, total Pss MiB"], rows)
 
 
+BACKEND_ORDER = ("nftables", "iptables", "dockerd")
+# The issue's bar: with many ports published, the new-connection rate and the p99 latency stay
+# within 5 % of their 1-port figures.
+SCALING_TOLERANCE = 0.05
+
+
+def _median(
+    results: Results, study: str, metric: str, label: str, key: str, **params: object
+) -> float | None:
+    stat = results.stat(study, metric, label, key, **params)
+    return stat.median if stat else None
+
+
 def _connrate_table(results: Results) -> str:
     rows = []
     for label in _labels(results, "connrate"):
         counts = _counts(results, "connrate", label)
-        base = (
-            results.stat("connrate", "http-close", label, "req_s", ports=counts[0])
-            if counts
-            else None
+        base_rate = _median(results, "connrate", "http-close", label, "req_s", ports=counts[0])
+        base_p99 = _median(results, "connrate", "http-close", label, "p99_ms", ports=counts[0])
+        base_connect = _median(
+            results, "connrate", "http-close", label, "connect_p99_ms", ports=counts[0]
         )
         for count in counts:
             rate = results.stat("connrate", "http-close", label, "req_s", ports=count)
+            p99 = results.stat("connrate", "http-close", label, "p99_ms", ports=count)
+            connect = results.stat("connrate", "http-close", label, "connect_p99_ms", ports=count)
+            connect_p50 = results.stat(
+                "connrate", "http-close", label, "connect_p50_ms", ports=count
+            )
             rows.append(
                 [
                     label,
                     f"{count:,}",
                     spread(rate, 0),
-                    number(ratio(rate.median if rate else None, base.median if base else None)),
+                    number(ratio(rate.median if rate else None, base_rate)),
                     spread(results.stat("connrate", "http-close", label, "p50_ms", ports=count)),
-                    spread(results.stat("connrate", "http-close", label, "p99_ms", ports=count)),
+                    spread(p99),
+                    number(ratio(p99.median if p99 else None, base_p99)),
+                    spread(connect_p50, 3),
+                    spread(connect, 3),
+                    number(ratio(connect.median if connect else None, base_connect)),
                 ]
             )
     return markdown_table(
@@ -237,9 +259,122 @@ def _connrate_table(results: Results) -> str:
             "÷ fewest ports",
             "p50 ms",
             "p99 ms",
+            "p99 ÷ fewest ports",
+            "connect p50 ms",
+            "connect p99 ms",
+            "connect p99 ÷ fewest ports",
         ],
         rows,
     )
+
+
+def _within(value: float | None) -> str:
+    if value is None:
+        return DASH
+    return "yes" if abs(value - 1) <= SCALING_TOLERANCE else "no"
+
+
+def connrate_scaling(results: Results) -> list[dict[str, object]]:
+    """Per mode/backend: the most ÷ the fewest published ports (of those measured, ports > 0)
+    for the new-connection rate, wrk's p99 latency and the p99 first-packet (connect)
+    latency."""
+    rows: list[dict[str, object]] = []
+    for label in _labels(results, "connrate"):
+        counts = [c for c in _counts(results, "connrate", label) if c > 0]
+        if len(counts) < 2:
+            continue
+        low, high = counts[0], counts[-1]
+        row: dict[str, object] = {"label": label, "fewest": low, "most": high}
+        for key in ("req_s", "p99_ms", "connect_p99_ms"):
+            row[key] = ratio(
+                _median(results, "connrate", "http-close", label, key, ports=high),
+                _median(results, "connrate", "http-close", label, key, ports=low),
+            )
+        rows.append(row)
+    return rows
+
+
+def _connrate_scaling_table(results: Results) -> str:
+    rows = []
+    for row in connrate_scaling(results):
+        cells = [str(row["label"]), f"{row['most']:,} ÷ {row['fewest']:,}"]
+        for key in ("req_s", "p99_ms", "connect_p99_ms"):
+            value = row[key]
+            assert value is None or isinstance(value, float)
+            cells += [number(value), _within(value)]
+        rows.append(cells)
+    if not rows:
+        return ""
+    return markdown_table(
+        [
+            "mode/backend",
+            "published ports",
+            "new connections/s ratio",
+            "within 5 %",
+            "wrk p99 ratio",
+            "within 5 %",
+            "connect p99 ratio",
+            "within 5 %",
+        ],
+        rows,
+    )
+
+
+def _by_backend(results: Results, mode: str) -> list[str]:
+    labels = {s.variant for s in results.select("publish", "run") if s.params["mode"] == mode}
+    return [f"{mode}/{b}" for b in BACKEND_ORDER if f"{mode}/{b}" in labels]
+
+
+def _docker_table(results: Results, key: str, digits: int, ratios: bool = True) -> str:
+    """``key`` per (mode, N) for every backend side by side, and (``ratios``) dockerd ÷ each
+    of pyengine's."""
+    rows = []
+    ratio_headers: list[str] = []
+    for mode in ("dnat", "proxy"):
+        labels = _by_backend(results, mode)
+        docker = f"{mode}/dockerd"
+        if docker not in labels:
+            continue
+        others = [label for label in labels if label != docker] if ratios else []
+        ratio_headers = ratio_headers or [f"dockerd ÷ {o.split('/')[1]}" for o in others]
+        counts = sorted({c for label in labels for c in _counts(results, "publish", label)})
+        for count in counts:
+            medians = [
+                _median(results, "publish", "run", label, key, ports=count) for label in labels
+            ]
+            by_label = dict(zip(labels, medians, strict=True))
+            cells = [mode, f"{count:,}"]
+            cells += [number(by_label.get(f"{mode}/{b}"), digits) for b in BACKEND_ORDER]
+            cells += [number(ratio(by_label.get(docker), by_label.get(o))) for o in others]
+            rows.append(cells)
+    if not rows:
+        return ""
+    width = 2 + len(BACKEND_ORDER) + len(ratio_headers)
+    rows = [r + [DASH] * (width - len(r)) for r in rows]
+    headers = ["mode", "ports", "pyengine nftables", "pyengine iptables", "dockerd"]
+    return markdown_table([*headers, *ratio_headers], rows)
+
+
+def _docker_section(results: Results) -> str:
+    if not any(s.variant.endswith("/dockerd") for s in results.select("publish")):
+        return ""
+    version = results.tools.get("docker-proxy", "docker.io")
+    out = [
+        f"dockerd from {version}, started by the bench with its own roots, socket, bridge and "
+        "cgroup parent, `--iptables=true --ip-forward=false`, `--userland-proxy=false` (dnat) "
+        "or `=true` (proxy), one at a time after pyengined's samples; the same API calls "
+        "(create, start, `rm -f` of one nginx container with N ports → 80). Medians.\n\n",
+        "### create + start, seconds\n\n",
+        _docker_table(results, "run_s", 3),
+        "\n### rm -f, seconds\n\n",
+        _docker_table(results, "rm_s", 3),
+        "\n### Rules (+ map elements) while published\n\n"
+        "pyengine nftables: rules and map elements of its table; pyengine iptables: rules naming "
+        "its chains; dockerd: the rules it added (DOCKER, DOCKER-USER, DOCKER-ISOLATION-STAGE-1/2, "
+        "the jumps to them, the rules naming its bridge).\n\n",
+        _docker_table(results, "kernel_objects", 0, ratios=False),
+    ]
+    return "".join(out)
 
 
 def _first_response_table(results: Results) -> str:
@@ -292,6 +427,22 @@ def _disturbance(results: Results) -> str:
         f"benchmark did not start: {spread(foreign)} CPUs. {redone} samples were measured again "
         f"because other processes used more than {limit} CPUs during them; {disturbed} kept "
         "that flag after the last attempt.\n"
+    )
+
+
+def _connrate_conditions(results: Results) -> str:
+    rates = [s for s in results.samples if s.study == "connrate" and s.ok and s.wall_s]
+    measured = [s for s in rates if s.load]
+    if not measured:
+        return ""
+    foreign = summarize(s.load.get("foreign_cpu_s", 0) / s.wall_s for s in measured)
+    busy = summarize(s.load.get("machine_busy_cpu_s", 0) / s.wall_s for s in measured)
+    disturbed = sum(1 for s in measured if s.disturbed)
+    return (
+        f"Connection-rate samples: {len(rates)}. Machine busy during a sample: {spread(busy)} "
+        f"CPUs of {results.machine.get('cpus')}; CPU used by processes this benchmark did not "
+        f"start: {spread(foreign)} CPUs; {disturbed} samples had more than "
+        f"{results.config.get('disturbed_cpus')} such CPUs busy (not measured again).\n"
     )
 
 
@@ -353,12 +504,26 @@ def render(results: Results) -> str:
     if any(s.study == "publish" for s in results.samples):
         out.append("\n## Publishing N ports (create + start of one container, and rm -f)\n\n")
         out.append(_publish_table(results))
+        docker = _docker_section(results)
+        if docker:
+            out.append("\n## Publishing against Docker\n\n")
+            out.append(docker)
     if any(s.study == "connrate" for s in results.samples):
         out.append(
             "\n## DNAT connection rate vs published ports "
             "(wrk, new connection per request, external client -> last published port)\n\n"
+            "wrk's latency starts when the request is written, after the handshake; the DNAT "
+            "lookup happens on the SYN, so it shows in the rate and in the connect latency "
+            "(connect() timed one connection at a time from the client, before wrk runs).\n\n"
         )
         out.append(_connrate_table(results))
+        scaling = _connrate_scaling_table(results)
+        if scaling:
+            out.append(
+                "\n### Most ÷ fewest published ports (the bar: within "
+                f"{SCALING_TOLERANCE:.0%} of the fewest-ports figures)\n\n"
+            )
+            out.append(scaling)
     failed = [s for s in results.samples if not s.ok]
     if failed:
         out.append("\n## Failed samples\n\n")
@@ -372,6 +537,9 @@ def render(results: Results) -> str:
             out.append(f"- {item['what']}: {item['why']}\n")
     out.append("\n## Conditions\n\n")
     out.append(_disturbance(results) or "No data-path samples.\n")
+    connrate = _connrate_conditions(results)
+    if connrate:
+        out.append(f"\n{connrate}")
     for note in results.notes:
         out.append(f"\n{note}\n")
     if results.plots:

@@ -52,6 +52,10 @@ class RunNames:
         """Bridge and nftables table of one pyengined: ``pyebench1a2bp`` (13 characters)."""
         return f"{self.prefix}{role}"
 
+    def docker_bridge(self, role: str) -> str:
+        """Bridge (and cgroup parent) of one bench dockerd: ``pyebd1a2bd`` (10 characters)."""
+        return f"pyebd{self.run_id}{role}"
+
     @property
     def external_netns(self) -> str:
         return f"pyebench-{self.run_id}-ext"
@@ -135,7 +139,7 @@ def leftovers(names: RunNames) -> list[str]:
     """Links, namespaces and nftables tables carrying this run's names (expected: none)."""
     found: list[str] = []
     for link in json.loads(sh("ip", "-j", "link") or "[]"):
-        if link.get("ifname", "").startswith(names.prefix):
+        if link.get("ifname", "").startswith((names.prefix, names.docker_bridge(""))):
             found.append(f"link {link['ifname']}")
     for ns in json.loads(sh("ip", "-j", "netns", "list") or "[]"):
         if ns.get("name", "").startswith(f"pyebench-{names.run_id}"):

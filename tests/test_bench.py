@@ -5,6 +5,7 @@ nothing behind — on success and on ^C. No test here asserts that any speed is 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +16,8 @@ import signal
 import struct
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -24,15 +27,22 @@ from typing import Any
 import pytest
 
 from bench.config import PROXY_VARIANTS, VARIANTS, BenchConfig
+from bench.daemons import Publish
 from bench.datapath import METRICS
+from bench.dockerarchive import docker_manifest
+from bench.dockerd import RECORDS, start_dockerd
+from bench.dockerd import leftovers as dockerd_leftovers
+from bench.environment import NGINX_COMMAND, SMALL_PATH
+from bench.httpprobe import wait_for_200
+from bench.iptablesdiff import docker_additions, parse_save, removal_batch
 from bench.loadgen import WRK_REPORT_PREFIX, LoadError, parse_iperf3, parse_wrk
 from bench.ports import PortPool
 from bench.procfs import live_group_members
-from bench.report import markdown_table, render
+from bench.report import connrate_scaling, markdown_table, render
 from bench.results import Results, Sample, check_document, ratio, summarize
-from bench.tools import MissingTool, Tool, find_tools
-from bench.topology import RunNames, leftovers
-from tests.conftest import REPO, require, require_root, require_tool
+from bench.tools import MissingTool, Tool, find_tools, which
+from bench.topology import BRIDGE_CANDIDATES, RunNames, choose_subnets, leftovers
+from tests.conftest import REPO, image_archive, require, require_root, require_tool
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_TIMEOUT_SECONDS = 900  # generous: the first run may build the iperf3 image (~30 s)
@@ -140,6 +150,128 @@ def test_quick_profile_is_small_and_validation_names_the_problem(tmp_path: Path)
         BenchConfig(out=tmp_path, variants=("warp-drive",)).validate()
 
 
+SAVE_BEFORE = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:PYEX-FORWARD - [0:0]
+-A FORWARD -m comment --comment "pyex fw" -j PYEX-FORWARD
+-A FORWARD -o pyebd0000d -j ACCEPT
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+COMMIT
+"""
+SAVE_AFTER = """*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-USER - [0:0]
+:PYEX-FORWARD - [0:0]
+:PYEY - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -m comment --comment "pyex fw" -j PYEX-FORWARD
+-A FORWARD -o pyebd0000d -j ACCEPT
+-A FORWARD -o pyebd0000d -j ACCEPT
+-A FORWARD -o pyebd0000d -j DOCKER
+-A FORWARD -o pyey0 -j PYEY
+-A PYEY -o pyebd0000d -j DROP
+-A DOCKER -d 10.93.7.2/32 ! -i pyebd0000d -o pyebd0000d -p tcp -m tcp --dport 80 -j ACCEPT
+-A DOCKER-ISOLATION-STAGE-1 -j RETURN
+-A DOCKER-USER -j RETURN
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 10.93.7.0/24 ! -o pyebd0000d -j MASQUERADE
+-A POSTROUTING -s 10.93.7.2/32 -d 10.93.7.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE
+-A POSTROUTING -s 10.93.70.0/24 -j MASQUERADE
+-A DOCKER -p tcp -m tcp --dport 15000 -j DNAT --to-destination 10.93.7.2:80
+COMMIT
+"""
+
+
+def test_docker_additions_are_only_new_docker_rules() -> None:
+    """A rule that was there before stays (even with an identical twin added), rules of other
+    programs added meanwhile stay, and Docker's chains go after the jumps to them."""
+    before, after = parse_save(SAVE_BEFORE, 4), parse_save(SAVE_AFTER, 4)
+    added = docker_additions(before, after, "pyebd0000d", ("10.93.7.0/24",))
+    assert added.tables["filter"].chains == ["DOCKER", "DOCKER-ISOLATION-STAGE-1", "DOCKER-USER"]
+    assert added.tables["filter"].rules == [
+        "-A FORWARD -j DOCKER-USER",
+        "-A FORWARD -j DOCKER-ISOLATION-STAGE-1",
+        "-A FORWARD -o pyebd0000d -j ACCEPT",  # the second of the two identical rules
+        "-A FORWARD -o pyebd0000d -j DOCKER",
+    ]
+    assert added.tables["nat"].rules == [
+        "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER",
+        "-A POSTROUTING -s 10.93.7.0/24 ! -o pyebd0000d -j MASQUERADE",
+        "-A POSTROUTING -s 10.93.7.2/32 -d 10.93.7.2/32 -p tcp -m tcp --dport 80 -j MASQUERADE",
+    ]
+    assert added.rule_count == 7 + 3 + 1
+    batch = removal_batch(added).splitlines()
+    assert batch[:2] == ["*filter", "-D FORWARD -j DOCKER-USER"]
+    # Every chain is flushed before any is deleted (ISOLATION-STAGE-1 jumps to STAGE-2).
+    filter_section = batch[: batch.index("COMMIT")]
+    assert max(i for i, ln in enumerate(filter_section) if ln.startswith("-F")) < min(
+        i for i, ln in enumerate(filter_section) if ln.startswith("-X")
+    )
+    assert not any("PYEX" in ln or "PYEY" in ln or "10.93.70." in ln for ln in batch)
+    assert batch.count("COMMIT") == 2
+
+
+def test_docker_archive_manifest_names_the_oci_blobs() -> None:
+    def add(archive: tarfile.TarFile, name: str, doc: object) -> None:
+        data = json.dumps(doc).encode()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+    manifest = {"config": {"digest": "sha256:c0"}, "layers": [{"digest": "sha256:l1"}]}
+    index = {
+        "manifests": [
+            {
+                "digest": "sha256:m0",
+                "annotations": {"io.containerd.image.name": "docker.io/library/nginx:latest"},
+            }
+        ]
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        add(archive, "index.json", index)
+        add(archive, "blobs/sha256/m0", manifest)
+    buffer.seek(0)
+    with tarfile.open(fileobj=buffer) as archive:
+        assert docker_manifest(archive, None) == [
+            {
+                "Config": "blobs/sha256/c0",
+                "RepoTags": ["nginx:latest"],
+                "Layers": ["blobs/sha256/l1"],
+            }
+        ]
+        assert docker_manifest(archive, "web:1")[0]["RepoTags"] == ["web:1"]
+
+
+def test_connrate_scaling_divides_most_by_fewest_ports() -> None:
+    results = _synthetic_results()
+    for n, rate, p99 in ((10000, 17280.0, 5.2),):
+        params = {"ports": n, "mode": "dnat", "backend": "nftables"}
+        values = {"req_s": rate, "p50_ms": 0.8, "p99_ms": p99, "errors": 0.0}
+        values |= {"connect_p50_ms": 0.1, "connect_p99_ms": 0.3}
+        results.add(Sample("connrate", "http-close", "dnat/nftables", 0, values, params))
+    (row,) = connrate_scaling(results)
+    assert (row["fewest"], row["most"]) == (1, 10000)
+    assert row["req_s"] == pytest.approx(0.96) and row["p99_ms"] == pytest.approx(1.04)
+    text = render(results)
+    assert row["connect_p99_ms"] == pytest.approx(1.5)
+    assert "| dnat/nftables | 10,000 ÷ 1 | 0.96 | yes | 1.04 | yes | 1.50 | no |" in text
+    _assert_tables_well_formed(text)
+
+
 def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
     results = _synthetic_results()
     text = render(results)
@@ -230,6 +362,12 @@ def test_quick_run_writes_well_formed_json(quick_run: QuickRun) -> None:
     rates = results.select("connrate")
     assert {s.params["ports"] for s in rates} == {1, 10}
     assert all(s.params["mode"] == "dnat" for s in rates)
+    assert all(s.values["connect_p99_ms"] > 0 for s in rates)
+    if which("dockerd"):
+        # Measured, or skipped with the reason (another bench's dockerd, Docker's chains taken).
+        docker = {s.variant for s in published if s.params["backend"] == "dockerd"}
+        skipped = {x["what"] for x in results.skipped if "dockerd" in x["what"]}
+        assert docker | {w.split(", ")[-1] for w in skipped} == {"dnat/dockerd", "proxy/dockerd"}
 
 
 def test_quick_run_writes_markdown_with_every_variant(quick_run: QuickRun) -> None:
@@ -298,7 +436,60 @@ def test_interrupt_removes_everything(tmp_path: Path) -> None:
     assert check_document(doc) == []
 
 
+def test_killed_dockerd_is_removed_exactly(tmp_path: Path) -> None:
+    """dockerd with a published container, killed with SIGKILL: the clean-up removes its
+    containers, processes, mounts, cgroups, bridge and directories, and from iptables exactly
+    the chains and rules it added; every rule that was there before stays."""
+    require_root()
+    require(which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
+    require_tool("runc")
+    require_tool("iptables-save")
+    archive = image_archive("nginx")
+    names = RunNames.fresh()
+    name = names.docker_bridge("t")
+    subnet = choose_subnets(1, BRIDGE_CANDIDATES)[0]
+    # Short: containerd's sockets live under the exec root (sun_path is 108 bytes).
+    workdir = Path(tempfile.mkdtemp(prefix=f"pyebd-{names.run_id}-"))
+    before = parse_save(_iptables_save(), 4)
+    daemon = start_dockerd(workdir / "d", name, subnet, userland_proxy=False)
+    try:
+        daemon.load(archive)
+        ports = PortPool().take(2)
+        container = daemon.run("nginx", [Publish(p, 80) for p in ports], cmd=NGINX_COMMAND)
+        assert wait_for_200(container.ip, 80, 30, SMALL_PATH)
+        added = daemon.added_rules()
+        assert {"DOCKER", "DOCKER-USER"} <= set(added.tables["filter"].chains)
+        dnat = [ln for ln in added.tables["nat"].chain_rules if "DNAT" in ln]
+        assert sorted(int(ln.split("--dport ")[1].split()[0]) for ln in dnat) == ports
+        os.kill(daemon.process.pid, signal.SIGKILL)
+        daemon.process.wait()
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    after = parse_save(_iptables_save(), 4)
+    assert dockerd_leftovers(name, str(subnet)) == []
+    assert not (RECORDS / f"{name}.json").exists()
+    processes = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True)
+    assert str(workdir) not in processes.stdout
+    assert str(workdir) not in Path("/proc/mounts").read_text()
+    assert after.docker_chains() == [] or not _no_other_dockerd(), after.docker_chains()
+    for table, rules in before.rules.items():
+        # Other tests' firewalls (all named pye*) may change meanwhile; everything else stays.
+        kept = [ln for ln in rules if "pye" not in ln.lower()]
+        assert all(ln in after.rules.get(table, []) for ln in kept), table
+    assert not any(name in ln for rules in after.rules.values() for ln in rules)
+
+
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _iptables_save() -> str:
+    return subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+
+
+def _no_other_dockerd() -> bool:
+    processes = subprocess.run(["ps", "-eww", "-o", "comm"], capture_output=True, text=True)
+    return "dockerd" not in processes.stdout.split()
 
 
 def _assert_run_removed(run_id: str, doc: dict[str, Any] | None = None) -> None:
@@ -389,6 +580,7 @@ def _synthetic_results() -> Results:
             results.add(Sample("publish", "run", f"{mode}/nftables", 0, values=run, params=params))
             if mode == "dnat" and n:
                 rate = {"req_s": 18000.0, "p50_ms": 0.8, "p99_ms": 5.0, "errors": 0.0}
+                rate |= {"connect_p50_ms": 0.1, "connect_p99_ms": 0.2}
                 results.add(Sample("connrate", "http-close", "dnat/nftables", 0, rate, params))
         first = {"first_200_s": 0.3, "run_returned_s": 0.25}
         results.add(
