@@ -268,6 +268,27 @@ def _mounts_under(root: Path) -> list[str]:
     return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
 
 
+def wait_until_answering(daemon: BenchDaemon, what: str) -> None:
+    """Until the daemon answers /_ping on its socket; BenchDaemonError when it exits first or
+    takes longer than START_TIMEOUT_SECONDS."""
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if daemon.process.poll() is not None:
+            raise BenchDaemonError(
+                f"{what} exited at start (status {daemon.process.returncode}):\n{daemon.log_tail()}"
+            )
+        if daemon.socket_path.exists():
+            try:
+                daemon.client.ping()
+                return
+            except (DaemonUnreachable, DaemonError, OSError):
+                pass
+        time.sleep(0.1)
+    raise BenchDaemonError(
+        f"{what} did not answer within {START_TIMEOUT_SECONDS} s:\n{daemon.log_tail()}"
+    )
+
+
 def start_daemon(
     workdir: Path, name: str, bip: str, userland_proxy: bool, backend: str
 ) -> BenchDaemon:
@@ -298,25 +319,9 @@ def start_daemon(
             start_new_session=True,  # ^C in the terminal reaches the harness only
         )
     daemon = BenchDaemon(name, bip, userland_proxy, backend, workdir, process)
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
     try:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchDaemonError(
-                    f"pyengined {name} exited at start (status {process.returncode}):\n"
-                    f"{daemon.log_tail()}"
-                )
-            if daemon.socket_path.exists():
-                try:
-                    daemon.client.ping()
-                    return daemon
-                except (DaemonUnreachable, DaemonError, OSError):
-                    pass
-            time.sleep(0.1)
-        raise BenchDaemonError(
-            f"pyengined {name} did not answer within {START_TIMEOUT_SECONDS} s:\n"
-            f"{daemon.log_tail()}"
-        )
+        wait_until_answering(daemon, f"pyengined {name}")
+        return daemon
     except BaseException:
         daemon.stop()
         raise

@@ -41,7 +41,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from bench import procfs
-from bench.daemons import BenchDaemon, BenchDaemonError, _mounts_under
+from bench.daemons import BenchDaemon, BenchDaemonError, _mounts_under, wait_until_answering
 from bench.dockerarchive import write_docker_archive
 from bench.iptablesdiff import (
     PROGRAMS,
@@ -56,7 +56,6 @@ from bench.iptablesdiff import (
     save_text,
 )
 from bench.tools import which
-from engine.client import DaemonError, DaemonUnreachable
 from netd.jsonstate import read_json, write_json_atomic
 
 LOCK_PATH = Path("/run/lock/pyebench-dockerd.lock")
@@ -546,23 +545,8 @@ def start_dockerd(
     daemon = DockerDaemon(name, bip, userland_proxy, "dockerd", workdir, process, record, lock)
     try:
         record.save()
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise BenchDaemonError(
-                    f"dockerd {name} exited at start (status {process.returncode}):\n"
-                    f"{daemon.log_tail()}"
-                )
-            if daemon.socket_path.exists():
-                try:
-                    daemon.client.ping()
-                    return daemon
-                except (DaemonUnreachable, DaemonError, OSError):
-                    pass
-            time.sleep(0.1)
-        raise BenchDaemonError(
-            f"dockerd {name} did not answer within {START_TIMEOUT_SECONDS} s:\n{daemon.log_tail()}"
-        )
+        wait_until_answering(daemon, f"dockerd {name}")
+        return daemon
     except BaseException:
         daemon.stop()
         raise
