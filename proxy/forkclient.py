@@ -18,7 +18,14 @@ import sys
 from typing import Any
 
 from proxy.childprocess import ChildProcess, spawn_with_fds, watch_process
-from proxy.forkserver import CONTROL_FD, MAX_FDS, MAX_MESSAGE, ForkServerError, decode, encode
+from proxy.forkserver import (
+    CONTROL_FD,
+    MAX_FDS,
+    MAX_MESSAGE,
+    ForkServerError,
+    decode,
+    encode_request,
+)
 
 log = logging.getLogger("proxy.forkserver")
 
@@ -66,9 +73,10 @@ class ForkServerClient:
         self._pending[request_id] = reply
         targets = list(fds)
         try:
-            payload = encode(
-                {"id": request_id, "argv": argv, "fds": targets, "outlive_parent": outlive_parent}
-            )
+            try:
+                payload = encode_request(request_id, argv, targets, outlive_parent=outlive_parent)
+            except ValueError as err:
+                raise ForkServerError(str(err)) from None
             try:
                 socket.send_fds(control, [payload], [fds[n] for n in targets])
             except OSError as err:

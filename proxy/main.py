@@ -17,7 +17,7 @@ from importlib import metadata
 
 import uvloop
 
-from proxy.handshake import StartupStatus
+from proxy.handshake import LISTEN_FD, StartupStatus
 from proxy.idle import STOP_SIGNALS, IdleWait
 from proxy.listener import ListenerError, open_listener
 from proxy.options import USAGE, ProxyOptions, UsageError, parse_command_line
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pyengine-proxy version {_version()}")
         sys.exit(0)
     assert command.options is not None
-    _configure_logging(command.options)
+    configure_logging(command.options)
     sys.exit(run(command.options, status))
 
 
@@ -56,7 +56,7 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
     the fork server runs it to warm up."""
     if status.has_parent:
         _exit_with_parent()
-    _raise_open_file_limit()
+    raise_open_file_limit()
     try:
         listener = open_listener(options)
     except ListenerError as err:
@@ -90,23 +90,51 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
     # clean-up, and every object not created is a page a forked proxy does not copy.
     loop = uvloop.new_event_loop()
     try:
-        return loop.run_until_complete(_serve(options, listener, idle))
+        stopping = idle is None or idle.stop_requested
+        return loop.run_until_complete(
+            _serve(options, listener, rehearsal=idle is None, stopping=stopping)
+        )
     finally:
         loop.close()
 
 
-async def _serve(options: ProxyOptions, listener: socket.socket, idle: IdleWait | None) -> int:
-    """Proxy until stopped; ``idle``: the idle phase's signal catcher (None: a rehearsal, which
-    stops at once)."""
+def serve_ready_listener(options: ProxyOptions) -> int:
+    """Proxy on fd 4, a listener already made ready, reported, and readable (a proxy that the
+    fork server's C loop forked and that has seen its first traffic); SIGINT and SIGTERM are
+    blocked until the event loop handles them. Returns the exit code."""
+    raise_open_file_limit()
+    listener = socket.socket(fileno=LISTEN_FD)
+    listener.setblocking(False)
+    gc.enable()  # see run()
+    loop = uvloop.new_event_loop()
+    try:
+        return loop.run_until_complete(
+            _serve(options, listener, rehearsal=False, stopping=False, unblock_signals=True)
+        )
+    finally:
+        loop.close()
+
+
+async def _serve(
+    options: ProxyOptions,
+    listener: socket.socket,
+    *,
+    rehearsal: bool,
+    stopping: bool,
+    unblock_signals: bool = False,
+) -> int:
+    """Proxy until stopped. ``rehearsal``: start and stop at once; ``stopping``: a stop signal
+    came already; ``unblock_signals``: SIGINT and SIGTERM are blocked, unblock them once the
+    loop handles them (one that is pending is then delivered)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    if idle is None:
-        stop_requested.set()
-    else:
+    if not rehearsal:
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop_requested.set)
-        if idle.stop_requested:  # caught after the idle phase, before the loop's handlers
-            stop_requested.set()
+        if unblock_signals:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    if rehearsal or stopping:
+        stop_requested.set()
     proxy: TcpProxy | UdpProxy
     if options.proto == "tcp":
         proxy = TcpProxy(
@@ -165,7 +193,7 @@ def install_log_handler() -> ProxyLogFormatter:
     return formatter
 
 
-def _configure_logging(options: ProxyOptions) -> None:
+def configure_logging(options: ProxyOptions) -> None:
     install_log_handler().prefix = f"pyengine-proxy {options.describe()}"
 
 
@@ -176,7 +204,7 @@ def _exit_with_parent() -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable")
 
 
-def _raise_open_file_limit() -> None:
+def raise_open_file_limit() -> None:
     # Every TCP connection costs six fds (two sockets, two pipes); use all the hard limit allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:

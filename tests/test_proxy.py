@@ -1000,7 +1000,7 @@ def test_fork_server_proxy_is_named_and_holds_none_of_the_servers_fds(
             with open(f"/proc/{pid}/comm") as comm:
                 assert comm.read().strip() == "pyengine-proxy"
             assert os.readlink(f"/proc/{pid}/fd/4").startswith("socket:")  # the listener
-            # Neither the server's control socket nor its spare's channel leaked into the proxy.
+            # Neither the server's control socket nor its signalfd leaked into the proxy.
             assert not _socket_inodes(pid) & _socket_inodes(server_pid)
             reply = await asyncio.to_thread(tcp_roundtrip, "127.0.0.1", port, b"forked")
             assert reply == b"forked"
@@ -1033,7 +1033,7 @@ def test_fork_server_death_restarts_its_proxies_on_the_same_sockets(
             old_pids = set(supervisor.pids().values())
             old_server = supervisor.fork_server_pid
             assert old_server is not None
-            orphans.update(_children_of(old_server))  # its proxies and its spare
+            orphans.update(_children_of(old_server))  # its proxies
             assert old_pids <= orphans
             os.kill(old_server, signal.SIGKILL)
             # Its proxies get SIGTERM from the kernel (PR_SET_PDEATHSIG) and drop what they had
