@@ -36,6 +36,8 @@ _INHERITED_OPTIONS = (
 )
 _ACCEPT_BATCH = 64
 _ACCEPT_PAUSE_SECONDS = 0.1
+# Errors only a connection attempt reports (connect(2)); an established one gets ECONNRESET.
+_CONNECT_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 # accept(2): errors about one aborted connection; the next one may be fine.
 _ACCEPT_RETRY_ERRNOS = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
@@ -179,9 +181,16 @@ class TcpConnection:
         status = backend.connect_ex(address)
         if status == 0:
             self._start_relaying()
+        elif status == errno.EINPROGRESS and self._proxy.proxy_protocol is None:
+            # To a local backend (a bridge, loopback) the handshake is usually over by the time
+            # connect(2) returns EINPROGRESS (the SYN-ACK was processed on the way out), so
+            # relay at once rather than wait a loop iteration for writability: a splice into a
+            # socket still connecting fails with EAGAIN and the relay waits for it to turn
+            # writable; one whose connection failed reports the error (tcp(7), connect(2)).
+            self._start_relaying()
         elif status == errno.EINPROGRESS:
             # connect(2): with O_NONBLOCK the socket turns writable when the handshake is over;
-            # SO_ERROR then says whether it worked.
+            # SO_ERROR then says whether it worked. The PROXY protocol header goes first.
             self._connecting = True
             self._loop.add_writer(backend.fileno(), self._on_connect_done)
         else:
@@ -292,8 +301,11 @@ class Relay:
         try:
             self._pump(self._pipe)
         except OSError as err:
-            # A reset or a vanished peer is routine for a proxy; do not log it loudly.
-            self._connection.fail(err.strerror or str(err), level=logging.DEBUG)
+            if err.errno in _CONNECT_ERRNOS:  # reported by a splice while it was connecting
+                self._connection.fail(f"cannot connect to backend: {err.strerror}")
+            else:
+                # A reset or a vanished peer is routine for a proxy; do not log it loudly.
+                self._connection.fail(err.strerror or str(err), level=logging.DEBUG)
         except Exception:
             log.exception("relay failed")
             self._connection.close()

@@ -28,6 +28,7 @@ import pytest
 import uvloop
 
 from proxy import proxyprotocol
+from proxy.childprocess import ChildProcess
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
 from proxy.loopbench import extract_rootfs
@@ -1114,6 +1115,68 @@ def test_supervisor_reports_start_up_errors() -> None:
                 await missing.start("missing", spec, tcp_socket)
 
     run_on("asyncio", scenario())
+
+
+def _private_dirty_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no Private_Dirty in /proc/{pid}/smaps_rollup")
+
+
+def _status_pipe() -> tuple[int, int]:
+    return os.pipe2(os.O_CLOEXEC)
+
+
+def test_fork_server_proxy_idles_outside_python_and_stops_with_exit_code_zero(
+    tcp_server: Callable[..., tuple[str, int]],
+) -> None:
+    """A forked proxy waits for its first traffic in the fork server's C loop: it shares the
+    server's pages (a Python wait would hold private copies of ~1.5 MB of them), and SIGTERM,
+    idle or serving, closes it with exit code 0, as docker-proxy."""
+    backend = tcp_server()
+
+    async def start(client: ForkServerClient) -> tuple[int, ChildProcess]:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            port = listener.getsockname()[1]
+            status_read, status_write = _status_pipe()
+            args = ["-proto", "tcp", "-host-ip", "127.0.0.1", "-host-port", str(port)]
+            args += ["-container-ip", backend[0], "-container-port", str(backend[1])]
+            try:
+                child = await client.spawn(
+                    [*args, "-use-listen-fd"], {3: status_write, 4: listener.fileno()}
+                )
+            finally:
+                os.close(status_write)
+            try:
+                status = await asyncio.to_thread(os.read, status_read, 64)
+            finally:
+                os.close(status_read)
+        assert status == b"0\n"
+        return port, child
+
+    async def scenario() -> None:
+        client = ForkServerClient()
+        try:
+            idle_port, idle = await start(client)
+            busy_port, busy = await start(client)
+            await asyncio.sleep(0.2)
+            assert _private_dirty_kb(idle.pid) < 400
+            reply = await asyncio.to_thread(tcp_roundtrip, "127.0.0.1", busy_port, b"wakes")
+            assert reply == b"wakes"
+            for child in (idle, busy):
+                child.send_signal(signal.SIGTERM)
+                code = await asyncio.wait_for(child.exited, IO_TIMEOUT)
+                assert code == 0
+            for port in (idle_port, busy_port):
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT).close()
+        finally:
+            await client.close()
+
+    run_on("uvloop", scenario())
 
 
 def test_fork_server_that_cannot_start_is_reported() -> None:
