@@ -6,7 +6,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 
-DEFAULT_PIPE_SIZE = 256 * 1024
+DEFAULT_PIPE_SIZE = 1024 * 1024
 # Two per connection; enough for 64 connections at once. An idle pipe holds two fds and no
 # buffer pages (pipe(7): pages are allocated as data is written).
 DEFAULT_MAX_IDLE_PIPES = 128
