@@ -19,6 +19,7 @@ from proxy import proxyprotocol
 from proxy.listener import address_family
 from proxy.pipes import Pipe, PipePool
 from proxy.proxyprotocol import Address
+from proxy.readiness import Readiness
 
 log = logging.getLogger("proxy.tcp")
 
@@ -62,6 +63,7 @@ class TcpProxy:
         self._backend_family = address_family(backend_ip)
         self._backend_address = (backend_ip, backend_port)
         self._pipe_pool = pipe_pool if pipe_pool is not None else PipePool()
+        self.readiness = Readiness(loop)  # the connections' sockets; the listener is the loop's
         self.proxy_protocol = proxy_protocol
         self._connections: set[TcpConnection] = set()
         self._accepting = False
@@ -95,6 +97,7 @@ class TcpProxy:
         self._listener.close()
         for connection in list(self._connections):
             connection.close()
+        self.readiness.close()
         self._pipe_pool.close()
 
     def forget(self, connection: TcpConnection) -> None:
@@ -167,12 +170,12 @@ class TcpConnection:
 
     def connect_backend(self, family: socket.AddressFamily, address: tuple[str, int]) -> None:
         try:
-            backend = socket.socket(family, socket.SOCK_STREAM)
+            # Non-blocking from the start (socket(2) SOCK_NONBLOCK): no ioctl to make it so.
+            backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as err:
             self.fail(f"cannot create backend socket: {err.strerror}")
             return
         self._backend = backend
-        backend.setblocking(False)
         for level, option in _INHERITED_OPTIONS:  # the client socket has them from the listener
             try:
                 backend.setsockopt(level, option, 1)
@@ -192,13 +195,13 @@ class TcpConnection:
             # connect(2): with O_NONBLOCK the socket turns writable when the handshake is over;
             # SO_ERROR then says whether it worked. The PROXY protocol header goes first.
             self._connecting = True
-            self._loop.add_writer(backend.fileno(), self._on_connect_done)
+            self._proxy.readiness.set_writer(backend.fileno(), self._on_connect_done)
         else:
             self.fail(f"cannot connect to backend: {os.strerror(status)}")
 
     def _on_connect_done(self) -> None:
         assert self._backend is not None
-        self._loop.remove_writer(self._backend.fileno())
+        self._proxy.readiness.set_writer(self._backend.fileno(), None)
         self._connecting = False
         status = self._backend.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if status != 0:
@@ -241,8 +244,11 @@ class TcpConnection:
         return True
 
     def relay_finished(self) -> None:
-        if all(relay.finished for relay in self._relays):
+        if self.both_finished():
             self.close()
+
+    def both_finished(self) -> bool:
+        return all(relay.finished for relay in self._relays)
 
     def fail(self, reason: str, *, level: int = logging.INFO) -> None:
         if not self._closed:
@@ -253,11 +259,15 @@ class TcpConnection:
         if self._closed:
             return
         self._closed = True
+        # Closing the sockets takes them out of the epoll set; forgotten first, the relays'
+        # detach() costs no epoll_ctl.
+        readiness = self._proxy.readiness
+        readiness.forget(self._client.fileno())
+        if self._backend is not None:
+            readiness.forget(self._backend.fileno())
         for relay in self._relays:
             relay.detach()
         if self._backend is not None:
-            if self._connecting:
-                self._loop.remove_writer(self._backend.fileno())
             self._backend.close()
         self._client.close()
         self._proxy.forget(self)
@@ -281,6 +291,7 @@ class Relay:
         self._source_fd = source.fileno()
         self._destination_fd = destination.fileno()
         self._proxy = proxy
+        self._readiness = proxy.readiness
         self._pipe: Pipe | None = proxy.acquire_pipe()
         self._buffered = 0
         self._source_eof = False
@@ -349,27 +360,25 @@ class Relay:
             self._loop.call_soon(self.pump)
 
     def _finish(self) -> None:
-        self._wait_for(readable=False, writable=False)
-        try:
-            self._destination.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
         self.finished = True
+        if not self._connection.both_finished():
+            self._wait_for(readable=False, writable=False)
+            # Half-close: the destination learns that no more comes this way. After the
+            # second relay, both sockets are closed at once (which sends the FIN anyway, and
+            # takes them out of the epoll set).
+            try:
+                self._destination.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
         self._release_pipe()
         self._connection.relay_finished()
 
     def _wait_for(self, *, readable: bool, writable: bool) -> None:
         if readable != self._waiting_readable:
-            if readable:
-                self._loop.add_reader(self._source_fd, self.pump)
-            else:
-                self._loop.remove_reader(self._source_fd)
+            self._readiness.set_reader(self._source_fd, self.pump if readable else None)
             self._waiting_readable = readable
         if writable != self._waiting_writable:
-            if writable:
-                self._loop.add_writer(self._destination_fd, self.pump)
-            else:
-                self._loop.remove_writer(self._destination_fd)
+            self._readiness.set_writer(self._destination_fd, self.pump if writable else None)
             self._waiting_writable = writable
 
     def _release_pipe(self) -> None:
