@@ -13,7 +13,6 @@ import resource
 import signal
 import socket
 import sys
-from importlib import metadata
 
 import uvloop
 
@@ -215,6 +214,8 @@ def raise_open_file_limit() -> None:
 
 
 def _version() -> str:
+    from importlib import metadata  # only here: it imports email, zipfile, csv ... (~2 MB)
+
     try:
         return metadata.version("pyengine")
     except metadata.PackageNotFoundError:
