@@ -44,23 +44,11 @@ class Readiness:
 
     def set_reader(self, fd: int, callback: Callback | None) -> None:
         """Call ``callback`` while ``fd`` is readable (or has an error); None: stop."""
-        watch = self._watches.get(fd)
-        if watch is None:
-            if callback is None:
-                return
-            watch = self._watches[fd] = _Watch()
-        watch.reader = callback
-        self._update(fd, watch)
+        self._set(fd, callback, reading=True)
 
     def set_writer(self, fd: int, callback: Callback | None) -> None:
         """Call ``callback`` while ``fd`` is writable (or has an error); None: stop."""
-        watch = self._watches.get(fd)
-        if watch is None:
-            if callback is None:
-                return
-            watch = self._watches[fd] = _Watch()
-        watch.writer = callback
-        self._update(fd, watch)
+        self._set(fd, callback, reading=False)
 
     def forget(self, fd: int) -> None:
         """Stop watching ``fd``, which is about to be closed (that removes it from the set)."""
@@ -70,6 +58,18 @@ class Readiness:
         self._loop.remove_reader(self._epoll.fileno())
         self._epoll.close()
         self._watches.clear()
+
+    def _set(self, fd: int, callback: Callback | None, *, reading: bool) -> None:
+        watch = self._watches.get(fd)
+        if watch is None:
+            if callback is None:
+                return
+            watch = self._watches[fd] = _Watch()
+        if reading:
+            watch.reader = callback
+        else:
+            watch.writer = callback
+        self._update(fd, watch)
 
     def _update(self, fd: int, watch: _Watch) -> None:
         mask = (_IN if watch.reader is not None else 0) | (_OUT if watch.writer is not None else 0)
