@@ -225,13 +225,17 @@ static int wait_for_traffic(void)
 
 /* In the new child: become the proxy the request describes; returns (payload, ready). */
 static PyObject *become_proxy(const struct request_header *header, const char *payload,
-                              size_t payload_length, const int *fds)
+                              size_t payload_length, const int *fds, pid_t server)
 {
     int ready = 0;
     setpgid(0, 0); /* a process group of its own, like a posix_spawn(setpgroup=0) proxy */
-    /* prctl(2): PR_SET_PDEATHSIG is cleared by fork(2) in the child already. */
-    if (!(header->flags & FLAG_OUTLIVE_PARENT))
+    /* prctl(2): PR_SET_PDEATHSIG is cleared by fork(2) in the child already; a server that
+     * died before this call sends nothing, so check that it is still the parent. */
+    if (!(header->flags & FLAG_OUTLIVE_PARENT)) {
         prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0);
+        if (getppid() != server)
+            _exit(0);
+    }
     prctl(PR_SET_NAME, "pyengine-proxy", 0, 0, 0);
     sigset_t signals;
     sigemptyset(&signals);
@@ -292,10 +296,11 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
         send_error(control, header.id, 1, "bad request", EINVAL);
         return NULL;
     }
+    pid_t server = getpid();
     pid_t pid = fork();
     if (pid == 0)
         return become_proxy(&header, request_buffer + sizeof(header),
-                            (size_t)length - sizeof(header), fds);
+                            (size_t)length - sizeof(header), fds, server);
     close_fds(fds, fd_count);
     if (pid < 0) {
         send_error(control, header.id, 1, "fork", errno);

@@ -58,12 +58,12 @@ from proxy.prctl import outlive_parent, set_parent_death_signal
 
 CONTROL_FD = 3
 MAX_MESSAGE = 64 * 1024
-MAX_FDS = 8
+MAX_FDS = _forkloop.MAX_FDS  # fds per message, either way
 PROCESS_NAME = b"pyengine-proxy"
 REHEARSALS = 3
 ASSIGNED_FDS = (STATUS_FD, LISTEN_FD)  # the fd numbers a request can give a proxy
 # struct request_header in proxy/_forkloop.c: magic, id, flags, fd count, fd numbers, padding.
-_HEADER = struct.Struct(f"=IIIB{_forkloop.MAX_FDS}s3x")
+_HEADER = struct.Struct(f"=IIIB{MAX_FDS}s3x")
 
 
 class ForkServerError(Exception):
