@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from bench import procfs
 from engine.client import Client, DaemonError, DaemonUnreachable
+from engine.rootfs import mounts_under
 from netd.jsonstate import read_json
 
 BIN = Path(sys.executable).parent
@@ -227,21 +228,8 @@ class BenchDaemon:
     def sweep(self) -> None:
         """Remove what a dead daemon left: containers, mounts, namespaces, veths, its table
         and its bridge. Only objects named in this daemon's own state or flags are touched."""
-        runc_root = self.data_root / "runc"
-        if runc_root.is_dir():
-            listed = subprocess.run(
-                ["runc", "--root", str(runc_root), "list", "-q"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            for container_id in listed.stdout.split():
-                subprocess.run(
-                    ["runc", "--root", str(runc_root), "delete", "-f", container_id],
-                    capture_output=True,
-                    timeout=30,
-                )
-        for mount_point in _mounts_under(self.data_root):
+        delete_runc_containers(self.data_root / "runc")
+        for mount_point in mounts_under(self.data_root):
             subprocess.run(["umount", "-l", mount_point], capture_output=True, timeout=30)
         state = read_json(self.data_root / "network" / "endpoints.json", {}) or {}
         for endpoint in state.get("endpoints", {}).values():
@@ -260,12 +248,22 @@ class BenchDaemon:
             subprocess.run(["ip", "link", "del", self.name], capture_output=True)
 
 
-def _mounts_under(root: Path) -> list[str]:
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/mounts") as f:
-        points = [line.split()[1] for line in f]
-    # Deepest first, so nested mounts come off before their parents.
-    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+def delete_runc_containers(runc_root: Path) -> None:
+    """``runc delete -f`` every container runc knows under ``runc_root`` (if it exists)."""
+    if not runc_root.is_dir():
+        return
+    listed = subprocess.run(
+        ["runc", "--root", str(runc_root), "list", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    for container_id in listed.stdout.split():
+        subprocess.run(
+            ["runc", "--root", str(runc_root), "delete", "-f", container_id],
+            capture_output=True,
+            timeout=30,
+        )
 
 
 def wait_until_answering(daemon: BenchDaemon, what: str) -> None:

@@ -41,7 +41,12 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 from bench import procfs
-from bench.daemons import BenchDaemon, BenchDaemonError, _mounts_under, wait_until_answering
+from bench.daemons import (
+    BenchDaemon,
+    BenchDaemonError,
+    delete_runc_containers,
+    wait_until_answering,
+)
 from bench.dockerarchive import write_docker_archive
 from bench.iptablesdiff import (
     PROGRAMS,
@@ -56,6 +61,7 @@ from bench.iptablesdiff import (
     save_text,
 )
 from bench.tools import which
+from engine.rootfs import mounts_under
 from netd.jsonstate import read_json, write_json_atomic
 
 LOCK_PATH = Path("/run/lock/pyebench-dockerd.lock")
@@ -206,20 +212,7 @@ def _kill_processes(record: DockerdRecord) -> list[str]:
     """Stop the containers (runc, then whatever is left in the cgroup parent) and the
     daemon's own processes."""
     failures = []
-    runc_root = record.exec_root / "runtime-runc" / "moby"
-    if runc_root.is_dir():
-        listed = subprocess.run(
-            ["runc", "--root", str(runc_root), "list", "-q"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        for container_id in listed.stdout.split():
-            subprocess.run(
-                ["runc", "--root", str(runc_root), "delete", "-f", container_id],
-                capture_output=True,
-                timeout=30,
-            )
+    delete_runc_containers(record.exec_root / "runtime-runc" / "moby")
     deadline = time.monotonic() + 10
     while pids := _cgroup_members(record.name) + _processes_of(record):
         if time.monotonic() > deadline:
@@ -319,9 +312,9 @@ def _remove_workdir(record: DockerdRecord) -> list[str]:
     workdir = Path(record.workdir)
     if not workdir.exists():
         return []
-    for mount_point in _mounts_under(workdir):
+    for mount_point in mounts_under(workdir):
         subprocess.run(["umount", "-l", mount_point], capture_output=True, timeout=30)
-    if _mounts_under(workdir):
+    if mounts_under(workdir):
         return [f"{workdir} still has mounts; left in place"]
     shutil.rmtree(workdir, ignore_errors=True)
     return [f"{workdir} could not be removed"] if workdir.exists() else []
@@ -332,7 +325,7 @@ def undo(record: DockerdRecord) -> None:
     of its processes still alive are killed first). Deletes the record when all went well."""
     failures = _kill_processes(record)
     if not failures:
-        for mount_point in _mounts_under(Path(record.workdir)):
+        for mount_point in mounts_under(Path(record.workdir)):
             subprocess.run(["umount", "-l", mount_point], capture_output=True, timeout=30)
         failures += _remove_cgroups(record.name)
     failures += _remove_iptables(record)

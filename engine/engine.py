@@ -128,6 +128,21 @@ def parse_signal(sig: str) -> str:
         raise InvalidParameter(f"Invalid signal: {sig}") from e
 
 
+def _network_record(endpoint: Endpoint, published: list[PublishedPort]) -> NetworkRecord:
+    """What a container's record keeps of its first endpoint and its published ports."""
+    return NetworkRecord(
+        ip=endpoint.ip,
+        prefixlen=endpoint.prefixlen,
+        gateway=endpoint.gateway,
+        mac=endpoint.mac,
+        netns_path=endpoint.netns_path,
+        ports=[
+            PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
+            for p in published
+        ],
+    )
+
+
 def _proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> str:
     return f"{container_id}/{proto}/{host_ip}/{host_port}"
 
@@ -420,17 +435,7 @@ class Engine:
                     key = _proxy_key(c.id, p.proto, p.host_ip, p.host_port)
                     undo.append(lambda key=key: self.proxies.stop(key))
                     await self.proxies.start(key, self._proxy_spec(c, p), p.sock)
-            c.network = NetworkRecord(
-                ip=endpoint.ip,
-                prefixlen=endpoint.prefixlen,
-                gateway=endpoint.gateway,
-                mac=endpoint.mac,
-                netns_path=endpoint.netns_path,
-                ports=[
-                    PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
-                    for p in published
-                ],
-            )
+            c.network = _network_record(endpoint, published)
             layers = self.images.layer_dirs(image)
             for sub in ("upper", "work"):
                 (cdir / "overlay" / sub).mkdir(parents=True, exist_ok=True)
@@ -847,18 +852,7 @@ class Engine:
         if not endpoints:
             c.network = NetworkRecord(netns_path=c.network.netns_path)
             return
-        first = endpoints[0]
-        c.network = NetworkRecord(
-            ip=first.ip,
-            prefixlen=first.prefixlen,
-            gateway=first.gateway,
-            mac=first.mac,
-            netns_path=first.netns_path,
-            ports=[
-                PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
-                for p in published
-            ],
-        )
+        c.network = _network_record(endpoints[0], published)
 
     async def rename(self, ref: str, new_name: str) -> None:
         """Docker's ``rename``; the embedded DNS answers the new name at once."""

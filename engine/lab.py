@@ -45,6 +45,7 @@ from typing import Any
 
 import click
 
+from engine.rootfs import mounts_under
 from netd.firewall import BACKENDS, make_firewall
 from netd.jsonstate import read_json, write_json_atomic
 
@@ -534,16 +535,6 @@ def _stop_daemon(d: LabDaemon) -> list[str]:
     return ids
 
 
-def _mounts_under(directory: Path) -> list[str]:
-    found = []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        # /proc/mounts escapes spaces and the like as octal (fstab(5)).
-        point = line.split()[1].encode().decode("unicode_escape")
-        if point == str(directory) or point.startswith(f"{directory}/"):
-            found.append(point)
-    return sorted(found, key=len, reverse=True)
-
-
 def _processes_under(root: Path) -> list[int]:
     """The daemon and container monitors working under ``root`` (their arguments name it)."""
     prefix = str(root)
@@ -591,7 +582,7 @@ def _remove_daemon_leftovers(lab: LabState, d: LabDaemon) -> None:
         firewall = make_firewall(lab.firewall_backend, d.table, d.userland_proxy)
         if firewall.installed():
             firewall.uninstall()
-    for point in _mounts_under(Path(d.root)):
+    for point in mounts_under(Path(d.root)):
         _run(["umount", "-l", point])
 
 
@@ -616,7 +607,7 @@ def leftovers(lab: LabState, containers: Iterable[str] = ()) -> list[str]:
             if make_firewall(lab.firewall_backend, d.table, d.userland_proxy).installed():
                 found.append(f"{lab.firewall_backend} {d.table}")
         found += [f"process {pid} of {d.role}" for pid in _processes_under(Path(d.root))]
-        found += [f"mount {m}" for m in _mounts_under(Path(d.root))]
+        found += [f"mount {m}" for m in mounts_under(Path(d.root))]
     return found
 
 

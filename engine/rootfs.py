@@ -188,15 +188,26 @@ def _unescape_mountinfo(field: str) -> str:
     return "".join(out)
 
 
+def _mount_points() -> list[str]:
+    """Every mount point in this process's mount namespace (/proc/self/mountinfo field 5)."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        return [
+            _unescape_mountinfo(fields[4])
+            for fields in (line.split(" ") for line in f)
+            if len(fields) > 4
+        ]
+
+
 def is_mounted(target: Path) -> bool:
     """Whether something is mounted on ``target`` in this process's mount namespace."""
-    wanted = os.path.realpath(target)
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split(" ")
-            if len(fields) > 4 and _unescape_mountinfo(fields[4]) == wanted:
-                return True
-    return False
+    return os.path.realpath(target) in _mount_points()
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """The mount points at or below ``directory``, deepest first (the order to unmount)."""
+    root = os.path.realpath(directory)
+    found = [p for p in _mount_points() if p == root or p.startswith(root + "/")]
+    return sorted(found, key=len, reverse=True)
 
 
 def unmount(target: Path) -> None:

@@ -97,12 +97,6 @@ def _monitor_pids(container_id: str) -> list[int]:
     return pids
 
 
-def _mounts_under(directory: Path) -> list[str]:
-    prefix = str(directory.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(prefix)]
-
-
 def _runc_ids(runc_root: Path) -> list[str]:
     result = subprocess.run(
         ["runc", "--root", str(runc_root), "list", "-q"], capture_output=True, text=True
@@ -234,7 +228,7 @@ def harness(tmp_path: Path, busybox_image: Path) -> Iterator[Harness]:
         leftovers = h.cleanup()
     assert not leftovers, f"left behind: {leftovers}"
     assert _runc_ids(tmp_path / "runc") == []
-    assert _mounts_under(tmp_path) == []
+    assert rootfs.mounts_under(tmp_path) == []
 
 
 @pytest.fixture
