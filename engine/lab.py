@@ -297,7 +297,7 @@ def _require_tools(*tools: str) -> None:
 
 def plan(options: LabOptions) -> LabState:
     """The lab ``options`` describe, checked for consistency (nothing is touched)."""
-    if not _PREFIX.match(options.prefix):
+    if not _PREFIX.fullmatch(options.prefix):
         raise LabError(f'invalid prefix "{options.prefix}" (pyelab, then at most 3 of a-z0-9)')
     if options.firewall_backend not in BACKENDS:
         raise LabError(f'unknown firewall backend "{options.firewall_backend}"')

@@ -64,7 +64,7 @@ class LogOptions:
 
 def parse_log_size(text: str) -> int:
     """'10m' → 10485760, '512k', '1g', '100' (bytes); ValueError when it is not a size."""
-    match = _SIZE_RE.match(text.strip())
+    match = _SIZE_RE.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"invalid size: {text!r}")
     return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])

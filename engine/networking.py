@@ -78,7 +78,7 @@ def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> 
             "network-scoped alias is supported only for containers in user defined networks"
         )
     for alias in aliases:
-        if not _ALIAS.match(alias):
+        if not _ALIAS.fullmatch(alias):
             raise NetworkRequestError(f'invalid network alias "{alias}"')
     unique = list(dict.fromkeys(aliases))
     return NetworkAttachment(network.id, network.name, ip, unique, ip6)

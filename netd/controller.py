@@ -666,7 +666,7 @@ class NetworkController:
             sandbox.set_default_route(sb.netns_name, via6, socket.AF_INET6)
 
     def _check_container_id(self, container_id: str) -> None:
-        if not isinstance(container_id, str) or not _CONTAINER_ID.match(container_id):
+        if not isinstance(container_id, str) or not _CONTAINER_ID.fullmatch(container_id):
             raise NetdError(f'invalid container id "{container_id}"')
 
     def connect(
@@ -718,7 +718,7 @@ class NetworkController:
                 "with user configured subnets"
             )
         for alias in aliases:
-            if not isinstance(alias, str) or not _ALIAS.match(alias):
+            if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
                 raise NetdError(f'invalid alias "{alias}"')
 
         sb = st.sandboxes.get(container_id)

@@ -13,7 +13,7 @@ _HEX = re.compile(r"^[0-9a-f]+$")
 
 
 def valid_ifname(name: str) -> bool:
-    return bool(_IFNAME.match(name))
+    return bool(_IFNAME.fullmatch(name))
 
 
 def netns_name(prefix: str, container_id: str) -> str:
@@ -30,7 +30,7 @@ def host_veth_name(container_id: str, index: int = 0) -> str:
     """
     digits = container_id[:10].lower()
     if index == 0:
-        if len(digits) < 10 or not _HEX.match(digits):
+        if len(digits) < 10 or not _HEX.fullmatch(digits):
             digits = hashlib.sha256(container_id.encode()).hexdigest()[:10]
     else:
         digits = hashlib.sha256(f"{container_id}/eth{index}".encode()).hexdigest()[:10]

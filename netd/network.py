@@ -92,7 +92,7 @@ def default_network_id(bridge: str, gateway: IPv4Interface) -> str:
 
 
 def check_network_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise NetdError(
             f'invalid network name "{name}": only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed'
         )

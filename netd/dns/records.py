@@ -45,7 +45,7 @@ def normalize_name(name: str) -> str:
 
 def _checked_name(name: str) -> str:
     key = normalize_name(name)
-    if not key or len(key) > MAX_NAME or not _NAME.match(key):
+    if not key or len(key) > MAX_NAME or not _NAME.fullmatch(key):
         raise NetdError(f"invalid DNS name {name!r} for a container")
     if any(not label or len(label) > MAX_LABEL for label in key.split(".")):
         raise NetdError(f"invalid DNS name {name!r}: empty label or label over 63 characters")

@@ -215,7 +215,7 @@ class IptablesFirewall(Firewall):
         restore6: str = "ip6tables-restore",
         save6: str = "ip6tables-save",
     ) -> None:
-        if not _TABLE_NAME.match(table):
+        if not _TABLE_NAME.fullmatch(table):
             raise FirewallError(
                 f'invalid table name "{table}" for the iptables backend '
                 "(a letter, then at most 15 letters, digits or underscores)"

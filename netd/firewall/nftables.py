@@ -97,7 +97,7 @@ class NftablesFirewall(Firewall):
     """Owns ``table inet <table>``; touches nothing outside it."""
 
     def __init__(self, table: str, userland_proxy: bool) -> None:
-        if not _TABLE_NAME.match(table):
+        if not _TABLE_NAME.fullmatch(table):
             raise FirewallError(f'invalid nftables table name "{table}"')
         self.table = table
         self.userland_proxy = userland_proxy
