@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from engine.api_common import (
+    MAX_JSON_BODY,
     BadParameter,
     Forbidden,
     NotFound,
@@ -116,6 +117,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as e:
         if e.status == 404:
             return error_response(404, f"page not found: {request.method} {request.path}")
+        if e.status == 413:
+            return error_response(413, f"request body too large (at most {MAX_JSON_BODY} bytes)")
         if e.status >= 400:
             return error_response(e.status, f"{e.reason}: {request.method} {request.path}")
         raise
@@ -169,7 +172,10 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
 
 
 def make_app(engine: Engine) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, version_middleware], client_max_size=0)
+    # client_max_size bounds the bodies read whole (JSON); image archives are streamed.
+    app = web.Application(
+        middlewares=[errors_middleware, version_middleware], client_max_size=MAX_JSON_BODY
+    )
 
     async def end_streams(_app: web.Application) -> None:
         # Runs before the server waits for open requests: follows, attaches and waits end

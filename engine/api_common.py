@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import struct
 from datetime import datetime
@@ -73,21 +74,76 @@ def float_query(request: web.Request, name: str) -> float | None:
     if value in (None, ""):
         return None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise BadParameter(f"invalid value for {name}: {value!r}") from None
+    if not math.isfinite(number):
+        raise BadParameter(f"invalid value for {name}: {value!r}")
+    return number
+
+
+# Bodies are attacker-controlled: JSON bodies are read whole only up to this size (the app's
+# client_max_size; image archives are streamed and not bound by it), and parsed values are
+# bounded in depth, integer range and string content before any handler looks at them.
+MAX_JSON_BODY = 1 << 20
+MAX_JSON_DEPTH = 32
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_json_value(value: Any, what: str) -> None:
+    """Refuse what Docker's Go decoder would refuse or what could hurt later: nesting deeper than
+    MAX_JSON_DEPTH, integers outside int64, non-finite floats, NULs and lone surrogates in
+    strings. Iterative, so depth costs no Python recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise BadParameter(f"invalid {what}: nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, str):
+            if "\0" in item:
+                raise BadParameter(f"invalid {what}: a string contains a NUL character")
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                raise BadParameter(f"invalid {what}: a string is not valid UTF-8") from None
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int) and not INT64[0] <= item <= INT64[1]:
+            raise BadParameter(f"invalid {what}: number {item} out of range")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise BadParameter(f"invalid {what}: number out of range")
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """JSON from a client, checked by ``check_json_value``; any failure is a BadParameter."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadParameter(f"invalid {what}: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        # ValueError covers JSONDecodeError and CPython's limit on integer digits.
+        raise BadParameter(f"invalid {what}: {e}") from None
+    check_json_value(value, what)
+    return value
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
-    raw = await request.read()
+    raw = await request.read()  # HTTP 413 past the app's client_max_size (MAX_JSON_BODY)
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadParameter(f"invalid JSON body: {e}") from e
+    body = parse_json(raw, "JSON body")
     if not isinstance(body, dict):
         raise BadParameter("request body must be a JSON object")
     return body
@@ -98,10 +154,7 @@ def parse_filters(request: web.Request, allowed: set[str]) -> dict[str, list[str
     raw = request.query.get("filters")
     if not raw:
         return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise BadParameter(f"invalid filters: {e}") from e
+    data = parse_json(raw, "filters")
     if not isinstance(data, dict):
         raise BadParameter("invalid filters: not a JSON object")
     filters: dict[str, list[str]] = {}
@@ -110,10 +163,10 @@ def parse_filters(request: web.Request, allowed: set[str]) -> dict[str, list[str
             raise BadParameter(f"invalid filter '{key}'")
         if isinstance(value, dict):
             values = [str(k) for k, on in value.items() if on]
-        elif isinstance(value, list):
-            values = [str(v) for v in value]
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            values = list(value)
         else:
-            raise BadParameter(f"invalid filter '{key}': want a list or an object")
+            raise BadParameter(f"invalid filter '{key}': want a list of strings or an object")
         filters[key] = values
     return filters
 

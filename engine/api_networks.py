@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.api_bodies import NETWORK_CONNECT, NETWORK_CREATE, NETWORK_DISCONNECT, check
 from engine.api_common import (
     BadParameter,
     NotImplementedByEngine,
@@ -184,7 +185,7 @@ class NetworksApi:
         return json_response(self.inspect(net, flag(request, "verbose")))
 
     async def create(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
+        body = check(await json_body(request), NETWORK_CREATE)
         name = body.get("Name")
         if not isinstance(name, str) or not name:
             raise BadParameter("a network needs a name (Name)")
@@ -253,7 +254,7 @@ class NetworksApi:
         return web.Response(status=204)
 
     async def connect(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
+        body = check(await json_body(request), NETWORK_CONNECT)
         ref = body.get("Container")
         if not isinstance(ref, str) or not ref:
             raise BadParameter("Container is required")
@@ -265,7 +266,7 @@ class NetworksApi:
         return web.Response(status=200)
 
     async def disconnect(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
+        body = check(await json_body(request), NETWORK_DISCONNECT)
         ref = body.get("Container")
         if not isinstance(ref, str) or not ref:
             raise BadParameter("Container is required")

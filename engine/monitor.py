@@ -49,7 +49,10 @@ RUNC_LOG_NAME = "runc.log"
 READ_SIZE = 64 * 1024
 LOG_OPTIONS = ("max-size", "max-file")
 # Docker reads max-size with go-units' RAMInBytes: binary multiples, "10m" = 10 MiB.
-_SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE | re.ASCII)
+# Sizes are int64 in Docker; the file count bounds the rotation's rename loop.
+MAX_LOG_SIZE = (1 << 63) - 1
+MAX_LOG_FILES = 1024
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
@@ -67,7 +70,10 @@ def parse_log_size(text: str) -> int:
     match = _SIZE_RE.fullmatch(text.strip())
     if match is None:
         raise ValueError(f"invalid size: {text!r}")
-    return int(float(match[1]) * _SIZE_UNITS[match[2].lower()])
+    size = float(match[1]) * _SIZE_UNITS[match[2].lower()]
+    if not size <= MAX_LOG_SIZE:  # also inf, from a number of hundreds of digits
+        raise ValueError(f"invalid size: {text!r} (too large)")
+    return int(size)
 
 
 def parse_log_config(log_config: dict[str, Any] | None) -> LogOptions:
@@ -90,12 +96,14 @@ def parse_log_config(log_config: dict[str, Any] | None) -> LogOptions:
             raise ValueError("max-size must be a positive size")
     max_files = 1
     if options.get("max-file"):
-        try:
-            max_files = int(str(options["max-file"]))
-        except ValueError:
-            raise ValueError(f"invalid max-file: {options['max-file']!r}") from None
+        text = str(options["max-file"])
+        if not (text.isascii() and text.isdigit() and len(text) <= 6):
+            raise ValueError(f"invalid max-file: {text!r}")
+        max_files = int(text)
         if max_files < 1:
             raise ValueError("max-file cannot be less than 1")
+        if max_files > MAX_LOG_FILES:
+            raise ValueError(f"max-file cannot be more than {MAX_LOG_FILES}")
     return LogOptions(max_size=max_size, max_files=max_files)
 
 

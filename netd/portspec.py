@@ -139,12 +139,19 @@ def to_docker_port_bindings(bindings: list[PortBinding]) -> dict[str, list[dict[
 def from_docker_port_bindings(port_bindings: dict[str, Any] | None) -> list[PortBinding]:
     """The inverse of ``to_docker_port_bindings``; a null or empty list publishes nothing."""
     bindings: list[PortBinding] = []
+    if not isinstance(port_bindings or {}, dict):
+        raise ValueError("invalid port bindings: want an object")
     for key, entries in (port_bindings or {}).items():
         ctr_text, slash, proto = key.partition("/")
         proto = (proto if slash else "tcp").lower()
+        if not isinstance(entries or [], list):
+            raise ValueError(f'invalid port binding "{key}": want a list')
         for entry in entries or []:
-            host_ip = (entry or {}).get("HostIp") or ""
-            host_port = (entry or {}).get("HostPort") or ""
+            entry = entry or {}
+            host_ip = entry.get("HostIp") or "" if isinstance(entry, dict) else None
+            host_port = entry.get("HostPort") or "" if isinstance(entry, dict) else None
+            if not isinstance(host_ip, str) or not isinstance(host_port, str):
+                raise ValueError(f'invalid port binding "{key}": want HostIp and HostPort strings')
             if host_ip and ":" in host_ip and not host_ip.startswith("["):
                 host_ip = f"[{host_ip}]"
             spec = f"{host_ip}:{host_port}:{ctr_text}/{proto}" if host_ip else None
