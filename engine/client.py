@@ -23,7 +23,16 @@ class DaemonError(Exception):
 
 
 class DaemonUnreachable(Exception):
-    pass
+    """No answer: the socket is missing or refuses, or the connection broke mid-request."""
+
+
+# What a broken connection to the daemon raises, while sending or while reading an answer
+# (http.client.RemoteDisconnected is both a ConnectionResetError and an HTTPException).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    http.client.HTTPException,
+)
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -72,11 +81,13 @@ class Client:
         try:
             conn.request(method, url, body=data, headers=headers, encode_chunked=stream is not None)
             resp = conn.getresponse()
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as e:
             raise DaemonUnreachable(
                 f"Cannot connect to the pyengine daemon at unix://{self.socket_path}. "
                 "Is pyengined running?"
             ) from e
+        except (*CONNECTION_ERRORS, OSError) as e:
+            raise DaemonUnreachable(self.connection_error(e)) from e
         if resp.status >= 400:
             raw = resp.read()
             try:
@@ -85,6 +96,13 @@ class Client:
                 message = raw.decode(errors="replace").strip() or resp.reason
             raise DaemonError(resp.status, message)
         return resp
+
+    def connection_error(self, error: BaseException) -> str:
+        """One line for a connection to the daemon that failed after it was made."""
+        reason = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, TimeoutError):
+            reason = "timed out"
+        return f"error during connect to unix://{self.socket_path}: {reason}"
 
     def json(self, method: str, path: str, **kw: Any) -> Any:
         resp = self.request(method, path, **kw)
