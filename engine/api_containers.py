@@ -47,6 +47,7 @@ from engine.engine import (
 from engine.images import ImageNotFound
 from engine.monitor import parse_log_config
 from engine.networking import UNSUPPORTED_NETWORK_MODES
+from engine.seccomp import parse_security_opts
 from netd.network import DEFAULT_NETWORK
 
 CONTAINER_FILTERS = {
@@ -86,7 +87,6 @@ UNSUPPORTED_HOST_CONFIG = {
     "DnsOptions": "--dns-option",
     "ExtraHosts": "--add-host",
     "GroupAdd": "--group-add",
-    "SecurityOpt": "--security-opt",
     "ReadonlyRootfs": "--read-only",
     "Tmpfs": "--tmpfs",
     "Sysctls": "--sysctl",
@@ -173,6 +173,10 @@ def check_create_body(
             raise NotImplementedByEngine(
                 f"{key} {host_config[key]!r} is not supported by pyengined"
             )
+    try:
+        parse_security_opts(host_config.get("SecurityOpt"))
+    except ValueError as e:
+        raise BadParameter(str(e)) from e
     pids_limit = host_config.get("PidsLimit")
     if pids_limit not in (None, 0, -1):
         raise NotImplementedByEngine("--pids-limit is not supported by pyengined")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.seccomp import SecurityOptions, linux_seccomp
+
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_RESOLV_CONF = Path("/etc/resolv.conf")
@@ -282,10 +284,13 @@ def runtime_spec(
     netns_path: str | None,
     bind_files: dict[str, Path],
     cgroups_path: str,
+    security: SecurityOptions | None = None,
 ) -> dict[str, Any]:
-    """An OCI runtime-spec config with Docker's default security profile (minus seccomp)."""
+    """An OCI runtime-spec config with Docker's default security profile: its capabilities,
+    masked paths and seccomp filter (unless ``security`` says otherwise)."""
     if not args:
         raise ValueError("no command specified")
+    security = security or SecurityOptions()
     uid, gid, additional_gids = user
     nofile = nofile_limit()
     if not any(e.startswith("HOSTNAME=") for e in env):
@@ -306,6 +311,10 @@ def runtime_spec(
     process_user: dict[str, Any] = {"uid": uid, "gid": gid}
     if additional_gids:
         process_user["additionalGids"] = list(additional_gids)
+    linux_security: dict[str, Any] = {}
+    seccomp = linux_seccomp(security, DEFAULT_CAPABILITIES)
+    if seccomp is not None:
+        linux_security["seccomp"] = seccomp
     return {
         "ociVersion": OCI_VERSION,
         "process": {
@@ -320,7 +329,7 @@ def runtime_spec(
                 "permitted": list(DEFAULT_CAPABILITIES),
             },
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
-            "noNewPrivileges": False,
+            "noNewPrivileges": security.no_new_privileges,
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": hostname,
@@ -339,6 +348,7 @@ def runtime_spec(
             ],
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
+            **linux_security,
         },
     }
 

@@ -21,6 +21,7 @@ from engine.client import Client, DaemonError, DaemonUnreachable
 from engine.lab import main as lab_main
 from engine.reference import Reference
 from engine.registry_auth import CredentialsError, CredentialStore, default_credentials_path
+from engine.seccomp import MAX_PROFILE_BYTES
 from netd.portspec import parse_publish, to_docker_port_bindings
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
@@ -109,6 +110,12 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--network-alias", "aliases", multiple=True, help="A name on that network."
             ),
+            click.option(
+                "--security-opt",
+                "security_opts",
+                multiple=True,
+                help="seccomp=unconfined|PROFILE.json, no-new-privileges[=true|false].",
+            ),
         ]
     ):
         fn = option(fn)
@@ -131,6 +138,7 @@ class ContainerOptions:
     ip: str | None
     ip6: str | None
     aliases: tuple[str, ...]
+    security_opts: tuple[str, ...] = ()
 
 
 def _container_config(
@@ -158,9 +166,29 @@ def _container_config(
             "AutoRemove": auto_remove,
             "LogConfig": {"Type": "json-file", "Config": log_config},
             "NetworkMode": opts.network or "default",
+            "SecurityOpt": _security_opts(opts.security_opts),
         },
         "NetworkingConfig": _networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
     }
+
+
+def _security_opts(opts: tuple[str, ...]) -> list[str]:
+    """As the docker CLI: ``seccomp=<file>`` is sent as ``seccomp=<the file's JSON>``."""
+    out = []
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if key == "seccomp" and sep and value not in ("unconfined", "builtin"):
+            try:
+                with open(value, "rb") as f:
+                    raw = f.read(MAX_PROFILE_BYTES + 1)
+                if len(raw) > MAX_PROFILE_BYTES:
+                    raise ValueError(f"larger than {MAX_PROFILE_BYTES} bytes")
+                profile = json.loads(raw)
+            except (OSError, ValueError, RecursionError) as e:
+                _fail(f"pyengine: invalid seccomp profile {value!r}: {e}", 125)
+            opt = "seccomp=" + json.dumps(profile, separators=(",", ":"))
+        out.append(opt)
+    return out
 
 
 def _ipam_config(ip: str | None, ip6: str | None) -> dict[str, str]:

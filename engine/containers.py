@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
 import shutil
+import typing
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from netd.jsonstate import read_json, write_json_atomic
+from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 
 NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _ADJECTIVES = [
@@ -141,12 +143,13 @@ class ContainerStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(root, STORE_DIR_MODE)
         self._containers: dict[str, Container] = {}
         for entry in sorted(root.iterdir()):
-            data = read_json(entry / "container.json")
-            if data is not None:
-                self._containers[data["id"]] = Container.from_json(data)
+            container = _load_record(entry)
+            if container is not None:
+                self._containers[container.id] = container
 
     def dir(self, container: Container) -> Path:
         return self.root / container.id
@@ -203,3 +206,43 @@ class ContainerStore:
     def remove(self, container: Container) -> None:
         self._containers.pop(container.id, None)
         shutil.rmtree(self.dir(container), ignore_errors=True)
+
+
+STORE_DIR_MODE = 0o710  # Docker's /var/lib/docker/containers
+
+
+def _check_shape(obj: Any, where: str = "record") -> None:
+    """Each field of a record's dataclasses holds the type it is declared with."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        origin = typing.get_origin(hint) or hint
+        items = [value] if origin is not list else value
+        if origin is list and not isinstance(value, list):
+            raise CorruptRecord(f"{where}.{f.name}: want a list")
+        item_type = typing.get_args(hint)[0] if origin is list else origin
+        for item in items:
+            if dataclasses.is_dataclass(item_type):
+                if not isinstance(item, item_type):
+                    raise CorruptRecord(f"{where}.{f.name}: want an object")
+                _check_shape(item, f"{where}.{f.name}")
+            elif isinstance(item_type, type) and not isinstance(item, item_type):
+                raise CorruptRecord(f"{where}.{f.name}: want {item_type.__name__}")
+
+
+def _load_record(entry: Path) -> Container | None:
+    """The container recorded under ``entry``; a record that cannot be read or has the wrong
+    shape is set aside (and logged) so that the daemon starts with the others."""
+    path = entry / "container.json"
+    if not entry.is_dir() or not os.path.lexists(path):
+        return None
+    try:
+        data = read_record(path)
+        if not isinstance(data, dict) or data.get("id") != entry.name:
+            raise CorruptRecord(f"not the record of container {entry.name}")
+        container = Container.from_json(data)
+        _check_shape(container)
+    except (CorruptRecord, TypeError, ValueError, KeyError, AttributeError) as e:
+        set_aside(path, e)
+        return None
+    return container

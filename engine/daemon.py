@@ -16,10 +16,12 @@ import click
 import uvloop
 from aiohttp import web
 
+from engine import datadir
 from engine.api import make_app
 from engine.engine import Engine, EngineConfig
 from engine.images import ImageStore
 from engine.runtime import Runtime
+from netd.controller import STATE_DIR as NETD_STATE_DIR
 from netd.controller import NetdConfig, NetworkController
 from netd.dns.resolvconf import DNS_PORT
 from netd.dns.service import EmbeddedDns
@@ -207,7 +209,10 @@ def main(
                 f"{server!r} is not an IP address", param_hint="--dns"
             ) from None
     sock_path = unix_socket_path(host)
-    data_root.mkdir(parents=True, exist_ok=True)
+    lock_fd = datadir.claim(data_root)  # held (not inherited: O_CLOEXEC) while we run
+    datadir.make_private(
+        data_root, ("image", "runc", NETD_STATE_DIR, PROXIES_DIR), create=("image", "runc")
+    )
     try:
         network = NetworkController(
             NetdConfig(
@@ -246,6 +251,8 @@ def main(
         uvloop.run(serve(sock_path, engine, network, pidfile))
     except NetdError as e:  # e.g. the bridge cannot be set up: one line, not a traceback
         raise click.ClickException(str(e)) from e
+    finally:
+        os.close(lock_fd)
 
 
 if __name__ == "__main__":

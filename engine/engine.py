@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from engine import bundle, rootfs
+from engine import bundle, rootfs, seccomp
 from engine.containers import (
     Container,
     ContainerConflict,
@@ -468,6 +468,7 @@ class Engine:
                 netns_path=endpoint.netns_path,
                 bind_files=files,
                 cgroups_path=f"/pyengine/{c.id}",
+                security=seccomp.parse_security_opts(c.host_config.get("SecurityOpt")),
             )
             write_json_atomic(bundle_dir / "config.json", spec)
             self._exit_path(c).unlink(missing_ok=True)

@@ -443,7 +443,7 @@ class ProxySupervisor:
         for name, (key, spec, identity) in wanted.items():
             if self._written.get(name) == (key, spec, identity):
                 continue
-            self._state_path.mkdir(parents=True, exist_ok=True)
+            self._state_path.mkdir(mode=0o700, parents=True, exist_ok=True)
             record = {
                 "version": STATE_VERSION,
                 "key": key,
