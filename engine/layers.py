@@ -8,7 +8,8 @@ overlayfs ones (kernel ``Documentation/filesystems/overlayfs.rst``):
 
 Member paths are resolved as if the layer directory were ``/`` (the way Docker extracts inside a
 chroot): ``..`` and absolute names are refused, and symlinks met on the way are followed but never
-out of the directory.
+out of the directory. A whiteout is ``.wh.<name>`` (``name`` neither empty, ``.`` nor ``..``) or
+``.wh..wh..opq``; a member with any other ``.wh.`` name in its path is refused.
 """
 
 from __future__ import annotations
@@ -115,158 +116,269 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     return found
 
 
-def _remove(path: Path) -> None:
-    """Remove whatever is at ``path`` (never following a symlink); no error when absent."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _whiteout_target(base: str, member: str) -> str | None:
+    """The name a whiteout ``base`` hides; None for AUFS metadata (``.wh..wh.*``)."""
+    if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+        return None
+    hidden = base[len(WHITEOUT_PREFIX) :]
+    if hidden in ("", ".", ".."):
+        raise LayerError(f"member {member!r}: {base!r} is not a valid whiteout")
+    return hidden
+
+
+def _remove_at(dir_fd: int, name: str) -> None:
+    """Remove the entry ``name`` of ``dir_fd`` (never following a symlink); no error when
+    absent. ``name`` is one component, so nothing outside ``dir_fd`` can be touched."""
     try:
-        st = os.lstat(path)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        shutil.rmtree(name, dir_fd=dir_fd)
     else:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
 
 
 @dataclass
 class _Unpacker:
-    root: Path
+    """Every entry is made through directory file descriptors opened component by component
+    with O_NOFOLLOW from the layer root's, so no path can lead out of the layer, whatever
+    symlinks earlier members planted (the guarantee openat2(2) RESOLVE_IN_ROOT gives)."""
+
+    root_fd: int
     size: int = 0
-    dir_times: list[tuple[Path, int]] = field(default_factory=list)
+    dir_times: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
     is_root_user: bool = field(default_factory=lambda: os.geteuid() == 0)
 
-    def resolve_dir(self, parts: list[str], member: str, create: bool = True) -> Path:
-        """The directory ``parts`` names, following symlinks as if ``root`` were ``/``."""
+    def open_dir(self, parts: list[str], what: str, create: bool = True) -> tuple[int, list[str]]:
+        """A new fd of the directory ``parts`` names and its real components below the root,
+        following symlinks as if the root were ``/``: ``..`` stops at the root, an absolute
+        target restarts from it."""
+        fd = os.dup(self.root_fd)
         resolved: list[str] = []
         pending = list(parts)
         hops = 0
-        while pending:
-            part = pending.pop(0)
-            if part in ("", "."):
-                continue
-            if part == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            candidate = self.root.joinpath(*resolved, part)
-            try:
-                st = os.lstat(candidate)
-            except FileNotFoundError:
-                if not create:
-                    raise LayerError(
-                        f"member {member!r}: {candidate.name} does not exist"
-                    ) from None
-                os.mkdir(candidate, 0o755)
+        try:
+            while pending:
+                part = pending.pop(0)
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if resolved:  # the parent of a directory we walked into by name
+                        fd = self._step(fd, "..")
+                        resolved.pop()
+                    continue
+                try:
+                    fd = self._step(fd, part)
+                except FileNotFoundError:
+                    if not create:
+                        raise LayerError(f"{what}: {part} does not exist") from None
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                    fd = self._step(fd, part)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                    if not stat.S_ISLNK(st.st_mode):
+                        raise LayerError(f"{what}: {part} is not a directory") from None
+                    hops += 1
+                    if hops > MAX_SYMLINK_HOPS:
+                        raise LayerError(f"{what}: too many levels of symbolic links") from None
+                    target = os.readlink(part, dir_fd=fd)
+                    if target.startswith("/"):
+                        fd = self._replace(fd, os.dup(self.root_fd))
+                        resolved = []
+                    pending = target.split("/") + pending
+                    continue
                 resolved.append(part)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > MAX_SYMLINK_HOPS:
-                    raise LayerError(f"member {member!r}: too many levels of symbolic links")
-                target = os.readlink(candidate)
-                if target.startswith("/"):
-                    resolved = []
-                pending = target.split("/") + pending
-            elif stat.S_ISDIR(st.st_mode):
-                resolved.append(part)
-            else:
-                raise LayerError(f"member {member!r}: {'/'.join(parts)} is not a directory")
-        return self.root.joinpath(*resolved)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, resolved
 
-    def apply_attributes(self, path: Path, member: tarfile.TarInfo) -> None:
+    @staticmethod
+    def _replace(old: int, new: int) -> int:
+        os.close(old)
+        return new
+
+    def _step(self, fd: int, name: str) -> int:
+        return self._replace(fd, os.open(name, _DIR_FLAGS, dir_fd=fd))
+
+    def apply_attributes(
+        self, dir_fd: int, name: str, member: tarfile.TarInfo, fd: int | None = None
+    ) -> None:
+        """Owner, mode, xattrs and mtime of ``name`` in ``dir_fd`` (or of ``fd``, its open
+        file or directory), never following a symlink."""
         # Order matters: chown(2) clears set-uid bits and file capabilities, so chmod and
-        # the xattrs (security.capability) come after it.
+        # the xattrs (security.capability) come after it. As Docker's createTarFile, the
+        # mode is the tar's with its set-uid, set-gid and sticky bits, on all but symlinks.
         is_link = member.issym()
         if self.is_root_user:
-            os.lchown(path, member.uid, member.gid)
-        if not is_link:
-            os.chmod(path, stat.S_IMODE(member.mode))
-        for name, value in _xattrs(member).items():
-            if name.startswith("trusted.overlay."):
+            if fd is not None:
+                os.chown(fd, member.uid, member.gid)
+            else:
+                os.chown(name, member.uid, member.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if fd is not None:
+            os.chmod(fd, stat.S_IMODE(member.mode))
+        elif not is_link:  # a node this unpacker just made: not a symlink
+            os.chmod(name, stat.S_IMODE(member.mode), dir_fd=dir_fd)
+        for key, value in _xattrs(member).items():
+            if key.startswith("trusted.overlay."):
                 continue  # only our whiteout conversion may speak to overlayfs
             try:
-                os.setxattr(path, name, value, follow_symlinks=False)
+                if fd is not None:
+                    os.setxattr(fd, key, value)
+                else:  # no setxattrat(2) before Linux 6.13: the entry through its dir's fd
+                    path = f"/proc/self/fd/{dir_fd}/{name}"
+                    os.setxattr(path, key, value, follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.ENOTSUP or (is_link and e.errno == errno.EPERM):
                     continue
-                raise LayerError(f"member {member.name!r}: setxattr {name}: {e.strerror}") from e
+                raise LayerError(f"member {member.name!r}: setxattr {key}: {e.strerror}") from e
         mtime_ns = int(member.mtime * 1_000_000_000)
-        if member.isdir():
-            self.dir_times.append((path, mtime_ns))
+        if fd is not None:
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
         else:
-            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            os.utime(name, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         parts = _clean_parts(member.name, "member")
         if not parts:  # the root entry "./": the layer directory itself
             if member.isdir():
-                self.apply_attributes(self.root, member)
+                self.apply_attributes(self.root_fd, ".", member, fd=self.root_fd)
+                self.dir_times.append(((), int(member.mtime * 1_000_000_000)))
             return
-        parent = self.resolve_dir(parts[:-1], member.name)
-        base = parts[-1]
+        if parts[0].startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX) and parts != [OPAQUE_WHITEOUT]:
+            return  # AUFS metadata (.wh..wh.plnk/...), skipped as Docker's UnpackLayer does
+        for part in parts[:-1]:
+            if part.startswith(WHITEOUT_PREFIX):
+                raise LayerError(f"member {member.name!r}: whiteout {part!r} used as a directory")
+        where = f"member {member.name!r}"
+        parent, resolved = self.open_dir(parts[:-1], where)
+        try:
+            self.add_at(tar, member, parent, resolved, parts[-1])
+        finally:
+            os.close(parent)
+
+    def add_at(
+        self,
+        tar: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        parent: int,
+        resolved: list[str],
+        base: str,
+    ) -> None:
         if base.startswith(WHITEOUT_PREFIX):
             self.add_whiteout(parent, base, member)
             return
-        target = parent / base
         if member.isdir():
-            if not (target.is_dir() and not target.is_symlink()):
-                _remove(target)
-                os.mkdir(target, 0o700)
-        elif member.isfile():
-            _remove(target)
-            self.write_file(tar, member, target)
-        elif member.issym():
-            _remove(target)
-            os.symlink(member.linkname, target)
-        elif member.islnk():
-            link_parts = _clean_parts(member.linkname, "hard link target")
-            if not link_parts:
-                raise LayerError(f"member {member.name!r}: hard link to the layer root")
-            source_dir = self.resolve_dir(link_parts[:-1], member.name, create=False)
-            _remove(target)
             try:
-                os.link(source_dir / link_parts[-1], target, follow_symlinks=False)
+                st = os.stat(base, dir_fd=parent, follow_symlinks=False)
+                keep = stat.S_ISDIR(st.st_mode)
             except FileNotFoundError:
-                raise LayerError(
-                    f"member {member.name!r}: hard link target {member.linkname!r} is missing"
-                ) from None
-            return  # the inode's attributes came with its first name
+                keep = False
+            if not keep:
+                _remove_at(parent, base)
+                os.mkdir(base, 0o700, dir_fd=parent)
+            fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+            try:
+                self.apply_attributes(parent, base, member, fd=fd)
+            finally:
+                os.close(fd)
+            self.dir_times.append(((*resolved, base), int(member.mtime * 1_000_000_000)))
+            return
+        if member.isfile():
+            _remove_at(parent, base)
+            self.write_file(tar, member, parent, base)
+            return
+        if member.islnk():
+            self.add_hard_link(member, parent, base)
+            return
+        if member.issym():
+            _remove_at(parent, base)
+            os.symlink(member.linkname, base, dir_fd=parent)
         elif member.ischr() or member.isblk():
-            _remove(target)
+            if not self.is_root_user:
+                return  # mknod(2) takes CAP_MKNOD; Docker skips devices where it lacks it
+            # Created as root would (Docker does too): the container's device cgroup, which
+            # denies every device but runc's defaults, keeps it from being opened.
+            _remove_at(parent, base)
             kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
-            os.mknod(target, kind | 0o600, os.makedev(member.devmajor, member.devminor))
+            device = os.makedev(member.devmajor, member.devminor)
+            os.mknod(base, kind | 0o600, device, dir_fd=parent)
         elif member.isfifo():
-            _remove(target)
-            os.mkfifo(target, 0o600)
+            _remove_at(parent, base)
+            os.mkfifo(base, 0o600, dir_fd=parent)
         else:
             return  # e.g. GNU volume headers: nothing to create
-        self.apply_attributes(target, member)
+        self.apply_attributes(parent, base, member)
 
-    def add_whiteout(self, parent: Path, base: str, member: tarfile.TarInfo) -> None:
+    def add_hard_link(self, member: tarfile.TarInfo, parent: int, base: str) -> None:
+        # As Docker: the target is a name inside the layer (an absolute one counts from the
+        # layer root), and must already be in it.
+        what = f"member {member.name!r}: hard link target {member.linkname!r}"
+        link_parts = _clean_parts(member.linkname.lstrip("/"), "hard link target")
+        if not link_parts:
+            raise LayerError(f"{what} is the layer root")
+        source_dir, _ = self.open_dir(link_parts[:-1], what, create=False)
+        try:
+            _remove_at(parent, base)
+            try:
+                os.link(
+                    link_parts[-1],
+                    base,
+                    src_dir_fd=source_dir,
+                    dst_dir_fd=parent,
+                    follow_symlinks=False,
+                )
+            except FileNotFoundError:
+                raise LayerError(f"{what} is missing") from None
+        finally:
+            os.close(source_dir)
+        # The inode's attributes came with its first name.
+
+    def add_whiteout(self, parent: int, base: str, member: tarfile.TarInfo) -> None:
         if base == OPAQUE_WHITEOUT:
             os.setxattr(parent, OVERLAY_OPAQUE_XATTR, b"y")
             return
-        if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+        hidden = _whiteout_target(base, member.name)
+        if hidden is None:
             return  # other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): meaningless here
-        hidden = parent / base[len(WHITEOUT_PREFIX) :]
-        _remove(hidden)
+        _remove_at(parent, hidden)
         # overlayfs treats a character device with device number 0/0 as a whiteout.
-        os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0))
+        os.mknod(hidden, stat.S_IFCHR, os.makedev(0, 0), dir_fd=parent)
         if self.is_root_user:
-            os.lchown(hidden, member.uid, member.gid)
+            os.chown(hidden, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
 
-    def write_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    def write_file(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, base: str
+    ) -> None:
         source = tar.extractfile(member)
         if source is None:
             raise LayerError(f"member {member.name!r}: no data")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with source, open(os.open(target, flags, 0o600), "wb") as out:
+        with source, open(os.open(base, _FILE_FLAGS, 0o600, dir_fd=parent), "wb") as out:
             shutil.copyfileobj(source, out, CHUNK)
+            out.flush()
+            self.apply_attributes(parent, base, member, fd=out.fileno())
         self.size += member.size
 
     def finish(self) -> None:
-        # Directory times last: creating their entries changed them.
-        for path, mtime_ns in reversed(self.dir_times):
-            os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+        # Directory times last: creating their entries changed them. A directory replaced
+        # since (by a later member) is skipped: nothing is followed to find it.
+        for parts, mtime_ns in reversed(self.dir_times):
+            fd = os.dup(self.root_fd)
+            try:
+                for part in parts:
+                    fd = self._step(fd, part)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
 
 
 def unpack_layer(source: Path, dest: Path) -> UnpackedLayer:
@@ -277,7 +389,8 @@ def unpack_layer(source: Path, dest: Path) -> UnpackedLayer:
     temporary directory and rename it only on success.
     """
     os.mkdir(dest, 0o755)
-    unpacker = _Unpacker(dest)
+    root_fd = os.open(dest, _DIR_FLAGS)
+    unpacker = _Unpacker(root_fd)
     try:
         with open_uncompressed(source) as stream:
             reader = _HashingReader(stream)
@@ -292,4 +405,8 @@ def unpack_layer(source: Path, dest: Path) -> UnpackedLayer:
         raise LayerError(f"{source.name}: truncated or corrupt: {e}") from e
     except OSError as e:
         raise LayerError(f"{source.name}: {e}") from e
+    except (ValueError, OverflowError) as e:  # an id, time or device number out of range
+        raise LayerError(f"{source.name}: {e}") from e
+    finally:
+        os.close(root_fd)
     return UnpackedLayer(diff_id=reader.digest(), size=unpacker.size)
