@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from pathlib import Path
 
-from netd import bridge, conntrack, sandbox, subnetpool, sysctl
+from netd import bridge, conntrack, forwarding, sandbox, subnetpool, sysctl
 from netd.errors import Conflict, Forbidden, NetdError, NotFound
 from netd.firewall import ANY_IPV4, Firewall, PortMapping, make_firewall
 from netd.jsonstate import read_json, write_json_atomic
@@ -118,6 +118,11 @@ class NetdConfig:
     # Where automatic subnets of user-defined networks come from: (base, prefix length of
     # each subnet). See netd/subnetpool.py.
     address_pools: tuple[tuple[str, int], ...] = DEFAULT_ADDRESS_POOLS
+    # Docker's --ip-forward: turn net.ipv4.ip_forward on (containers reach other networks).
+    ip_forward: bool = True
+    # Docker's --ip-forward-no-drop: when pyengined turned ip_forward on, do not drop the
+    # forwarded traffic that is not pyengine's (see netd/forwarding.py).
+    ip_forward_no_drop: bool = False
 
 
 def _normalise_host_ip(host_ip: str) -> str:
@@ -253,6 +258,7 @@ class NetworkController:
                 "firewall_backend": self.cfg.firewall_backend,
                 "table": self.cfg.table,
                 "userland_proxy": self.cfg.userland_proxy,
+                "forward_policy_before": self._firewall.forward_policy_before,
             },
         )
 
@@ -265,7 +271,9 @@ class NetworkController:
             return
         log.info("removing the rules of the previous firewall (%s, table %s)", backend, table)
         try:
-            make_firewall(backend, table, bool(previous.get("userland_proxy"))).uninstall()
+            old = make_firewall(backend, table, bool(previous.get("userland_proxy")))
+            old.forward_policy_before = previous.get("forward_policy_before")
+            old.uninstall()
         except NetdError as exc:
             log.warning("cannot remove the previous %s rules of %s: %s", backend, table, exc)
 
@@ -317,7 +325,15 @@ class NetworkController:
         self, containers: Collection[str] | None, held: dict[tuple[str, str, int], socket.socket]
     ) -> None:
         with self._lock:
-            sysctl.enable_ip_forward()
+            self._firewall.forward_drop = forwarding.setup(
+                self._state_dir, self.cfg.ip_forward, self.cfg.ip_forward_no_drop
+            )
+            previous = read_json(self._network_file, None) or {}
+            if (previous.get("firewall_backend"), previous.get("table")) == (
+                self.cfg.firewall_backend,
+                self.cfg.table,
+            ):
+                self._firewall.forward_policy_before = previous.get("forward_policy_before")
             st = self._st
             if any(n.subnet6 for n in st.networks.values() if n.state == READY):
                 sysctl.enable_ipv6_forward()
@@ -524,6 +540,13 @@ class NetworkController:
         if not found:
             raise NotFound(f"network {ref} not found")
         return found[0]
+
+    def is_internal(self, network_id: str) -> bool:
+        """Whether network ``network_id`` is internal (False for one that does not exist).
+        Takes no lock, so the event loop may ask it on every DNS query: a network's internal
+        flag never changes, and a dict lookup is atomic."""
+        net = self._st.networks.get(network_id)
+        return net is not None and net.internal
 
     def network(self, ref: str | Network) -> Network:
         """The network named ``ref``, or with id (prefix) ``ref``; NotFound otherwise."""

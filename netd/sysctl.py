@@ -18,6 +18,15 @@ def _write(path: Path, value: str) -> None:
         raise NetdError(f"cannot set {path} to {value}: {exc.strerror}") from None
 
 
+def ip_forward_enabled() -> bool:
+    """Whether net.ipv4.ip_forward is on (the host routes IPv4 between its interfaces)."""
+    path = _PROC_IPV4 / "ip_forward"
+    try:
+        return path.read_text().strip() != "0"
+    except OSError as exc:
+        raise NetdError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def enable_ip_forward() -> None:
     """net.ipv4.ip_forward=1: route between the bridge and the other interfaces."""
     _write(_PROC_IPV4 / "ip_forward", "1")

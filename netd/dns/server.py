@@ -6,7 +6,10 @@ Per query, over UDP or TCP:
   engine's domain) gets its A/AAAA records from the network's NameTable, and a container's
   address gets a PTR record;
 * an unknown single-label name, or an unknown name under the engine's domain, gets NXDOMAIN;
-* everything else is forwarded to the upstreams (see forwarder.py); SERVFAIL if none answers;
+* everything else is forwarded to the upstreams (see forwarder.py); SERVFAIL if none answers,
+  and at once when ``forwarding()`` says no: a container with no way out (only internal
+  networks) must not get one through the daemon's resolvers (CVE-2024-29018, fixed in Docker
+  26, whose resolver also forwards only for sandboxes with external access);
 * a message that is not a well-formed query gets FORMERR (NOTIMP for another opcode), or is
   dropped when it has no header to answer or claims to be a response.
 """
@@ -17,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,8 +33,10 @@ from netd.errors import NetdError
 log = logging.getLogger(__name__)
 
 MAX_QUERY = 4096  # larger "queries" are dropped unread (a real one is a few hundred octets)
-MAX_FORWARDS_IN_FLIGHT = 1024  # beyond this a query to forward gets SERVFAIL at once
-MAX_TCP_CLIENTS = 256
+# Per responder, i.e. per container: each forward holds a socket of the daemon's, and one
+# container must not be able to spend the descriptors every container shares.
+MAX_FORWARDS_IN_FLIGHT = 64  # beyond this a query to forward gets SERVFAIL at once
+MAX_TCP_CLIENTS = 16  # beyond this a new connection is closed at once
 MAX_TCP_REPLY = 65535  # RFC 1035 §4.2.2: the two-octet length prefix
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent (RFC 7766 §6.2.3)
 
@@ -77,8 +82,10 @@ class DnsResponder:
         domain: str = "",
         netns_path: str | None = None,
         timeout: float = 2.0,
+        forwarding: Callable[[], bool] | None = None,
     ) -> None:
         self.table = table
+        self.forwarding = forwarding  # asked on every query to forward; None: always allowed
         self.listen = listen
         self.domain = normalize_name(domain)
         self.netns_path = netns_path
@@ -209,7 +216,12 @@ class DnsResponder:
     async def _forward(self, local: _Forward, over_tcp: bool) -> bytes | None:
         query = local.query
         max_reply = MAX_TCP_REPLY if over_tcp else query.max_udp_reply
-        if self._forwards_in_flight >= MAX_FORWARDS_IN_FLIGHT or not self.forwarder.upstreams:
+        allowed = self.forwarding is None or self.forwarding()
+        if (
+            not allowed
+            or self._forwards_in_flight >= MAX_FORWARDS_IN_FLIGHT
+            or not self.forwarder.upstreams
+        ):
             self.stats.servfail += 1
             return wire.build_reply(query, wire.SERVFAIL, [], max_reply, authoritative=False)
         self._forwards_in_flight += 1

@@ -6,6 +6,13 @@ on, and from no other: names never leak across networks. The scope is looked up 
 so ``set_endpoint`` (connect, rename, new alias) and ``remove_endpoint`` (disconnect) change the
 answers at once, without restarting the responder.
 
+Names outside the container's networks are forwarded to the upstreams only for a container with
+a way out: at least one of its networks is not internal (Docker 26's fix of CVE-2024-29018,
+where the daemon's resolvers gave containers of ``--internal`` networks a channel to the
+outside). Like the scope, this is decided on every query. A container whose first network is
+internal and which is also on the default bridge (which has no embedded DNS records) gets no
+forwarding either: stricter than Docker, never looser.
+
 The responders run on the caller's event loop (the daemon's). The record methods
 (``set_endpoint``, ``remove_endpoint``, ``forget``) are synchronous and may also be called from
 a worker thread: the bookkeeping is guarded by a lock, and each NameTable has its own.
@@ -16,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from netd.dns.records import NameTable, ScopedNames
@@ -61,11 +68,15 @@ class EmbeddedDns:
         domain: str = "",
         listen: tuple[str, int] = (EMBEDDED_DNS, DNS_PORT),
         timeout: float = 2.0,
+        is_internal: Callable[[str], bool] | None = None,
     ) -> None:
+        """``is_internal(network_id)``: whether that network has no way out (the network
+        controller's answer; it must not block, it is asked on the event loop)."""
         self.upstreams = list(load_host_upstreams() if upstreams is None else upstreams)
         self.domain = domain
         self.listen = listen
         self.timeout = timeout
+        self.is_internal = is_internal or (lambda _network_id: False)
         self._lock = threading.Lock()  # guards _tables and _networks
         self._tables: dict[str, NameTable] = {}  # network id -> its names
         self._networks: dict[str, list[str]] = {}  # container id -> network ids, joining order
@@ -125,6 +136,13 @@ class EmbeddedDns:
         with self._lock:
             return list(self._networks.get(container_id, ()))
 
+    def forwards_for(self, container_id: str) -> bool:
+        """Whether the container's queries for other names go to the upstreams: it is on at
+        least one network that is not internal."""
+        with self._lock:
+            joined = list(self._networks.get(container_id, ()))
+        return any(not self.is_internal(n) for n in joined)
+
     def _tables_of(self, container_id: str) -> list[NameTable]:
         with self._lock:
             return [self._tables[n] for n in self._networks.get(container_id, ())]
@@ -151,6 +169,7 @@ class EmbeddedDns:
                 self.domain,
                 netns_path,
                 self.timeout,
+                forwarding=lambda: self.forwards_for(container_id),
             )
             await responder.start()
             self._attached[container_id] = AttachedResponder(netns_path, namespace, responder)

@@ -11,7 +11,16 @@ Both backends implement the same policy (docs in each module):
 * no traffic is forwarded between two bridge networks (Docker's DOCKER-ISOLATION), except
   connections to published ports, which any client may open;
 * an internal network's bridge forwards nothing to or from any other interface, and its
-  subnet is not masqueraded.
+  subnet is not masqueraded;
+* a packet from a bridge to 127.0.0.0/8 is dropped on its way in unless it belongs to a DNATed
+  connection (the replies of the host's own connections to a loopback-published port): with
+  ``route_localnet=1`` on the bridge (DNAT mode) a container could otherwise reach every service
+  of the host's loopback through its gateway (CVE-2020-8558; Kubernetes' KUBE-FIREWALL rule
+  "block incoming localnet connections");
+* with ``forward_drop`` (set when pyengined turned ``net.ipv4.ip_forward`` on itself), IPv4
+  traffic routed between interfaces that are not pyengine's bridges is dropped: the host does
+  not become a router for its other links because containers need forwarding (Docker sets the
+  iptables FORWARD policy to DROP for the same reason, moby#14041, libnetwork#1526).
 
 Both families: a network with an IPv6 subnet (``--ipv6``) gets the same direct-routing drop and
 masquerade (NAT66, as Docker 28 does for unique local subnets) for it, and a mapping whose host
@@ -67,6 +76,13 @@ class PortMapping:
 
 
 class Firewall(ABC):
+    # Set by the controller before ``install``: drop forwarded IPv4 traffic that is not
+    # pyengine's (see the module's docstring).
+    forward_drop: bool = False
+    # The iptables backend only: the filter FORWARD policy found before it set DROP, put back
+    # by ``install`` without ``forward_drop`` and by ``uninstall`` (None: nothing to put back).
+    forward_policy_before: str | None = None
+
     @abstractmethod
     def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
         """Replace everything this backend owns by a fresh base ruleset plus ``mappings``."""

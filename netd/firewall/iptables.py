@@ -7,6 +7,7 @@ For table name ``pyengine`` the chains are (prefix = the table name upper-cased)
     nat    OUTPUT      --tag--> PYENGINE-OUTPUT     --> PYENGINE-DNAT
     nat    POSTROUTING --tag--> PYENGINE-POSTROUTING                    masquerade
     filter FORWARD     --tag--> PYENGINE-FORWARD    --> PYENGINE-ISOLATE   bridge forwarding policy
+    filter INPUT       --tag--> PYENGINE-INPUT      loopback from a bridge, not DNATed: dropped
 
 The jumps from the built-in chains carry ``-m comment --comment <table>`` (the "tag"); they and
 the chains above are all this backend ever writes or deletes. The rules mirror the nftables
@@ -20,6 +21,13 @@ the sections committed before it are put back from the snapshot read just before
 
 The ``iptables-restore``/``iptables-save`` on PATH are used, i.e. whichever variant Debian's
 ``iptables`` alternative selects (iptables-nft by default since Debian 10).
+
+With ``forward_drop`` the IPv4 filter FORWARD policy is set to DROP (a ``:FORWARD DROP``
+line: in --noflush mode a built-in chain's declaration sets its policy and keeps its rules), in
+the same filter commit as the rules; the policy found before is kept in
+``forward_policy_before`` (the controller persists it) and put back by an ``install`` without
+``forward_drop`` and by ``uninstall``. It is the one thing outside our chains this backend
+changes, as Docker does.
 
 IPv6: the same chains, with the same names, are kept by ``ip6tables-restore`` for the IPv6
 subnets of networks created with ``--ipv6`` and the IPv6 mappings (``-d <addr>/128 ...
@@ -59,6 +67,7 @@ _PROTOCOLS = ("tcp", "udp")
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _TIMEOUT = 120  # seconds for one iptables-save / iptables-restore run
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
+_FORWARD_POLICY = re.compile(r"^:FORWARD (\w+)", re.MULTILINE)
 
 # The order in which a change visits the tables: the DNAT rules before the raw drops that
 # protect them. A loopback-bound mapping is DNATed only in OUTPUT, so there is no window in
@@ -84,11 +93,12 @@ _JUMPS = (
     _Jump("nat", "OUTPUT", "OUTPUT", first=False),
     _Jump("nat", "POSTROUTING", "POSTROUTING", first=False),
     _Jump("filter", "FORWARD", "FORWARD", first=True),
+    _Jump("filter", "INPUT", "INPUT", first=True),
 )
 _CHAIN_SUFFIXES = {
     "raw": ("PREROUTING",),
     "nat": ("PREROUTING", "OUTPUT", "POSTROUTING", "DNAT"),
-    "filter": ("FORWARD", "ISOLATE"),
+    "filter": ("FORWARD", "ISOLATE", "INPUT"),
 }
 
 
@@ -201,6 +211,14 @@ def _one_line(err: str, batch: Sequence[str] = ()) -> str:
     if found and 1 <= int(found.group(1)) <= len(batch):
         message += f" (in: {batch[int(found.group(1)) - 1]})"
     return message
+
+
+def _with_forward_policy(sections: dict[str, list[str]], policy: str | None) -> None:
+    """Add the setting of the filter FORWARD policy to ``sections``' filter commit."""
+    if policy is None:
+        return
+    lines = sections.get("filter") or ["*filter", "COMMIT"]
+    sections["filter"] = [lines[0], f":FORWARD {policy} [0:0]", *lines[1:]]
 
 
 class IptablesFirewall(Firewall):
@@ -319,12 +337,16 @@ class IptablesFirewall(Firewall):
         # Before any accept: internal networks, then the isolation between networks.
         forward_first: list[str] = []
         forward: list[str] = []
+        input_: list[str] = []
         # Jumped to by packets leaving a bridge through another interface: those going into
         # another of our bridges are dropped, unless they belong to a connection to a published
         # port (DNATed, or the reply of one), which any client may open.
         isolate = ["-m conntrack --ctstate DNAT -j RETURN"]
         for net in networks:
             br = net.bridge
+            if not v6:
+                # route_localnet=1 must not open the host's loopback to the bridge (CVE-2020-8558)
+                input_.append(f"-d 127.0.0.0/8 -i {br} -m conntrack ! --ctstate DNAT -j DROP")
             subnet, gateway = (
                 (str(net.subnet), f"{net.gateway}/32")
                 if not v6
@@ -380,7 +402,13 @@ class IptablesFirewall(Firewall):
                     c("DNAT"): dnat,
                 }
             ),
-            "filter": TableState({c("FORWARD"): forward_first + forward, c("ISOLATE"): isolate}),
+            "filter": TableState(
+                {
+                    c("FORWARD"): forward_first + forward,
+                    c("ISOLATE"): isolate,
+                    c("INPUT"): input_,
+                }
+            ),
         }
         for jump in _JUMPS:
             target[jump.table].jumps.append((jump.builtin, self._jump_spec(jump)))
@@ -534,16 +562,46 @@ class IptablesFirewall(Firewall):
         keys = [_key(m) for m in mappings]
         if len(set(keys)) != len(keys):
             raise FirewallError("iptables: a host port is mapped twice")
+        current, policy, before = self._forward_policy_plan(self.forward_drop)
 
         def install_family(tools: _Tools) -> Ruleset:
             target = self._target(networks, mappings, tools.family)
             snapshot = self._read(tools)
-            self._apply(
-                {t: self._converge(t, snapshot[t], target[t]) for t in TABLES}, snapshot, tools
-            )
+            sections = {t: self._converge(t, snapshot[t], target[t]) for t in TABLES}
+            if tools.family == 4:
+                _with_forward_policy(sections, policy)
+            self._apply(sections, snapshot, tools)
             return snapshot
 
-        self._both(install_family)
+        self._change_with_policy(install_family, current, policy)
+        self.forward_policy_before = before
+
+    def _forward_policy(self) -> str:
+        """The IPv4 filter FORWARD policy now (ACCEPT when the table does not exist)."""
+        found = _FORWARD_POLICY.search(self._save_text("-t", "filter"))
+        return found.group(1) if found else "ACCEPT"
+
+    def _forward_policy_plan(self, dropping: bool) -> tuple[str, str | None, str | None]:
+        """(the FORWARD policy now, the one to set or None, ``forward_policy_before`` after)."""
+        current = self._forward_policy()
+        if dropping:
+            before = self.forward_policy_before or current
+            return current, ("DROP" if current != "DROP" else None), before
+        before = self.forward_policy_before
+        return current, (before if before and before != current else None), None
+
+    def _change_with_policy(
+        self, change: Callable[[_Tools], Ruleset | None], current: str, policy: str | None
+    ) -> None:
+        """``_both(change)``; when the IPv6 part fails after IPv4 set ``policy``, the IPv4
+        snapshot restore puts our chains back and this puts the policy back."""
+        try:
+            self._both(change)
+        except BaseException:
+            if policy is not None and self._forward_policy() != current:
+                lines = ["*filter", f":FORWARD {current} [0:0]", "COMMIT"]
+                self._command([self._v4.restore, "-w", "--noflush"], "\n".join(lines) + "\n")
+            raise
 
     def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
@@ -566,14 +624,18 @@ class IptablesFirewall(Firewall):
         return result
 
     def uninstall(self) -> None:
+        current, policy, _before = self._forward_policy_plan(False)
+
         def uninstall_family(tools: _Tools) -> Ruleset:
             snapshot = self._read(tools)
-            self._apply(
-                {t: self._converge(t, snapshot[t], TableState()) for t in TABLES}, snapshot, tools
-            )
+            sections = {t: self._converge(t, snapshot[t], TableState()) for t in TABLES}
+            if tools.family == 4:
+                _with_forward_policy(sections, policy)
+            self._apply(sections, snapshot, tools)
             return snapshot
 
-        self._both(uninstall_family)
+        self._change_with_policy(uninstall_family, current, policy)
+        self.forward_policy_before = None
 
     def installed(self) -> bool:
         return any(

@@ -17,6 +17,13 @@ nothing in or out, and a packet leaving one bridge for another goes through ``is
 (Docker's DOCKER-ISOLATION stages in one chain), which drops it unless conntrack marks its
 connection as DNATed, i.e. as a connection to a published port.
 
+``filter_input`` drops what comes in from a bridge for 127.0.0.0/8 without being part of a
+DNATed connection (``ct status & dnat == 0``: the "!" form of a flag test, nft(8) "CT
+EXPRESSION"; ``!= dnat`` would compare the whole status word). With ``forward_drop`` the
+``filter_forward`` chain's policy is drop, so only pyengine's bridges' traffic (and IPv6, which
+pyengine does not turn on) is routed; every base chain of every table must accept a packet for
+it to pass (nft(8) "CHAINS": a drop verdict is final), so this table alone stops the rest.
+
 IPv6 (networks created with ``--ipv6``): two more maps with ``ipv6_addr`` keys and values, and
 the same rules for the IPv6 subnets. The host's ``::1`` is never DNATed: the kernel will not
 send a packet with a loopback source out of a non-loopback interface (IPv6 has no
@@ -137,6 +144,7 @@ class NftablesFirewall(Firewall):
         # Before any accept: internal networks, then the isolation between networks.
         forward_first: list[str] = []
         forward: list[str] = []
+        input_ = []
         # Jumped to by packets leaving a bridge through another interface: those going into
         # another of our bridges are dropped, unless they belong to a connection to a published
         # port (DNATed, or the reply of one), which any client may open.
@@ -152,6 +160,7 @@ class NftablesFirewall(Firewall):
                     f"iifname != {br} ip6 daddr {subnet6} ip6 daddr != {net.gateway6} counter drop"
                 )
             isolate.append(f"oifname {br} counter drop")
+            input_.append(f"iifname {br} ip daddr 127.0.0.0/8 ct status & dnat == 0 counter drop")
             if net.internal:
                 forward_first += [
                     f"iifname {br} oifname != {br} counter drop",
@@ -187,6 +196,10 @@ class NftablesFirewall(Firewall):
             output.append("ip daddr 127.0.0.0/8 return")  # host loopback goes to the proxy
         prerouting.append("fib daddr type local jump published_dnat")
         output.append("fib daddr type local jump published_dnat")
+        forward_policy = "accept"
+        if self.forward_drop:
+            forward_policy = "drop"
+            forward.append("meta nfproto ipv6 accept")  # only IPv4 forwarding was turned on
 
         def chain(name: str, lines: list[str]) -> str:
             body = "".join(f"\n    {line}" for line in lines)
@@ -232,9 +245,13 @@ class NftablesFirewall(Firewall):
             )
             + chain(ISOLATE_CHAIN, isolate)
             + chain(
+                "filter_input",
+                ["type filter hook input priority filter; policy accept;", *input_],
+            )
+            + chain(
                 "filter_forward",
                 [
-                    "type filter hook forward priority filter; policy accept;",
+                    f"type filter hook forward priority filter; policy {forward_policy};",
                     *forward_first,
                     *forward,
                 ],
