@@ -20,6 +20,7 @@ from engine import datadir
 from engine.api import make_app
 from engine.engine import Engine, EngineConfig
 from engine.images import ImageStore
+from engine.rlimits import raise_nofile_limit
 from engine.runtime import Runtime
 from netd.controller import STATE_DIR as NETD_STATE_DIR
 from netd.controller import NetdConfig, NetworkController
@@ -174,6 +175,18 @@ async def serve(
     "the upstream of the embedded DNS server on user-defined networks, and the nameserver of "
     "containers on the default bridge. Repeat for several.",
 )
+@click.option(
+    "--ip-forward",
+    default="true",
+    show_default=True,
+    help="true: turn net.ipv4.ip_forward on (containers reach other networks); false: leave it.",
+)
+@click.option(
+    "--ip-forward-no-drop",
+    is_flag=True,
+    help="When pyengined turns ip_forward on, do not drop the forwarded traffic that is not "
+    "its own (Docker 28's option of the same name).",
+)
 @click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
 @click.option("--runc", "runc_path", default="runc", show_default=True)
 @click.option("-D", "--debug", is_flag=True, help="Debug logging.")
@@ -188,6 +201,8 @@ def main(
     firewall_table: str,
     live_restore: str,
     dns_servers: tuple[str, ...],
+    ip_forward: str,
+    ip_forward_no_drop: bool,
     pidfile: Path | None,
     runc_path: str,
     debug: bool,
@@ -199,6 +214,7 @@ def main(
     )
     if os.geteuid() != 0:
         raise click.ClickException("pyengined must run as root")
+    raise_nofile_limit()
     use_proxy = _bool(userland_proxy)
     keep_running = _bool(live_restore)
     for server in dns_servers:
@@ -222,6 +238,8 @@ def main(
                 table=firewall_table,
                 userland_proxy=use_proxy,
                 firewall_backend=firewall_backend,
+                ip_forward=_bool(ip_forward),
+                ip_forward_no_drop=ip_forward_no_drop,
             )
         )
     except (NetdError, ValueError) as e:
@@ -245,7 +263,10 @@ def main(
             outlive_daemon=use_proxy and keep_running,
         ),
         runtime=Runtime(data_root / "runc", runc=runc_path),
-        dns=EmbeddedDns([(s, DNS_PORT) for s in dns_servers] if dns_servers else None),
+        dns=EmbeddedDns(
+            [(s, DNS_PORT) for s in dns_servers] if dns_servers else None,
+            is_internal=network.is_internal,
+        ),
     )
     try:
         uvloop.run(serve(sock_path, engine, network, pidfile))
