@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -234,9 +235,17 @@ def test_second_daemon_on_the_same_root_refuses(d: Daemon, tmp_path: Path) -> No
         str(BIN / "pyengined"), "-H", f"unix://{other}", "--data-root", str(d.data_root),
         "--bridge", OTHER_BRIDGE, "--bip", "10.172.1.1/24", "--firewall-table", OTHER_BRIDGE,
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    assert out.returncode != 0
-    lines = (out.stdout + out.stderr).strip().splitlines()
+    second = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        output, _ = second.communicate(timeout=15)
+    finally:
+        if second.poll() is None:  # it started: stop it the way that removes what it made
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=60)
+    assert second.returncode != 0
+    lines = output.strip().splitlines()
     assert len(lines) == 1, lines
     assert f"data root {d.data_root} is in use by pyengined pid {d.process.pid}" in lines[0]
     assert sock.exists() and not other.exists()
@@ -258,8 +267,15 @@ def test_corrupt_record_is_set_aside(holder: Holder) -> None:
     record = d.data_root / "containers" / bad_id / "container.json"
     assert record.exists()
     stop_daemon(d)
+    original = record.read_bytes()
     record.write_text('{"id": "' + bad_id + '", "name": ')  # cut short mid-write
-    d = holder.restart()
+    try:
+        d = holder.restart()
+    except AssertionError:
+        # It did not start: the record back, so that the fixture can remove what runs.
+        record.write_bytes(original)
+        holder.restart()
+        raise
     listed = {c["Id"] for c in Client(d.host).containers(all=True)}
     assert good_id in listed and bad_id not in listed
     assert json.loads(d.cli("inspect", "pyes2-good", check=True).stdout)[0]["State"]["Running"]
