@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from engine import bundle, rootfs, seccomp
 from engine.containers import (
@@ -32,7 +30,8 @@ from engine.containers import (
     now_rfc3339,
 )
 from engine.images import ImageConflict, ImageStore
-from engine.monitor import LogOptions, parse_log_config, rotated_log_path
+from engine.jsonlog import JsonLogReader, LogEntry
+from engine.monitor import LogOptions, parse_log_config
 from engine.networking import (
     NetworkRequestError,
     attachment_for,
@@ -74,15 +73,6 @@ ATTACH_DRAIN_TIMEOUT = 10.0
 LOG_POLL_INTERVAL = 0.05
 WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
 _RFC3339_UTC_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z")
-
-
-@dataclass(frozen=True)
-class LogEntry:
-    """One line of a container's json-file log."""
-
-    stream: str  # "stdout" | "stderr"
-    time: str  # RFC 3339 with nanoseconds, as the monitor wrote it
-    text: str
 
 
 @dataclass
@@ -185,9 +175,27 @@ class Engine:
         self._closing = False  # the API is shutting down: streams and waits end now
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._net_lock = asyncio.Lock()
+        # One lock per container id, held by every lifecycle operation (see _locked()).
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._auto_removals: set[asyncio.Task[None]] = set()
 
     def _lifecycle(self, container_id: str) -> _Lifecycle:
         return self._lifecycles.setdefault(container_id, _Lifecycle())
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, ref: str) -> AsyncIterator[Container]:
+        """The container ``ref`` names, under its lock: lifecycle operations on one container
+        run one after the other (moby: container.Lock()), so a start and a removal at the
+        same moment cannot leave a running container without a record. It is looked up again
+        under the lock: removed meanwhile, it is not found."""
+        c = self.containers.get(ref)
+        lock = self._locks.setdefault(c.id, asyncio.Lock())
+        async with lock:
+            try:
+                c = self.containers.get(c.id)
+            except ContainerNotFound:
+                raise ContainerNotFound(ref) from None
+            yield c
 
     # ---- daemon start and stop -------------------------------------------------------------
 
@@ -208,7 +216,11 @@ class Engine:
                 continue
             alive = self.runtime.is_running(c.state.monitor_pid, self._exit_path(c))
             removing = c.state.status == "removing"
-            if alive and self.cfg.live_restore and not removing:
+            adopt = alive and self.cfg.live_restore and not removing
+            if adopt and (problem := self._proxy_protocol_problem(c)) is not None:
+                log.warning("container %s cannot be restored: %s", c.id[:12], problem)
+                adopt = False
+            if adopt:
                 await self._adopt(c)
                 continue
             if alive:
@@ -354,7 +366,10 @@ class Engine:
 
     def _check_proxy_protocol(self, labels: dict[str, Any]) -> None:
         """PROXY protocol labels must be well-formed, and need the userland proxy (only the
-        proxy can add the header; kernel DNAT forwards packets as they are)."""
+        proxy can add the header; kernel DNAT forwards packets as they are). Checked at
+        create, and again at every start and live-restore adoption: the daemon may have been
+        restarted with --userland-proxy=false since, and a backend that trusts PROXY headers
+        must never get a client's raw bytes instead."""
         try:
             chosen = proxy_protocol_labels({str(k): str(v) for k, v in labels.items()})
         except NetworkRequestError as e:
@@ -364,6 +379,13 @@ class Engine:
                 "PROXY protocol (label pyengine.proxy-protocol) needs the userland proxy: "
                 "this daemon runs with --userland-proxy=false"
             )
+
+    def _proxy_protocol_problem(self, c: Container) -> str | None:
+        try:
+            self._check_proxy_protocol(c.config.get("Labels") or {})
+        except InvalidParameter as e:
+            return str(e)
+        return None
 
     def _proxy_spec(self, c: Container, p: PublishedPort) -> ProxySpec:
         labels = c.config.get("Labels") or {}
@@ -401,19 +423,23 @@ class Engine:
         return bindings
 
     async def start(self, ref: str) -> Container:
-        c = self.containers.get(ref)
+        async with self._locked(ref) as c:
+            return await self._start_locked(c)
+
+    async def _start_locked(self, c: Container) -> Container:
         if c.state.running:
             return c
         if c.state.status == "removing":
             raise ContainerConflict(f"container {c.id[:12]} is marked for removal")
         try:
+            self._check_proxy_protocol(c.config.get("Labels") or {})
             await self._start(c)
         except BaseException:
             if c.host_config.get("AutoRemove"):
                 # As Docker: a container that was to be removed when it ends goes when its
                 # start fails, too.
                 with contextlib.suppress(Exception):
-                    await self.remove(c.id, force=True)
+                    await self._remove_locked(c, force=True)
             raise
         return c
 
@@ -502,16 +528,25 @@ class Engine:
         self._mark_exited(c, status)
         self._watchers.pop(c.id, None)
         if c.host_config.get("AutoRemove"):
-            attached = list(self._lifecycle(c.id).attached)
-            if attached:
-                # Attached clients read the container's last output from its log file, which
-                # the removal deletes: let them finish first.
-                await asyncio.wait(
-                    [asyncio.ensure_future(done.wait()) for done in attached],
-                    timeout=ATTACH_DRAIN_TIMEOUT,
-                )
-            with contextlib.suppress(ContainerNotFound):
-                await self.remove(c.id, force=True)
+            # A task of its own: the removal takes the container's lock, whose holder (an
+            # rm -f, say) may be waiting for this watcher to end.
+            task = asyncio.create_task(self._auto_remove(c.id))
+            self._auto_removals.add(task)
+            task.add_done_callback(self._auto_removals.discard)
+
+    async def _auto_remove(self, container_id: str) -> None:
+        attached = list(self._lifecycle(container_id).attached)
+        if attached:
+            # Attached clients read the container's last output from its log file, which
+            # the removal deletes: let them finish first.
+            await asyncio.wait(
+                [asyncio.ensure_future(done.wait()) for done in attached],
+                timeout=ATTACH_DRAIN_TIMEOUT,
+            )
+        with contextlib.suppress(ContainerNotFound):
+            async with self._locked(container_id) as c:
+                if not c.state.running:  # not started again meanwhile
+                    await self._remove_locked(c, force=True)
 
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
@@ -542,7 +577,10 @@ class Engine:
 
     async def stop(self, ref: str, timeout: float | None = None) -> bool:
         """Stop signal, then SIGKILL after ``timeout`` seconds. False when it was not running."""
-        c = self.containers.get(ref)
+        async with self._locked(ref) as c:
+            return await self._stop_locked(c, timeout)
+
+    async def _stop_locked(self, c: Container, timeout: float | None) -> bool:
         if not c.state.running:
             return False
         await self.runtime.stop(
@@ -557,9 +595,9 @@ class Engine:
 
     async def restart(self, ref: str, timeout: float | None = None) -> Container:
         """Stop (when running), then start again: Docker's ``restart``."""
-        c = self.containers.get(ref)
-        await self.stop(c.id, timeout)
-        return await self.start(c.id)
+        async with self._locked(ref) as c:
+            await self._stop_locked(c, timeout)
+            return await self._start_locked(c)
 
     async def kill(self, ref: str, sig: str = "SIGKILL") -> None:
         c = self.containers.get(ref)
@@ -568,14 +606,22 @@ class Engine:
         await self.runtime.kill(c.id, parse_signal(sig))
 
     async def remove(self, ref: str, force: bool = False) -> None:
-        c = self.containers.get(ref)
+        async with self._locked(ref) as c:
+            await self._remove_locked(c, force)
+
+    async def _remove_locked(self, c: Container, force: bool) -> None:
         if c.state.running:
             if not force:
                 raise ContainerConflict(
                     f"You cannot remove a running container {c.id}. Stop the container before "
                     "attempting removal or force remove"
                 )
-            await self.runtime.kill(c.id, "SIGKILL")
+            try:
+                await self.runtime.kill(c.id, "SIGKILL")
+            except RuncError:
+                # It may have ended by itself just now; its watcher records that.
+                if self.runtime.is_running(c.state.monitor_pid, self._exit_path(c)):
+                    raise
             await self._lifecycle(c.id).until(lambda: not c.state.running)
         watcher = self._watchers.get(c.id)
         if watcher is not None and watcher is not asyncio.current_task():
@@ -585,6 +631,7 @@ class Engine:
         c.state.status = "removing"
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
         self.containers.remove(c)
+        self._locks.pop(c.id, None)  # a waiter still holding it finds the container gone
         lifecycle = self._lifecycles.pop(c.id, None) or _Lifecycle()
         lifecycle.removed = True  # waiters and attached streams hold it: they see this
         lifecycle.pulse()
@@ -796,54 +843,58 @@ class Engine:
     ) -> None:
         """Docker's ``network connect``: a running container gets a new interface now, a
         stopped one when it starts."""
-        c = self.containers.get(container_ref)
-        network = self.find_network(network_ref)
-        try:
-            attachment = attachment_for(network, endpoint_config)
-        except NetworkRequestError as e:
-            raise InvalidParameter(str(e)) from e
-        if any(a.network_id == network.id for a in self.attachments(c)):
-            raise Forbidden(f"endpoint with name {c.name} already exists in network {network.name}")
-        if c.state.running:
-            ep = await self._netd(
-                self.network.connect,
-                c.id,
-                network.id,
-                attachment.ip or None,
-                attachment.aliases,
-                attachment.ip6 or None,
-            )
-            c.networks = [*self.attachments(c), attachment]
-            self._register_names(c, ep)
-        else:
-            c.networks = [*self.attachments(c), attachment]
-        self.containers.save(c)
+        async with self._locked(container_ref) as c:
+            network = self.find_network(network_ref)
+            try:
+                attachment = attachment_for(network, endpoint_config)
+            except NetworkRequestError as e:
+                raise InvalidParameter(str(e)) from e
+            if any(a.network_id == network.id for a in self.attachments(c)):
+                raise Forbidden(
+                    f"endpoint with name {c.name} already exists in network {network.name}"
+                )
+            if c.state.running:
+                ep = await self._netd(
+                    self.network.connect,
+                    c.id,
+                    network.id,
+                    attachment.ip or None,
+                    attachment.aliases,
+                    attachment.ip6 or None,
+                )
+                c.networks = [*self.attachments(c), attachment]
+                self._register_names(c, ep)
+            else:
+                c.networks = [*self.attachments(c), attachment]
+            self.containers.save(c)
 
     async def disconnect(self, container_ref: str, network_ref: str, force: bool = False) -> None:
         """Docker's ``network disconnect``: the interface goes now (and the ports published
         through it); a stopped container forgets the network."""
-        c = self.containers.get(container_ref)
-        try:
-            network_id = self.find_network(network_ref).id
-        except NetworkNotFound:
-            if not force:
-                raise
-            network_id = ""
-        attachments = self.attachments(c)
-        kept = [a for a in attachments if a.network_id != network_id]
-        if len(kept) == len(attachments):
-            raise NetworkNotFound(f"container {c.name} is not connected to network {network_ref}")
-        if c.state.running:
-            published = await self._netd(self.network.published, c.id)
-            for p in published:
-                if p.network_id == network_id:
-                    await self.proxies.stop(_proxy_key(c.id, p.proto, p.host_ip, p.host_port))
-            if self.dns is not None:
-                self.dns.remove_endpoint(network_id, c.id)
-            await self._netd(self.network.disconnect, c.id, network_id)
-            self._refresh_network_record(c)
-        c.networks = kept
-        self.containers.save(c)
+        async with self._locked(container_ref) as c:
+            try:
+                network_id = self.find_network(network_ref).id
+            except NetworkNotFound:
+                if not force:
+                    raise
+                network_id = ""
+            attachments = self.attachments(c)
+            kept = [a for a in attachments if a.network_id != network_id]
+            if len(kept) == len(attachments):
+                raise NetworkNotFound(
+                    f"container {c.name} is not connected to network {network_ref}"
+                )
+            if c.state.running:
+                published = await self._netd(self.network.published, c.id)
+                for p in published:
+                    if p.network_id == network_id:
+                        await self.proxies.stop(_proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+                if self.dns is not None:
+                    self.dns.remove_endpoint(network_id, c.id)
+                await self._netd(self.network.disconnect, c.id, network_id)
+                self._refresh_network_record(c)
+            c.networks = kept
+            self.containers.save(c)
 
     def _refresh_network_record(self, c: Container) -> None:
         """``c.network`` after a disconnect: its first endpoint left, and the ports still
@@ -857,16 +908,18 @@ class Engine:
 
     async def rename(self, ref: str, new_name: str) -> None:
         """Docker's ``rename``; the embedded DNS answers the new name at once."""
-        c = self.containers.get(ref)
-        if new_name.lstrip("/") == c.name:
-            raise InvalidParameter("Renaming a container with the same name as its current name")
-        try:
-            c.name = self.containers.check_name(new_name)
-        except ValueError as e:
-            raise InvalidParameter(str(e)) from e
-        self.containers.save(c)
-        for ep in self.endpoints(c):
-            self._register_names(c, ep)
+        async with self._locked(ref) as c:
+            if new_name.lstrip("/") == c.name:
+                raise InvalidParameter(
+                    "Renaming a container with the same name as its current name"
+                )
+            try:
+                c.name = self.containers.check_name(new_name)
+            except ValueError as e:
+                raise InvalidParameter(str(e)) from e
+            self.containers.save(c)
+            for ep in self.endpoints(c):
+                self._register_names(c, ep)
 
     # ---- output --------------------------------------------------------------------------
 
@@ -884,7 +937,7 @@ class Engine:
         """Entries of the container's json-file log: the last ``tail`` (all when None) of those
         written in [since, until) (0: unbounded), then with ``follow`` new ones until it exits."""
         c = self.containers.get(ref)
-        reader = _JsonLogReader(self.log_path(c))
+        reader = JsonLogReader(self.log_path(c))
         try:
             async for entry in self._logs(c, reader, follow, tail, since, until):
                 yield entry
@@ -894,7 +947,7 @@ class Engine:
     async def _logs(
         self,
         c: Container,
-        reader: _JsonLogReader,
+        reader: JsonLogReader,
         follow: bool,
         tail: int | None,
         since: float,
@@ -906,22 +959,26 @@ class Engine:
             t = rfc3339_seconds(entry.time)
             return (not since or t >= since) and (not until or t < until)
 
-        backlog = [e for e in reader.read_new() if wanted(e)]
+        # A log has no size bound: read it in a thread, in bounded pieces (engine.jsonlog).
         if tail is not None:
-            backlog = backlog[-tail:] if tail > 0 else []
-        for entry in backlog:
-            yield entry
+            for entry in await asyncio.to_thread(reader.tail, tail, wanted):
+                yield entry
+        else:
+            async for entry in _read_caught_up(reader):
+                if wanted(entry):
+                    yield entry
         if not follow:
             return
         while True:
             running = c.state.running
-            entries = reader.read_new()
-            for entry in entries:
+            got = False
+            async for entry in _read_caught_up(reader):
+                got = True
                 if wanted(entry):
                     yield entry
             if not running or self._closing:
                 return  # the monitor writes all output before the exit is recorded
-            if not entries:
+            if not got:
                 await asyncio.sleep(LOG_POLL_INTERVAL)
 
     async def attach(self, ref: str, replay: bool, follow: bool) -> AsyncIterator[LogEntry]:
@@ -932,22 +989,23 @@ class Engine:
         lifecycle = self._lifecycle(c.id)
         exits = lifecycle.exits
         path = self.log_path(c)
-        reader = _JsonLogReader(path, start_at_end=not replay)
+        reader = JsonLogReader(path, start_at_end=not replay)
         done = asyncio.Event()
         lifecycle.attached.add(done)
         try:
-            for entry in reader.read_new():
+            async for entry in _read_caught_up(reader):
                 yield entry
             if not follow:
                 return
             while True:
                 ended = lifecycle.exits > exits or lifecycle.removed
-                entries = reader.read_new()
-                for entry in entries:
+                got = False
+                async for entry in _read_caught_up(reader):
+                    got = True
                     yield entry
                 if ended or self._closing:
                     return
-                if not entries:
+                if not got:
                     await asyncio.sleep(LOG_POLL_INTERVAL)
         finally:
             reader.close()
@@ -963,104 +1021,14 @@ class Engine:
             return await asyncio.to_thread(fn, *args)
 
 
-class _JsonLogReader:
-    """Reads a json-file log incrementally, across its rotation: the rotated files oldest
-    first (``.N`` ... ``.1``), then the current one, following the writer when it rotates.
-    A line is returned only once it is complete."""
+async def _read_caught_up(reader: JsonLogReader) -> AsyncIterator[LogEntry]:
+    """What the reader finds until it has caught up with the writer, a bounded batch at a
+    time, each read in a thread."""
+    caught_up = False
+    while not caught_up:
+        batch, caught_up = await asyncio.to_thread(reader.read_batch)
+        for entry in batch:
+            yield entry
 
-    def __init__(self, path: Path, start_at_end: bool = False) -> None:
-        self.path = path
-        self._file: BinaryIO | None = None
-        self._pending = b""
-        self._from_current = start_at_end  # skip the rotated files (and, below, the backlog)
-        if start_at_end:
-            self._file = self._open(path)
-            if self._file is not None:
-                self._file.seek(0, os.SEEK_END)
 
-    @staticmethod
-    def _open(path: Path) -> BinaryIO | None:
-        try:
-            return open(path, "rb")  # noqa: SIM115 (closed by close())
-        except FileNotFoundError:
-            return None
-
-    def _files(self) -> list[tuple[int, Path]]:
-        """(inode, path) of the log's files as they are now, oldest first."""
-        prefix = self.path.name + "."
-        indexes = []
-        with contextlib.suppress(FileNotFoundError), os.scandir(self.path.parent) as entries:
-            for entry in entries:
-                suffix = entry.name[len(prefix) :] if entry.name.startswith(prefix) else ""
-                if suffix.isdigit() and int(suffix) > 0:
-                    indexes.append(int(suffix))
-        files = []
-        for index in [*sorted(indexes, reverse=True), 0]:
-            path = rotated_log_path(self.path, index)
-            with contextlib.suppress(FileNotFoundError):
-                files.append((os.stat(path).st_ino, path))
-        return files
-
-    def _first(self) -> BinaryIO | None:
-        if self._from_current:
-            return self._open(self.path)
-        for _, path in self._files():
-            f = self._open(path)
-            if f is not None:
-                return f
-        return None
-
-    def _successor(self, current: BinaryIO) -> BinaryIO | None:
-        """The next newer file once the writer has rotated past ``current``, else None. As
-        ``current`` stays open its inode cannot be reused, so it identifies the file."""
-        inode = os.fstat(current.fileno()).st_ino
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self.path).st_ino == inode:
-                return None  # the common case, without listing the directory
-        for _ in range(3):  # a rotation between listing and opening: list again
-            files = self._files()
-            inodes = [i for i, _ in files]
-            if not files or inodes[-1] == inode:
-                return None  # still the newest file
-            # Not listed any more: it was the oldest and got deleted; all the rest is newer.
-            newer = files[inodes.index(inode) + 1 :] if inode in inodes else files
-            expected, path = newer[0]
-            f = self._open(path)
-            if f is not None and os.fstat(f.fileno()).st_ino == expected:
-                return f
-            if f is not None:
-                f.close()
-        return None
-
-    def _parse(self, data: bytes) -> list[LogEntry]:
-        if not data:
-            return []
-        lines = (self._pending + data).split(b"\n")
-        self._pending = lines.pop()
-        entries = []
-        for line in lines:
-            try:
-                raw = json.loads(line)
-                entries.append(LogEntry(raw["stream"], raw["time"], raw["log"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # an empty line, or one a crash cut short
-        return entries
-
-    def read_new(self) -> list[LogEntry]:
-        if self._file is None:
-            self._file = self._first()
-            if self._file is None:
-                return []
-        entries = self._parse(self._file.read())
-        while (following := self._successor(self._file)) is not None:
-            # What the writer put in the old file before it rotated, then the next file.
-            entries += self._parse(self._file.read())
-            self._file.close()
-            self._file, self._pending = following, b""
-            entries += self._parse(self._file.read())
-        return entries
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+_JsonLogReader = JsonLogReader  # the name tests/test_logs.py imports
