@@ -35,11 +35,12 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from pathlib import Path
+from typing import Any
 
 from netd import bridge, conntrack, forwarding, sandbox, subnetpool, sysctl
 from netd.errors import Conflict, Forbidden, NetdError, NotFound
 from netd.firewall import ANY_IPV4, Firewall, PortMapping, make_firewall
-from netd.jsonstate import read_json, write_json_atomic
+from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 from netd.naming import (
     container_ifname,
     host_veth_name,
@@ -200,7 +201,7 @@ class NetworkController:
             options={OPT_BRIDGE_NAME: cfg.bridge},
             created=now_rfc3339(),
         )
-        self._st = NetdState.load(self._state_file, default, self._state_dir / IPAM_FILE)
+        self._st = self._load_state(default)
         self._adopt_default_network(default)
         self._ready = False
 
@@ -262,9 +263,31 @@ class NetworkController:
             },
         )
 
+    def _load_state(self, default: Network) -> NetdState:
+        """The persisted state; one that cannot be read (bad JSON, wrong shape) is set aside
+        and logged, and the networks start from the default one alone."""
+        try:
+            return NetdState.load(self._state_file, default, self._state_dir / IPAM_FILE)
+        except NetdError:
+            raise  # e.g. a newer daemon's state version: not to be thrown away
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            set_aside(self._state_file, e)
+            return NetdState.load(self._state_file, default, self._state_dir / IPAM_FILE)
+
+    def _read_network_record(self) -> dict[str, Any]:
+        """What _save_firewall_record() wrote; {} when missing, or corrupt (set aside)."""
+        try:
+            previous = read_record(self._network_file, None) or {}
+            if not isinstance(previous, dict):
+                raise CorruptRecord("not a JSON object")
+        except CorruptRecord as e:
+            set_aside(self._network_file, e)
+            return {}
+        return previous
+
     def _remove_previous_firewall(self) -> None:
         """A daemon started before with another backend or table left its rules behind."""
-        previous = read_json(self._network_file, None) or {}
+        previous = self._read_network_record()
         backend, table = previous.get("firewall_backend"), previous.get("table")
         current = (self.cfg.firewall_backend, self.cfg.table)
         if not backend or not table or (backend, table) == current:
@@ -328,7 +351,7 @@ class NetworkController:
             self._firewall.forward_drop = forwarding.setup(
                 self._state_dir, self.cfg.ip_forward, self.cfg.ip_forward_no_drop
             )
-            previous = read_json(self._network_file, None) or {}
+            previous = self._read_network_record()
             if (previous.get("firewall_backend"), previous.get("table")) == (
                 self.cfg.firewall_backend,
                 self.cfg.table,

@@ -286,3 +286,29 @@ def test_corrupt_record_is_set_aside(holder: Holder) -> None:
     assert run(d, "--name", "pyes2-bad", "busybox", "true").returncode == 0
     d.cli("rm", "-f", good_id, check=True)
     assert good_id not in {c["Id"] for c in Client(d.host).containers(all=True)}
+
+
+def test_corrupt_network_state_is_set_aside(holder: Holder) -> None:
+    """netd's records too: unreadable, they are set aside and the daemon starts with the
+    default network (a user network is gone with them, and says so in the log)."""
+    d = holder.daemon
+    for cid in d.cli("ps", "-a", "-q").stdout.split():
+        d.cli("rm", "-f", cid, check=True)
+    stop_daemon(d)
+    state_dir = d.data_root / "network"
+    records = {state_dir / "endpoints.json": b"\x00\xff" * 8, state_dir / "network.json": b"[1"}
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    for path, garbage in records.items():
+        path.write_bytes(garbage)  # as a crash mid-write on a file system without rename order
+    try:
+        d = holder.restart()
+    except AssertionError:
+        for path in records:
+            path.unlink(missing_ok=True)
+        holder.restart()
+        raise
+    for path in records:
+        assert f"corrupt record {path}" in d.log()
+        assert len(list(state_dir.glob(f"{path.name}.corrupt-*"))) == 1
+    out = run(d, "busybox", "true")
+    assert out.returncode == 0, out.stderr
