@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.monitor import LogOptions, one_line, rfc3339_nano
-from netd.jsonstate import read_json
+from netd.jsonstate import CorruptRecord, read_record, set_aside
 
 START_TIMEOUT = 30.0
 # How long a monitor may take to clean up after reporting a failed start, and after SIGKILL.
@@ -277,11 +277,17 @@ class Runtime:
         if monitor_pid in self._children or _is_live_monitor(monitor_pid, exit_path):
             await _wait_pid_exit(monitor_pid)
         self._reap(monitor_pid)
-        recorded = read_json(exit_path)
-        if not isinstance(recorded, dict):
-            return ExitStatus(exit_code=255, finished_at=rfc3339_nano(), error="monitor died")
+        try:
+            recorded = read_record(exit_path)
+            if recorded is None:
+                return ExitStatus(exit_code=255, finished_at=rfc3339_nano(), error="monitor died")
+            if not isinstance(recorded, dict) or not isinstance(recorded.get("ExitCode"), int):
+                raise CorruptRecord("not an exit status")
+        except CorruptRecord as e:
+            set_aside(exit_path, e)
+            return ExitStatus(exit_code=255, finished_at=rfc3339_nano(), error="exit status lost")
         return ExitStatus(
-            exit_code=int(recorded.get("ExitCode", 255)),
+            exit_code=recorded["ExitCode"],
             finished_at=str(recorded.get("FinishedAt", "")),
             error=str(recorded.get("Error", "")),
         )

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -286,6 +287,30 @@ def test_corrupt_record_is_set_aside(holder: Holder) -> None:
     assert run(d, "--name", "pyes2-bad", "busybox", "true").returncode == 0
     d.cli("rm", "-f", good_id, check=True)
     assert good_id not in {c["Id"] for c in Client(d.host).containers(all=True)}
+
+
+def test_corrupt_exit_status_is_set_aside(holder: Holder) -> None:
+    """A container that ended while no daemon ran leaves its exit status in exit.json; that
+    file unreadable, the daemon still starts and the container is exited (status lost)."""
+    d = holder.daemon
+    cid = d.cli("run", "-d", "busybox", "sleep", "1", check=True).stdout.strip()
+    stop_daemon(d)  # live restore: the container goes on, and ends while no daemon runs
+    exit_file = d.data_root / "containers" / cid / "exit.json"
+    deadline = time.monotonic() + 20
+    while not exit_file.exists():
+        assert time.monotonic() < deadline, "the container's monitor wrote no exit status"
+        time.sleep(0.1)
+    exit_file.write_text('{"ExitCode": ')
+    try:
+        d = holder.restart()
+    except AssertionError:
+        exit_file.unlink()
+        holder.restart()
+        raise
+    state = json.loads(d.cli("inspect", cid, check=True).stdout)[0]["State"]
+    assert not state["Running"] and state["ExitCode"] == 255, state
+    assert f"corrupt record {exit_file}" in d.log()
+    d.cli("rm", cid, check=True)
 
 
 def test_corrupt_network_state_is_set_aside(holder: Holder) -> None:
