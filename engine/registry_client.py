@@ -5,7 +5,8 @@
   Docker), which get plain HTTP.
 - Auth: a request is sent with what is known; a 401 carries ``WWW-Authenticate`` challenges.
   ``Bearer`` (distribution ``docs/spec/auth/token.md``): GET ``realm?service=&scope=`` (with
-  Basic credentials and ``account=`` when there are credentials; anonymously otherwise), then
+  Basic credentials and ``account=`` when there are credentials, which go to an https realm
+  only, or to the host of an insecure registry itself; anonymously otherwise), then
   retry with ``Authorization: Bearer <token>``. ``Basic`` (RFC 7617): retry with the
   credentials. One retry per request: a second 401 is the answer.
 - Errors: every failure is a RegistryError with a one-line message; the registry's own error
@@ -22,6 +23,7 @@ import os
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -211,6 +213,29 @@ class RegistryClient:
                 return self._basic != tried
         return False
 
+    def _credentials_refused_by(self, realm: str) -> str | None:
+        """Why the login must not go to the token realm ``realm``; None when it may.
+
+        The realm comes from the registry's answer, which a registry reached over plain
+        HTTP cannot vouch for: anyone on the path can point it elsewhere (containers/image
+        issue 45). So Basic credentials go to a realm over https only, or over plain http to
+        the very host of a registry that is itself insecure (the credentials already cross
+        that path in clear, to that host, with Basic auth); aiohttp drops the header on a
+        redirect to another origin."""
+        try:
+            url, registry = urlsplit(realm), urlsplit(self.base_url)
+            host, registry_host = url.hostname, registry.hostname  # lower case
+        except ValueError:
+            return f"the token realm {realm!r} is not a URL"
+        if url.scheme.lower() == "https":
+            return None
+        if registry.scheme == "http" and host is not None and host == registry_host:
+            return None
+        return (
+            f"refusing to send credentials to the token realm {realm} over plain http "
+            "(only to an https realm, or to the insecure registry's own host)"
+        )
+
     async def _fetch_token(self, challenge: Challenge, scope: str) -> str:
         realm = challenge.params["realm"]
         if not realm.startswith(("https://", "http://")):
@@ -223,6 +248,9 @@ class RegistryClient:
             params.append(("scope", one))
         headers = {}
         if self.credentials is not None:
+            refusal = self._credentials_refused_by(realm)
+            if refusal is not None:
+                raise RegistryError(f"registry {self.domain}: {refusal}")
             params.append(("account", self.credentials[0]))
             headers["Authorization"] = basic_authorization(*self.credentials)
         try:
