@@ -215,7 +215,7 @@ class SystemApi:
                 "ContainerdCommit": {"ID": "", "Expected": ""},
                 "RuncCommit": {"ID": "", "Expected": ""},
                 "InitCommit": {"ID": "", "Expected": ""},
-                "SecurityOptions": [],
+                "SecurityOptions": ["name=seccomp,profile=builtin"],
                 "Warnings": [],
             }
         )

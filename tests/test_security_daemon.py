@@ -124,6 +124,33 @@ def test_seccomp_profile_file(d: Daemon, tmp_path: Path) -> None:
     assert run(d, "busybox", "mkdir", "/tmp/pyes2").returncode == 0
 
 
+@pytest.mark.parametrize(
+    "profile",
+    [
+        {"defaultAction": "SCMP_ACT_ALLOW", "flags": []},
+        {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {
+                    "name": "personality",
+                    "action": "SCMP_ACT_ERRNO",
+                    "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}],
+                },
+                {"names": ["pye_no_such_syscall"], "action": "SCMP_ACT_KILL"},
+            ],
+        },
+    ],
+    ids=["no-flags", "arches-args"],
+)
+def test_profiles_runc_accepts(d: Daemon, tmp_path: Path, profile: dict[str, object]) -> None:
+    """What the create accepts, runc runs: no profile that passes the check fails the start."""
+    path = tmp_path / "pyes2-profile.json"
+    path.write_text(json.dumps(profile))
+    out = run(d, "--security-opt", f"seccomp={path}", "busybox", "true")
+    assert out.returncode == 0, out.stderr
+
+
 def test_no_new_privileges(d: Daemon) -> None:
     assert status_field(d, "NoNewPrivs") == "0"
     assert status_field(d, "NoNewPrivs", "--security-opt", "no-new-privileges") == "1"
@@ -141,6 +168,7 @@ def test_no_new_privileges(d: Daemon) -> None:
         'seccomp={"defaultAction":"SCMP_ACT_NOPE"}',
         'seccomp={"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir"]}]}',
         "seccomp=" + "[" * 100_000,
+        'seccomp={"defaultAction":"SCMP_ACT_ALLOW","flags":["SECCOMP_FILTER_FLAG_LOG"]}',
         "label",
     ],
 )
