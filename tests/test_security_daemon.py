@@ -365,3 +365,34 @@ def test_corrupt_network_state_is_set_aside(holder: Holder) -> None:
         assert len(list(state_dir.glob(f"{path.name}.corrupt-*"))) == 1
     out = run(d, "busybox", "true")
     assert out.returncode == 0, out.stderr
+
+
+def test_docker_cli_security_opts(d: Daemon, tmp_path: Path) -> None:
+    """Docker's own CLI: it reads the profile file and sends its JSON, as pyengine does."""
+    from tests.conftest import require
+    from tests.test_docker_cli import DOCKER
+
+    require(DOCKER.exists(), f"needs Debian's docker.io CLI at {DOCKER}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+    env.update(DOCKER_HOST=d.host, DOCKER_CONFIG=str(tmp_path / "docker-config"))
+    profile = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": EDQUOT}
+        ],
+    }
+    path = tmp_path / "pyes2-profile.json"
+    path.write_text(json.dumps(profile, indent=2))
+    script = "grep NoNewPrivs /proc/self/status; mkdir /tmp/pyes2"
+    out = subprocess.run(
+        [str(DOCKER), "run", "--rm", "--security-opt", f"seccomp={path}",
+         "--security-opt", "no-new-privileges", "busybox", "sh", "-c", script],
+        capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "NoNewPrivs:\t1" in out.stdout and os.strerror(EDQUOT) in out.stderr, out
+    info = subprocess.run(
+        [str(DOCKER), "info", "--format", "{{json .SecurityOptions}}"],
+        capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert "name=seccomp,profile=builtin" in info.stdout, info
