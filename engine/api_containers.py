@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from engine.api_bodies import CONTAINER_CREATE, check
 from engine.api_common import (
     MEDIA_MULTIPLEXED_STREAM,
     BadParameter,
@@ -66,7 +67,7 @@ CONTAINER_FILTERS = {
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
 T = TypeVar("T")
-_PORT_KEY_RE = re.compile(r"^([0-9]{1,5})(?:/(tcp|udp|sctp))?$")
+_PORT_KEY_RE = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
 
 # Container settings pyengined cannot honour yet. Set to anything but their empty value, the
 # create answers 501 rather than run a container that silently lacks them.
@@ -139,7 +140,7 @@ def _check_strings(value: Any, what: str) -> None:
 
 def normalize_port_key(key: str) -> str:
     """``"80"`` → ``"80/tcp"``; anything that is not ``port[/proto]`` is a 400."""
-    match = _PORT_KEY_RE.match(key)
+    match = _PORT_KEY_RE.fullmatch(key)
     if match is None or not 0 < int(match[1]) <= 65535:
         raise BadParameter(f"invalid port specification: {key!r}")
     if match[2] == "sctp":
@@ -544,7 +545,7 @@ class ContainersApi:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def create(self, request: web.Request) -> web.Response:
-        body = await json_body(request)
+        body = check(await json_body(request), CONTAINER_CREATE)
         host_config = body.pop("HostConfig", None) or {}
         networking = body.pop("NetworkingConfig", None) or {}
         _check_type(host_config, (dict,), "HostConfig")

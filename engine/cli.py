@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from engine.client import Client, DaemonError, DaemonUnreachable
+from engine.client import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
 from engine.lab import main as lab_main
 from engine.reference import Reference
 from engine.registry_auth import CredentialsError, CredentialStore, default_credentials_path
@@ -54,7 +54,24 @@ def daemon_errors(exit_code: int = 1) -> Callable[[Callable[..., Any]], Callable
     return decorate
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Cli(click.Group):
+    """The command group; a connection to the daemon that breaks in any command (the daemon
+    died mid-request, a stream cut short) is one line on stderr and exit 1, never a
+    traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DaemonUnreachable as e:
+            _fail(str(e))
+        except CONNECTION_ERRORS as e:
+            client = ctx.obj
+            if not isinstance(client, Client):
+                raise
+            _fail(client.connection_error(e))
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-H",
     "--host",

@@ -195,10 +195,15 @@ class Client:
         )
         while True:
             header = resp.read(8)
-            if len(header) < 8:
+            if not header and not resp.length:  # the end (chunked, or all of a known length)
                 return
+            if len(header) < 8:
+                raise DaemonUnreachable(self.connection_error(EOFError("log stream cut short")))
             stream_id, size = struct.unpack(">BxxxL", header)
-            yield stream_id, resp.read(size)
+            payload = resp.read(size)
+            if len(payload) < size:
+                raise DaemonUnreachable(self.connection_error(EOFError("log stream cut short")))
+            yield stream_id, payload
 
     def images(self) -> list[dict[str, Any]]:
         return self.json("GET", "/images/json")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import re
 import shutil
 import typing
@@ -13,45 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from engine.namesgen import random_name
 from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 
-NAME_RE = re.compile(r"^/?[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
-_ADJECTIVES = [
-    "brave",
-    "calm",
-    "eager",
-    "fancy",
-    "gentle",
-    "happy",
-    "jolly",
-    "keen",
-    "lucid",
-    "nifty",
-    "proud",
-    "quirky",
-    "serene",
-    "tender",
-    "vivid",
-    "witty",
-    "zealous",
-]
-_NAMES = [
-    "babbage",
-    "cerf",
-    "dijkstra",
-    "hopper",
-    "kahn",
-    "lamport",
-    "liskov",
-    "metcalfe",
-    "postel",
-    "ritchie",
-    "shannon",
-    "thompson",
-    "torvalds",
-    "turing",
-    "wirth",
-]
+# moby daemon/names: validContainerNamePattern. Checked with fullmatch: Python's ``$`` also
+# matches before a trailing newline.
+NAME_RE = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+# moby daemon/names.go generateAndReserveName: six random candidates (a digit appended from the
+# second on), then the container's short id.
+NAME_TRIES = 6
 
 
 class ContainerNotFound(Exception):
@@ -161,9 +130,9 @@ class ContainerStore:
         return os.urandom(32).hex()
 
     def check_name(self, name: str) -> str:
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise ValueError(
-                f'Invalid container name ("{name}"), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed'
+                f"Invalid container name ({name!r}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
             )
         name = name.lstrip("/")
         for c in self._containers.values():
@@ -175,12 +144,19 @@ class ContainerStore:
                 )
         return name
 
-    def generate_name(self) -> str:
+    def generate_name(self, container_id: str = "") -> str:
+        """Docker's generated name; never runs out: after the random tries, the short id."""
         taken = {c.name for c in self._containers.values()}
-        while True:
-            name = f"{random.choice(_ADJECTIVES)}_{random.choice(_NAMES)}"
+        for retry in range(NAME_TRIES):
+            name = random_name(retry)
             if name not in taken:
                 return name
+        for _ in range(NAME_TRIES):
+            name = container_id[:12] or os.urandom(6).hex()
+            if name not in taken:
+                return name
+            container_id = ""
+        raise ContainerConflict("could not generate a unique container name")
 
     def add(self, container: Container) -> None:
         self._containers[container.id] = container
