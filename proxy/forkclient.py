@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from proxy.childprocess import ChildProcess, spawn_with_fds, watch_process
@@ -41,8 +42,10 @@ def default_server_argv() -> list[str]:
 class ForkServerClient:
     """Starts proxies as children of one warm fork server process."""
 
-    def __init__(self, argv: list[str] | None = None) -> None:
+    def __init__(self, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> None:
+        """env: the fork server's environment, and so its proxies' (default: ours)."""
         self._argv = list(argv) if argv else default_server_argv()
+        self._env = env
         self._server: ChildProcess | None = None
         self._control: socket.socket | None = None
         self._start_lock = asyncio.Lock()
@@ -134,7 +137,7 @@ class ForkServerClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             try:
-                server = spawn_with_fds(self._argv, {CONTROL_FD: theirs.fileno()})
+                server = spawn_with_fds(self._argv, {CONTROL_FD: theirs.fileno()}, self._env)
             except OSError as err:
                 raise ForkServerError(
                     f"cannot run the fork server {self._argv[0]}: {err.strerror or err}"

@@ -20,7 +20,9 @@ proxies over:
    the port is never re-bound and never closed;
 3. :meth:`adopt_survivor` then puts each one under supervision again, watched through its
    pidfd and restarted on the same socket if it dies, like a proxy of this supervisor's own;
-   :meth:`stop_survivors` stops those no container claimed.
+   :meth:`stop_survivors` stops those no container claimed. A proxy forked but not recorded
+   yet when the old daemon was killed is found by the marker in its environment
+   (proxy/strays.py) and stopped by :meth:`take_over`.
 
 Without ``outlive_daemon`` the proxies die with the daemon, as docker-proxy dies with dockerd.
 """
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from netd.jsonstate import read_json, write_json_atomic
+from proxy import strays
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds, watch_process
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
@@ -168,7 +171,10 @@ class ProxySupervisor:
         self._argv = list(argv) if argv else default_proxy_argv()
         if fork_server is None:
             fork_server = self._argv == default_proxy_argv()
-        self._fork_server = ForkServerClient() if fork_server else None
+        # The proxies carry the record directory's marker (proxy/strays.py), so that the
+        # next daemon finds one forked but not yet recorded when this one was killed.
+        self._env = strays.marked_environment(state_path) if state_path is not None else None
+        self._fork_server = ForkServerClient(env=self._env) if fork_server else None
         self._state_path = state_path
         self._outlive_daemon = outlive_daemon
         self._proxies: dict[str, _SupervisedProxy] = {}
@@ -296,7 +302,9 @@ class ProxySupervisor:
         and return another copy of each socket keyed (proto, host_ip, host_port), for netd's
         ``setup(held_sockets=...)``; the caller owns those. Otherwise stop them and return {}.
         Records of proxies that are gone, or whose pid now names another process, are
-        dropped (that process is left alone). Call it before starting any proxy."""
+        dropped (that process is left alone). Then every other process carrying this record
+        directory's marker (proxy/strays.py) is stopped: a proxy a killed daemon forked but
+        had not recorded yet. Call it before starting any proxy."""
         if self._proxies or self._survivors:
             raise ProxyError("take_over() must come before any proxy is started or adopted")
         held: dict[PortAddress, socket.socket] = {}
@@ -327,9 +335,21 @@ class ProxySupervisor:
         finally:
             await asyncio.gather(*(self._stop_survivor(s) for s in unwanted))
             self._save_or_warn()
+        await self._stop_strays()
         if held:
             log.info("taking over %d proxies left running by the previous daemon", len(held))
         return held
+
+    async def _stop_strays(self) -> None:
+        """Stop the proxies of this record directory that no record accounts for (forked
+        by a daemon killed before it recorded them), so that their ports are free again."""
+        if self._state_path is None:
+            return
+        kept = {s.identity.pid for s in self._survivors.values()}
+        found = await asyncio.to_thread(strays.find_marked, self._state_path, kept)
+        if found:
+            stopped = await asyncio.to_thread(strays.stop_marked, self._state_path, found)
+            log.warning("stopped %d proxies no record accounted for", stopped)
 
     async def adopt_survivor(
         self, key: str, spec: ProxySpec, reservation: socket.socket | None = None
@@ -480,6 +500,9 @@ class ProxySupervisor:
                 entries = [("", e) for e in (found if isinstance(found, list) else [])]
             elif path.is_dir():
                 entries = [(f.name, read_json(f, {})) for f in sorted(path.glob("*.json"))]
+                # Temporary files of writes a SIGKILL cut short (write_json_atomic's names).
+                for leftover in path.glob(".*.json.tmp*"):
+                    leftover.unlink(missing_ok=True)
         except (OSError, ValueError) as err:
             log.warning("ignoring %s: %s", path, err)
             return []
@@ -548,7 +571,9 @@ class ProxySupervisor:
             except ForkServerError as err:
                 raise ProxyError(str(err)) from None
         argv = self._argv + args
-        env = {**os.environ, OUTLIVE_PARENT_ENV: "1"} if self._outlive_daemon else None
+        env = dict(self._env or os.environ)
+        if self._outlive_daemon:
+            env[OUTLIVE_PARENT_ENV] = "1"
         try:
             return spawn_with_fds(argv, fds, env)
         except OSError as err:

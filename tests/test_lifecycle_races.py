@@ -392,3 +392,57 @@ def test_large_log_tail_and_stream(tmp_path: Path, busybox_archive: Path) -> Non
     finally:
         tear_down(d)
     assert_nothing_left(d)
+
+
+# ---- SIGKILL of the daemon while it forks proxies ------------------------------------------------
+
+ORPHAN_PORTS = list(range(29700, 29900))  # 200 ports published by one container
+KILL_AFTER_RECORDS = (10, 60, 140)  # SIGKILL once this many proxies are recorded
+
+
+def _start_in_background(d: Daemon, cid: str) -> threading.Thread:
+    def start() -> None:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            api(d, "POST", f"/containers/{cid}/start", timeout=120)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigkill_while_publishing_leaves_no_stray_proxy(
+    tmp_path: Path, busybox_archive: Path
+) -> None:
+    """The daemon is SIGKILLed while it forks the proxies of 200 published ports, at a few
+    points in time: the next daemon stops every proxy of its data root, also the one forked
+    in the kill window before it was recorded; after ``rm -f`` every port can be bound."""
+    d = start_daemon(tmp_path, ORPHAN_BRIDGE, ORPHAN_BIP, True)
+    state_dir = d.data_root / "proxies"
+    try:
+        d.cli("load", "-i", str(busybox_archive), check=True)
+        for records_wanted in KILL_AFTER_RECORDS:
+            bindings = {f"{80 + i}/tcp": port for i, port in enumerate(ORPHAN_PORTS)}
+            cid = create(d, ports=bindings)
+            starter = _start_in_background(d, cid)
+            deadline = time.monotonic() + 30
+            while not state_dir.is_dir() or len(os.listdir(state_dir)) < records_wanted:
+                assert time.monotonic() < deadline, "the proxies did not start in 30 s"
+                time.sleep(0.002)
+            d.process.kill()  # SIGKILL
+            d.process.wait(timeout=30)
+            starter.join(timeout=30)
+            forked = len(marked_proxies(state_dir))
+            d = start_daemon(tmp_path, ORPHAN_BRIDGE, ORPHAN_BIP, True)
+            assert api(d, "DELETE", f"/containers/{cid}?force=1").status == 204
+            left = marked_proxies(state_dir)
+            busy = [p for p in ORPHAN_PORTS if not port_is_free(p)]
+            print(f"killed at {records_wanted} records ({forked} proxies marked): "
+                  f"{len(left)} left, {len(busy)} ports held")  # fmt: skip
+            assert not left, f"proxies of the data root survived: {sorted(left)}"
+            assert not busy, f"ports still held after rm -f: {busy}"
+    finally:
+        tear_down(d)
+        for pid in marked_proxies(state_dir):  # whatever a failure left
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+    assert_nothing_left(d)
