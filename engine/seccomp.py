@@ -202,8 +202,8 @@ def _check_profile(p: dict[str, Any]) -> None:
     _want(isinstance(arch_map, list), "archMap must be a list")
     for entry in arch_map:
         _want(isinstance(entry, dict), "archMap entries must be objects")
-        names = [entry.get("architecture"), *(entry.get("subArchitectures") or [])]
         _want(isinstance(entry.get("subArchitectures") or [], list), "archMap: want lists")
+        names = [entry.get("architecture"), *(entry.get("subArchitectures") or [])]
         _want(_is_str_list(names) and set(names) <= ARCHES, "archMap: unknown architectures")
     # runc 1.1 refuses any ("seccomp flags are not yet supported by runc").
     for key in ("flags", "listenerPath", "listenerMetadata"):

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import seccomp
 from engine.bundle import DEFAULT_CAPABILITIES
@@ -94,6 +96,34 @@ def test_default_profile_is_dockers() -> None:
     assert with_admin is not None
     assert any("unshare" in r["names"] for r in with_admin["syscalls"])
     assert seccomp.linux_seccomp(seccomp.SecurityOptions(seccomp="unconfined"), []) is None
+
+
+_KEYS = ["defaultAction", "defaultErrnoRet", "architectures", "archMap", "syscalls", "names",
+         "name", "action", "errnoRet", "args", "index", "value", "valueTwo", "op", "includes",
+         "excludes", "caps", "arches", "minKernel", "architecture", "subArchitectures"]  # fmt: skip
+_ATOMS = st.one_of(
+    st.none(), st.booleans(), st.integers(-1, 1 << 70), st.floats(allow_nan=False),
+    st.sampled_from(["", "SCMP_ACT_ALLOW", "SCMP_ARCH_X86", "SCMP_CMP_EQ", "4.8", "amd64"]),
+)  # fmt: skip
+_JSON = st.recursive(
+    _ATOMS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), inner),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(profile=_JSON)
+def test_any_profile_is_accepted_or_a_value_error(profile: object) -> None:
+    """Whatever JSON a request carries as a profile: a one-line ValueError (a 400), or a
+    profile that converts to runc's form; never another exception (a 500)."""
+    text = json.dumps(profile)
+    try:
+        seccomp.parse_security_opts([f"seccomp={text}"])
+    except ValueError as e:
+        assert "\n" not in str(e)
+        return
+    json.dumps(seccomp.linux_seccomp(seccomp.SecurityOptions(seccomp=text), DEFAULT_CAPABILITIES))
 
 
 def test_seccomp_filter_by_default_and_unconfined(d: Daemon) -> None:
