@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.namesgen import random_name
-from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
+from netd.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
 
 # moby daemon/names: validContainerNamePattern. Checked with fullmatch: Python's ``$`` also
 # matches before a trailing newline.
@@ -221,4 +221,5 @@ def _load_record(entry: Path) -> Container | None:
     except (CorruptRecord, TypeError, ValueError, KeyError, AttributeError) as e:
         set_aside(path, e)
         return None
+    os.chmod(path, FILE_MODE)  # written 0644 by versions before this one; it holds the Env
     return container

@@ -326,6 +326,8 @@ def test_corrupt_record_is_set_aside(holder: Holder) -> None:
     record = d.data_root / "containers" / bad_id / "container.json"
     assert record.exists()
     stop_daemon(d)
+    good_record = d.data_root / "containers" / good_id / "container.json"
+    good_record.chmod(0o644)  # as versions before 0600 wrote it
     original = record.read_bytes()
     record.write_text('{"id": "' + bad_id + '", "name": ')  # cut short mid-write
     try:
@@ -339,6 +341,7 @@ def test_corrupt_record_is_set_aside(holder: Holder) -> None:
     assert good_id in listed and bad_id not in listed
     assert json.loads(d.cli("inspect", "pyes2-good", check=True).stdout)[0]["State"]["Running"]
     assert "corrupt record" in d.log() and str(record) in d.log()
+    assert stat.S_IMODE(good_record.stat().st_mode) == 0o600
     aside = list(record.parent.glob("container.json.corrupt-*"))
     assert len(aside) == 1 and not record.exists()
     # The name is free again, and the daemon still runs new containers.
