@@ -1,5 +1,5 @@
-"""OCI bundle pieces: the runtime-spec config.json, the process from an image config, the
-user lookup inside the rootfs and the /etc/hosts, /etc/hostname, /etc/resolv.conf a container sees.
+"""OCI bundle pieces: the runtime-spec config.json, the process from an image config and the
+/etc/hosts, /etc/hostname, /etc/resolv.conf a container sees (users: ``engine.userdb``).
 """
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import resource
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,100 +69,6 @@ HOSTS_HEADER = (
     "ff02::1\tip6-allnodes\n"
     "ff02::2\tip6-allrouters\n"
 )
-
-
-@dataclass
-class PasswdEntry:
-    name: str
-    uid: int
-    gid: int
-
-
-@dataclass
-class GroupEntry:
-    name: str
-    gid: int
-    members: list[str]
-
-
-def _read_colon_file(path: Path) -> list[list[str]]:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            rows.append(line.split(":"))
-    return rows
-
-
-def _parse_id(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
-
-
-def _passwd_entries(rootfs: Path) -> list[PasswdEntry]:
-    entries = []
-    for row in _read_colon_file(rootfs / "etc" / "passwd"):
-        if len(row) < 4:
-            continue
-        uid, gid = _parse_id(row[2]), _parse_id(row[3])
-        if uid is not None and gid is not None:
-            entries.append(PasswdEntry(name=row[0], uid=uid, gid=gid))
-    return entries
-
-
-def _group_entries(rootfs: Path) -> list[GroupEntry]:
-    entries = []
-    for row in _read_colon_file(rootfs / "etc" / "group"):
-        if len(row) < 3:
-            continue
-        gid = _parse_id(row[2])
-        if gid is None:
-            continue
-        members = [m for m in row[3].split(",") if m] if len(row) > 3 else []
-        entries.append(GroupEntry(name=row[0], gid=gid, members=members))
-    return entries
-
-
-def resolve_user(rootfs: Path, user: str) -> tuple[int, int, list[int]]:
-    """(uid, gid, additional gids) for a Docker ``--user`` spec, looked up in the image's files.
-
-    Follows runc's GetExecUser: a numeric uid without a passwd entry is used as is (gid 0);
-    supplementary groups come from /etc/group only when no group is given explicitly.
-    """
-    user_part, _, group_part = user.partition(":")
-    passwd = _passwd_entries(rootfs)
-    uid, gid = 0, 0
-    matched_name = ""
-    if user_part == "":
-        match = next((e for e in passwd if e.uid == 0), None)
-    elif user_part.isdigit():
-        match = next((e for e in passwd if e.uid == int(user_part)), None)
-        uid = int(user_part)
-    else:
-        match = next((e for e in passwd if e.name == user_part), None)
-        if match is None:
-            raise ValueError(f"unable to find user {user_part}: no matching entries in passwd file")
-    if match is not None:
-        uid, gid, matched_name = match.uid, match.gid, match.name
-
-    additional: list[int] = []
-    groups = _group_entries(rootfs)
-    if group_part:
-        if group_part.isdigit():
-            gid = int(group_part)
-        else:
-            group = next((g for g in groups if g.name == group_part), None)
-            if group is None:
-                raise ValueError(
-                    f"unable to find group {group_part}: no matching entries in group file"
-                )
-            gid = group.gid
-    elif matched_name:
-        additional = [g.gid for g in groups if matched_name in g.members]
-    return uid, gid, additional
 
 
 def _is_loopback(address: str) -> bool:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine import bundle, rootfs, seccomp
+from engine import bundle, rootfs, seccomp, userdb
 from engine.containers import (
     Container,
     ContainerConflict,
@@ -475,7 +475,10 @@ class Engine:
             )
             undo.append(lambda: asyncio.to_thread(rootfs.unmount, rootfs_dir))
             try:
-                user = bundle.resolve_user(rootfs_dir, c.config.get("User") or "")
+                # The image's files are untrusted: read off the loop, bounded (userdb).
+                user = await asyncio.to_thread(
+                    userdb.resolve_user, rootfs_dir, c.config.get("User") or ""
+                )
             except ValueError as e:
                 raise InvalidParameter(str(e)) from e
             files = bundle.write_network_files(

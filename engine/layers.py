@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from engine import inroot
+
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
-MAX_SYMLINK_HOPS = 40  # the kernel's MAXSYMLINKS (path_resolution(7))
+MAX_SYMLINK_HOPS = inroot.MAX_SYMLINK_HOPS
 CHUNK = 1 << 20
 
 
@@ -116,7 +118,6 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     return found
 
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -128,6 +129,11 @@ def _whiteout_target(base: str, member: str) -> str | None:
     if hidden in ("", ".", ".."):
         raise LayerError(f"member {member!r}: {base!r} is not a valid whiteout")
     return hidden
+
+
+def _replace(old: int, new: int) -> int:
+    os.close(old)
+    return new
 
 
 def _remove_at(dir_fd: int, name: str) -> None:
@@ -145,9 +151,9 @@ def _remove_at(dir_fd: int, name: str) -> None:
 
 @dataclass
 class _Unpacker:
-    """Every entry is made through directory file descriptors opened component by component
-    with O_NOFOLLOW from the layer root's, so no path can lead out of the layer, whatever
-    symlinks earlier members planted (the guarantee openat2(2) RESOLVE_IN_ROOT gives)."""
+    """Every entry is made in a directory fd that ``inroot`` opened below the layer root's, by
+    a one-component name, so no member can act outside the layer, whatever symlinks earlier
+    members planted."""
 
     root_fd: int
     size: int = 0
@@ -156,57 +162,17 @@ class _Unpacker:
 
     def open_dir(self, parts: list[str], what: str, create: bool = True) -> tuple[int, list[str]]:
         """A new fd of the directory ``parts`` names and its real components below the root,
-        following symlinks as if the root were ``/``: ``..`` stops at the root, an absolute
-        target restarts from it."""
-        fd = os.dup(self.root_fd)
-        resolved: list[str] = []
-        pending = list(parts)
-        hops = 0
+        following symlinks as if the root were ``/``."""
         try:
-            while pending:
-                part = pending.pop(0)
-                if part in ("", "."):
-                    continue
-                if part == "..":
-                    if resolved:  # the parent of a directory we walked into by name
-                        fd = self._step(fd, "..")
-                        resolved.pop()
-                    continue
-                try:
-                    fd = self._step(fd, part)
-                except FileNotFoundError:
-                    if not create:
-                        raise LayerError(f"{what}: {part} does not exist") from None
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                    fd = self._step(fd, part)
-                except OSError as e:
-                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    st = os.stat(part, dir_fd=fd, follow_symlinks=False)
-                    if not stat.S_ISLNK(st.st_mode):
-                        raise LayerError(f"{what}: {part} is not a directory") from None
-                    hops += 1
-                    if hops > MAX_SYMLINK_HOPS:
-                        raise LayerError(f"{what}: too many levels of symbolic links") from None
-                    target = os.readlink(part, dir_fd=fd)
-                    if target.startswith("/"):
-                        fd = self._replace(fd, os.dup(self.root_fd))
-                        resolved = []
-                    pending = target.split("/") + pending
-                    continue
-                resolved.append(part)
-        except BaseException:
-            os.close(fd)
+            return inroot.open_dir(self.root_fd, parts, create=create)
+        except FileNotFoundError as e:
+            raise LayerError(f"{what}: {e.filename} does not exist") from None
+        except NotADirectoryError as e:
+            raise LayerError(f"{what}: {e.filename} is not a directory") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LayerError(f"{what}: too many levels of symbolic links") from None
             raise
-        return fd, resolved
-
-    @staticmethod
-    def _replace(old: int, new: int) -> int:
-        os.close(old)
-        return new
-
-    def _step(self, fd: int, name: str) -> int:
-        return self._replace(fd, os.open(name, _DIR_FLAGS, dir_fd=fd))
 
     def apply_attributes(
         self, dir_fd: int, name: str, member: tarfile.TarInfo, fd: int | None = None
@@ -284,7 +250,7 @@ class _Unpacker:
             if not keep:
                 _remove_at(parent, base)
                 os.mkdir(base, 0o700, dir_fd=parent)
-            fd = os.open(base, _DIR_FLAGS, dir_fd=parent)
+            fd = os.open(base, inroot.DIR_FLAGS, dir_fd=parent)
             try:
                 self.apply_attributes(parent, base, member, fd=fd)
             finally:
@@ -373,7 +339,7 @@ class _Unpacker:
             fd = os.dup(self.root_fd)
             try:
                 for part in parts:
-                    fd = self._step(fd, part)
+                    fd = _replace(fd, os.open(part, inroot.DIR_FLAGS, dir_fd=fd))
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
             except OSError:
                 continue
@@ -389,7 +355,7 @@ def unpack_layer(source: Path, dest: Path) -> UnpackedLayer:
     temporary directory and rename it only on success.
     """
     os.mkdir(dest, 0o755)
-    root_fd = os.open(dest, _DIR_FLAGS)
+    root_fd = os.open(dest, inroot.DIR_FLAGS)
     unpacker = _Unpacker(root_fd)
     try:
         with open_uncompressed(source) as stream:

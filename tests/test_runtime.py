@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from engine import bundle, rootfs
+from engine import bundle, rootfs, userdb
 from engine.monitor import MAX_LOG_LINE, JsonFileLog, rfc3339_nano
 from engine.runtime import ContainerStartError, ExitStatus, Runtime
 from tests.conftest import require_root, require_tool
@@ -172,7 +172,7 @@ class Harness:
             args=args,
             env=env if env is not None else [f"PATH={bundle.DEFAULT_PATH}"],
             cwd=cwd,
-            user=bundle.resolve_user(c.rootfs, user),
+            user=userdb.resolve_user(c.rootfs, user),
             hostname=hostname,
             netns_path=netns_path,
             bind_files=files,
@@ -257,29 +257,29 @@ def _write_etc(root: Path) -> Path:
 
 def test_resolve_user_forms(tmp_path: Path) -> None:
     root = _write_etc(tmp_path)
-    assert bundle.resolve_user(root, "") == (0, 0, [])
-    assert bundle.resolve_user(root, "nobody") == (65534, 65534, [50, 70])
-    assert bundle.resolve_user(root, "33") == (33, 33, [70])
-    assert bundle.resolve_user(root, "1234") == (1234, 0, [])
-    assert bundle.resolve_user(root, "1234:99") == (1234, 99, [])
+    assert userdb.resolve_user(root, "") == (0, 0, [])
+    assert userdb.resolve_user(root, "nobody") == (65534, 65534, [50, 70])
+    assert userdb.resolve_user(root, "33") == (33, 33, [70])
+    assert userdb.resolve_user(root, "1234") == (1234, 0, [])
+    assert userdb.resolve_user(root, "1234:99") == (1234, 99, [])
     # An explicit group replaces the supplementary groups, as in runc.
-    assert bundle.resolve_user(root, "www-data:staff") == (33, 50, [])
-    assert bundle.resolve_user(root, "nobody:0") == (65534, 0, [])
+    assert userdb.resolve_user(root, "www-data:staff") == (33, 50, [])
+    assert userdb.resolve_user(root, "nobody:0") == (65534, 0, [])
 
 
 def test_resolve_user_unknown_names(tmp_path: Path) -> None:
     root = _write_etc(tmp_path / "a")
     with pytest.raises(ValueError) as err:
-        bundle.resolve_user(root, "alice")
+        userdb.resolve_user(root, "alice")
     assert str(err.value) == "unable to find user alice: no matching entries in passwd file"
     with pytest.raises(ValueError, match="unable to find group wheel: no matching entries"):
-        bundle.resolve_user(root, "nobody:wheel")
+        userdb.resolve_user(root, "nobody:wheel")
     empty = tmp_path / "b"
     empty.mkdir()
     with pytest.raises(ValueError) as err:
-        bundle.resolve_user(empty, "www-data")
+        userdb.resolve_user(empty, "www-data")
     assert str(err.value) == "unable to find user www-data: no matching entries in passwd file"
-    assert bundle.resolve_user(empty, "") == (0, 0, [])
+    assert userdb.resolve_user(empty, "") == (0, 0, [])
 
 
 def test_image_process_docker_rules() -> None:
