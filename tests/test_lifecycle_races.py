@@ -133,14 +133,17 @@ def nft_table(name: str) -> str:
 
 
 def marked_proxies(state_dir: Path) -> set[int]:
-    """Processes that carry the proxy marker of the daemon whose proxy records are in
-    ``state_dir`` (what the daemon's stray scan looks for)."""
+    """Proxies that carry the marker of the daemon whose proxy records are in ``state_dir``
+    (what the daemon's stray scan looks for; its fork server carries it too, but is no
+    proxy: a forked proxy names itself pyengine-proxy at once)."""
     wanted = f"{PROXY_MARKER_ENV}={state_dir}".encode()
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() != "pyengine-proxy":
+                continue
             if wanted in (entry / "environ").read_bytes().split(b"\0"):
                 found.add(int(entry.name))
     return found
@@ -311,7 +314,7 @@ def test_proxy_protocol_label_checked_at_start(tmp_path: Path, busybox_archive: 
 # ---- a large log: the tail is read from the end, the whole log off the event loop ----------------
 
 LOG_BRIDGE, LOG_BIP = "pyes5e", "10.181.2.1/24"
-LOG_LINES = 700_000  # ~50 MB of json-file log, ~70 bytes an entry
+LOG_LINES = 400_000  # ~30 MB of json-file log, ~75 bytes an entry
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -340,7 +343,7 @@ def ping_latencies(d: Daemon, stop: threading.Event, out: list[float]) -> None:
 
 
 def test_large_log_tail_and_stream(tmp_path: Path, busybox_archive: Path) -> None:
-    """``logs --tail 1`` of a ~50 MB log answers with the last line without the daemon's
+    """``logs --tail 1`` of a ~30 MB log answers with the last line without the daemon's
     memory growing by the log's size, and ``/_ping`` answers at once while the whole log
     streams to a client."""
     d = start_daemon(tmp_path, LOG_BRIDGE, LOG_BIP, False)
@@ -352,7 +355,7 @@ def test_large_log_tail_and_stream(tmp_path: Path, busybox_archive: Path) -> Non
             assert time.monotonic() < deadline, "seq did not finish in 60 s"
             time.sleep(0.2)
         log_size = (d.data_root / "containers" / cid / "container.log").stat().st_size
-        assert log_size > 40 << 20, log_size
+        assert log_size > 25 << 20, log_size
         pid = d.process.pid
         peak_before = memory_kib(pid, "VmHWM")
         began = time.monotonic()
