@@ -311,6 +311,35 @@ def test_proxy_protocol_label_checked_at_start(tmp_path: Path, busybox_archive: 
     assert_nothing_left(d)
 
 
+def test_proxy_protocol_container_not_adopted_in_dnat_mode(
+    tmp_path: Path, busybox_archive: Path
+) -> None:
+    """Left running by a proxy-mode daemon with live restore, a container whose label asks
+    for PROXY protocol is not adopted by the next daemon in kernel-DNAT mode: it is stopped,
+    and its port is neither DNATed nor held."""
+    d = start_daemon(tmp_path, RESTART_BRIDGE, RESTART_BIP, True)
+    try:
+        d.cli("load", "-i", str(busybox_archive), check=True)
+        cid = create(
+            d,
+            ports={"80/tcp": PROXY_LABEL_PORT},
+            Labels={"pyengine.proxy-protocol": "v1"},
+        )
+        assert api(d, "POST", f"/containers/{cid}/start").status == 204
+        stop_daemon(d)  # live restore: the container keeps running
+        assert runc_containers(d) == {cid}
+        d = start_daemon(tmp_path, RESTART_BRIDGE, RESTART_BIP, False)
+        inspect = api(d, "GET", f"/containers/{cid}/json").json()
+        assert not inspect["State"]["Running"], "adopted into kernel-DNAT mode"
+        assert not runc_containers(d)
+        assert str(PROXY_LABEL_PORT) not in nft_table(RESTART_BRIDGE)
+        assert port_is_free(PROXY_LABEL_PORT)
+        assert "pyengine.proxy-protocol" in d.log()
+    finally:
+        tear_down(d)
+    assert_nothing_left(d)
+
+
 # ---- a large log: the tail is read from the end, the whole log off the event loop ----------------
 
 LOG_BRIDGE, LOG_BIP = "pyes5e", "10.181.2.1/24"
