@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import tarfile
 import time
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Daemon, assert_nothing_left, start_daemon, stop_daemon
+from engine import inroot, userdb
+from engine.layers import unpack_layer
+from tests.conftest import Daemon, assert_nothing_left, require_root, start_daemon, stop_daemon
 from tests.test_images import (
     Entry,
     oci_members,
@@ -253,6 +256,7 @@ def _passwd_layer(kind: str, marker: Path) -> tuple[bytes, str, str]:
             "/etc/passwd is larger than",
         ),
         "group-fifo": ([etc, Entry("etc/group", tarfile.FIFOTYPE)], "0:wheel", "/etc/group"),
+        "uid-out-of-range": ([etc], "99999999999", "uids and gids must be in range"),
     }
     entries, user, expected = cases[kind]
     return tar_bytes(entries), user, expected
@@ -270,6 +274,7 @@ def _passwd_layer(kind: str, marker: Path) -> tuple[bytes, str, str]:
         "fifo",
         "huge",
         "group-fifo",
+        "uid-out-of-range",
     ],
 )
 def test_hostile_passwd_gives_a_clear_start_error(
@@ -295,3 +300,70 @@ def test_hostile_passwd_gives_a_clear_start_error(
         daemon.cli("rm", "-f", name)
         daemon.cli("rmi", ref)
     _assert_busybox_runs(daemon)
+
+
+# --- the resolver both rely on (no daemon) ----------------------------------------------------
+
+
+def test_inroot_never_leaves_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_text("in the root\n")
+    (tmp_path / "host-only").write_text("host\n")
+    os.symlink("/", root / "abs")
+    os.symlink("../../../..", root / "up")
+    os.symlink("up/etc", root / "etc-link")
+    os.symlink("loop", root / "loop")
+    os.symlink(str(tmp_path / "host-only"), root / "host-abs")
+    os.symlink("../" * 20 + str(tmp_path / "host-only").lstrip("/"), root / "host-rel")
+    os.mkfifo(root / "fifo")
+    inside = os.stat(root / "etc" / "passwd")
+    root_fd = os.open(root, inroot.DIR_FLAGS)
+    try:
+        for path in ("abs/etc/passwd", "up/etc/passwd", "/../../etc/passwd", "etc-link/passwd"):
+            fd = inroot.open_path(root_fd, path)
+            try:
+                st = os.fstat(fd)
+                assert (st.st_dev, st.st_ino) == (inside.st_dev, inside.st_ino), path
+            finally:
+                os.close(fd)
+        for path in ("host-abs", "host-rel", "abs" + str(tmp_path / "host-only")):
+            with pytest.raises(FileNotFoundError):
+                os.close(inroot.open_path(root_fd, path))
+        with pytest.raises(OSError, match="symbolic links"):
+            inroot.open_path(root_fd, "loop")
+        fd = inroot.open_path(root_fd, "fifo")  # O_PATH: does not wait for a writer
+        assert stat.S_ISFIFO(os.fstat(fd).st_mode)
+        os.close(fd)
+        fd, resolved = inroot.open_dir(root_fd, ["up", "etc-link"])
+        os.close(fd)
+        assert resolved == ["etc"]
+    finally:
+        os.close(root_fd)
+    assert userdb.read_file(root, "/up/etc/passwd") == "in the root\n"
+    assert userdb.read_file(root, "/host-rel") is None
+    with pytest.raises(userdb.UserLookupError, match="/fifo is not a regular file"):
+        userdb.read_file(root, "/fifo")
+
+
+def test_unpack_keeps_special_mode_bits_as_docker(tmp_path: Path) -> None:
+    """Set-uid, set-gid and sticky bits are kept as the tar has them (Docker's createTarFile
+    chmods every non-symlink with the header's mode after the chown)."""
+    require_root()
+    source = tmp_path / "layer.tar"
+    source.write_bytes(
+        tar_bytes(
+            [
+                Entry("mail/", tarfile.DIRTYPE, mode=0o2775, gid=8),
+                Entry("tmp/", tarfile.DIRTYPE, mode=0o1777),
+                Entry("su", data=b"x", mode=0o4755),
+                Entry("su-link", tarfile.LNKTYPE, link="su"),
+                Entry("wall", data=b"x", mode=0o2755, gid=5),
+            ]
+        )
+    )
+    dest = tmp_path / "out"
+    unpack_layer(source, dest)
+    modes = {n: stat.S_IMODE(os.lstat(dest / n).st_mode) for n in ("mail", "tmp", "su", "wall")}
+    assert modes == {"mail": 0o2775, "tmp": 0o1777, "su": 0o4755, "wall": 0o2755}
+    assert os.lstat(dest / "su-link").st_ino == os.lstat(dest / "su").st_ino
