@@ -420,6 +420,21 @@ def reaches(src: Peer, dst_ip: str, port: int) -> bool:
     return False
 
 
+def start_with_forwarding_off(tmp: Path, name: str, bip: str, extra: list[str]) -> Daemon:
+    """A daemon started while ip_forward is 0, so that it turns forwarding on itself. Another
+    daemon on this host (another test's) may turn it on in between: then this one found it on,
+    recorded nothing, and is started again."""
+    for attempt in range(5):
+        (tmp / str(attempt)).mkdir(parents=True)
+        IP_FORWARD.write_text("0\n")
+        d = start_daemon(tmp / str(attempt), name, bip, False, *extra)
+        if (d.data_root / "network" / "forwarding.json").exists():
+            return d
+        cleanup(d)
+        assert_nothing_left(d)
+    raise AssertionError("ip_forward was turned on by someone else at every attempt")
+
+
 def outside_sees(d: Daemon, ip: str, port: int) -> str:
     """The address the whoami server at ``ip``:``port`` sees a container connect from (two
     tries: a first SYN can be lost while the host's other tests change their own rules)."""
@@ -460,12 +475,10 @@ def test_forwarding_turned_on_by_pyengined_drops_other_traffic(
         ):
             for no_drop in (False, True):
                 tmp = tmp_path / f"no-drop-{no_drop}"
-                tmp.mkdir()
                 extra = ["--firewall-backend", backend, "--dns", UPSTREAM]
                 if no_drop:
                     extra.append("--ip-forward-no-drop")
-                IP_FORWARD.write_text("0\n")
-                d = start_daemon(tmp, name, bip, False, *extra)
+                d = start_with_forwarding_off(tmp, name, bip, extra)
                 try:
                     assert IP_FORWARD.read_text().strip() == "1"
                     assert reaches(h1, h2.ip, h2_service.port) is no_drop

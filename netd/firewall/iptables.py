@@ -41,9 +41,7 @@ socket, with the proxy the proxy serves it.
 
 from __future__ import annotations
 
-import ipaddress
 import re
-import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -51,20 +49,27 @@ from dataclasses import dataclass, field
 
 from netd.firewall import (
     ANY_ADDRESSES,
-    ANY_IPV6,
     BridgeNetwork,
     Firewall,
     FirewallError,
     PortMapping,
     is_ipv6_mapping,
 )
+from netd.firewall.iptables_specs import (
+    check_mapping,
+    describe_key,
+    dnat_spec,
+    loopback_drop_spec,
+    mapping_from_spec,
+    mapping_key,
+    one_line,
+    with_forward_policy,
+)
 from netd.naming import valid_ifname
 
 # iptables chain names hold at most 28 characters (XT_EXTENSION_MAXNAMELEN - 1) and the longest
 # suffix is "-POSTROUTING": 16 are left for the table name.
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,15}$")
-_PROTOCOLS = ("tcp", "udp")
-_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 _TIMEOUT = 120  # seconds for one iptables-save / iptables-restore run
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 _FORWARD_POLICY = re.compile(r"^:FORWARD (\w+)", re.MULTILINE)
@@ -123,102 +128,6 @@ class _Tools:
     family: int  # 4 or 6
     restore: str
     save: str
-
-
-def _check_mapping(m: PortMapping) -> None:
-    if m.proto not in _PROTOCOLS:
-        raise FirewallError(f'unsupported protocol "{m.proto}"')
-    for port in (m.host_port, m.container_port):
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise FirewallError(f"invalid port {port!r}")
-    try:
-        host, container = ipaddress.ip_address(m.host_ip), ipaddress.ip_address(m.container_ip)
-    except ValueError as exc:
-        raise FirewallError(f"invalid mapping: {exc}") from None
-    if host.version != container.version:
-        raise FirewallError(
-            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
-        )
-
-
-def _key(m: PortMapping) -> tuple[str, str, int]:
-    return (m.host_ip, m.proto, m.host_port)
-
-
-def _describe_key(m: PortMapping) -> str:
-    host = f"[{m.host_ip}]" if is_ipv6_mapping(m) else m.host_ip
-    return f"{host}:{m.host_port}/{m.proto}"
-
-
-def _dnat_spec(m: PortMapping) -> str:
-    """The DNAT rule of one mapping, exactly as ip(6)tables-save prints it back."""
-    v6 = is_ipv6_mapping(m)
-    dest = "" if m.host_ip in ANY_ADDRESSES else f"-d {m.host_ip}/{128 if v6 else 32} "
-    to = f"[{m.container_ip}]" if v6 else m.container_ip
-    return (
-        f"{dest}-p {m.proto} -m {m.proto} --dport {m.host_port} "
-        f"-j DNAT --to-destination {to}:{m.container_port}"
-    )
-
-
-def _loopback_drop_spec(m: PortMapping) -> str | None:
-    """The raw drop guarding a mapping bound to an IPv4 loopback address (None for other
-    mappings; the kernel itself drops ::1 arriving on any interface but lo)."""
-    if m.host_ip in ANY_ADDRESSES or is_ipv6_mapping(m):
-        return None
-    if ipaddress.IPv4Address(m.host_ip) not in _LOOPBACK:
-        return None
-    return f"-d {m.host_ip}/32 ! -i lo -p {m.proto} -m {m.proto} --dport {m.host_port} -j DROP"
-
-
-def _mapping_from_spec(spec: str) -> PortMapping | None:
-    """Parse a rule of our DNAT chain; None for a rule of another shape."""
-    tokens = shlex.split(spec)
-    options: dict[str, str] = {}
-    for i, token in enumerate(tokens):
-        if token.startswith("-") and i + 1 < len(tokens):
-            options.setdefault(token, tokens[i + 1])
-    try:
-        if options.get("-j") != "DNAT" or options.get("-p") not in _PROTOCOLS:
-            return None
-        if "!" in tokens:
-            return None
-        container_ip, _, container_port = options["--to-destination"].rpartition(":")
-        container = ipaddress.ip_address(container_ip.removeprefix("[").removesuffix("]"))
-        host_ip = ANY_IPV6 if container.version == 6 else "0.0.0.0"
-        if "-d" in options:
-            net = ipaddress.ip_network(options["-d"])
-            if net.prefixlen != net.max_prefixlen or net.version != container.version:
-                return None
-            host_ip = str(net.network_address)
-        return PortMapping(
-            options["-p"], host_ip, int(options["--dport"]), str(container), int(container_port)
-        )
-    except (KeyError, ValueError):
-        return None
-
-
-def _one_line(err: str, batch: Sequence[str] = ()) -> str:
-    """iptables-restore prints "<prog> v1.8.9 (nf_tables): ", the reason with the batch's line
-    number, then usage hints; the offending batch line is quoted like the nftables backend's."""
-    lines = []
-    for raw in err.splitlines():
-        line = re.sub(r"^iptables-restore v[\d.]+ \([\w_]+\):\s*", "", raw.strip())
-        if line and not line.startswith("Try `"):
-            lines.append(line)
-    message = "iptables: " + ("; ".join(lines) or "iptables-restore failed")
-    found = re.search(r"\bline:? (\d+)", message)
-    if found and 1 <= int(found.group(1)) <= len(batch):
-        message += f" (in: {batch[int(found.group(1)) - 1]})"
-    return message
-
-
-def _with_forward_policy(sections: dict[str, list[str]], policy: str | None) -> None:
-    """Add the setting of the filter FORWARD policy to ``sections``' filter commit."""
-    if policy is None:
-        return
-    lines = sections.get("filter") or ["*filter", "COMMIT"]
-    sections["filter"] = [lines[0], f":FORWARD {policy} [0:0]", *lines[1:]]
 
 
 class IptablesFirewall(Firewall):
@@ -281,7 +190,7 @@ class IptablesFirewall(Firewall):
         save = (tools or self._v4).save
         result = self._command([save, *args], "")
         if result.returncode != 0:
-            raise FirewallError(_one_line(result.stderr or f"{save} failed"))
+            raise FirewallError(one_line(result.stderr or f"{save} failed"))
         return result.stdout
 
     def _parse(self, text: str) -> Ruleset:
@@ -390,8 +299,8 @@ class IptablesFirewall(Firewall):
         # Mappings bound to one address come first, as the nftables backend consults its
         # per-address map before the any-address one.
         ordered = sorted(mappings, key=lambda m: m.host_ip in ANY_ADDRESSES)
-        dnat = [_dnat_spec(m) for m in ordered]
-        raw += [spec for m in ordered if (spec := _loopback_drop_spec(m))]
+        dnat = [dnat_spec(m) for m in ordered]
+        raw += [spec for m in ordered if (spec := loopback_drop_spec(m))]
         target: Ruleset = {
             "raw": TableState({c("PREROUTING"): raw}),
             "nat": TableState(
@@ -455,7 +364,7 @@ class IptablesFirewall(Firewall):
         result = self._command([tools.restore, "-w", "--noflush"], "\n".join(batch) + "\n")
         if result.returncode == 0:
             return
-        error = _one_line(result.stderr, batch)
+        error = one_line(result.stderr, batch)
         try:
             self.restore_snapshot(snapshot, tools)
         except FirewallError as exc:
@@ -474,7 +383,7 @@ class IptablesFirewall(Firewall):
         if rollback:
             undo = self._command([tools.restore, "-w", "--noflush"], "\n".join(rollback) + "\n")
             if undo.returncode != 0:
-                raise FirewallError(_one_line(undo.stderr, rollback))
+                raise FirewallError(one_line(undo.stderr, rollback))
 
     def _require_installed(self, snapshot: Ruleset) -> list[str]:
         dnat = snapshot["nat"].chains.get(self.chain("DNAT"))
@@ -509,17 +418,17 @@ class IptablesFirewall(Firewall):
             return None
         snapshot = self._read(tools)
         dnat = self._require_installed(snapshot)
-        held = {_key(m) for spec in dnat if (m := _mapping_from_spec(spec)) is not None}
+        held = {mapping_key(m) for spec in dnat if (m := mapping_from_spec(spec)) is not None}
         for m in mine:
-            if _key(m) in held:
-                raise FirewallError(f"iptables: {_describe_key(m)} is mapped already")
-            held.add(_key(m))
+            if mapping_key(m) in held:
+                raise FirewallError(f"iptables: {describe_key(m)} is mapped already")
+            held.add(mapping_key(m))
         nat, raw = [], []
         for m in mine:
             any_address = m.host_ip in ANY_ADDRESSES
             where, position = ("-A", "") if any_address else ("-I", " 1")
-            nat.append(f"{where} {self.chain('DNAT')}{position} {_dnat_spec(m)}")
-            if spec := _loopback_drop_spec(m):
+            nat.append(f"{where} {self.chain('DNAT')}{position} {dnat_spec(m)}")
+            if spec := loopback_drop_spec(m):
                 raw.append(f"-A {self.chain('PREROUTING')} {spec}")
         sections = {"nat": ["*nat", *nat, "COMMIT"]}
         if raw:
@@ -535,15 +444,15 @@ class IptablesFirewall(Firewall):
         dnat = snapshot["nat"].chains.get(self.chain("DNAT"))
         if dnat is None:
             return None  # nothing installed: nothing to remove
-        present = {_key(m): m for spec in dnat if (m := _mapping_from_spec(spec)) is not None}
+        present = {mapping_key(m): m for spec in dnat if (m := mapping_from_spec(spec)) is not None}
         raw_rules = set(snapshot["raw"].chains.get(self.chain("PREROUTING"), []))
         nat, raw = [], []
-        for key in dict.fromkeys(_key(m) for m in mine):
+        for key in dict.fromkeys(mapping_key(m) for m in mine):
             held = present.get(key)
             if held is None:
                 continue
-            nat.append(f"-D {self.chain('DNAT')} {_dnat_spec(held)}")
-            spec = _loopback_drop_spec(held)
+            nat.append(f"-D {self.chain('DNAT')} {dnat_spec(held)}")
+            spec = loopback_drop_spec(held)
             if spec is not None and spec in raw_rules:
                 raw.append(f"-D {self.chain('PREROUTING')} {spec}")
         sections = {}
@@ -558,8 +467,8 @@ class IptablesFirewall(Firewall):
 
     def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
-            _check_mapping(m)
-        keys = [_key(m) for m in mappings]
+            check_mapping(m)
+        keys = [mapping_key(m) for m in mappings]
         if len(set(keys)) != len(keys):
             raise FirewallError("iptables: a host port is mapped twice")
         current, policy, before = self._forward_policy_plan(self.forward_drop)
@@ -569,7 +478,7 @@ class IptablesFirewall(Firewall):
             snapshot = self._read(tools)
             sections = {t: self._converge(t, snapshot[t], target[t]) for t in TABLES}
             if tools.family == 4:
-                _with_forward_policy(sections, policy)
+                with_forward_policy(sections, policy)
             self._apply(sections, snapshot, tools)
             return snapshot
 
@@ -605,13 +514,13 @@ class IptablesFirewall(Firewall):
 
     def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
-            _check_mapping(m)
+            check_mapping(m)
         if mappings:
             self._both(lambda tools: self._add_family(tools, mappings))
 
     def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
-            _check_mapping(m)
+            check_mapping(m)
         if mappings:
             self._both(lambda tools: self._remove_family(tools, mappings))
 
@@ -620,7 +529,7 @@ class IptablesFirewall(Firewall):
         for tools in self._families():
             state = self._parse(self._save_text("-t", "nat", tools=tools))
             dnat = self._require_installed(state)
-            result += [m for spec in dnat if (m := _mapping_from_spec(spec)) is not None]
+            result += [m for spec in dnat if (m := mapping_from_spec(spec)) is not None]
         return result
 
     def uninstall(self) -> None:
@@ -630,7 +539,7 @@ class IptablesFirewall(Firewall):
             snapshot = self._read(tools)
             sections = {t: self._converge(t, snapshot[t], TableState()) for t in TABLES}
             if tools.family == 4:
-                _with_forward_policy(sections, policy)
+                with_forward_policy(sections, policy)
             self._apply(sections, snapshot, tools)
             return snapshot
 

@@ -1,0 +1,111 @@
+"""The iptables backend's rule specs for one published port, exactly as ip(6)tables-save prints
+them back, parsed back into mappings; its one-line errors; the FORWARD policy line of a batch.
+See netd/firewall/iptables.py."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from collections.abc import Sequence
+
+from netd.firewall import ANY_ADDRESSES, ANY_IPV6, FirewallError, PortMapping, is_ipv6_mapping
+
+_PROTOCOLS = ("tcp", "udp")
+_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def check_mapping(m: PortMapping) -> None:
+    if m.proto not in _PROTOCOLS:
+        raise FirewallError(f'unsupported protocol "{m.proto}"')
+    for port in (m.host_port, m.container_port):
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise FirewallError(f"invalid port {port!r}")
+    try:
+        host, container = ipaddress.ip_address(m.host_ip), ipaddress.ip_address(m.container_ip)
+    except ValueError as exc:
+        raise FirewallError(f"invalid mapping: {exc}") from None
+    if host.version != container.version:
+        raise FirewallError(
+            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
+        )
+
+
+def mapping_key(m: PortMapping) -> tuple[str, str, int]:
+    return (m.host_ip, m.proto, m.host_port)
+
+
+def describe_key(m: PortMapping) -> str:
+    host = f"[{m.host_ip}]" if is_ipv6_mapping(m) else m.host_ip
+    return f"{host}:{m.host_port}/{m.proto}"
+
+
+def dnat_spec(m: PortMapping) -> str:
+    """The DNAT rule of one mapping, exactly as ip(6)tables-save prints it back."""
+    v6 = is_ipv6_mapping(m)
+    dest = "" if m.host_ip in ANY_ADDRESSES else f"-d {m.host_ip}/{128 if v6 else 32} "
+    to = f"[{m.container_ip}]" if v6 else m.container_ip
+    return (
+        f"{dest}-p {m.proto} -m {m.proto} --dport {m.host_port} "
+        f"-j DNAT --to-destination {to}:{m.container_port}"
+    )
+
+
+def loopback_drop_spec(m: PortMapping) -> str | None:
+    """The raw drop guarding a mapping bound to an IPv4 loopback address (None for other
+    mappings; the kernel itself drops ::1 arriving on any interface but lo)."""
+    if m.host_ip in ANY_ADDRESSES or is_ipv6_mapping(m):
+        return None
+    if ipaddress.IPv4Address(m.host_ip) not in _LOOPBACK:
+        return None
+    return f"-d {m.host_ip}/32 ! -i lo -p {m.proto} -m {m.proto} --dport {m.host_port} -j DROP"
+
+
+def mapping_from_spec(spec: str) -> PortMapping | None:
+    """Parse a rule of our DNAT chain; None for a rule of another shape."""
+    tokens = shlex.split(spec)
+    options: dict[str, str] = {}
+    for i, token in enumerate(tokens):
+        if token.startswith("-") and i + 1 < len(tokens):
+            options.setdefault(token, tokens[i + 1])
+    try:
+        if options.get("-j") != "DNAT" or options.get("-p") not in _PROTOCOLS:
+            return None
+        if "!" in tokens:
+            return None
+        container_ip, _, container_port = options["--to-destination"].rpartition(":")
+        container = ipaddress.ip_address(container_ip.removeprefix("[").removesuffix("]"))
+        host_ip = ANY_IPV6 if container.version == 6 else "0.0.0.0"
+        if "-d" in options:
+            net = ipaddress.ip_network(options["-d"])
+            if net.prefixlen != net.max_prefixlen or net.version != container.version:
+                return None
+            host_ip = str(net.network_address)
+        return PortMapping(
+            options["-p"], host_ip, int(options["--dport"]), str(container), int(container_port)
+        )
+    except (KeyError, ValueError):
+        return None
+
+
+def one_line(err: str, batch: Sequence[str] = ()) -> str:
+    """iptables-restore prints "<prog> v1.8.9 (nf_tables): ", the reason with the batch's line
+    number, then usage hints; the offending batch line is quoted like the nftables backend's."""
+    lines = []
+    for raw in err.splitlines():
+        line = re.sub(r"^iptables-restore v[\d.]+ \([\w_]+\):\s*", "", raw.strip())
+        if line and not line.startswith("Try `"):
+            lines.append(line)
+    message = "iptables: " + ("; ".join(lines) or "iptables-restore failed")
+    found = re.search(r"\bline:? (\d+)", message)
+    if found and 1 <= int(found.group(1)) <= len(batch):
+        message += f" (in: {batch[int(found.group(1)) - 1]})"
+    return message
+
+
+def with_forward_policy(sections: dict[str, list[str]], policy: str | None) -> None:
+    """Add the setting of the filter FORWARD policy to ``sections``' filter commit."""
+    if policy is None:
+        return
+    lines = sections.get("filter") or ["*filter", "COMMIT"]
+    sections["filter"] = [lines[0], f":FORWARD {policy} [0:0]", *lines[1:]]
