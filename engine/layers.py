@@ -8,8 +8,9 @@ overlayfs ones (kernel ``Documentation/filesystems/overlayfs.rst``):
 
 Member paths are resolved as if the layer directory were ``/`` (the way Docker extracts inside a
 chroot): ``..`` and absolute names are refused, and symlinks met on the way are followed but never
-out of the directory. A whiteout is ``.wh.<name>`` (``name`` neither empty, ``.`` nor ``..``) or
-``.wh..wh..opq``; a member with any other ``.wh.`` name in its path is refused.
+out of the directory (``engine.inroot``). A whiteout is ``.wh.<name>`` (``name`` neither empty,
+``.`` nor ``..``) or ``.wh..wh..opq``; AUFS metadata (``.wh..wh.*``) is skipped, and any other
+``.wh.`` name in a member's path is refused. A hard link must name a file of the same layer.
 """
 
 from __future__ import annotations
@@ -269,7 +270,7 @@ class _Unpacker:
             os.symlink(member.linkname, base, dir_fd=parent)
         elif member.ischr() or member.isblk():
             if not self.is_root_user:
-                return  # mknod(2) takes CAP_MKNOD; Docker skips devices where it lacks it
+                return  # mknod(2) takes CAP_MKNOD; Docker skips devices in a user namespace
             # Created as root would (Docker does too): the container's device cgroup, which
             # denies every device but runc's defaults, keeps it from being opened.
             _remove_at(parent, base)
