@@ -11,6 +11,7 @@ records; networks get a subnet inside this module's 10.173.0.0/16 or are refused
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ pytestmark = pytest.mark.property
 BRIDGE, BIP = "pyes3b", "10.173.1.1/24"
 NETWORK, NETWORK_SUBNET = "pyes3net", "10.173.2.0/24"
 
+# About 3,000 requests in ~30 s; PYENGINE_PROPERTY_SCALE=10 for a longer search.
+SCALE = int(os.environ.get("PYENGINE_PROPERTY_SCALE", "1"))
 SETTINGS = {
     "deadline": None,
     "database": None,
@@ -448,7 +451,7 @@ def assert_no_server_error(answer: Answer, what: Any) -> None:
 # ---- the properties ---------------------------------------------------------------------------
 
 
-@settings(max_examples=1200, **SETTINGS)
+@settings(max_examples=1200 * SCALE, **SETTINGS)
 @given(body=mutated(CREATE_BODY), name=st.one_of(st.none(), TEXT))
 def test_container_create(api: RawApi, body: dict[str, Any], name: str | None) -> None:
     query = {"name": name} if name is not None else None
@@ -459,7 +462,7 @@ def test_container_create(api: RawApi, body: dict[str, Any], name: str | None) -
         assert removed.status == 204, removed.body
 
 
-@settings(max_examples=400, **SETTINGS)
+@settings(max_examples=400 * SCALE, **SETTINGS)
 @given(body=mutated(network_body()))
 def test_network_create(api: RawApi, body: dict[str, Any]) -> None:
     answer = api.request("POST", "/networks/create", body=body)
@@ -469,7 +472,7 @@ def test_network_create(api: RawApi, body: dict[str, Any]) -> None:
         assert removed.status == 204, removed.body
 
 
-@settings(max_examples=300, **SETTINGS)
+@settings(max_examples=300 * SCALE, **SETTINGS)
 @given(
     action=st.sampled_from(["connect", "disconnect"]),
     network=NETWORK_NAMES,
@@ -494,7 +497,7 @@ def test_network_connect_disconnect(
         api.request("POST", f"/networks/{_path(network)}/disconnect", body={"Container": container})
 
 
-@settings(max_examples=100, **SETTINGS)
+@settings(max_examples=100 * SCALE, **SETTINGS)
 @given(body=st.one_of(JUNK, DEEP, st.fixed_dictionaries({}, optional={"Cmd": strings()})))
 def test_exec_create(api: RawApi, container: str, body: Any) -> None:
     answer = api.request("POST", f"/containers/{container}/exec", body=body)
@@ -559,7 +562,7 @@ def _path(text: str) -> str:
     return quote(text, safe="", errors="surrogatepass") or "x"
 
 
-@settings(max_examples=1000, **SETTINGS)
+@settings(max_examples=1000 * SCALE, **SETTINGS)
 @given(query=QUERIES)
 def test_queries(api: RawApi, container: str, query: tuple[str, str, dict[str, str]]) -> None:
     method, path, params = query
