@@ -555,6 +555,12 @@ QUERIES = st.one_of(
     st.tuples(
         st.just("POST"), TEXT.map(lambda r: f"/images/busybox/tag?repo={_path(r)}"), st.just({})
     ),
+    st.tuples(
+        st.just("POST"),
+        TEXT.map(lambda t: f"/images/busybox/tag?repo=pyes3img&tag={_path(t)}"),
+        st.just({}),
+    ),
+    st.tuples(st.just("GET"), st.just("/images/json"), st.fixed_dictionaries({"filter": TEXT})),
 )
 
 
@@ -573,8 +579,24 @@ def test_queries(api: RawApi, container: str, query: tuple[str, str, dict[str, s
         back = api.request("POST", f"/containers/{container}/rename", {"name": "pyes3-target"})
         assert back.status == 204, back.body
     if "/tag?" in path and answer.status == 201:
-        repo = path.split("repo=", 1)[1]
-        api.request("DELETE", f"/images/{repo}")
+        ref = path.split("repo=", 1)[1].replace("&tag=", "%3A")
+        removed = api.request("DELETE", f"/images/{ref}")
+        assert removed.status == 200, (ref, removed.body)
+
+
+@settings(max_examples=60 * SCALE, **SETTINGS)
+@given(
+    archive=st.one_of(
+        st.binary(max_size=2048),
+        st.binary(min_size=512, max_size=512).map(lambda b: b + bytes(1024)),
+        st.sampled_from([b"", bytes(1024), b"ustar" * 200]),
+    )
+)
+def test_image_load(api: RawApi, archive: bytes) -> None:
+    """Not an image archive: refused (Docker answers a load it cannot read with a 400 or,
+    once the stream has begun, an error object in it), never a 500."""
+    answer = api.request("POST", "/images/load", body=archive)
+    assert_no_server_error(answer, archive[:64])
 
 
 def _caller() -> str:
