@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from netd.jsonstate import read_json, write_json_atomic
+from netd.jsonstate import CorruptRecord, read_json, read_record, write_json_atomic
 from proxy import strays
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds, watch_process
 from proxy.forkclient import ForkServerClient
@@ -499,7 +499,13 @@ class ProxySupervisor:
                 found = data.get("proxies", []) if isinstance(data, dict) else []
                 entries = [("", e) for e in (found if isinstance(found, list) else [])]
             elif path.is_dir():
-                entries = [(f.name, read_json(f, {})) for f in sorted(path.glob("*.json"))]
+                for f in sorted(path.glob("*.json")):
+                    try:
+                        entries.append((f.name, read_record(f, {})))
+                    except CorruptRecord as err:
+                        # One unreadable record must not cost the others their proxy.
+                        log.warning("ignoring a corrupt proxy record: %s", err)
+                        entries.append((f.name, {}))  # malformed: _save() removes it
                 # Temporary files of writes a SIGKILL cut short (write_json_atomic's names).
                 for leftover in path.glob(".*.json.tmp*"):
                     leftover.unlink(missing_ok=True)

@@ -374,6 +374,40 @@ def test_corrupt_exit_status_is_set_aside(holder: Holder) -> None:
     d.cli("rm", cid, check=True)
 
 
+def _proxy_pids(d: Daemon) -> dict[int, int]:
+    """Host port → pid of its proxy, from the daemon's proxy records."""
+    pids = {}
+    for path in (d.data_root / "proxies").glob("*.json"):
+        record = json.loads(path.read_text())
+        pids[record["spec"]["host_port"]] = record["process"]["pid"]
+    return pids
+
+
+def test_corrupt_proxy_record_spares_the_others(holder: Holder) -> None:
+    """One proxy record unreadable: the proxies of the others are adopted as they run."""
+    d = holder.daemon
+    broken, kept = free_port(), free_port()
+    cid = d.cli(
+        "run", "-d", "-p", f"127.0.0.1:{broken}:80", "-p", f"127.0.0.1:{kept}:81",
+        "busybox", "sleep", "120",
+        check=True,
+    ).stdout.strip()  # fmt: skip
+    before = _proxy_pids(d)
+    assert set(before) == {broken, kept}
+    stop_daemon(d)  # live restore: the container and its proxies go on
+    for path in (d.data_root / "proxies").glob("*.json"):
+        if json.loads(path.read_text())["spec"]["host_port"] == broken:
+            path.write_text("{")
+    d = holder.restart()
+    try:
+        after = _proxy_pids(d)
+        assert after.get(kept) == before[kept], "the intact record's proxy was not adopted"
+        assert broken in after, "the port of the corrupt record is not published again"
+        assert "ignoring a corrupt proxy record" in d.log()
+    finally:
+        d.cli("rm", "-f", cid)
+
+
 def test_corrupt_network_state_is_set_aside(holder: Holder) -> None:
     """netd's records too: unreadable, they are set aside and the daemon starts with the
     default network (a user network is gone with them, and says so in the log)."""
