@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_QUERY = 4096  # larger "queries" are dropped unread (a real one is a few hundred octets)
 # Per responder, i.e. per container: each forward holds a socket of the daemon's, and one
 # container must not be able to spend the descriptors every container shares.
-MAX_FORWARDS_IN_FLIGHT = 64  # beyond this a query to forward gets SERVFAIL at once
+MAX_FORWARDS_IN_FLIGHT = 128  # beyond this a query to forward gets SERVFAIL at once
 MAX_TCP_CLIENTS = 16  # beyond this a new connection is closed at once
 MAX_TCP_REPLY = 65535  # RFC 1035 §4.2.2: the two-octet length prefix
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent (RFC 7766 §6.2.3)
