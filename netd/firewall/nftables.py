@@ -20,9 +20,10 @@ connection as DNATed, i.e. as a connection to a published port.
 ``filter_input`` drops what comes in from a bridge for 127.0.0.0/8 without being part of a
 DNATed connection (``ct status & dnat == 0``: the "!" form of a flag test, nft(8) "CT
 EXPRESSION"; ``!= dnat`` would compare the whole status word). With ``forward_drop`` the
-``filter_forward`` chain's policy is drop, so only pyengine's bridges' traffic (and IPv6, which
-pyengine does not turn on) is routed; every base chain of every table must accept a packet for
-it to pass (nft(8) "CHAINS": a drop verdict is final), so this table alone stops the rest.
+``filter_forward`` chain's policy is drop, so only pyengine's bridges' traffic is routed (IPv4
+only: the drop follows ``net.ipv4.ip_forward``, IPv6 is accepted as before); every base chain
+of every table must accept a packet for it to pass (nft(8) "CHAINS": a drop verdict is final),
+so this table alone stops the rest.
 
 IPv6 (networks created with ``--ipv6``): two more maps with ``ipv6_addr`` keys and values, and
 the same rules for the IPv6 subnets. The host's ``::1`` is never DNATed: the kernel will not
@@ -144,7 +145,7 @@ class NftablesFirewall(Firewall):
         # Before any accept: internal networks, then the isolation between networks.
         forward_first: list[str] = []
         forward: list[str] = []
-        input_ = []
+        input_: list[str] = []
         # Jumped to by packets leaving a bridge through another interface: those going into
         # another of our bridges are dropped, unless they belong to a connection to a published
         # port (DNATed, or the reply of one), which any client may open.
@@ -199,7 +200,7 @@ class NftablesFirewall(Firewall):
         forward_policy = "accept"
         if self.forward_drop:
             forward_policy = "drop"
-            forward.append("meta nfproto ipv6 accept")  # only IPv4 forwarding was turned on
+            forward.append("meta nfproto ipv6 accept")  # the drop is about net.ipv4.ip_forward
 
         def chain(name: str, lines: list[str]) -> str:
             body = "".join(f"\n    {line}" for line in lines)
