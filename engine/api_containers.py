@@ -20,7 +20,6 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from engine.api_bodies import CONTAINER_CREATE, check
 from engine.api_common import (
     MEDIA_MULTIPLEXED_STREAM,
     BadParameter,
@@ -36,7 +35,8 @@ from engine.api_common import (
     stream_frame,
     unix_seconds,
 )
-from engine.api_networks import NetworksApi, check_endpoint_config
+from engine.api_create import normalize_port_key, parse_create_body
+from engine.api_networks import NetworksApi
 from engine.containers import Container
 from engine.engine import (
     DaemonShuttingDown,
@@ -46,9 +46,6 @@ from engine.engine import (
     exposed_ports,
 )
 from engine.images import ImageNotFound
-from engine.monitor import parse_log_config
-from engine.networking import UNSUPPORTED_NETWORK_MODES
-from engine.seccomp import parse_security_opts
 from netd.network import DEFAULT_NETWORK
 
 CONTAINER_FILTERS = {
@@ -67,154 +64,6 @@ CONTAINER_FILTERS = {
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
 T = TypeVar("T")
-_PORT_KEY_RE = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
-
-# Container settings pyengined cannot honour yet. Set to anything but their empty value, the
-# create answers 501 rather than run a container that silently lacks them.
-UNSUPPORTED_HOST_CONFIG = {
-    "Binds": "bind mounts (-v)",
-    "Mounts": "mounts (--mount)",
-    "VolumesFrom": "--volumes-from",
-    "VolumeDriver": "volume drivers",
-    "Links": "links (--link)",
-    "Privileged": "privileged containers",
-    "CapAdd": "--cap-add",
-    "CapDrop": "--cap-drop",
-    "Devices": "devices (--device)",
-    "DeviceRequests": "device requests (--gpus)",
-    "DeviceCgroupRules": "--device-cgroup-rule",
-    "Dns": "--dns",
-    "DnsSearch": "--dns-search",
-    "DnsOptions": "--dns-option",
-    "ExtraHosts": "--add-host",
-    "GroupAdd": "--group-add",
-    "ReadonlyRootfs": "--read-only",
-    "Tmpfs": "--tmpfs",
-    "Sysctls": "--sysctl",
-    "Ulimits": "--ulimit",
-    "Memory": "memory limits (-m)",
-    "MemoryReservation": "--memory-reservation",
-    "NanoCpus": "--cpus",
-    "CpuShares": "--cpu-shares",
-    "CpuQuota": "--cpu-quota",
-    "CpuPeriod": "--cpu-period",
-    "CpusetCpus": "--cpuset-cpus",
-    "CpusetMems": "--cpuset-mems",
-    "BlkioWeight": "--blkio-weight",
-    "OomKillDisable": "--oom-kill-disable",
-    "Init": "--init",
-}
-# These default to a mode name; only their default is supported.
-HOST_CONFIG_MODES = {
-    "PidMode": ("", "private"),
-    "IpcMode": ("", "private", "shareable"),
-    "UTSMode": ("", "private"),
-    "UsernsMode": ("", "private"),
-    "CgroupnsMode": ("", "private", "host"),
-    "Runtime": ("", "runc"),
-    "Isolation": ("", "default"),
-}
-UNSUPPORTED_CONFIG = {
-    "Tty": "a TTY (-t)",
-    "OpenStdin": "interactive stdin (-i)",
-    "Volumes": "volumes",
-    "MacAddress": "--mac-address",
-}
-
-
-def _is_empty(value: Any) -> bool:
-    return value in (None, "", 0, False, [], {})
-
-
-def _check_type(value: Any, types: tuple[type, ...], what: str) -> None:
-    if value is not None and not isinstance(value, types):
-        raise BadParameter(f"invalid {what}: want {' or '.join(t.__name__ for t in types)}")
-
-
-def _check_strings(value: Any, what: str) -> None:
-    if value is None or isinstance(value, str):
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadParameter(f"invalid {what}: want a list of strings")
-
-
-def normalize_port_key(key: str) -> str:
-    """``"80"`` → ``"80/tcp"``; anything that is not ``port[/proto]`` is a 400."""
-    match = _PORT_KEY_RE.fullmatch(key)
-    if match is None or not 0 < int(match[1]) <= 65535:
-        raise BadParameter(f"invalid port specification: {key!r}")
-    if match[2] == "sctp":
-        raise NotImplementedByEngine("SCTP ports are not supported by pyengined")
-    return f"{int(match[1])}/{match[2] or 'tcp'}"
-
-
-def check_create_body(
-    config: dict[str, Any], host_config: dict[str, Any], networking: dict[str, Any]
-) -> None:
-    """Refuse what pyengined cannot run as asked (501) and what Docker refuses itself (400)."""
-    for key, what in UNSUPPORTED_CONFIG.items():
-        if not _is_empty(config.get(key)):
-            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
-    _check_strings(config.get("Cmd"), "Cmd")
-    _check_strings(config.get("Entrypoint"), "Entrypoint")
-    _check_strings(config.get("Env"), "Env")
-    _check_type(config.get("Labels"), (dict,), "Labels")
-    _check_type(config.get("ExposedPorts"), (dict,), "ExposedPorts")
-    _check_type(config.get("StopTimeout"), (int,), "StopTimeout")
-    for key in ("Image", "User", "WorkingDir", "Hostname", "StopSignal"):
-        _check_type(config.get(key), (str,), key)
-    if config.get("ExposedPorts"):
-        config["ExposedPorts"] = {normalize_port_key(k): {} for k in config["ExposedPorts"]}
-
-    for key, what in UNSUPPORTED_HOST_CONFIG.items():
-        if not _is_empty(host_config.get(key)):
-            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
-    for key, allowed in HOST_CONFIG_MODES.items():
-        if (host_config.get(key) or "") not in allowed:
-            raise NotImplementedByEngine(
-                f"{key} {host_config[key]!r} is not supported by pyengined"
-            )
-    try:
-        parse_security_opts(host_config.get("SecurityOpt"))
-    except ValueError as e:
-        raise BadParameter(str(e)) from e
-    pids_limit = host_config.get("PidsLimit")
-    if pids_limit not in (None, 0, -1):
-        raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
-    restart = host_config.get("RestartPolicy") or {}
-    _check_type(restart, (dict,), "RestartPolicy")
-    if (restart.get("Name") or "no") != "no":
-        raise NotImplementedByEngine(
-            f"restart policy {restart['Name']!r} is not supported by pyengined"
-        )
-    log_config = host_config.get("LogConfig") or {}
-    _check_type(log_config, (dict,), "LogConfig")
-    if (log_config.get("Type") or "json-file") != "json-file":
-        raise NotImplementedByEngine(
-            f"log driver {log_config['Type']!r} is not supported by pyengined (json-file only)"
-        )
-    _check_type(log_config.get("Config"), (dict,), "LogConfig.Config")
-    try:
-        parse_log_config(log_config)  # max-size / max-file, as Docker's json-file driver
-    except ValueError as e:
-        raise BadParameter(str(e)) from e
-    _check_type(host_config.get("PortBindings"), (dict,), "PortBindings")
-    if host_config.get("PortBindings"):
-        host_config["PortBindings"] = {
-            normalize_port_key(k): v for k, v in host_config["PortBindings"].items()
-        }
-
-    mode = host_config.get("NetworkMode") or ""
-    _check_type(mode, (str,), "NetworkMode")
-    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
-        raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
-    # The networks themselves are checked by the engine: a missing one is a 400, not Docker's
-    # 404, because the docker CLI takes any 404 from create for a missing image and pulls.
-    endpoints = (networking or {}).get("EndpointsConfig") or {}
-    _check_type(endpoints, (dict,), "NetworkingConfig.EndpointsConfig")
-    for endpoint in endpoints.values():
-        _check_type(endpoint, (dict,), "EndpointsConfig entry")
-        check_endpoint_config(endpoint)
 
 
 def _command_text(args: list[str]) -> str:
@@ -545,19 +394,12 @@ class ContainersApi:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def create(self, request: web.Request) -> web.Response:
-        body = check(await json_body(request), CONTAINER_CREATE)
-        host_config = body.pop("HostConfig", None) or {}
-        networking = body.pop("NetworkingConfig", None) or {}
-        _check_type(host_config, (dict,), "HostConfig")
-        _check_type(networking, (dict,), "NetworkingConfig")
-        check_create_body(body, host_config, networking)
+        create = parse_create_body(await json_body(request))
         platform = request.query.get("platform")
         if platform:
-            self._check_platform(body.get("Image") or "", platform)
+            self._check_platform(create.config.get("Image") or "", platform)
         name = request.query.get("name") or None
-        c = await self.engine.create(
-            name, body, host_config, (networking or {}).get("EndpointsConfig")
-        )
+        c = await self.engine.create(name, create.config, create.host_config, create.endpoints)
         return json_response({"Id": c.id, "Warnings": []}, status=201)
 
     def _check_platform(self, image_ref: str, platform: str) -> None:

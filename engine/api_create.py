@@ -1,0 +1,160 @@
+"""What a container create may ask for: its body parsed once, at the API's boundary.
+
+The body's types are checked against ``api_bodies.CONTAINER_CREATE`` (a wrong type is a 400
+naming the field); then what pyengined cannot run as asked is refused with 501 and what Docker
+itself refuses with 400, before the engine sees any of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from engine.api_bodies import CONTAINER_CREATE, check
+from engine.api_common import BadParameter, NotImplementedByEngine
+from engine.api_networks import check_endpoint_config
+from engine.monitor import parse_log_config
+from engine.networking import UNSUPPORTED_NETWORK_MODES
+from engine.seccomp import parse_security_opts
+
+_PORT_KEY_RE = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
+
+# Container settings pyengined cannot honour yet. Set to anything but their empty value, the
+# create answers 501 rather than run a container that silently lacks them.
+UNSUPPORTED_HOST_CONFIG = {
+    "Binds": "bind mounts (-v)",
+    "Mounts": "mounts (--mount)",
+    "VolumesFrom": "--volumes-from",
+    "VolumeDriver": "volume drivers",
+    "Links": "links (--link)",
+    "Privileged": "privileged containers",
+    "CapAdd": "--cap-add",
+    "CapDrop": "--cap-drop",
+    "Devices": "devices (--device)",
+    "DeviceRequests": "device requests (--gpus)",
+    "DeviceCgroupRules": "--device-cgroup-rule",
+    "Dns": "--dns",
+    "DnsSearch": "--dns-search",
+    "DnsOptions": "--dns-option",
+    "ExtraHosts": "--add-host",
+    "GroupAdd": "--group-add",
+    "ReadonlyRootfs": "--read-only",
+    "Tmpfs": "--tmpfs",
+    "Sysctls": "--sysctl",
+    "Ulimits": "--ulimit",
+    "Memory": "memory limits (-m)",
+    "MemoryReservation": "--memory-reservation",
+    "NanoCpus": "--cpus",
+    "CpuShares": "--cpu-shares",
+    "CpuQuota": "--cpu-quota",
+    "CpuPeriod": "--cpu-period",
+    "CpusetCpus": "--cpuset-cpus",
+    "CpusetMems": "--cpuset-mems",
+    "BlkioWeight": "--blkio-weight",
+    "OomKillDisable": "--oom-kill-disable",
+    "Init": "--init",
+}
+# These default to a mode name; only their default is supported.
+HOST_CONFIG_MODES = {
+    "PidMode": ("", "private"),
+    "IpcMode": ("", "private", "shareable"),
+    "UTSMode": ("", "private"),
+    "UsernsMode": ("", "private"),
+    "CgroupnsMode": ("", "private", "host"),
+    "Runtime": ("", "runc"),
+    "Isolation": ("", "default"),
+}
+UNSUPPORTED_CONFIG = {
+    "Tty": "a TTY (-t)",
+    "OpenStdin": "interactive stdin (-i)",
+    "Volumes": "volumes",
+    "MacAddress": "--mac-address",
+}
+
+
+def _is_empty(value: Any) -> bool:
+    return value in (None, "", 0, False, [], {})
+
+
+def normalize_port_key(key: str) -> str:
+    """``"80"`` → ``"80/tcp"``; anything that is not ``port[/proto]`` is a 400."""
+    match = _PORT_KEY_RE.fullmatch(key)
+    if match is None or not 0 < int(match[1]) <= 65535:
+        raise BadParameter(f"invalid port specification: {key!r}")
+    if match[2] == "sctp":
+        raise NotImplementedByEngine("SCTP ports are not supported by pyengined")
+    return f"{int(match[1])}/{match[2] or 'tcp'}"
+
+
+def check_create_body(
+    config: dict[str, Any], host_config: dict[str, Any], networking: dict[str, Any]
+) -> None:
+    """Refuse what pyengined cannot run as asked (501) and what Docker refuses itself (400);
+    the types are already the schema's."""
+    for key, what in UNSUPPORTED_CONFIG.items():
+        if not _is_empty(config.get(key)):
+            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
+    if config.get("ExposedPorts"):
+        config["ExposedPorts"] = {normalize_port_key(k): {} for k in config["ExposedPorts"]}
+
+    for key, what in UNSUPPORTED_HOST_CONFIG.items():
+        if not _is_empty(host_config.get(key)):
+            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
+    for key, allowed in HOST_CONFIG_MODES.items():
+        if (host_config.get(key) or "") not in allowed:
+            raise NotImplementedByEngine(
+                f"{key} {host_config[key]!r} is not supported by pyengined"
+            )
+    try:
+        parse_security_opts(host_config.get("SecurityOpt"))
+    except ValueError as e:
+        raise BadParameter(str(e)) from e
+    pids_limit = host_config.get("PidsLimit")
+    if pids_limit not in (None, 0, -1):
+        raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
+    restart = host_config.get("RestartPolicy") or {}
+    if (restart.get("Name") or "no") != "no":
+        raise NotImplementedByEngine(
+            f"restart policy {restart['Name']!r} is not supported by pyengined"
+        )
+    log_config = host_config.get("LogConfig") or {}
+    if (log_config.get("Type") or "json-file") != "json-file":
+        raise NotImplementedByEngine(
+            f"log driver {log_config['Type']!r} is not supported by pyengined (json-file only)"
+        )
+    try:
+        parse_log_config(log_config)  # max-size / max-file, as Docker's json-file driver
+    except ValueError as e:
+        raise BadParameter(str(e)) from e
+    if host_config.get("PortBindings"):
+        host_config["PortBindings"] = {
+            normalize_port_key(k): v for k, v in host_config["PortBindings"].items()
+        }
+
+    mode = host_config.get("NetworkMode") or ""
+    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
+        raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
+    # The networks themselves are checked by the engine: a missing one is a 400, not Docker's
+    # 404, because the docker CLI takes any 404 from create for a missing image and pulls.
+    endpoints = (networking or {}).get("EndpointsConfig") or {}
+    for endpoint in endpoints.values():
+        check_endpoint_config(endpoint)
+
+
+@dataclass
+class CreateRequest:
+    """A create's body, checked: Docker's container Config, its HostConfig and the networks'
+    EndpointsConfig (None: the default network)."""
+
+    config: dict[str, Any]
+    host_config: dict[str, Any]
+    endpoints: dict[str, Any] | None
+
+
+def parse_create_body(body: dict[str, Any]) -> CreateRequest:
+    check(body, CONTAINER_CREATE)
+    host_config = body.pop("HostConfig", None) or {}
+    networking = body.pop("NetworkingConfig", None) or {}
+    check_create_body(body, host_config, networking)
+    return CreateRequest(body, host_config, networking.get("EndpointsConfig"))
