@@ -47,7 +47,7 @@ from engine.layers import (
     unpack_layer,
 )
 from engine.reference import Reference
-from netd.jsonstate import read_json, write_json_atomic
+from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -560,7 +560,17 @@ class ImageStore:
                 os.close(fd)  # closing the last descriptor releases the flock
 
     def _read_state(self) -> dict[str, Any]:
-        state = read_json(self._state_path, {}) or {}
+        """repositories.json; one that cannot be read is set aside (logged): the images are
+        to be loaded again, the store serves meanwhile."""
+        try:
+            state = read_record(self._state_path, {}) or {}
+            if not isinstance(state, dict) or not all(
+                isinstance(state.get(key, {}), dict) for key in ("refs", "images", "layers")
+            ):
+                raise CorruptRecord("not the image store's state")
+        except CorruptRecord as e:
+            set_aside(self._state_path, e)
+            state = {}
         for key in ("refs", "images", "layers"):
             state.setdefault(key, {})
         return state

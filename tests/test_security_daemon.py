@@ -463,3 +463,25 @@ def test_docker_cli_security_opts(d: Daemon, tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=30, env=env, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert "name=seccomp,profile=builtin" in info.stdout, info
+
+
+def test_corrupt_image_store_state_is_set_aside(holder: Holder, busybox_archive: Path) -> None:
+    """repositories.json unreadable: set aside and logged; the store works again at once
+    (an image loaded anew runs), where every image operation failed before."""
+    d = holder.daemon
+    state = d.data_root / "image" / "repositories.json"
+    stop_daemon(d)
+    original = state.read_bytes()
+    state.write_bytes(original[: len(original) // 2])
+    try:
+        d = holder.restart()
+        out = d.cli("load", "-i", str(busybox_archive))
+        assert out.returncode == 0, out.stderr
+    except AssertionError:
+        stop_daemon(holder.daemon)
+        state.write_bytes(original)
+        holder.restart()
+        raise
+    assert f"corrupt record {state}" in d.log()
+    out = run(d, "busybox", "true")
+    assert out.returncode == 0, out.stderr
