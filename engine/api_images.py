@@ -15,7 +15,6 @@ import base64
 import binascii
 import contextlib
 import fnmatch
-import json
 import tempfile
 from typing import Any
 
@@ -32,6 +31,7 @@ from engine.api_common import (
     json_response,
     log,
     parse_filters,
+    parse_json,
     unix_seconds,
 )
 from engine.engine import Engine
@@ -85,9 +85,10 @@ def registry_auth(header: str | None) -> tuple[str, str] | None:
     if not header:
         return None
     try:
-        data = json.loads(base64.urlsafe_b64decode(header + "=" * (-len(header) % 4)))
+        raw = base64.urlsafe_b64decode(header + "=" * (-len(header) % 4))
     except (binascii.Error, ValueError):
         raise BadParameter("invalid X-Registry-Auth header") from None
+    data = parse_json(raw, "X-Registry-Auth header")
     if not isinstance(data, dict):
         return None
     username, password = data.get("username"), data.get("password")

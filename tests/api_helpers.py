@@ -51,6 +51,7 @@ class RawApi:
         path: str,
         query: dict[str, Any] | str | None = None,
         body: Any = None,
+        headers: dict[str, str] | None = None,
     ) -> Answer:
         url = "/v1.41" + path
         if isinstance(query, str):
@@ -58,7 +59,7 @@ class RawApi:
         elif query:
             # surrogatepass: a lone surrogate goes out as the bytes a broken client would send
             url += "?" + urlencode(query, quote_via=quote, errors="surrogatepass")
-        headers = {"Host": "pyengine"}
+        headers = {"Host": "pyengine", **(headers or {})}
         data: bytes | None = None
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
 import subprocess
@@ -108,6 +109,18 @@ def test_deep_json_is_a_400(api: RawApi) -> None:
     assert answer.status == 400, answer.body[:200]
     deep_net = b'{"Name": "pyes3x", "Labels": ' + b"[" * 2000 + b"]" * 2000 + b"}"
     assert_refused(api.request("POST", "/networks/create", body=deep_net), "nested")
+
+
+def test_deep_registry_auth_header_is_a_400(api: RawApi) -> None:
+    """``X-Registry-Auth`` is JSON too (base64url): refused before any registry is asked."""
+    deep = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode()
+    answer = api.request(
+        "POST",
+        "/images/create",
+        {"fromImage": "pyes3.invalid/x", "tag": "latest"},
+        headers={"X-Registry-Auth": deep},
+    )
+    assert_refused(answer, "X-Registry-Auth")
 
 
 def test_log_sizes_out_of_range_are_a_400(api: RawApi) -> None:
