@@ -170,7 +170,8 @@ def _as_list(value: Any, what: str) -> list[Any]:
 def _parse_json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError and CPython's limit on integer digits.
         raise ImageLoadError(f"{what} is not valid JSON: {e}") from e
 
 

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 import socket
 import subprocess
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -121,6 +123,29 @@ def test_deep_registry_auth_header_is_a_400(api: RawApi) -> None:
         headers={"X-Registry-Auth": deep},
     )
     assert_refused(answer, "X-Registry-Auth")
+
+
+def _archive(members: dict[str, bytes]) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_image_archive_with_deep_json_is_a_400(api: RawApi) -> None:
+    """An archive's manifest.json or index.json nested 100,000 deep (was a 500 RecursionError)
+    or with a 5,000-digit number."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for members in (
+        {"manifest.json": deep},
+        {"oci-layout": b'{"imageLayoutVersion": "1.0.0"}', "index.json": deep},
+        {"manifest.json": b"[" + b"1" * 5000 + b"]"},
+    ):
+        answer = api.request("POST", "/images/load", body=_archive(members))
+        assert_refused(answer, "JSON")
 
 
 def test_log_sizes_out_of_range_are_a_400(api: RawApi) -> None:
