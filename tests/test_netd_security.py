@@ -13,7 +13,9 @@ mode, on both firewall backends, with real packets:
   starts it with a soft limit of 1,024);
 * when pyengined turns ``net.ipv4.ip_forward`` on itself, two namespace "hosts" routed through
   this host stop reaching each other (containers still reach an "outside" host through
-  masquerade), and reach each other again with ``--ip-forward-no-drop``.
+  masquerade), also after a restart that finds forwarding on, and reach each other again with
+  ``--ip-forward-no-drop``; the iptables FORWARD policy is back as it was once the daemon
+  stops.
 
 Kernel objects: bridges ``pyes4a`` (nftables, 10.174.0.1/24) and ``pyes4b`` (iptables,
 10.175.0.1/24), user networks in 10.176.0.0/16, namespaces and links ``pyes4-*``, the fake
@@ -493,6 +495,16 @@ def test_forwarding_turned_on_by_pyengined_drops_other_traffic(
                     cleanup(d)
                 assert_nothing_left(d)
                 assert forward_policy() == policy_before, "the FORWARD policy was not restored"
+                if not no_drop:
+                    # ip_forward stays on after the daemon stops; started again on the same
+                    # data root, the daemon remembers that it turned it on, and drops again.
+                    log_dir = d.log_path.parent
+                    d = start_daemon(log_dir, name, bip, False, *extra)
+                    try:
+                        assert not reaches(h1, h2.ip, h2_service.port)
+                    finally:
+                        cleanup(d)
+                    assert_nothing_left(d)
     finally:
         IP_FORWARD.write_text(saved + "\n")
         for peer in made:
