@@ -5,7 +5,8 @@ handler runs (``json: cannot unmarshal string into Go struct field ...``). These
 same for the fields of ``ContainerCreateRequest``, ``NetworkCreateRequest``, ``NetworkConnect``
 and ``NetworkDisconnect`` (swagger v1.41): after ``check(body, SCHEMA, what)``, every field a
 handler or the engine reads has the type it expects. Unknown fields are ignored, as Go does;
-``null`` is every field's zero value, as Go does.
+``null`` is every field's zero value, as Go does, but refused inside lists and maps (Go would
+make it an empty string or object; the engine would trip on it).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def list_of(item: Check) -> Check:
         if not isinstance(value, list):
             _refuse(what, "a list")
         for i, v in enumerate(value):
+            if v is None:
+                _refuse(f"{what}[{i}]", "a value, not null")
             item(v, f"{what}[{i}]")
 
     return check
@@ -73,6 +76,8 @@ def map_of(item: Check) -> Check:
         if not isinstance(value, dict):
             _refuse(what, "an object")
         for k, v in value.items():
+            if v is None and item is string:  # Labels, Options: strings, never null
+                _refuse(f"{what}[{k!r}]", "a value, not null")
             item(v, f"{what}[{k!r}]")
 
     return check

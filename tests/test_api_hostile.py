@@ -75,6 +75,9 @@ WRONG_TYPES = [
     ({"HostConfig": {"NetworkMode": 1}}, "NetworkMode"),
     ({"Env": "A=1"}, "Env"),
     ({"Env": [1]}, "Env"),
+    ({"Env": [None]}, "Env[0]"),
+    ({"Cmd": ["sh", None]}, "Cmd[1]"),
+    ({"Labels": {"a": None}}, "Labels"),
     ({"Labels": ["a=b"]}, "Labels"),
     ({"Labels": {"a": 1}}, "Labels"),
     ({"Cmd": {"true": 1}}, "Cmd"),
@@ -95,6 +98,21 @@ def test_a_wrong_type_is_a_400_naming_the_field(api: RawApi, extra: dict, field:
     answer = api.request("POST", "/containers/create", body={"Image": "busybox", **extra})
     assert_refused(answer, field)
     assert len(containers(api)) == before
+
+
+def test_network_bodies_of_the_wrong_shape_are_a_400(api: RawApi) -> None:
+    for body, field in [
+        ({"Name": "pyes3n", "IPAM": {"Config": [None]}}, "IPAM.Config[0]"),
+        ({"Name": "pyes3n", "IPAM": {"Config": {"Subnet": "10.173.9.0/24"}}}, "IPAM.Config"),
+        ({"Name": "pyes3n", "ConfigFrom": 1}, "ConfigFrom"),
+        ({"Name": "pyes3n", "Options": {"a": None}}, "Options"),
+        ({"Name": ["pyes3n"]}, "Name"),
+    ]:
+        assert_refused(api.request("POST", "/networks/create", body=body), field)
+    for path in ("/networks/bridge/connect", "/networks/bridge/disconnect"):
+        assert_refused(api.request("POST", path, body={"Container": 1}), "Container")
+    body = {"Container": "x", "EndpointConfig": {"Aliases": [None]}}
+    assert_refused(api.request("POST", "/networks/bridge/connect", body=body), "Aliases[0]")
 
 
 def test_deep_json_is_a_400(api: RawApi) -> None:
