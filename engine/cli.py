@@ -282,15 +282,18 @@ def create(ctx: click.Context, image: str, command: tuple[str, ...], **options: 
 
 
 def _follow_until_exit(client: Client, container_id: str) -> int:
-    def forward(signum: int, _frame: Any) -> None:
-        threading.Thread(
-            target=lambda: client.request(
+    def kill(signum: int) -> None:
+        # A thread's error would print a traceback: the container may be gone, or the daemon;
+        # the log stream or the wait then says so in one line.
+        with contextlib.suppress(DaemonError, DaemonUnreachable, *CONNECTION_ERRORS):
+            client.request(
                 "POST",
                 f"/containers/{container_id}/kill",
                 query={"signal": signal.Signals(signum).name},
-            ).read(),
-            daemon=True,
-        ).start()
+            ).read()
+
+    def forward(signum: int, _frame: Any) -> None:
+        threading.Thread(target=kill, args=(signum,), daemon=True).start()
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import signal
 import socket
 import subprocess
 import tarfile
@@ -343,6 +344,38 @@ def test_cli_one_line_when_the_daemon_dies_mid_request(tmp_path: Path, answer: b
     finally:
         stop.set()
         server.close()
+
+
+def test_cli_one_line_when_the_real_daemon_is_killed(daemon: Daemon, api: RawApi) -> None:
+    """The issue's ``kill -9`` of pyengined under a foreground ``pyengine run``: the client
+    printed a 41-line traceback (http.client.RemoteDisconnected). Then the daemon is started
+    again on the same data root and still has the container."""
+    run = subprocess.Popen(
+        [str(BIN / "pyengine"), "-H", daemon.host, "run", "--name", "pyes3-victim"]
+        + ["busybox", "sh", "-c", "echo up; sleep 60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline() == "up\n"  # running, and the client is following it
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait(timeout=10)
+        _, stderr = run.communicate(timeout=20)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        again = start_daemon(daemon.data_root.parent, BRIDGE, BIP, True)
+        daemon.process = again.process
+    assert run.returncode != 0
+    assert "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert daemon.host in stderr, stderr
+    assert api.request("GET", "/containers/pyes3-victim/json").status == 200
+    assert api.request("DELETE", "/containers/pyes3-victim", {"force": "1"}).status == 204
 
 
 def test_cli_one_line_when_there_is_no_daemon(tmp_path: Path) -> None:
