@@ -382,6 +382,10 @@ class NetworkController:
             fresh = self._restore_port_reservations(held)
             try:
                 self._remove_previous_firewall()
+                # The FORWARD policy iptables is about to replace goes to disk first: a crash
+                # in between must not lose the policy to put back.
+                self._firewall.remember_forward_policy()
+                self._save_firewall_record()
                 self._install_firewall()
                 self._save_firewall_record()
                 self._save()

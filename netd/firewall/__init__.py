@@ -83,6 +83,12 @@ class Firewall(ABC):
     # by ``install`` without ``forward_drop`` and by ``uninstall`` (None: nothing to put back).
     forward_policy_before: str | None = None
 
+    def remember_forward_policy(self) -> None:
+        """Fill ``forward_policy_before`` from the kernel when ``forward_drop`` is about to
+        change a policy nobody recorded yet, so the caller can persist it first (a no-op for a
+        backend that changes no policy)."""
+        return None
+
     @abstractmethod
     def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
         """Replace everything this backend owns by a fresh base ruleset plus ``mappings``."""

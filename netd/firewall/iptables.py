@@ -485,6 +485,10 @@ class IptablesFirewall(Firewall):
         self._change_with_policy(install_family, current, policy)
         self.forward_policy_before = before
 
+    def remember_forward_policy(self) -> None:
+        if self.forward_drop and self.forward_policy_before is None:
+            self.forward_policy_before = self._forward_policy()
+
     def _forward_policy(self) -> str:
         """The IPv4 filter FORWARD policy now (ACCEPT when the table does not exist)."""
         found = _FORWARD_POLICY.search(self._save_text("-t", "filter"))
