@@ -10,7 +10,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netd import sysctl
 from netd.errors import NetdError
-from netd.naming import mac_for_ip
+from netd.naming import BRIDGE_GROUP, mac_for_ip
 
 IFA_F_NODAD = 0x02  # <linux/if_addr.h>: no duplicate address detection
 _RT_SCOPE_UNIVERSE = 0  # global addresses; link-local ones (fe80::/10) are the kernel's
@@ -53,7 +53,7 @@ def ensure_bridge(name: str, gateway: IPv4Interface, gateway6: IPv6Interface | N
             if wanted not in have:
                 ipr.addr("add", index=index, address=wanted[0], prefixlen=wanted[1])
             _ensure_gateway6(ipr, name, index, gateway6)
-            ipr.link("set", index=index, state="up")
+            ipr.link("set", index=index, state="up", group=BRIDGE_GROUP)
         except NetlinkError as exc:
             if created:
                 delete_bridge(name)

@@ -7,6 +7,11 @@ import hashlib
 import re
 from ipaddress import IPv4Address
 
+# Every pyengine bridge, whichever daemon made it, is in this interface group (ip-link(8)
+# "group"), so a daemon's forward drop (netd/forwarding.py) can let the bridges of other pyengine
+# daemons on the host through by "meta iifgroup"/"oifgroup" without knowing their names.
+BRIDGE_GROUP = 4747
+
 IFNAMSIZ = 16  # including the trailing NUL (<linux/if.h>)
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _HEX = re.compile(r"^[0-9a-f]+$")

@@ -491,6 +491,20 @@ def test_forwarding_turned_on_by_pyengined_drops_other_traffic(
                         d.cli("load", "-i", str(busybox_archive), check=True)
                         # Masqueraded: the outside host sees this host's address on its link.
                         assert outside_sees(d, outside.ip, outside_service.port) == "10.176.203.1"
+                    if not no_drop and backend == "nftables":
+                        # Another pyengine daemon's bridge is in the same interface group: the
+                        # drop leaves its containers' traffic to its own table.
+                        (tmp / "other").mkdir()
+                        other = start_daemon(
+                            tmp / "other", "pyes4o", "10.177.0.1/24", False, "--dns", UPSTREAM
+                        )
+                        try:
+                            other.cli("load", "-i", str(busybox_archive), check=True)
+                            seen = outside_sees(other, outside.ip, outside_service.port)
+                            assert seen == "10.176.203.1"
+                        finally:
+                            cleanup(other)
+                        assert_nothing_left(other)
                 finally:
                     cleanup(d)
                 assert_nothing_left(d)

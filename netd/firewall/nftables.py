@@ -53,7 +53,7 @@ from netd.firewall import (
     PortMapping,
     is_ipv6_mapping,
 )
-from netd.naming import valid_ifname
+from netd.naming import BRIDGE_GROUP, valid_ifname
 
 # Keyed by the destination address: mappings bound to one host address.
 MAP_ON_ADDR = "published_on_addr"
@@ -200,7 +200,12 @@ class NftablesFirewall(Firewall):
         forward_policy = "accept"
         if self.forward_drop:
             forward_policy = "drop"
-            forward.append("meta nfproto ipv6 accept")  # the drop is about net.ipv4.ip_forward
+            forward += [
+                "meta nfproto ipv6 accept",  # the drop is about net.ipv4.ip_forward
+                # Other pyengine daemons' bridges: their own tables decide (netd/bridge.py).
+                f"meta iifgroup {BRIDGE_GROUP} accept",
+                f"meta oifgroup {BRIDGE_GROUP} accept",
+            ]
 
         def chain(name: str, lines: list[str]) -> str:
             body = "".join(f"\n    {line}" for line in lines)
