@@ -35,7 +35,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
+class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -68,7 +68,7 @@ class Client:
         url = API_PREFIX + path
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
-        conn = _UnixHTTPConnection(self.socket_path, timeout)
+        conn = UnixHTTPConnection(self.socket_path, timeout)
         headers = {"Host": "pyengine", **(headers or {})}
         data: Any = None
         if body is not None:

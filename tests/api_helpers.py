@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
+
+from engine.client import UnixHTTPConnection
 
 
 @dataclass
@@ -24,18 +24,6 @@ class Answer:
             return str(json.loads(self.body).get("message", ""))
         except (ValueError, AttributeError):
             return self.body.decode(errors="replace")
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
 
 
 class RawApi:
@@ -64,7 +52,7 @@ class RawApi:
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        conn = _UnixConnection(self.path, self.timeout)
+        conn = UnixHTTPConnection(self.path, self.timeout)
         try:
             conn.request(method, url, body=data, headers=headers)
             resp = conn.getresponse()

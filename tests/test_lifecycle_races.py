@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import json
 import os
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from engine.client import UnixHTTPConnection
 from engine.rootfs import mounts_under, unmount
+from tests.api_helpers import Answer, RawApi
 from tests.conftest import (
     Daemon,
     assert_nothing_left,
@@ -44,44 +44,8 @@ PROXY_MARKER_ENV = "PYENGINE_PROXY_OWNER"
 # ---- the Engine API over the daemon's unix socket ------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
-@dataclass
-class Answer:
-    status: int
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    @property
-    def message(self) -> str:
-        try:
-            return str(json.loads(self.body).get("message", ""))
-        except (ValueError, AttributeError):
-            return self.body.decode(errors="replace")
-
-
 def api(d: Daemon, method: str, path: str, body: Any = None, timeout: float = 60) -> Answer:
-    conn = _UnixConnection(d.host.removeprefix("unix://"), timeout)
-    try:
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Host": "pyengine", "Content-Type": "application/json"}
-        conn.request(method, "/v1.41" + path, body=data, headers=headers)
-        response = conn.getresponse()
-        return Answer(response.status, response.read())
-    finally:
-        conn.close()
+    return RawApi(d.host, timeout).request(method, path, body=body)
 
 
 def create(d: Daemon, *, ports: dict[str, int] | None = None, **config: Any) -> str:
@@ -399,7 +363,7 @@ def test_large_log_tail_and_stream(tmp_path: Path, busybox_archive: Path) -> Non
         # The whole log, read slowly by the client, while /_ping is timed.
         stop, latencies = threading.Event(), []
         pinger = threading.Thread(target=ping_latencies, args=(d, stop, latencies))
-        conn = _UnixConnection(d.host.removeprefix("unix://"), 60)
+        conn = UnixHTTPConnection(d.host.removeprefix("unix://"), 60)
         try:
             conn.request("GET", f"/v1.41/containers/{cid}/logs?stdout=1&stderr=1")
             response = conn.getresponse()

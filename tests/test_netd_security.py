@@ -33,7 +33,6 @@ import random
 import re
 import resource
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from ipaddress import IPv4Interface
 from pathlib import Path
 
 import pytest
-from dnslib import QTYPE, RR, A, DNSRecord
+from dnslib import DNSRecord
 from pyroute2 import IPRoute, netns
 from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
@@ -54,6 +53,7 @@ from tests.conftest import (
     start_daemon,
     stop_daemon,
 )
+from tests.dns_helpers import FakeUpstream
 from tests.netns_helpers import (
     IO_TIMEOUT,
     netns_socket,
@@ -75,49 +75,9 @@ IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 _subnets = iter(range(1, 100))
 
 
-class FakeUpstream:
-    """A resolver on UPSTREAM:53/udp: A queries get OUTSIDE_ANSWER, names starting with
-    SLOW_PREFIX get nothing at all; every name asked is recorded."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((UPSTREAM, 53))
-        self.sock.settimeout(0.2)
-        self.queries: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                query = DNSRecord.parse(data)
-            except Exception:
-                continue
-            name = str(query.q.qname)
-            self.queries.append(name)
-            if name.startswith(SLOW_PREFIX):
-                continue
-            reply = query.reply()
-            if query.q.qtype == QTYPE.A:
-                reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(OUTSIDE_ANSWER), ttl=60))
-            self.sock.sendto(reply.pack(), peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream()
+    server = FakeUpstream(UPSTREAM, OUTSIDE_ANSWER, SLOW_PREFIX)
     try:
         yield server
     finally:

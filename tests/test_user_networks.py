@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import docker as docker_py
 import pytest
-from dnslib import QTYPE, RR, A, DNSRecord
 
 from tests.conftest import (
     Daemon,
@@ -32,6 +29,7 @@ from tests.conftest import (
     start_daemon,
     stop_daemon,
 )
+from tests.dns_helpers import FakeUpstream
 from tests.test_e2e import wait_http
 
 NAME, BIP = "pyeun0", "10.65.0.1/24"
@@ -40,45 +38,9 @@ FORWARDED_NAME = "pyetest.example.test"
 FORWARDED_ADDRESS = "198.18.7.7"  # answered by the fake upstream, never contacted
 
 
-class FakeUpstream:
-    """Answers every A query with FORWARDED_ADDRESS on UPSTREAM:53/udp, counting them."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((UPSTREAM, 53))
-        self.sock.settimeout(0.2)
-        self.queries: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, peer = self.sock.recvfrom(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                query = DNSRecord.parse(data)
-            except Exception:
-                continue
-            self.queries.append(str(query.q.qname))
-            reply = query.reply()
-            if query.q.qtype == QTYPE.A:
-                reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(FORWARDED_ADDRESS), ttl=60))
-            self.sock.sendto(reply.pack(), peer)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.sock.close()
-
-
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstream]:
-    server = FakeUpstream()
+    server = FakeUpstream(UPSTREAM, FORWARDED_ADDRESS)
     try:
         yield server
     finally:

@@ -36,7 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from netd.errors import NetdError
 
@@ -135,3 +135,23 @@ def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
 
 def is_ipv6_mapping(m: PortMapping) -> bool:
     return ":" in m.host_ip
+
+
+PROTOCOLS = ("tcp", "udp")
+
+
+def check_mapping(m: PortMapping) -> None:
+    """What both backends require of a mapping before it reaches the kernel."""
+    if m.proto not in PROTOCOLS:
+        raise FirewallError(f'unsupported protocol "{m.proto}"')
+    for port in (m.host_port, m.container_port):
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise FirewallError(f"invalid port {port!r}")
+    try:
+        host, container = ip_address(m.host_ip), ip_address(m.container_ip)
+    except ValueError as exc:
+        raise FirewallError(f"invalid mapping: {exc}") from None
+    if host.version != container.version:
+        raise FirewallError(
+            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
+        )

@@ -53,10 +53,10 @@ from netd.firewall import (
     Firewall,
     FirewallError,
     PortMapping,
+    check_mapping,
     is_ipv6_mapping,
 )
 from netd.firewall.iptables_specs import (
-    check_mapping,
     describe_key,
     dnat_spec,
     loopback_drop_spec,

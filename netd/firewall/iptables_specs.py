@@ -9,26 +9,15 @@ import re
 import shlex
 from collections.abc import Sequence
 
-from netd.firewall import ANY_ADDRESSES, ANY_IPV6, FirewallError, PortMapping, is_ipv6_mapping
+from netd.firewall import (
+    ANY_ADDRESSES,
+    ANY_IPV6,
+    PROTOCOLS,
+    PortMapping,
+    is_ipv6_mapping,
+)
 
-_PROTOCOLS = ("tcp", "udp")
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
-
-
-def check_mapping(m: PortMapping) -> None:
-    if m.proto not in _PROTOCOLS:
-        raise FirewallError(f'unsupported protocol "{m.proto}"')
-    for port in (m.host_port, m.container_port):
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise FirewallError(f"invalid port {port!r}")
-    try:
-        host, container = ipaddress.ip_address(m.host_ip), ipaddress.ip_address(m.container_ip)
-    except ValueError as exc:
-        raise FirewallError(f"invalid mapping: {exc}") from None
-    if host.version != container.version:
-        raise FirewallError(
-            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
-        )
 
 
 def mapping_key(m: PortMapping) -> tuple[str, str, int]:
@@ -69,7 +58,7 @@ def mapping_from_spec(spec: str) -> PortMapping | None:
         if token.startswith("-") and i + 1 < len(tokens):
             options.setdefault(token, tokens[i + 1])
     try:
-        if options.get("-j") != "DNAT" or options.get("-p") not in _PROTOCOLS:
+        if options.get("-j") != "DNAT" or options.get("-p") not in PROTOCOLS:
             return None
         if "!" in tokens:
             return None

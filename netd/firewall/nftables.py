@@ -35,7 +35,6 @@ proxy when it runs, else the reserving socket, which refuses it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ from netd.firewall import (
     Firewall,
     FirewallError,
     PortMapping,
+    check_mapping,
     is_ipv6_mapping,
 )
 from netd.naming import BRIDGE_GROUP, valid_ifname
@@ -66,23 +66,6 @@ MAPS = (MAP_ON_ADDR, MAP_ON_ANY, MAP6_ON_ADDR, MAP6_ON_ANY)
 ISOLATE_CHAIN = "isolate_networks"
 
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
-_PROTOCOLS = ("tcp", "udp")
-
-
-def _check_mapping(m: PortMapping) -> None:
-    if m.proto not in _PROTOCOLS:
-        raise FirewallError(f'unsupported protocol "{m.proto}"')
-    for port in (m.host_port, m.container_port):
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise FirewallError(f"invalid port {port!r}")
-    try:
-        host, container = ipaddress.ip_address(m.host_ip), ipaddress.ip_address(m.container_ip)
-    except ValueError as exc:
-        raise FirewallError(f"invalid mapping: {exc}") from None
-    if host.version != container.version:
-        raise FirewallError(
-            f"cannot map {m.host_ip} to {m.container_ip}: the addresses' families differ"
-        )
 
 
 def _map_name(m: PortMapping) -> str:
@@ -279,7 +262,7 @@ class NftablesFirewall(Firewall):
 
     def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
-            _check_mapping(m)
+            check_mapping(m)
         # "add" then "delete" makes the delete valid whether or not the table exists; the new
         # table replaces the old one in the same commit, so there is no unprotected window.
         self._run(
@@ -291,14 +274,14 @@ class NftablesFirewall(Firewall):
 
     def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
-            _check_mapping(m)
+            check_mapping(m)
         if mappings:
             # "create" fails with EEXIST when the key exists, even with the same value.
             self._run(self._elements("create", mappings, with_values=True))
 
     def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
-            _check_mapping(m)
+            check_mapping(m)
         if not mappings:
             return
         try:
