@@ -21,7 +21,10 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 ANY_IPV4 = "0.0.0.0"
 ANY_IPV6 = "::"
-_LOOPBACK = {socket.AF_INET: IPv4Network("127.0.0.0/8"), socket.AF_INET6: IPv6Network("::1/128")}
+_LOOPBACK: dict[int, IPv4Network | IPv6Network] = {
+    socket.AF_INET: IPv4Network("127.0.0.0/8"),
+    socket.AF_INET6: IPv6Network("::1/128"),
+}
 
 
 def _local_addresses(family: socket.AddressFamily) -> set[str]:

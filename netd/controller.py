@@ -25,13 +25,14 @@ call the controller in a worker thread (``asyncio.to_thread``). Methods are seri
 from __future__ import annotations
 
 import copy
+import functools
 import ipaddress
 import logging
 import re
 import secrets
 import socket
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 from pathlib import Path
@@ -501,7 +502,7 @@ class NetworkController:
                         port.host_ip,
                         port.host_port,
                         0,
-                        lambda proto, ip, n, skip=port: self._is_taken(proto, ip, n, skip),
+                        functools.partial(self._is_taken, skip=port),
                     )
                 except NetdError as exc:
                     log.warning("dropping mapping of %s: %s", cid[:12], exc)
@@ -557,7 +558,11 @@ class NetworkController:
         ref = ref.id if isinstance(ref, Network) else ref
         states = (READY, REMOVING) if removing else (READY,)
         nets = [n for n in self._st.networks.values() if n.state in states]
-        for match in (lambda n: n.id == ref, lambda n: n.name == ref):
+        matchers: tuple[Callable[[Network], bool], ...] = (
+            lambda n: n.id == ref,
+            lambda n: n.name == ref,
+        )
+        for match in matchers:
             found = [n for n in nets if match(n)]
             if found:
                 return found[0]
@@ -784,9 +789,9 @@ class NetworkController:
         used = {ep.index for ep in st.container_endpoints(container_id)}
         index = next(i for i in range(len(used) + 1) if i not in used)
         veth = host_veth_name(container_id, index)
-        for other in st.endpoints.values():
-            if other.host_veth == veth:
-                raise Conflict(f"container id {short} clashes with {other.container_id[:12]}")
+        for holder in st.endpoints.values():
+            if holder.host_veth == veth:
+                raise Conflict(f"container id {short} clashes with {holder.container_id[:12]}")
         if sandbox.link_exists(veth):
             raise Conflict(f"interface {veth} already exists")
 
@@ -808,7 +813,7 @@ class NetworkController:
             ip=str(addr),
             prefixlen=IPv4Network(net.subnet).prefixlen,
             gateway=net.gateway,
-            mac=mac_for_ip(addr),
+            mac=mac_for_ip(IPv4Address(addr)),
             network_id=net.id,
             network_name=net.name,
             ifname=container_ifname(index),

@@ -100,7 +100,7 @@ def host_has_ipv6() -> bool:
     except OSError as exc:
         if exc.errno == errno.EAFNOSUPPORT:
             return False
-        raise NetdError(f"cannot create an IPv6 socket: {os.strerror(exc.errno)}") from None
+        raise NetdError(f"cannot create an IPv6 socket: {os.strerror(exc.errno or 0)}") from None
     return True
 
 

@@ -73,7 +73,7 @@ def check_no_route_overlap(
     for route in routes:
         if route.dst.version != subnet.version or route.dev in own_bridges:
             continue
-        if subnet.overlaps(route.dst):  # type: ignore[arg-type]
+        if subnet.overlaps(route.dst):
             raise Conflict(
                 f"subnet {subnet} overlaps the host route {route.dst} dev {route.dev or '?'}"
             )
@@ -111,6 +111,6 @@ def pick_subnet6(
     ]
     # Candidates are walked, not listed: a /48 holds 65536 /64s.
     for candidate in base.subnets(new_prefix=size):
-        if not any(candidate.overlaps(other) for other in blocked):  # type: ignore[arg-type]
+        if not any(candidate.overlaps(other) for other in blocked):
             return candidate
     raise Conflict(f"the IPv6 address pool {base} in /{size}s has been fully subnetted")

@@ -52,7 +52,7 @@ class ForkServerClient:
         self._request_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], list[int]]]] = {}
         self._children: dict[int, ChildProcess] = {}
-        self._early_exits: dict[int, int] = {}
+        self._early_exits: dict[int, int | None] = {}
         self._ready: asyncio.Future[dict[str, Any]] | None = None
 
     @property

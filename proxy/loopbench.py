@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_ARCHIVE = Path("/var/cache/pyengine/images/nginx-oci.tar")
 NGINX_PORT, IPERF_PORT = 18080, 15201
@@ -58,13 +59,13 @@ class Lab:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     proxy_pids: dict[tuple[str, int, str], int] = field(default_factory=dict)
 
-    def run(self, *argv: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    def run(self, *argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             ["ip", "netns", "exec", self.netns, *argv],
             capture_output=True,
             text=True,
             check=True,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
 
     def start(self, *argv: str, status_pipe: bool = False) -> subprocess.Popen[bytes]:

@@ -25,7 +25,7 @@ _STAT_STARTTIME_FIELD = 22
 
 @functools.cache
 def _syscall() -> Callable[..., int]:
-    return ctypes.CDLL(None, use_errno=True).syscall  # type: ignore[no-any-return]
+    return ctypes.CDLL(None, use_errno=True).syscall
 
 
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:

@@ -31,7 +31,7 @@ _outlives_parent = os.environ.get(OUTLIVE_PARENT_ENV) == "1"
 @functools.cache
 def _prctl() -> Callable[..., int] | None:
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 

@@ -36,16 +36,16 @@ def header(version: str, source: Address, destination: Address) -> bytes:
         return line.encode("ascii")
     if version == "v2":
         if family == socket.AF_INET:
-            kind, addresses = _V2_TCP4, _V2_IPV4
+            command, addresses = _V2_TCP4, _V2_IPV4
         else:
-            kind, addresses = _V2_TCP6, _V2_IPV6
+            command, addresses = _V2_TCP6, _V2_IPV6
         body = addresses.pack(
             socket.inet_pton(family, source_ip),
             socket.inet_pton(family, destination_ip),
             source[1],
             destination[1],
         )
-        return _V2_HEADER.pack(V2_SIGNATURE, _V2_VERSION_PROXY, kind, len(body)) + body
+        return _V2_HEADER.pack(V2_SIGNATURE, _V2_VERSION_PROXY, command, len(body)) + body
     raise ValueError(f"unknown PROXY protocol version {version!r} (want v1 or v2)")
 
 

@@ -682,7 +682,7 @@ def _same_socket(a: socket.socket, b: socket.socket) -> bool:
 
 
 def _backoff(attempt: int) -> float:
-    return min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** max(0, attempt - 1))
+    return min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2.0 ** max(0, attempt - 1))
 
 
 async def _read_status(fd: int) -> bytes:

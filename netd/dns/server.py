@@ -24,6 +24,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from dnslib import RD
+
 from netd.dns import wire
 from netd.dns.forwarder import Forwarder
 from netd.dns.records import NameLookup, normalize_name
@@ -198,7 +200,7 @@ class DnsResponder:
         return f"{name}.{self.domain}" if self.domain else name
 
     def _reply(
-        self, query: wire.Query, rcode: int, answers: list[tuple[int, wire.RD]], max_reply: int
+        self, query: wire.Query, rcode: int, answers: list[tuple[int, RD]], max_reply: int
     ) -> bytes:
         self.stats.local += 1
         reply = wire.build_reply(query, rcode, answers, max_reply)
@@ -249,7 +251,9 @@ class DnsResponder:
         listeners.tasks.add(task)
         task.add_done_callback(listeners.tasks.discard)
 
-    def _on_datagram(self, transport: asyncio.DatagramTransport, data: bytes, peer: tuple) -> None:
+    def _on_datagram(
+        self, transport: asyncio.DatagramTransport, data: bytes, peer: tuple[Any, ...]
+    ) -> None:
         try:
             local = self.answer_locally(data, over_tcp=False)
         except Exception:  # a bug must cost one query, never the responder
@@ -262,7 +266,7 @@ class DnsResponder:
             transport.sendto(local, peer)
 
     async def _forward_datagram(
-        self, transport: asyncio.DatagramTransport, local: _Forward, peer: tuple
+        self, transport: asyncio.DatagramTransport, local: _Forward, peer: tuple[Any, ...]
     ) -> None:
         try:
             reply = await self._forward(local, over_tcp=False)
@@ -313,7 +317,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         # uvloop's UDP transport does not subclass asyncio.DatagramTransport, but is one.
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.transport is not None:
             self.responder._on_datagram(self.transport, data, addr)
 

@@ -79,15 +79,15 @@ class Query:
 
     @property
     def id(self) -> int:
-        return self.header.id
+        return int(self.header.id)
 
     @property
     def qtype(self) -> int:
-        return self.question.qtype
+        return int(self.question.qtype)
 
     @property
     def qclass(self) -> int:
-        return self.question.qclass
+        return int(self.question.qclass)
 
     @property
     def edns(self) -> bool:
@@ -95,7 +95,7 @@ class Query:
 
     @property
     def edns_version(self) -> int:
-        return self.opt.edns_ver if self.opt is not None else 0
+        return int(self.opt.edns_ver) if self.opt is not None else 0
 
     @property
     def dnssec_ok(self) -> bool:
@@ -106,7 +106,7 @@ class Query:
         """The largest UDP reply this client accepts (RFC 6891 §6.2.5: below 512 means 512)."""
         if self.opt is None:
             return UDP_PLAIN_MAX
-        return min(max(self.opt.edns_len, UDP_PLAIN_MAX), UDP_EDNS_CAP)
+        return min(max(int(self.opt.edns_len), UDP_PLAIN_MAX), UDP_EDNS_CAP)
 
     @property
     def name(self) -> str:
@@ -235,7 +235,7 @@ def with_id(message: bytes, new_id: int) -> bytes:
 
 
 def rcode_of(message: bytes) -> int:
-    return DNSHeader.parse(DNSBuffer(message[:HEADER_SIZE])).rcode
+    return int(DNSHeader.parse(DNSBuffer(message[:HEADER_SIZE])).rcode)
 
 
 def is_truncated(message: bytes) -> bool:
@@ -252,10 +252,10 @@ def answers_query(reply: bytes, query_id: int, question: DNSQuestion) -> bool:
         if header.id != query_id or not header.qr:
             return False
         if header.q == 0:
-            return header.rcode != NOERROR
+            return bool(header.rcode != NOERROR)
         if header.q != 1:
             return False
         # DNSQuestion compares its name case-insensitively, its type and class exactly.
-        return DNSQuestion.parse(buffer) == question
+        return bool(DNSQuestion.parse(buffer) == question)
     except _MALFORMED:
         return False

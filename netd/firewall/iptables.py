@@ -500,8 +500,8 @@ class IptablesFirewall(Firewall):
         if dropping:
             before = self.forward_policy_before or current
             return current, ("DROP" if current != "DROP" else None), before
-        before = self.forward_policy_before
-        return current, (before if before and before != current else None), None
+        recorded = self.forward_policy_before
+        return current, (recorded if recorded and recorded != current else None), None
 
     def _change_with_policy(
         self, change: Callable[[_Tools], Ruleset | None], current: str, policy: str | None

@@ -105,7 +105,7 @@ class NftablesFirewall(Firewall):
 
     def _table_exists(self) -> bool:
         rc, _out, _err = self._nft.cmd(f"list table inet {self.table}")
-        return rc == 0
+        return bool(rc == 0)
 
     # -- ruleset ----------------------------------------------------------------------------
 
