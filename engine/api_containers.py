@@ -11,11 +11,12 @@ without it.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import os
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -510,7 +511,7 @@ class ContainersApi:
         await self.engine.rename(request.match_info["id"], name)
         return web.Response(status=204)
 
-    def routes(self) -> list[tuple[str, str, Any]]:
+    def routes(self) -> builtins.list[tuple[str, str, Any]]:
         return [
             ("POST", "/containers/create", self.create),
             ("GET", "/containers/json", self.list),
@@ -527,7 +528,7 @@ class ContainersApi:
         ]
 
 
-async def until_disconnected(request: web.Request, work: Coroutine[Any, Any, T]) -> T | None:
+async def until_disconnected(request: web.Request, work: Awaitable[T]) -> T | None:
     """Run ``work`` unless the client goes away first (then cancel it and return None).
 
     A follow or a wait may have nothing to send for hours; without this, a client that gave up

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import builtins
 import contextlib
 import fnmatch
 import tempfile
@@ -330,7 +331,7 @@ class ImagesApi:
             return error_response(login_error_status(e), str(e))
         return json_response({"Status": status, "IdentityToken": ""})
 
-    def routes(self) -> list[tuple[str, str, Any]]:
+    def routes(self) -> builtins.list[tuple[str, str, Any]]:
         return [
             ("GET", "/images/json", self.list),
             ("POST", "/images/load", self.load),

@@ -8,6 +8,7 @@ config-only networks answer 501 with the reason, never a silent no-op.
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from aiohttp import web
@@ -308,7 +309,7 @@ class NetworksApi:
             out[net.name] = settings
         return out
 
-    def routes(self) -> list[tuple[str, str, Any]]:
+    def routes(self) -> builtins.list[tuple[str, str, Any]]:
         return [
             ("GET", "/networks", self.list),
             ("POST", "/networks/create", self.create),

@@ -86,7 +86,7 @@ class Client:
                 f"Cannot connect to the pyengine daemon at unix://{self.socket_path}. "
                 "Is pyengined running?"
             ) from e
-        except (*CONNECTION_ERRORS, OSError) as e:
+        except CONNECTION_ERRORS + (OSError,) as e:
             raise DaemonUnreachable(self.connection_error(e)) from e
         if resp.status >= 400:
             raw = resp.read()

@@ -198,7 +198,7 @@ def _check_shape(obj: Any, where: str = "record") -> None:
             raise CorruptRecord(f"{where}.{f.name}: want a list")
         item_type = typing.get_args(hint)[0] if origin is list else origin
         for item in items:
-            if dataclasses.is_dataclass(item_type):
+            if isinstance(item_type, type) and dataclasses.is_dataclass(item_type):
                 if not isinstance(item, item_type):
                     raise CorruptRecord(f"{where}.{f.name}: want an object")
                 _check_shape(item, f"{where}.{f.name}")

@@ -112,7 +112,7 @@ def _gzip_layer(rootfs_tar: Path, out: Path) -> tuple[str, str, int]:
         # mtime=0 and no file name keep the gzip header identical between builds (RFC 1952).
         with gzip.GzipFile(
             filename="", mode="wb", fileobj=blob, compresslevel=GZIP_LEVEL, mtime=0
-        ) as gz:  # type: ignore[arg-type]
+        ) as gz:
             while chunk := src.read(_CHUNK):
                 diff_id.update(chunk)
                 gz.write(chunk)
@@ -298,8 +298,8 @@ def write_busybox_rootfs(out_tar: Path, busybox: Path, epoch: int) -> None:
     members["usr/bin/env"] = (entry("usr/bin/env", tarfile.SYMTYPE, 0o777, link="/bin/env"), None)
     with tarfile.open(out_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name in sorted(members):
-            info, data = members[name]
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+            info, content = members[name]
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
 
 
 def build_busybox_image(

@@ -651,7 +651,7 @@ class ImageStore:
                         on_layer(index, "complete")
                 self._commit_blob_bytes(plan.config_bytes, created)
                 self._commit_blob_bytes(plan.manifest_bytes, created)
-            loaded = []
+            loaded: builtins.list[str] = []
             for plan in plans:
                 state["images"].setdefault(plan.id, {"loaded": _now_rfc3339()})
                 state["images"][plan.id]["manifest"] = plan.manifest_digest

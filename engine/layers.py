@@ -79,7 +79,7 @@ def open_uncompressed(path: Path) -> Iterator[BinaryIO]:
         raw.seek(0)
         if magic.startswith(GZIP_MAGIC):
             with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
-                yield unzipped  # type: ignore[misc]
+                yield unzipped  # type: ignore[misc]  # a GzipFile reads as a BinaryIO
         elif magic == ZSTD_MAGIC:
             raise LayerError(f"{path.name}: zstd-compressed layers are not supported")
         else:
@@ -361,7 +361,7 @@ def unpack_layer(source: Path, dest: Path) -> UnpackedLayer:
     try:
         with open_uncompressed(source) as stream:
             reader = _HashingReader(stream)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]  # read() is all r| needs
                 for member in tar:
                     unpacker.add(tar, member)
             reader.drain()  # the end-of-archive padding belongs to the diff_id too

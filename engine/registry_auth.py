@@ -136,9 +136,9 @@ def _decode_entry(key: str, entry: Any) -> tuple[str, str] | None:
         if not colon:
             raise CredentialsError(f"credentials for {key}: auth field is not user:password")
         return username, password
-    username, password = entry.get("username"), entry.get("password")
-    if isinstance(username, str) and isinstance(password, str):
-        return username, password
+    user, secret = entry.get("username"), entry.get("password")
+    if isinstance(user, str) and isinstance(secret, str):
+        return user, secret
     return None
 
 
