@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import Any
 
 
 class Interrupted(BaseException):
@@ -30,7 +31,7 @@ class Cleanup:
     def __init__(self, log: Callable[[str], None] | None = None) -> None:
         self._steps: list[tuple[str, Callable[[], None]]] = []
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._saved: dict[int, object] = {}
+        self._saved: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         self.failures: list[str] = []
 
     def push(self, what: str, undo: Callable[[], None]) -> None:
@@ -72,4 +73,4 @@ class Cleanup:
             self.run_all()
         finally:
             for signum, handler in self._saved.items():
-                signal.signal(signum, handler)  # type: ignore[arg-type]
+                signal.signal(signum, handler)

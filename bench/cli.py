@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return dns_main(argv[1:], prog=program or "pyengine-bench dns")
     args = parser().parse_args(argv)
     if args.report_only:
-        results = Results.read(args.report_only)
-        for path in write_outputs(results, args.out):
+        stored = Results.read(args.report_only)
+        for path in write_outputs(stored, args.out):
             print(path)
         return 0
     try:

@@ -145,7 +145,7 @@ def _inside(address: str, subnets: tuple[str, ...]) -> bool:
         within = [ip_network(s, strict=False) for s in subnets]
     except ValueError:
         return False
-    return any(net.version == s.version and net.subnet_of(s) for s in within)  # type: ignore[arg-type]
+    return any(net.version == s.version and net.subnet_of(s) for s in within)  # type: ignore[arg-type]  # same version
 
 
 def docker_additions(

@@ -4,6 +4,7 @@ max) and line charts for the scaling studies (ports -> publish time, ports -> co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from bench.config import PROXY_VARIANTS
 from bench.datapath import METRICS
@@ -12,7 +13,7 @@ from bench.results import Results, Stat, summarize
 DPI = 110
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:  # matplotlib.pyplot, imported only when a plot is drawn
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display

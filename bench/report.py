@@ -118,8 +118,8 @@ def _udp_table(results: Results) -> str:
                 spread(results.stat("datapath", "udp", variant, "mbit_s"), 0),
                 spread(results.stat("datapath", "udp", variant, "loss_pct")),
                 spread(results.stat("datapath", "udp", variant, "jitter_ms"), 3),
-                number(results.stat("datapath", "udp", variant, "proxy_cpu_s").median)
-                if results.stat("datapath", "udp", variant, "proxy_cpu_s")
+                number(cpu.median)
+                if (cpu := results.stat("datapath", "udp", variant, "proxy_cpu_s"))
                 else DASH,
             ]
         )

@@ -69,9 +69,9 @@ def find_tools(
         names = ", ".join(
             f"{t.name} ({t.purpose}; Debian package {t.apt_package})" for t in missing
         )
-        packages = " ".join(sorted({t.apt_package for t in missing}))
+        to_install = " ".join(sorted({t.apt_package for t in missing}))
         raise MissingTool(
-            f"missing: {names}. Install with: apt-get install {packages} "
+            f"missing: {names}. Install with: apt-get install {to_install} "
             "(or run pyengine-bench with --install-missing)"
         )
     found: dict[str, str] = {}

@@ -12,13 +12,13 @@ import json
 import secrets
 import subprocess
 from dataclasses import dataclass
-from ipaddress import IPv4Network, ip_network
+from ipaddress import IPv4Network
 
 # Candidate subnets, checked against the host's routes at start. 198.18.0.0/15 is the range
 # RFC 2544 reserves for benchmarking; 192.0.2.0/24 is the host's own network and never used.
-BRIDGE_CANDIDATES = tuple(ip_network(f"10.{a}.{b}.0/24") for a in (93, 94, 95) for b in range(256))
+BRIDGE_CANDIDATES = tuple(IPv4Network(f"10.{a}.{b}.0/24") for a in (93, 94, 95) for b in range(256))
 EXTERNAL_CANDIDATES = tuple(
-    ip_network(f"198.19.{c}.{d}/30") for c in (213, 214) for d in range(0, 256, 4)
+    IPv4Network(f"198.19.{c}.{d}/30") for c in (213, 214) for d in range(0, 256, 4)
 )
 
 
@@ -73,12 +73,12 @@ def _used_networks() -> list[IPv4Network]:
         if not dst or dst == "default":
             continue
         try:
-            used.append(ip_network(dst, strict=False))  # type: ignore[arg-type]
+            used.append(IPv4Network(dst, strict=False))
         except ValueError:
             continue
     for link in json.loads(sh("ip", "-j", "-4", "addr") or "[]"):
         for addr in link.get("addr_info", []):
-            used.append(ip_network(f"{addr['local']}/{addr['prefixlen']}", strict=False))  # type: ignore[arg-type]
+            used.append(IPv4Network(f"{addr['local']}/{addr['prefixlen']}", strict=False))
     return used
 
 
