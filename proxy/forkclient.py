@@ -196,7 +196,7 @@ class ForkServerClient:
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(message)
             return
-        reply = self._pending.get(message.get("id"))  # type: ignore[arg-type]
+        reply = self._pending.get(message.get("id"))  # type: ignore[arg-type]  # no id: no reply
         if reply is None or reply.done():
             # Nobody waits for this proxy any more (its request timed out): do not leave it
             # running unsupervised.
