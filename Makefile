@@ -71,6 +71,7 @@ test: setup
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean: stop
 	rm -rf build $(VENV)
