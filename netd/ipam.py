@@ -100,6 +100,3 @@ class Ipam:
     def release(self, addr: str) -> None:
         if addr:
             self.allocations.pop(str(_address(addr)), None)
-
-    def owners(self) -> set[str]:
-        return set(self.allocations.values())

@@ -218,15 +218,3 @@ def set_default_route(
         raise NetdError(
             f"cannot set the default route in network namespace {netns_name}: {exc.args[-1]}"
         ) from None
-
-
-def interfaces_in(netns_name: str) -> dict[str, list[str]]:
-    """Interface name → its IPv4 addresses (``a.b.c.d/len``) inside the namespace."""
-    with _in_netns(netns_name) as ns:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ns.get_links()}
-        result: dict[str, list[str]] = {name: [] for name in names.values()}
-        for addr in ns.get_addr(family=socket.AF_INET):
-            name = names.get(addr["index"])
-            if name is not None:
-                result[name].append(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
-        return result

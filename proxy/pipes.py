@@ -51,10 +51,6 @@ class PipePool:
         self._max_idle = max_idle
         self._idle: list[Pipe] = []
 
-    @property
-    def idle_count(self) -> int:
-        return len(self._idle)
-
     def acquire(self) -> Pipe:
         if self._idle:
             return self._idle.pop()

@@ -19,7 +19,6 @@ import signal
 from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-PR_SET_NAME = 15
 PR_SET_MEMORY_MERGE = 67  # Linux 6.4
 OUTLIVE_PARENT_ENV = "PYENGINE_PROXY_OUTLIVE_PARENT"
 
@@ -57,12 +56,6 @@ def outlive_parent() -> bool:
     _outlives_parent = True
     prctl = _prctl()
     return prctl is not None and prctl(PR_SET_PDEATHSIG, 0, 0, 0, 0) == 0
-
-
-def set_process_name(name: bytes) -> bool:
-    """Set the name ps and top show (PR_SET_NAME: at most 15 bytes are kept)."""
-    prctl = _prctl()
-    return prctl is not None and prctl(PR_SET_NAME, name, 0, 0, 0) == 0
 
 
 def enable_memory_merging() -> bool:

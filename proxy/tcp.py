@@ -70,14 +70,6 @@ class TcpProxy:
         self._closed = False
         self._resume_accept_handle: asyncio.TimerHandle | None = None
 
-    @property
-    def connection_count(self) -> int:
-        return len(self._connections)
-
-    @property
-    def pipe_pool(self) -> PipePool:
-        return self._pipe_pool
-
     def start(self) -> None:
         for level, option in _INHERITED_OPTIONS:
             try:

@@ -79,10 +79,6 @@ class UdpProxy:
         self._view = memoryview(self._buffer)
         self._closed = False
 
-    @property
-    def flow_count(self) -> int:
-        return len(self._flows)
-
     def start(self) -> None:
         self._reply_from_destination = prepare_listener(self._listener)
         self._listener.setblocking(False)
