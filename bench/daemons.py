@@ -19,9 +19,9 @@ from typing import Any
 from urllib.parse import quote
 
 from bench import procfs
+from common.jsonstate import read_json
 from engine.client import Client, DaemonError, DaemonUnreachable
 from engine.rootfs import mounts_under
-from netd.jsonstate import read_json
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_SECONDS = 30

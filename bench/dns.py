@@ -48,7 +48,7 @@ from bench.cleanup import Cleanup, Interrupted
 from bench.results import ratio, summarize
 from bench.spawn import SpawnedProcess, SpawnError, read_status, spawn
 from bench.tools import MissingTool, Tool, find_tools, machine_description
-from netd.jsonstate import write_json_atomic
+from common.jsonstate import write_json_atomic
 
 SCHEMA = "pyengine-bench-dns/1"
 SERVERS = ("pyengine", "dnsmasq")

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netd.jsonstate import read_json, write_json_atomic
+from common.jsonstate import read_json, write_json_atomic
 
 SCHEMA = "pyengine-bench/1"
 STUDIES = ("datapath", "memory", "first-response", "publish", "connrate")

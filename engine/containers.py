@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
 from engine.namesgen import random_name
-from netd.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
 
 # moby daemon/names: validContainerNamePattern. Checked with fullmatch: Python's ``$`` also
 # matches before a trailing newline.

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.jsonstate import write_json_atomic
 from engine import bundle, rootfs, seccomp, userdb
 from engine.containers import (
     Container,
@@ -46,7 +47,6 @@ from netd.controller import Endpoint, NetdError, Network, NetworkController, Pub
 from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
 from netd.errors import Forbidden
 from netd.errors import NotFound as NetworkNotFound
-from netd.jsonstate import write_json_atomic
 from netd.portspec import PortBinding, from_docker_port_bindings
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
 

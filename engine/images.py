@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 from engine.layers import (
     GZIP_MAGIC,
     MAX_SYMLINK_HOPS,
@@ -47,7 +48,6 @@ from engine.layers import (
     unpack_layer,
 )
 from engine.reference import Reference
-from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -45,9 +45,9 @@ from typing import Any
 
 import click
 
+from common.jsonstate import read_json, write_json_atomic
 from engine.rootfs import mounts_under
 from netd.firewall import BACKENDS, make_firewall
-from netd.jsonstate import read_json, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netd.jsonstate import write_json_atomic
+from common.jsonstate import write_json_atomic
 
 # prctl(2): PR_SET_CHILD_SUBREAPER makes orphaned descendants (the container's init once
 # `runc create` exits) reparent to this process instead of to PID 1.

@@ -160,7 +160,7 @@ class CredentialStore:
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        # Not netd.jsonstate.write_json_atomic: that creates its temporary file with the
+        # Not common.jsonstate.write_json_atomic: that creates its temporary file with the
         # umask's mode, and a password must never sit in a world-readable file, even briefly.
         directory = self.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.jsonstate import CorruptRecord, read_record, set_aside
 from engine.monitor import LogOptions, one_line, rfc3339_nano
-from netd.jsonstate import CorruptRecord, read_record, set_aside
 
 START_TIMEOUT = 30.0
 # How long a monitor may take to clean up after reporting a failed start, and after SIGKILL.

@@ -38,10 +38,10 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from pathlib import Path
 from typing import Any
 
+from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 from netd import bridge, conntrack, forwarding, sandbox, subnetpool, sysctl
 from netd.errors import Conflict, Forbidden, NetdError, NotFound
 from netd.firewall import ANY_IPV4, Firewall, PortMapping, make_firewall
-from netd.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 from netd.naming import (
     container_ifname,
     host_veth_name,

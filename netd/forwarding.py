@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.jsonstate import read_json, write_json_atomic
 from netd import sysctl
-from netd.jsonstate import read_json, write_json_atomic
 
 FORWARDING_FILE = "forwarding.json"
 

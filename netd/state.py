@@ -17,10 +17,10 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
+from common.jsonstate import read_json, write_json_atomic
 from netd.errors import NetdError
 from netd.firewall import PortMapping
 from netd.ipam import Ipam
-from netd.jsonstate import read_json, write_json_atomic
 from netd.network import READY, Network
 from netd.portmap import is_ipv6
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
+from common.jsonstate import read_json
 from netd import sandbox
 from netd.controller import (
     ENDPOINTS_FILE,
@@ -26,7 +27,6 @@ from netd.controller import (
 from netd.errors import NetdError
 from netd.firewall import BACKENDS, Firewall, PortMapping, make_firewall
 from netd.firewall.iptables import IptablesFirewall
-from netd.jsonstate import read_json
 from netd.network import DEFAULT_NETWORK, READY, Network, default_network_id
 from netd.state import NetdState
 

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from netd.jsonstate import CorruptRecord, read_json, read_record, write_json_atomic
+from common.jsonstate import CorruptRecord, read_json, read_record, write_json_atomic
 from proxy import strays
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds, watch_process
 from proxy.forkclient import ForkServerClient

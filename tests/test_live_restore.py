@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from netd.jsonstate import read_json, write_json_atomic
+from common.jsonstate import read_json, write_json_atomic
 from proxy.pidfd import ProcessIdentity
 from proxy.supervisor import ProxySpec, ProxySupervisor
 from tests.conftest import (

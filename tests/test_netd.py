@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from common.jsonstate import read_json
 from netd.controller import Endpoint, NetdConfig, NetdError, NetworkController, PublishedPort
 from netd.firewall import make_firewall
 from netd.firewall.iptables import IptablesFirewall, TableState
-from netd.jsonstate import read_json
 from netd.naming import host_veth_name, netns_name
 from netd.portspec import (
     PortBinding,

@@ -42,11 +42,11 @@ from typing import Any
 
 import pytest
 
+from common.jsonstate import read_json
 from netd import bridge as netd_bridge
 from netd import sandbox as netd_sandbox
 from netd.controller import NetdConfig, NetworkController
 from netd.firewall import make_firewall
-from netd.jsonstate import read_json
 from netd.naming import host_veth_name
 from netd.portspec import parse_publish
 from netd.state import NetdState

@@ -20,11 +20,11 @@ from typing import Any
 import click
 import uvloop
 
+from common.jsonstate import read_json
 from netd.dns.records import NameTable
 from netd.dns.resolvconf import load_host_upstreams
 from netd.dns.server import DnsResponder
 from netd.errors import NetdError
-from netd.jsonstate import read_json
 
 
 def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
