@@ -186,7 +186,7 @@ def _processes_of(record: DockerdRecord) -> list[int]:
     workdir = record.workdir + "/"
     subnet = IPv4Network(record.subnet)
     me = os.getpid()
-    for pid in procfs._all_pids():
+    for pid in procfs.all_pids():
         if pid == me:
             continue
         argv = procfs.cmdline(pid)
@@ -425,7 +425,7 @@ class DockerDaemon(BenchDaemon):
         assert self.record is not None
         address = str(self.exec_root / "containerd" / "containerd.sock")
         pids = set(procfs.descendants(self.process.pid))
-        for pid in procfs._all_pids():
+        for pid in procfs.all_pids():
             if address in procfs.cmdline(pid) and pid != self.process.pid:
                 pids.add(pid)
         return sorted(p for p in pids if not procfs.in_container(p))

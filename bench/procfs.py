@@ -52,7 +52,7 @@ def parent_pid(pid: int) -> int | None:
 def live_group_members(pgid: int) -> list[int]:
     """Processes of process group ``pgid`` that are not zombies."""
     members = []
-    for p in _all_pids():
+    for p in all_pids():
         fields = _stat_fields(p)
         # After comm: [0] state, [1] ppid, [2] pgrp.
         if fields and int(fields[2]) == pgid and fields[0] != "Z":
@@ -60,14 +60,15 @@ def live_group_members(pgid: int) -> list[int]:
     return members
 
 
-def _all_pids() -> list[int]:
+def all_pids() -> list[int]:
+    """Every process now running (the numeric entries of /proc)."""
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
 
 
 def process_tree() -> dict[int, list[int]]:
     """Children of every process: ``{ppid: [pid, ...]}``, read once from /proc."""
     children: dict[int, list[int]] = {}
-    for p in _all_pids():
+    for p in all_pids():
         ppid = parent_pid(p)
         if ppid is not None:
             children.setdefault(ppid, []).append(p)
@@ -99,18 +100,6 @@ def cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def children_with_args(ppid: int, *needles: str) -> list[int]:
-    """Children of ``ppid`` whose argv contains every string in ``needles`` as an element."""
-    found = []
-    for p in _all_pids():
-        if parent_pid(p) != ppid:
-            continue
-        argv = cmdline(p)
-        if all(n in argv for n in needles):
-            found.append(p)
-    return sorted(found)
 
 
 def children_cpu_seconds() -> float:
