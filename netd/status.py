@@ -26,7 +26,6 @@ from netd.controller import (
 )
 from netd.errors import NetdError
 from netd.firewall import BACKENDS, Firewall, PortMapping, make_firewall
-from netd.firewall.iptables import IptablesFirewall
 from netd.network import DEFAULT_NETWORK, READY, Network, default_network_id
 from netd.state import NetdState
 
@@ -176,8 +175,7 @@ def collect_status(
     live: list[PortMapping] | None = None
     if firewall is not None:
         try:
-            if isinstance(firewall, IptablesFirewall):
-                variant = firewall.variant()
+            variant = firewall.variant()
             text = firewall.describe()
             live = firewall.mappings() if text else []
         except NetdError as exc:

@@ -118,6 +118,12 @@ class Firewall(ABC):
         """Everything this backend owns, as the kernel lists it now (with counters), for
         people reading along; empty when nothing is installed."""
 
+    @abstractmethod
+    def variant(self) -> str:
+        """Which flavour of its kernel API the backend drives, for people reading along:
+        "nf_tables" or "legacy" for iptables (whichever the tools on PATH use), "" for a
+        backend with only one."""
+
 
 def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
     """The backend named by ``NetdConfig.firewall_backend``."""

@@ -316,6 +316,9 @@ class NftablesFirewall(Firewall):
         rc, out, _err = self._nft.cmd(f"list table inet {self.table}")
         return out if rc == 0 else ""
 
+    def variant(self) -> str:
+        return ""
+
 
 def _mapping_from_json(name: str, key: Any, value: Any) -> PortMapping:
     key_parts = key["concat"]
