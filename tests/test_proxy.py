@@ -27,11 +27,11 @@ from typing import TypeVar, cast
 import pytest
 import uvloop
 
+from bench.loopbench import extract_rootfs
 from proxy import proxyprotocol
 from proxy.childprocess import ChildProcess
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
-from proxy.loopbench import extract_rootfs
 from proxy.options import UsageError, parse_command_line
 from proxy.pipes import DEFAULT_MAX_IDLE_PIPES
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor

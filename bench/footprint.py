@@ -1,8 +1,8 @@
 """Measures what idle proxies cost: start-up time of N proxies and their memory (smaps_rollup).
 
-    python -m proxy.footprint --count 1000 --kind fork          # pyengine-proxy, fork server
-    python -m proxy.footprint --count 100 --kind exec           # pyengine-proxy, exec each
-    python -m proxy.footprint --count 1000 --kind docker-proxy  # Debian's docker-proxy
+    python -m bench.footprint --count 1000 --kind fork          # pyengine-proxy, fork server
+    python -m bench.footprint --count 100 --kind exec           # pyengine-proxy, exec each
+    python -m bench.footprint --count 1000 --kind docker-proxy  # Debian's docker-proxy
 
 Every proxy listens on its own 127.0.0.1 port and forwards to 127.0.0.1:9, which is never
 contacted: the proxies stay idle. Proxies are started one after the other, each waiting for its

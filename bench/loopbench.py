@@ -1,6 +1,6 @@
 """A quick side-by-side of the proxies on loopback, for profiling and before/after comparisons.
 
-    python -m proxy.loopbench [--rounds 3] [--duration 10] [--only http|iperf3|udp]
+    python -m bench.loopbench [--rounds 3] [--duration 10] [--only http|iperf3|udp]
                               [--profile DIR]
 
 Everything runs in a network namespace of its own (``pyeperf-<pid>``, loopback only), so the
@@ -13,7 +13,7 @@ the server itself, no proxy in between. With ``--profile DIR``, py-spy records p
 during one extra run of each HTTP load and writes flame graphs (SVG) and raw stacks there.
 
 A measurement tool, not a test: figures depend on the machine and on what else runs on it;
-the side-by-side harness with DNAT and containers is ``bench/``.
+the side-by-side harness with DNAT and containers is the rest of ``bench/`` (``pyengine-bench``).
 """
 
 from __future__ import annotations
