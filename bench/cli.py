@@ -14,7 +14,6 @@ import argparse
 import os
 import shlex
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.cleanup import Cleanup, Interrupted
@@ -38,6 +37,7 @@ from bench.results import Results
 from bench.spawn import SpawnError
 from bench.tools import MissingTool, machine_description, tool_versions
 from bench.topology import TopologyError
+from common.timefmt import utc_rfc3339
 from engine.client import DaemonError, DaemonUnreachable
 from engine.imagebuild import ImageBuildError
 
@@ -161,10 +161,6 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         raise ValueError(f"unknown metric(s) {', '.join(unknown)} (known: {', '.join(METRICS)})")
     cfg.validate()
     return cfg
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _command_line(argv: list[str]) -> str:
@@ -302,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pyengine-bench: needs root (namespaces, bridges, nftables, runc)", file=sys.stderr)
         return EXIT_FAILED
     progress = Progress()
-    started = _now()
+    started = utc_rfc3339(digits=0)
     results: Results | None = None
     env: Environment | None = None
     exit_code = 0
@@ -339,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             exit_code = exit_code or EXIT_FAILED
     if results is None or not results.samples:
         return exit_code or EXIT_FAILED
-    results.finished = _now()
+    results.finished = utc_rfc3339(digits=0)
     paths = write_outputs(results, cfg.out)
     progress.note(f"wrote {paths[0]}, {paths[1]} and {len(paths) - 2} plots")
     print(render_headline(results))

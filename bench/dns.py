@@ -38,7 +38,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from bench.results import ratio, summarize
 from bench.spawn import SpawnedProcess, SpawnError, read_status, spawn
 from bench.tools import MissingTool, Tool, find_tools, machine_description
 from common.jsonstate import write_json_atomic
+from common.timefmt import utc_rfc3339
 
 SCHEMA = "pyengine-bench-dns/1"
 SERVERS = ("pyengine", "dnsmasq")
@@ -582,7 +582,7 @@ def run_study(cfg: DnsBenchConfig, dnsmasq: str, command: str) -> tuple[dict[str
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "command": command,
-        "started": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "started": utc_rfc3339(digits=0),
         "machine": machine_description(),
         "tools": {
             "dnsmasq": _version([dnsmasq, "--version"]),
@@ -622,7 +622,7 @@ def run_study(cfg: DnsBenchConfig, dnsmasq: str, command: str) -> tuple[dict[str
         print(f"pyengine-bench dns: {exc}", file=sys.stderr)
         doc["aborted"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         exit_code = EXIT_FAILED
-    doc["finished"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    doc["finished"] = utc_rfc3339(digits=0)
     doc["samples"] = [asdict(s) for s in samples]
     doc["summary"] = summary_of(samples, cfg.scenarios)
     doc["leftovers"] = _leftovers(started, workdir)

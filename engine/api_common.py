@@ -11,9 +11,7 @@ import asyncio
 import json
 import logging
 import math
-import re
 import struct
-from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -169,18 +167,6 @@ def parse_filters(request: web.Request, allowed: set[str]) -> dict[str, list[str
             raise BadParameter(f"invalid filter '{key}': want a list of strings or an object")
         filters[key] = values
     return filters
-
-
-_RFC3339_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]\d\d:\d\d)")
-
-
-def unix_seconds(rfc3339: str) -> int:
-    """RFC 3339 (any number of fraction digits) → whole Unix seconds; 0 when unparsable."""
-    match = _RFC3339_RE.fullmatch(rfc3339.strip())
-    if match is None:
-        return 0
-    offset = "+00:00" if match[2] == "Z" else match[2]
-    return int(datetime.fromisoformat(match[1] + offset).timestamp())
 
 
 # ---- streams ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from common.timefmt import unix_seconds
 from engine.api_common import (
     MEDIA_MULTIPLEXED_STREAM,
     BadParameter,
@@ -34,7 +35,6 @@ from engine.api_common import (
     log,
     parse_filters,
     stream_frame,
-    unix_seconds,
 )
 from engine.api_create import normalize_port_key, parse_create_body
 from engine.api_networks import NetworksApi

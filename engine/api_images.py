@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common.timefmt import ZERO_TIME, unix_seconds
 from engine import registry
 from engine.api_common import (
     BadParameter,
@@ -33,7 +34,6 @@ from engine.api_common import (
     log,
     parse_filters,
     parse_json,
-    unix_seconds,
 )
 from engine.engine import Engine
 from engine.images import Image
@@ -153,7 +153,7 @@ class ImagesApi:
             "RepoDigests": [],
             "Parent": "",
             "Comment": img.config.get("comment", ""),
-            "Created": img.created or "0001-01-01T00:00:00Z",
+            "Created": img.created or ZERO_TIME,
             "Container": "",
             "ContainerConfig": {},
             "DockerVersion": img.config.get("docker_version", ""),
@@ -172,7 +172,7 @@ class ImagesApi:
                 },
             },
             "RootFS": {"Type": "layers", "Layers": img.diff_ids},
-            "Metadata": {"LastTagTime": "0001-01-01T00:00:00Z"},
+            "Metadata": {"LastTagTime": ZERO_TIME},
         }
         if img.config.get("variant"):
             out["Variant"] = img.config["variant"]

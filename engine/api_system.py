@@ -11,12 +11,12 @@ import hashlib
 import os
 import platform
 import socket
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from common.timefmt import local_rfc3339
 from engine.api_common import json_response
 from engine.engine import Engine
 
@@ -163,7 +163,7 @@ class SystemApi:
                 "Debug": False,
                 "NFd": len(os.listdir("/proc/self/fd")),
                 "NGoroutines": len(asyncio.all_tasks()),
-                "SystemTime": _now_rfc3339_local(),
+                "SystemTime": local_rfc3339(),
                 "LoggingDriver": "json-file",
                 "CgroupDriver": "cgroupfs",
                 "CgroupVersion": "2" if cgroup_v2 else "1",
@@ -227,7 +227,3 @@ class SystemApi:
             ("GET", "/version", self.version),
             ("GET", "/info", self.info),
         ]
-
-
-def _now_rfc3339_local() -> str:
-    return datetime.now().astimezone().isoformat(timespec="microseconds")

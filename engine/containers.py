@@ -8,11 +8,11 @@ import re
 import shutil
 import typing
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from common.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
+from common.timefmt import ZERO_TIME
 from engine.namesgen import random_name
 
 # moby daemon/names: validContainerNamePattern. Checked with fullmatch: Python's ``$`` also
@@ -32,18 +32,14 @@ class ContainerConflict(Exception):
     pass
 
 
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 @dataclass
 class ContainerState:
     status: str = "created"  # created | running | exited | removing (Docker's words)
     pid: int = 0
     monitor_pid: int = 0
     exit_code: int = 0
-    started_at: str = "0001-01-01T00:00:00Z"
-    finished_at: str = "0001-01-01T00:00:00Z"
+    started_at: str = ZERO_TIME
+    finished_at: str = ZERO_TIME
     error: str = ""
 
     @property

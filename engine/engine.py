@@ -9,15 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.jsonstate import write_json_atomic
+from common.timefmt import unix_time, utc_rfc3339
 from engine import bundle, rootfs, seccomp, userdb
 from engine.containers import (
     Container,
@@ -28,7 +27,6 @@ from engine.containers import (
     NetworkAttachment,
     NetworkRecord,
     PublishedPortRecord,
-    now_rfc3339,
 )
 from engine.images import ImageConflict, ImageStore
 from engine.jsonlog import JsonLogReader, LogEntry
@@ -72,7 +70,6 @@ class DaemonShuttingDown(Exception):
 ATTACH_DRAIN_TIMEOUT = 10.0
 LOG_POLL_INTERVAL = 0.05
 WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
-_RFC3339_UTC_RE = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z")
 
 
 @dataclass
@@ -143,15 +140,6 @@ def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[st
     keys |= set(container.config.get("ExposedPorts") or {})
     keys |= set(container.host_config.get("PortBindings") or {})
     return sorted(keys, key=lambda k: (int(k.split("/")[0]), k))
-
-
-def rfc3339_seconds(text: str) -> float:
-    """'2026-11-28T03:24:19.885608112Z' → Unix seconds; 0.0 when it is not that format."""
-    match = _RFC3339_UTC_RE.fullmatch(text)
-    if match is None:
-        return 0.0
-    whole = datetime.strptime(match[1], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-    return whole.timestamp() + float(f"0.{match[2] or 0}")
 
 
 class Engine:
@@ -352,7 +340,7 @@ class Engine:
         container = Container(
             id=container_id,
             name=name,
-            created=now_rfc3339(),
+            created=utc_rfc3339(digits=6),
             image=image_ref,
             image_id=image.id,
             config=merged,
@@ -519,7 +507,7 @@ class Engine:
                 raise InvalidParameter(str(e)) from e
             raise
         c.state = ContainerState(
-            status="running", pid=pid, monitor_pid=monitor_pid, started_at=now_rfc3339()
+            status="running", pid=pid, monitor_pid=monitor_pid, started_at=utc_rfc3339(digits=6)
         )
         self.containers.save(c)
         self._lifecycle(c.id).pulse()
@@ -562,7 +550,7 @@ class Engine:
     def _mark_exited(self, c: Container, status: ExitStatus) -> None:
         c.state.status = "exited"
         c.state.exit_code = status.exit_code
-        c.state.finished_at = status.finished_at or now_rfc3339()
+        c.state.finished_at = status.finished_at or utc_rfc3339(digits=6)
         c.state.error = status.error
         c.state.pid = 0
         c.network = NetworkRecord()
@@ -959,7 +947,7 @@ class Engine:
         def wanted(entry: LogEntry) -> bool:
             if not (since or until):
                 return True
-            t = rfc3339_seconds(entry.time)
+            t = unix_time(entry.time)
             return (not since or t >= since) and (not until or t < until)
 
         # A log has no size bound: read it in a thread, in bounded pieces (engine.jsonlog).

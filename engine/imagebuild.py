@@ -25,10 +25,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from common.timefmt import utc_rfc3339
 from engine.images import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -77,10 +77,6 @@ def source_date_epoch() -> int:
     """SOURCE_DATE_EPOCH from the environment (reproducible-builds.org), or a fixed default."""
     value = os.environ.get("SOURCE_DATE_EPOCH", "")
     return int(value) if value.isdigit() else DEFAULT_SOURCE_DATE_EPOCH
-
-
-def rfc3339(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _canonical_json(obj: Any) -> bytes:
@@ -314,7 +310,12 @@ def build_busybox_image(
         rootfs = Path(tmp) / "rootfs.tar"
         write_busybox_rootfs(rootfs, busybox, epoch)
         write_oci_archive(
-            rootfs, BUSYBOX_CONFIG, ref, out, rfc3339(epoch), f"busybox-static {busybox.name}"
+            rootfs,
+            BUSYBOX_CONFIG,
+            ref,
+            out,
+            utc_rfc3339(epoch * 1_000_000_000, digits=0),
+            f"busybox-static {busybox.name}",
         )
 
 
@@ -417,7 +418,7 @@ def build_debian_image(
             config,
             ref,
             out,
-            rfc3339(epoch),
+            utc_rfc3339(epoch * 1_000_000_000, digits=0),
             f"mmdebstrap --variant=essential --include={','.join(packages)} {suite}",
         )
 

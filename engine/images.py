@@ -34,11 +34,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
+from common.timefmt import utc_rfc3339
 from engine.layers import (
     GZIP_MAGIC,
     MAX_SYMLINK_HOPS,
@@ -140,10 +140,6 @@ def _tree_size(root: Path) -> int:
                 seen.add(st.st_ino)
                 total += st.st_size
     return total
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _digest_hex(digest: Any, what: str) -> str:
@@ -653,7 +649,7 @@ class ImageStore:
                 self._commit_blob_bytes(plan.manifest_bytes, created)
             loaded: builtins.list[str] = []
             for plan in plans:
-                state["images"].setdefault(plan.id, {"loaded": _now_rfc3339()})
+                state["images"].setdefault(plan.id, {"loaded": utc_rfc3339(digits=6)})
                 state["images"][plan.id]["manifest"] = plan.manifest_digest
                 for ref in plan.refs:
                     state["refs"][ref] = plan.id  # a tag moves to the newly loaded image

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonstate import write_json_atomic
+from common.timefmt import utc_rfc3339
 
 # prctl(2): PR_SET_CHILD_SUBREAPER makes orphaned descendants (the container's init once
 # `runc create` exits) reparent to this process instead of to PID 1.
@@ -112,14 +113,6 @@ def rotated_log_path(path: Path, index: int) -> Path:
     return path if index == 0 else path.with_name(f"{path.name}.{index}")
 
 
-def rfc3339_nano(ns: int | None = None) -> str:
-    """UTC time with nanoseconds and a fixed 9-digit fraction, as Docker's json-file writes it."""
-    if ns is None:
-        ns = time.time_ns()
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
-
-
 def one_line(text: str) -> str:
     """The last non-empty line of ``text``, stripped (runc prints its error last)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -194,7 +187,7 @@ class JsonFileLog:
         text = self._decoder(stream).decode(chunk, final=final)
         if not text:
             return
-        entry = {"log": text, "stream": stream, "time": rfc3339_nano()}
+        entry = {"log": text, "stream": stream, "time": utc_rfc3339()}
         line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
         data = line.encode("utf-8", errors="replace")
         try:
@@ -332,7 +325,7 @@ class ContainerMonitor:
             if pid == self.init_pid and self.exit_code is None:
                 code = os.waitstatus_to_exitcode(wait_status)
                 self.exit_code = 128 - code if code < 0 else code
-                self.finished_at = rfc3339_nano()
+                self.finished_at = utc_rfc3339()
 
     # -- main flow -------------------------------------------------------------------------
 
@@ -426,7 +419,7 @@ class ContainerMonitor:
         if self.exit_code is None:
             # Init could not be reaped (not our child): report it the way Docker reports a
             # container whose exit status is unknown.
-            self.exit_code, self.finished_at = 255, rfc3339_nano()
+            self.exit_code, self.finished_at = 255, utc_rfc3339()
         write_json_atomic(
             cfg.exit_path,
             {"ExitCode": self.exit_code, "FinishedAt": self.finished_at, "Error": error},

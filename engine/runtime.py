@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.jsonstate import CorruptRecord, read_record, set_aside
-from engine.monitor import LogOptions, one_line, rfc3339_nano
+from common.timefmt import utc_rfc3339
+from engine.monitor import LogOptions, one_line
 
 START_TIMEOUT = 30.0
 # How long a monitor may take to clean up after reporting a failed start, and after SIGKILL.
@@ -285,12 +286,12 @@ class Runtime:
         try:
             recorded = read_record(exit_path)
             if recorded is None:
-                return ExitStatus(exit_code=255, finished_at=rfc3339_nano(), error="monitor died")
+                return ExitStatus(exit_code=255, finished_at=utc_rfc3339(), error="monitor died")
             if not isinstance(recorded, dict) or not isinstance(recorded.get("ExitCode"), int):
                 raise CorruptRecord("not an exit status")
         except CorruptRecord as e:
             set_aside(exit_path, e)
-            return ExitStatus(exit_code=255, finished_at=rfc3339_nano(), error="exit status lost")
+            return ExitStatus(exit_code=255, finished_at=utc_rfc3339(), error="exit status lost")
         return ExitStatus(
             exit_code=recorded["ExitCode"],
             finished_at=str(recorded.get("FinishedAt", "")),

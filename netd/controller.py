@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
+from common.timefmt import utc_rfc3339
 from netd import bridge, conntrack, forwarding, sandbox, subnetpool, sysctl
 from netd.errors import Conflict, Forbidden, NetdError, NotFound
 from netd.firewall import ANY_IPV4, Firewall, PortMapping, make_firewall
@@ -58,7 +59,6 @@ from netd.network import (
     Network,
     NetworkRequest,
     default_network_id,
-    now_rfc3339,
     plan_network,
 )
 from netd.portmap import (
@@ -200,7 +200,7 @@ class NetworkController:
             gateway=str(gateway.ip),
             default=True,
             options={OPT_BRIDGE_NAME: cfg.bridge},
-            created=now_rfc3339(),
+            created=utc_rfc3339(digits=6),
         )
         self._st = self._load_state(default)
         self._adopt_default_network(default)

@@ -30,7 +30,6 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -41,6 +40,7 @@ from ipaddress import (
 )
 from typing import Any
 
+from common.timefmt import utc_rfc3339
 from netd.errors import Conflict, NetdError
 from netd.firewall import BridgeNetwork
 from netd.naming import bridge_name_for, valid_ifname
@@ -74,10 +74,6 @@ _FALSE = ("0", "f", "F", "FALSE", "false", "False")
 # touches the kernel, so the next setup() knows what a crash may have left: "creating" is
 # rolled back, "removing" is carried through.
 CREATING, READY, REMOVING = "creating", "ready", "removing"
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_network_id() -> str:
@@ -365,6 +361,6 @@ def plan_network(
         configured_subnet6=bool(request.subnet6),
         options=dict(request.options or {}),
         labels=labels,
-        created=now_rfc3339(),
+        created=utc_rfc3339(digits=6),
         state=CREATING,
     )

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from engine import bundle, rootfs, userdb
-from engine.monitor import MAX_LOG_LINE, JsonFileLog, rfc3339_nano
+from engine.monitor import MAX_LOG_LINE, JsonFileLog
 from engine.runtime import ContainerStartError, ExitStatus, Runtime
 from tests.conftest import require_root, require_tool
 
@@ -428,11 +428,6 @@ def test_json_file_log_lines_partials_and_long_lines(tmp_path: Path) -> None:
     assert all(RFC3339_NANO.match(e["time"]) for e in entries)
     first = (tmp_path / "c.log").read_text().splitlines()[0]
     assert first.startswith('{"log":"one\\n","stream":"stdout","time":"')
-
-
-def test_rfc3339_nano_format() -> None:
-    assert rfc3339_nano(0) == "1970-01-01T00:00:00.000000000Z"
-    assert rfc3339_nano(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456789Z"
 
 
 # -- rootfs: real overlay mounts -------------------------------------------------------------
