@@ -61,8 +61,8 @@ from bench.iptablesdiff import (
     save_text,
 )
 from bench.tools import which
+from common.jsonstate import read_json, write_json_atomic
 from engine.rootfs import mounts_under
-from netd.jsonstate import read_json, write_json_atomic
 
 LOCK_PATH = Path("/run/lock/pyebench-dockerd.lock")
 RECORDS = Path("/run/pyebench-dockerd")
