@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 import uvloop
 
 from proxy.childprocess import ChildProcess, spawn_with_fds
-from proxy.handshake import STATUS_FD
-from proxy.supervisor import ProxySpec, ProxySupervisor, _read_status
+from proxy.handshake import STATUS_FD, read_status
+from proxy.supervisor import ProxySpec, ProxySupervisor
 
 KINDS = ("fork", "exec", "docker-proxy")
 SETTLE_SECONDS = 1.0
@@ -119,7 +119,7 @@ async def _start_docker_proxy(docker_proxy: str) -> ChildProcess:
             child = spawn_with_fds(argv, {2: quiet, STATUS_FD: write_fd})
             os.close(write_fd)
             write_fd = -1
-            status = await _read_status(read_fd)  # the supervisor's own reader, for fairness
+            status = await read_status(read_fd)  # the supervisor's own reader, for fairness
         finally:
             os.close(read_fd)
             os.close(quiet)

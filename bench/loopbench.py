@@ -35,11 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy.handshake import read_status_blocking
+
 DEFAULT_ARCHIVE = Path("/var/cache/pyengine/images/nginx-oci.tar")
 NGINX_PORT, IPERF_PORT = 18080, 15201
 PORTS = {"pyengine-proxy": 1, "docker-proxy": 2}  # offset added to the server's port
 BODY = b"x" * 99 + b"\n"  # the 100-byte body
 TARGETS = ("direct", "pyengine-proxy", "docker-proxy")
+START_TIMEOUT_SECONDS = 30.0  # for a proxy's 0\n on its status pipe
 
 
 @dataclass
@@ -86,8 +89,7 @@ class Lab:
             os.close(write_fd)
             write_fd = -1
             if status_pipe:
-                with os.fdopen(read_fd, "rb", closefd=False) as status:
-                    answer = status.read(2)
+                answer = read_status_blocking(read_fd, START_TIMEOUT_SECONDS)
                 if answer != b"0\n":
                     raise RuntimeError(f"{argv[0]} did not start: {answer!r}")
         finally:

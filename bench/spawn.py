@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import select
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import procfs
-
-STATUS_FD = 3
+from proxy.handshake import STATUS_FD, StatusTimeout, read_status_blocking
 
 
 class SpawnError(Exception):
@@ -122,21 +120,11 @@ def spawn(argv: list[str], log_path: Path, status_pipe: bool = False) -> tuple[S
 
 
 def read_status(read_fd: int, timeout: float) -> bytes:
-    """Everything the child writes to its fd 3 until it closes it (or ``timeout`` passes)."""
-    received = bytearray()
-    deadline = time.monotonic() + timeout
+    """The child's status on its fd 3 (proxy.handshake's reader): what came within ``timeout``
+    seconds if it did not complete; closes ``read_fd``."""
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            ready, _, _ = select.select([read_fd], [], [], left)
-            if not ready:
-                break
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            received.extend(chunk)
+        return read_status_blocking(read_fd, timeout)
+    except StatusTimeout as timeout_passed:
+        return timeout_passed.received
     finally:
         os.close(read_fd)
-    return bytes(received)

@@ -45,7 +45,7 @@ from proxy import strays
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds, watch_process
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
-from proxy.handshake import LISTEN_FD, STATUS_FD
+from proxy.handshake import LISTEN_FD, STATUS_FD, read_status
 from proxy.pidfd import ProcessIdentity, open_pidfd, socket_of
 from proxy.prctl import OUTLIVE_PARENT_ENV
 
@@ -546,7 +546,7 @@ class ProxySupervisor:
             finally:
                 os.close(write_fd)
             try:
-                status = await asyncio.wait_for(_read_status(read_fd), HANDSHAKE_TIMEOUT_SECONDS)
+                status = await asyncio.wait_for(read_status(read_fd), HANDSHAKE_TIMEOUT_SECONDS)
                 if status.startswith(b"0"):
                     return child
                 if status.startswith(b"1"):
@@ -683,31 +683,6 @@ def _same_socket(a: socket.socket, b: socket.socket) -> bool:
 
 def _backoff(attempt: int) -> float:
     return min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2.0 ** max(0, attempt - 1))
-
-
-async def _read_status(fd: int) -> bytes:
-    """What the proxy wrote to its fd 3: read until ``0\\n`` arrives or the pipe hits EOF."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    received = bytearray()
-
-    def on_readable() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        received.extend(chunk)
-        if (not chunk or received.startswith(b"0\n")) and not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, on_readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-    return bytes(received)
 
 
 async def _terminate(child: ChildProcess) -> None:

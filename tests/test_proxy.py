@@ -32,6 +32,7 @@ from proxy import proxyprotocol
 from proxy.childprocess import ChildProcess
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
+from proxy.handshake import read_status, read_status_blocking
 from proxy.options import UsageError, parse_command_line
 from proxy.pipes import DEFAULT_MAX_IDLE_PIPES
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
@@ -85,22 +86,6 @@ class RunningProxy:
         return self.stderr_path.read_text()
 
 
-def _read_status(fd: int, timeout: float = IO_TIMEOUT) -> bytes:
-    """Everything the proxy writes to fd 3, up to the EOF that tells it closed its end."""
-    received = b""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        readable, _, _ = select.select([fd], [], [], max(0.0, remaining))
-        if not readable:
-            raise AssertionError(f"no start-up status within {timeout} s (got {received!r})")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        received += chunk
-    return received
-
-
 @pytest.fixture
 def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
     started: list[RunningProxy] = []
@@ -126,7 +111,7 @@ def spawn_proxy(tmp_path: Path) -> Iterator[Callable[..., RunningProxy]]:
         proxy = RunningProxy(pid=pid, pidfd=os.pidfd_open(pid), status=b"", stderr_path=stderr_path)
         started.append(proxy)
         try:
-            proxy.status = _read_status(read_fd)
+            proxy.status = read_status_blocking(read_fd, IO_TIMEOUT)
         finally:
             os.close(read_fd)
         return proxy
@@ -1151,7 +1136,7 @@ def test_fork_server_proxy_idles_outside_python_and_stops_with_exit_code_zero(
             finally:
                 os.close(status_write)
             try:
-                status = await asyncio.to_thread(os.read, status_read, 64)
+                status = await asyncio.wait_for(read_status(status_read), IO_TIMEOUT)
             finally:
                 os.close(status_read)
         assert status == b"0\n"
