@@ -14,11 +14,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from common.errors import Conflict, Forbidden, InvalidParameter, NotFound
 from engine.api_common import (
     MAX_JSON_BODY,
-    BadParameter,
-    Forbidden,
-    NotFound,
     NotImplementedByEngine,
     error_response,
     json_response,
@@ -28,12 +26,7 @@ from engine.api_containers import ContainersApi
 from engine.api_images import ImagesApi
 from engine.api_networks import NetworksApi
 from engine.api_system import API_VERSION, MIN_API_VERSION, SystemApi
-from engine.containers import ContainerConflict, ContainerNotFound
-from engine.engine import Engine, InvalidParameter, NotRunning
-from engine.images import ImageConflict, ImageLoadError, ImageNotFound
-from engine.runtime import ContainerStartError
-from netd import errors as netd_errors
-from netd.errors import NetdError
+from engine.engine import Engine
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -85,23 +78,14 @@ async def _no_such_volume(request: web.Request) -> web.Response:
     raise NotFound(f"get {request.match_info['name']}: no such volume")
 
 
-# Exception → status, most specific first. Anything else is a 500 with one line.
+# Exception → status, first match wins: common.errors' family (every component's errors derive
+# from it), then ValueError from parsing a request. Anything else is a 500 with one line.
 _STATUS: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
-    ((ContainerNotFound, ImageNotFound, NotFound, netd_errors.NotFound), 404),
-    ((ContainerConflict, NotRunning, ImageConflict, netd_errors.Conflict), 409),
-    ((Forbidden, netd_errors.Forbidden), 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Forbidden, 403),
     (NotImplementedByEngine, 501),
-    (
-        (
-            InvalidParameter,
-            BadParameter,
-            ImageLoadError,
-            ContainerStartError,
-            NetdError,
-            ValueError,
-        ),
-        400,
-    ),
+    ((InvalidParameter, ValueError), 400),
 ]
 
 

@@ -18,6 +18,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_request import BaseRequest
 
+from common import errors
+
 log = logging.getLogger("pyengined.api")
 
 
@@ -25,15 +27,15 @@ class NotImplementedByEngine(Exception):
     """A Docker feature pyengined does not have: the API answers 501 with this message."""
 
 
-class NotFound(Exception):
+class NotFound(errors.NotFound):
     """An object other than a container or image that does not exist: 404."""
 
 
-class Forbidden(Exception):
+class Forbidden(errors.Forbidden):
     """An operation Docker refuses on purpose (e.g. removing the default network): 403."""
 
 
-class BadParameter(Exception):
+class BadParameter(errors.InvalidParameter):
     """A request pyengined understands but cannot accept as given: 400."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import errors
 from common.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
 from common.timefmt import ZERO_TIME
 from engine.namesgen import random_name
@@ -23,12 +24,12 @@ NAME_RE = re.compile(r"/?[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 NAME_TRIES = 6
 
 
-class ContainerNotFound(Exception):
+class ContainerNotFound(errors.NotFound):
     def __init__(self, ref: str) -> None:
         super().__init__(f"No such container: {ref}")
 
 
-class ContainerConflict(Exception):
+class ContainerConflict(errors.Conflict):
     pass
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import errors
 from common.jsonstate import write_json_atomic
 from common.timefmt import unix_time, utc_rfc3339
 from engine import bundle, rootfs, seccomp, userdb
@@ -54,11 +55,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyengined.engine")
 
 
-class InvalidParameter(Exception):
+class InvalidParameter(errors.InvalidParameter):
     """Bad input from a client: the API answers 400."""
 
 
-class NotRunning(Exception):
+class NotRunning(errors.Conflict):
     """An operation that needs a running container: the API answers 409."""
 
 

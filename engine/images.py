@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from common import errors
 from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
 from common.timefmt import utc_rfc3339
 from engine.layers import (
@@ -90,15 +91,15 @@ def host_architecture() -> str:
     return _GOARCH.get(machine, machine)
 
 
-class ImageNotFound(Exception):
+class ImageNotFound(errors.NotFound):
     """No image answers to a name or ID (message: ``No such image: nginx:latest``)."""
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(errors.InvalidParameter):
     """An archive that cannot be loaded; nothing of it was kept."""
 
 
-class ImageConflict(Exception):
+class ImageConflict(errors.Conflict):
     """An operation that would be ambiguous or destructive without being forced."""
 
 

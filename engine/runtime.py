@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import errors
 from common.jsonstate import CorruptRecord, read_record, set_aside
 from common.timefmt import utc_rfc3339
 from engine.monitor import LogOptions, one_line
@@ -25,7 +26,7 @@ MONITOR_MODULE = "engine.monitor"
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ContainerStartError(Exception):
+class ContainerStartError(errors.InvalidParameter):
     """The container could not be started; the message is runc's one-line error."""
 
 
