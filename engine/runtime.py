@@ -17,6 +17,7 @@ from common import errors
 from common.jsonstate import CorruptRecord, read_record, set_aside
 from common.timefmt import utc_rfc3339
 from engine.monitor import LogOptions, one_line
+from proxy.handshake import read_status
 
 START_TIMEOUT = 30.0
 # How long a monitor may take to clean up after reporting a failed start, and after SIGKILL.
@@ -73,28 +74,9 @@ def _is_live_monitor(pid: int, exit_path: Path | None = None) -> bool:
 
 async def _read_status_line(fd: int) -> bytes:
     """The first line written on pipe ``fd`` (b"" on EOF without one)."""
-    loop = asyncio.get_running_loop()
     os.set_blocking(fd, False)
-    buffer = bytearray()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_readable() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        buffer.extend(chunk)
-        if (not chunk or b"\n" in buffer) and not done.done():
-            done.set_result(None)
-
-    loop.add_reader(fd, on_readable)
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-    return bytes(buffer).split(b"\n", 1)[0]
+    received = await read_status(fd, until=lambda data: b"\n" in data)
+    return received.split(b"\n", 1)[0]
 
 
 async def _wait_pid_exit(pid: int) -> None:
