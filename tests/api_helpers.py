@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from engine.client import UnixHTTPConnection
+from tests.conftest import Daemon, stop_daemon
 
 
 @dataclass
@@ -74,3 +75,13 @@ class RawApi:
         for net in self.request("GET", "/networks").json():
             if net["Name"] not in ("bridge", "host", "none"):
                 self.request("DELETE", f"/networks/{net['Id']}")
+
+
+def remove_all_and_stop(d: Daemon) -> None:
+    """A module daemon's teardown: what the tests created goes through the API (if the daemon
+    still answers), then the daemon stops; the caller checks that nothing is left."""
+    api = RawApi(d.host)
+    if api.ping():
+        api.remove_all_containers()
+        api.remove_user_networks()
+    stop_daemon(d)

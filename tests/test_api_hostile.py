@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api_helpers import RawApi
-from tests.conftest import BIN, Daemon, assert_nothing_left, start_daemon, stop_daemon
+from tests.api_helpers import RawApi, remove_all_and_stop
+from tests.conftest import BIN, Daemon, assert_nothing_left, start_daemon
 
 BRIDGE, BIP = "pyes3a", "10.173.0.1/24"
 DOCKER_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
@@ -31,11 +31,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> I
         d.cli("load", "-i", str(busybox_archive), check=True)
         yield d
     finally:
-        api = RawApi(d.host)
-        if api.ping():
-            api.remove_all_containers()
-            api.remove_user_networks()
-        stop_daemon(d)
+        remove_all_and_stop(d)
     assert_nothing_left(d)
 
 

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.api_helpers import Answer, RawApi
-from tests.conftest import Daemon, assert_nothing_left, start_daemon, stop_daemon
+from tests.api_helpers import Answer, RawApi, remove_all_and_stop
+from tests.conftest import Daemon, assert_nothing_left, start_daemon
 
 pytestmark = pytest.mark.property
 
@@ -413,11 +413,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> I
         d.cli("network", "create", "--subnet", NETWORK_SUBNET, NETWORK, check=True)
         yield d
     finally:
-        api = RawApi(d.host)
-        if api.ping():
-            api.remove_all_containers()
-            api.remove_user_networks()
-        stop_daemon(d)
+        remove_all_and_stop(d)
     assert_nothing_left(d)
 
 
