@@ -34,10 +34,10 @@ $(STAMPS)/venv: pyproject.toml setup.py proxy/_forkloop.c $(STAMPS)/apt
 images: $(NGINX_ARCHIVE) $(BUSYBOX_ARCHIVE)
 $(NGINX_ARCHIVE): | $(STAMPS)/venv
 	@mkdir -p $(IMAGE_CACHE)
-	$(BIN)/python -m engine.imagebuild nginx --out $@
+	$(BIN)/python -m engine.images.build nginx --out $@
 $(BUSYBOX_ARCHIVE): | $(STAMPS)/venv
 	@mkdir -p $(IMAGE_CACHE)
-	$(BIN)/python -m engine.imagebuild busybox --out $@
+	$(BIN)/python -m engine.images.build busybox --out $@
 
 daemon: setup
 	@if ! $(BIN)/pyengine version >/dev/null 2>&1; then \

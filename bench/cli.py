@@ -37,9 +37,9 @@ from bench.results import Results
 from bench.spawn import SpawnError
 from bench.tools import MissingTool, machine_description, tool_versions
 from bench.topology import TopologyError
+from client.http import DaemonError, DaemonUnreachable
 from common.timefmt import utc_rfc3339
-from engine.client import DaemonError, DaemonUnreachable
-from engine.imagebuild import ImageBuildError
+from engine.images.build import ImageBuildError
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130

@@ -19,9 +19,9 @@ from typing import Any
 from urllib.parse import quote
 
 from bench import procfs
+from client.http import Client, DaemonError, DaemonUnreachable
 from common.jsonstate import read_json
-from engine.client import Client, DaemonError, DaemonUnreachable
-from engine.rootfs import mounts_under
+from engine.runtime.rootfs import mounts_under
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT_SECONDS = 30

@@ -62,7 +62,7 @@ from bench.iptablesdiff import (
 )
 from bench.tools import which
 from common.jsonstate import read_json, write_json_atomic
-from engine.rootfs import mounts_under
+from engine.runtime.rootfs import mounts_under
 
 LOCK_PATH = Path("/run/lock/pyebench-dockerd.lock")
 RECORDS = Path("/run/pyebench-dockerd")

@@ -41,7 +41,7 @@ from bench.topology import (
     delete_external_client,
     leftovers,
 )
-from engine.imagebuild import build_nginx_image
+from engine.images.build import build_nginx_image
 
 HTTP_PORT = 80
 SMALL_BODY_BYTES = 128

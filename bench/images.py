@@ -1,9 +1,9 @@
-"""Server images for the benchmark, built offline the way engine.imagebuild builds nginx.
+"""Server images for the benchmark, built offline the way engine.images.build builds nginx.
 
     python -m bench.images iperf3 --out /var/cache/pyengine/images/iperf3-oci.tar
 
 The rootfs comes from Debian's own packages through mmdebstrap (``--variant=essential`` plus
-iperf3); the OCI archive is written by ``engine.imagebuild.write_oci_archive``, so builds are
+iperf3); the OCI archive is written by ``engine.images.build.write_oci_archive``, so builds are
 reproducible in the same way (SOURCE_DATE_EPOCH, fixed gzip header, sorted members).
 """
 
@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.imagebuild import (
+from common.reference import normalize
+from engine.images.build import (
     DEFAULT_PATH_ENV,
     DEFAULT_SUITE,
     ImageBuildError,
     build_debian_image,
 )
-from engine.reference import normalize
 
 IPERF3_PORT = 5201
 IPERF3_CONFIG: dict[str, Any] = {

@@ -36,7 +36,7 @@ from bench.httpprobe import wait_for_200
 from bench.loadgen import LoadError, Target, run_wrk
 from bench.progress import Progress
 from bench.results import Results, Sample
-from engine.client import DaemonError, DaemonUnreachable
+from client.http import DaemonError, DaemonUnreachable
 
 # Upper bound for one create + start (dockerd needs minutes for 10,000 ports).
 PUBLISH_TIMEOUT_SECONDS = 1800

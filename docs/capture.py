@@ -5,11 +5,11 @@
 
 A listing sits between ``<!-- capture: NAME -->`` and ``<!-- /capture -->``; all of it is
 replaced by what the recipe NAME below produces now. Recipes run commands against the
-namespace lab (engine/lab.py) brought up with its defaults, so the docs show the names a reader
+namespace lab (lab/lab.py) brought up with its defaults, so the docs show the names a reader
 gets: lab directory /var/lib/pyengine-lab, bridges pyelab-proxy and pyelab-dnat, ports 8081 and
 8082. The lab is brought up with the nftables backend, the nftables recipes run, it is brought
 down, then the same with the iptables backend. A lab already up in that directory is refused
-(``python -m engine.lab down`` first). Nothing but the marked blocks changes in a doc.
+(``python -m lab down`` first). Nothing but the marked blocks changes in a doc.
 
 Everything shown is real output of this machine at capture time: addresses, ids, counters
 and timings differ from run to run, and the prose around the listings says only what holds
@@ -35,8 +35,8 @@ DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 sys.path.insert(0, str(REPO))
 
-from engine import lab as labmod  # noqa: E402
-from engine.lab import (  # noqa: E402
+from lab import lab as labmod  # noqa: E402
+from lab.lab import (  # noqa: E402
     EXERCISES,
     LabOptions,
     LabState,
@@ -126,12 +126,12 @@ def must(script: str) -> StepResult:
 
 @recipe("lab-up")
 def lab_up(cap: Capture) -> str:
-    return text_block("$ python -m engine.lab up\n" + cap.up_output)
+    return text_block("$ python -m lab up\n" + cap.up_output)
 
 
 def _exercise_recipe(name: str) -> Recipe:
     def render(cap: Capture) -> str:
-        return text_block(f"$ python -m engine.lab exercise {name}\n" + cap.exercises[name])
+        return text_block(f"$ python -m lab exercise {name}\n" + cap.exercises[name])
 
     render.exercise = name  # type: ignore[attr-defined]
     return render
@@ -262,7 +262,7 @@ def arch_runc(cap: Capture) -> str:
 
 @recipe("api-routes")
 def api_routes(_cap: Capture) -> str:
-    from engine.api import NOT_IMPLEMENTED, routes
+    from engine.api.app import NOT_IMPLEMENTED, routes
 
     unsupported = {(m, p): what for m, p, what in NOT_IMPLEMENTED}
     rows = ["| method | path | pyengined |", "|---|---|---|"]
@@ -271,18 +271,18 @@ def api_routes(_cap: Capture) -> str:
         if what:
             answer = f"501: {what}"
         else:
-            module = getattr(handler, "__module__", "engine.api").replace(".", "/")
+            module = getattr(handler, "__module__", "engine.api.app").replace(".", "/")
             answer = f"yes ({module}.py)"
         rows.append(f"| {method} | `{path}` | {answer} |")
     return (
-        "Generated from `engine.api.routes()`; every path is also served under "
+        "Generated from `engine.api.app.routes()`; every path is also served under "
         "`/v1.NN/`.\n\n" + "\n".join(rows) + "\n"
     )
 
 
 @recipe("api-cli")
 def api_cli(_cap: Capture) -> str:
-    from engine.cli import main as cli
+    from client.cli import main as cli
 
     rows = ["| command | what it does |", "|---|---|"]
     for name, command in sorted(cli.commands.items()):
@@ -441,7 +441,7 @@ def trouble_daemon_errors(_cap: Capture) -> str:
 
 @recipe("trouble-lab")
 def trouble_lab(_cap: Capture) -> str:
-    return shell("python -m engine.lab up", status=True)
+    return shell("python -m lab up", status=True)
 
 
 # -- running it ---------------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def _capture_phase(backend: str, wanted: dict[str, Recipe], with_down: bool) -> 
         if left:
             raise click.ClickException("the lab left: " + ", ".join(left))
     if with_down:
-        listing = ["$ python -m engine.lab down", *down_lines, "lab removed"]
+        listing = ["$ python -m lab down", *down_lines, "lab removed"]
         results["lab-down"] = text_block("\n".join(listing))
     return results
 

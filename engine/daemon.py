@@ -17,11 +17,11 @@ import uvloop
 from aiohttp import web
 
 from engine import datadir
-from engine.api import make_app
-from engine.engine import Engine, EngineConfig
-from engine.images import ImageStore
+from engine.api.app import make_app
+from engine.images.store import ImageStore
+from engine.lifecycle.engine import Engine, EngineConfig
 from engine.rlimits import raise_nofile_limit
-from engine.runtime import Runtime
+from engine.runtime.runc import Runtime
 from netd.controller import STATE_DIR as NETD_STATE_DIR
 from netd.controller import NetdConfig, NetworkController
 from netd.dns.resolvconf import DNS_PORT

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from engine.client import UnixHTTPConnection
+from client.http import UnixHTTPConnection
 from tests.conftest import Daemon, stop_daemon
 
 

@@ -53,7 +53,7 @@ def image_archive(name: str) -> Path:
         require_root()
         IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "engine.imagebuild", name, "--out", str(path)],
+            [sys.executable, "-m", "engine.images.build", name, "--out", str(path)],
             check=True,
             cwd=REPO,
         )

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from engine.client import Client
+from client.http import Client
 from netd.naming import bridge_name_for
 from tests.conftest import (
     BIN,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from common import errors
-from engine import api_common
-from engine.api import _STATUS
-from engine.containers import ContainerConflict, ContainerNotFound
-from engine.engine import InvalidParameter, NotRunning
-from engine.images import ImageConflict, ImageLoadError, ImageNotFound
-from engine.runtime import ContainerStartError
+from engine.api import common as api_common
+from engine.api.app import _STATUS
+from engine.images.store import ImageConflict, ImageLoadError, ImageNotFound
+from engine.lifecycle.containers import ContainerConflict, ContainerNotFound
+from engine.lifecycle.engine import InvalidParameter, NotRunning
+from engine.runtime.runc import ContainerStartError
 from netd import errors as netd_errors
 from netd.firewall import FirewallError
 

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import inroot, userdb
-from engine.layers import unpack_layer
+from engine import inroot
+from engine.images.layers import unpack_layer
+from engine.runtime import userdb
 from tests.conftest import Daemon, assert_nothing_left, require_root, start_daemon, stop_daemon
 from tests.test_images import (
     Entry,

@@ -23,8 +23,10 @@ from typing import Any
 
 import pytest
 
-from engine import imagebuild
-from engine.images import (
+from common.reference import Reference, familiar, normalize
+from engine.images import build as imagebuild
+from engine.images.layers import LayerError, unpack_layer
+from engine.images.store import (
     Image,
     ImageConflict,
     ImageLoadError,
@@ -32,8 +34,6 @@ from engine.images import (
     ImageStore,
     host_architecture,
 )
-from engine.layers import LayerError, unpack_layer
-from engine.reference import Reference, familiar, normalize
 from tests.conftest import REPO, require, require_root
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -364,7 +364,7 @@ def test_busybox_archive_is_reproducible_and_built_by_the_cli(
     require(shutil.which("busybox") is not None, "busybox-static is not installed")
     out = tmp_path / "again.tar"
     cli = subprocess.run(
-        [sys.executable, "-m", "engine.imagebuild", "busybox", "--out", str(out)],
+        [sys.executable, "-m", "engine.images.build", "busybox", "--out", str(out)],
         cwd=REPO,
         env={**os.environ, "SOURCE_DATE_EPOCH": str(imagebuild.DEFAULT_SOURCE_DATE_EPOCH)},
         capture_output=True,

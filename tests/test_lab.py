@@ -1,4 +1,4 @@
-"""The namespace lab (engine/lab.py): ``up``/``down``/``status`` and every exercise of
+"""The namespace lab (lab/lab.py): ``up``/``down``/``status`` and every exercise of
 docs/lab.md, run through the real command line against real daemons, namespaces and packets.
 
 The lab under test uses names and addresses no other test uses: prefix ``pyelabt`` (links
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.lab import LabError, LabOptions, plan
+from lab.lab import LabError, LabOptions, plan
 from tests.conftest import REPO, require_root, require_tool
 from tests.netns_helpers import free_port_block, links_with_prefix, netns_with_prefix
 
@@ -99,7 +99,7 @@ def lab_command(
     lab_dir: Path, *args: str, timeout: float = 180, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "engine.lab", "--dir", str(lab_dir), *args],
+        [sys.executable, "-m", "lab", "--dir", str(lab_dir), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

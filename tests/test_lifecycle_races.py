@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from engine.client import UnixHTTPConnection
-from engine.rootfs import mounts_under, unmount
+from client.http import UnixHTTPConnection
+from engine.runtime.rootfs import mounts_under, unmount
 from tests.api_helpers import Answer, RawApi
 from tests.conftest import (
     Daemon,

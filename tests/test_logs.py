@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.engine import _JsonLogReader
-from engine.monitor import (
+from engine.lifecycle.engine import _JsonLogReader
+from engine.runtime.monitor import (
     JsonFileLog,
     LogOptions,
     parse_log_config,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import format_ports, join_host_port
+from client.cli import format_ports, join_host_port
 from netd.controller import (
     Endpoint,
     NetdConfig,

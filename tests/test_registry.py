@@ -1,4 +1,4 @@
-"""Pulling images from registries: engine/registry.py against real registries on loopback.
+"""Pulling images from registries: engine/images/registry.py against real registries on loopback.
 
 Real set-ups (tests/registry_helpers.py): Debian's docker-registry (distribution 2.8) on
 127.0.0.1 without auth, with htpasswd Basic auth, and with Bearer tokens from a token server
@@ -26,10 +26,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-import engine.registry as registry_module
-from engine.images import ImageStore
-from engine.reference import Reference
-from engine.registry import (
+import engine.images.registry as registry_module
+from common.reference import Reference
+from engine.images.registry import (
     DEFAULT_INSECURE_REGISTRIES,
     MANIFEST_ACCEPT,
     CredentialStore,
@@ -42,8 +41,9 @@ from engine.registry import (
     registry_key,
     select_manifest,
 )
-from engine.registry_auth import parse_challenges
-from engine.registry_client import is_insecure
+from engine.images.registry_auth import parse_challenges
+from engine.images.registry_client import is_insecure
+from engine.images.store import ImageStore
 from tests.conftest import free_port, require_tool
 from tests.registry_helpers import (
     DOCKER_LIST,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from engine.registry_auth import CredentialStore
+from engine.images.registry_auth import CredentialStore
 from tests.conftest import (
     BIN,
     Daemon,

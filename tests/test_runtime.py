@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from engine import bundle, rootfs, userdb
-from engine.monitor import MAX_LOG_LINE, JsonFileLog
-from engine.runtime import ContainerStartError, ExitStatus, Runtime
+from engine.runtime import bundle, rootfs, userdb
+from engine.runtime.monitor import MAX_LOG_LINE, JsonFileLog
+from engine.runtime.runc import ContainerStartError, ExitStatus, Runtime
 from tests.conftest import require_root, require_tool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def _monitor_pids(container_id: str) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"engine.monitor" in argv and container_id.encode() in argv:
+        if b"engine.runtime.monitor" in argv and container_id.encode() in argv:
             pids.append(int(proc.name))
     return pids
 
@@ -656,7 +656,7 @@ FAKE_DAEMON = textwrap.dedent(
     """
     import asyncio, sys, time
     from pathlib import Path
-    from engine.runtime import Runtime
+    from engine.runtime.runc import Runtime
 
     async def main():
         state_root, cid, bundle_dir, log, exit_file = sys.argv[1:6]
@@ -771,7 +771,7 @@ def _group_is_gone(pgid: int) -> bool:
 
 
 def test_start_timeout_kills_the_monitor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.runtime as runtime_module
+    import engine.runtime.runc as runtime_module
 
     monkeypatch.setattr(runtime_module, "START_TIMEOUT", 0.5)
     runtime = Runtime(tmp_path / "state", runc=_fake_runc(tmp_path))

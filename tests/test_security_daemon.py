@@ -18,9 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import seccomp
-from engine.bundle import DEFAULT_CAPABILITIES
-from engine.client import Client, DaemonError
+from client.http import Client, DaemonError
+from engine.runtime import seccomp
+from engine.runtime.bundle import DEFAULT_CAPABILITIES
 from tests.conftest import (
     BIN,
     Daemon,

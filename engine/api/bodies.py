@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from engine.api_common import INT64, BadParameter
+from engine.api.common import INT64, BadParameter
 
 Check = Callable[[Any, str], None]
 INT32 = (-(1 << 31), (1 << 31) - 1)

@@ -17,11 +17,10 @@ from typing import Any, NoReturn
 
 import click
 
-from engine.client import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
-from engine.lab import main as lab_main
-from engine.reference import Reference
-from engine.registry_auth import CredentialsError, CredentialStore, default_credentials_path
-from engine.seccomp import MAX_PROFILE_BYTES
+from client.http import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
+from common.reference import Reference
+from engine.images.registry_auth import CredentialsError, CredentialStore, default_credentials_path
+from engine.runtime.seccomp import MAX_PROFILE_BYTES
 from netd.portspec import parse_publish, to_docker_port_bindings
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
@@ -903,7 +902,16 @@ def network_disconnect(ctx: click.Context, force: bool, network_name: str, conta
     _client(ctx).network_disconnect(network_name, container, force)
 
 
-main.add_command(lab_main, "lab")
+@main.command(
+    "lab",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lab_command(args: tuple[str, ...]) -> None:
+    """The namespace lab (python -m lab): up, down, status, exercise NAME."""
+    # The lab is its own program; the client only hands the arguments over.
+    os.execv(sys.executable, [sys.executable, "-m", "lab", *args])
 
 
 if __name__ == "__main__":

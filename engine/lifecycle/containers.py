@@ -14,7 +14,7 @@ from typing import Any
 from common import errors
 from common.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
 from common.timefmt import ZERO_TIME
-from engine.namesgen import random_name
+from engine.lifecycle.namesgen import random_name
 
 # moby daemon/names: validContainerNamePattern. Checked with fullmatch: Python's ``$`` also
 # matches before a trailing newline.

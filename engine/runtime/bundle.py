@@ -1,5 +1,5 @@
 """OCI bundle pieces: the runtime-spec config.json, the process from an image config and the
-/etc/hosts, /etc/hostname, /etc/resolv.conf a container sees (users: ``engine.userdb``).
+/etc/hosts, /etc/hostname, /etc/resolv.conf a container sees (users: ``engine.runtime.userdb``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import resource
 from pathlib import Path
 from typing import Any
 
-from engine.seccomp import SecurityOptions, linux_seccomp
+from engine.runtime.seccomp import SecurityOptions, linux_seccomp
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

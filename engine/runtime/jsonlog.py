@@ -1,4 +1,4 @@
-"""Reading a container's json-file log (engine.monitor.JsonFileLog writes it) in bounded pieces.
+"""Reading a container's json-file log (monitor.JsonFileLog writes it) in bounded pieces.
 
 A log can be as large as the container cares to make it (no max-size: Docker's default), so no
 read here holds more than a block of it at a time: ``read_batch`` reads forward at most
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from engine.monitor import rotated_log_path
+from engine.runtime.monitor import rotated_log_path
 
 READ_LIMIT = 1 << 20  # bytes per forward read
 TAIL_BLOCK = 64 << 10  # bytes per backward read

@@ -4,8 +4,8 @@ No registry is reachable from where pyengine is developed, so its images are bui
 ``nginx`` from Debian's own packages with mmdebstrap (about 30 s), and ``busybox`` from the host's
 busybox-static binary (well under a second), small enough for tests.
 
-    python -m engine.imagebuild nginx --out /var/cache/pyengine/images/nginx-oci.tar
-    python -m engine.imagebuild busybox --out busybox-oci.tar
+    python -m engine.images.build nginx --out /var/cache/pyengine/images/nginx-oci.tar
+    python -m engine.images.build busybox --out busybox-oci.tar
 
 Builds are reproducible: the same rootfs tar gives byte-identical archives (gzip mtime 0, sorted
 archive members with fixed times, sorted JSON keys, ``created`` from SOURCE_DATE_EPOCH).
@@ -28,8 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.reference import normalize
 from common.timefmt import utc_rfc3339
-from engine.images import (
+from engine.images.store import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
     MEDIA_OCI_CONFIG,
@@ -39,7 +40,6 @@ from engine.images import (
     OCI_LAYOUT_VERSION,
     host_architecture,
 )
-from engine.reference import normalize
 
 DEFAULT_PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_SOURCE_DATE_EPOCH = 1700000000
@@ -439,7 +439,7 @@ def build_nginx_image(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.imagebuild", description="Build an image archive offline."
+        prog="python -m engine.images.build", description="Build an image archive offline."
     )
     parser.add_argument("image", choices=["nginx", "busybox"])
     parser.add_argument("--out", type=Path, required=True, help="the OCI archive to write")

@@ -13,8 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.api_bodies import NETWORK_CONNECT, NETWORK_CREATE, NETWORK_DISCONNECT, check
-from engine.api_common import (
+from engine.api.bodies import NETWORK_CONNECT, NETWORK_CREATE, NETWORK_DISCONNECT, check
+from engine.api.common import (
     BadParameter,
     NotImplementedByEngine,
     flag,
@@ -22,8 +22,8 @@ from engine.api_common import (
     json_response,
     parse_filters,
 )
-from engine.containers import Container
-from engine.engine import Engine
+from engine.lifecycle.containers import Container
+from engine.lifecycle.engine import Engine
 from netd.controller import Endpoint, Network
 from netd.errors import Conflict, Forbidden
 from netd.errors import NotFound as NetworkNotFound

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from engine.reference import DEFAULT_DOMAIN
-from engine.registry_auth import (
+from common.reference import DEFAULT_DOMAIN
+from engine.images.registry_auth import (
     DOCKER_HUB_HOST,
     Challenge,
     basic_authorization,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from engine.containers import Container, NetworkAttachment
+from engine.lifecycle.containers import Container, NetworkAttachment
 from netd.errors import NetdError, NotFound
 from netd.network import DEFAULT_NETWORK, Network
 

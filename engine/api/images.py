@@ -1,5 +1,5 @@
 """``/images`` and ``/auth``: Docker's image calls (v1.41 shapes) over the ImageStore and the
-registry client (engine/registry.py).
+registry client (engine/images/registry.py).
 
 ``POST /images/create?fromImage=&tag=`` is ``docker pull``: it streams Docker's progress objects
 (newline-delimited JSON, HTTP 200 even when the pull fails; the failure is the last object,
@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
+from common.reference import Reference, familiar
 from common.timefmt import ZERO_TIME, unix_seconds
-from engine import registry
-from engine.api_common import (
+from engine.api.common import (
     BadParameter,
     JsonLinesResponse,
     NotImplementedByEngine,
@@ -35,9 +35,9 @@ from engine.api_common import (
     parse_filters,
     parse_json,
 )
-from engine.engine import Engine
-from engine.images import Image
-from engine.reference import Reference, familiar
+from engine.images import registry
+from engine.images.store import Image
+from engine.lifecycle.engine import Engine
 
 IMAGE_FILTERS = {"reference", "dangling", "label", "before", "since"}
 

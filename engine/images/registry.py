@@ -1,6 +1,6 @@
 """Pulling images from registries that speak the OCI distribution API (``docker pull``).
 
-Interface (engine/api.py's ``/images/create`` and ``/auth``, and ``pyengine pull``/``login``,
+Interface (engine/api/app.py's ``/images/create`` and ``/auth``, and ``pyengine pull``/``login``,
 are written against exactly this)::
 
     @dataclass
@@ -36,7 +36,7 @@ are written against exactly this)::
 
 How a pull goes:
 
-1. ``nginx`` is ``docker.io/library/nginx:latest`` (engine/reference.py); docker.io is served
+1. ``nginx`` is ``docker.io/library/nginx:latest`` (common/reference.py); docker.io is served
    by ``registry-1.docker.io``. Insecure registries (loopback by default) get plain HTTP.
 2. GET the manifest with the full Accept list (both OCI and both Docker types: distribution
    2.8 answers 404 for OCI content that is not accepted, and down-converts to schema 1 when
@@ -64,7 +64,24 @@ from typing import Any
 
 import aiohttp
 
-from engine.images import (
+from common.reference import Reference
+from engine.images.registry_auth import (
+    CredentialsError,
+    CredentialStore,
+    credentials_for,
+    default_credentials_path,
+    registry_key,
+)
+from engine.images.registry_client import (
+    DEFAULT_INSECURE_REGISTRIES,
+    USER_AGENT,
+    RegistryClient,
+    RegistryError,
+    RegistryHTTPError,
+    registry_base_url,
+    registry_host,
+)
+from engine.images.store import (
     MEDIA_DOCKER_LIST,
     MEDIA_DOCKER_MANIFEST,
     MEDIA_OCI_CONFIG,
@@ -74,23 +91,6 @@ from engine.images import (
     ImageLoadError,
     ImageNotFound,
     ImageStore,
-)
-from engine.reference import Reference
-from engine.registry_auth import (
-    CredentialsError,
-    CredentialStore,
-    credentials_for,
-    default_credentials_path,
-    registry_key,
-)
-from engine.registry_client import (
-    DEFAULT_INSECURE_REGISTRIES,
-    USER_AGENT,
-    RegistryClient,
-    RegistryError,
-    RegistryHTTPError,
-    registry_base_url,
-    registry_host,
 )
 
 __all__ = [

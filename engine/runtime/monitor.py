@@ -7,7 +7,7 @@ container with ``runc delete`` and leaves the exit status in a JSON file.
 
 Run as::
 
-    python -m engine.monitor --id ID --bundle DIR --runc-root DIR --log FILE \
+    python -m engine.runtime.monitor --id ID --bundle DIR --runc-root DIR --log FILE \
         --exit-file FILE --status-fd N [--runc PATH] [--log-max-size BYTES --log-max-file N]
 
 With ``--log-max-size`` the log rotates as Docker's json-file driver does (``--log-opt
@@ -428,7 +428,7 @@ class ContainerMonitor:
 
 
 def parse_args(argv: list[str] | None) -> MonitorConfig:
-    parser = argparse.ArgumentParser(prog="python -m engine.monitor")
+    parser = argparse.ArgumentParser(prog="python -m engine.runtime.monitor")
     parser.add_argument("--id", required=True)
     parser.add_argument("--bundle", required=True, type=Path)
     parser.add_argument("--runc-root", required=True, type=Path)

@@ -1,4 +1,4 @@
-"""What the daemon calls to run containers: one monitor process per container (engine.monitor)
+"""What the daemon calls to run containers: one monitor process per container (monitor.py)
 driving runc, plus runc kill for signals. Everything here is asyncio-friendly."""
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from pathlib import Path
 from common import errors
 from common.jsonstate import CorruptRecord, read_record, set_aside
 from common.timefmt import utc_rfc3339
-from engine.monitor import LogOptions, one_line
+from engine.runtime.monitor import LogOptions, one_line
 from proxy.handshake import read_status
 
 START_TIMEOUT = 30.0
 # How long a monitor may take to clean up after reporting a failed start, and after SIGKILL.
 MONITOR_EXIT_TIMEOUT = 30.0
 MONITOR_LOG_NAME = "monitor.log"
-MONITOR_MODULE = "engine.monitor"
-_PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MONITOR_MODULE = "engine.runtime.monitor"
+# Monitors started before the runtime was a package (engine/monitor.py) are adopted too.
+_MONITOR_MODULES = (MONITOR_MODULE.encode(), b"engine.monitor")
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ContainerStartError(errors.InvalidParameter):
@@ -51,7 +53,7 @@ def _read_proc(pid: int, name: str) -> bytes | None:
 
 
 def _is_live_monitor(pid: int, exit_path: Path | None = None) -> bool:
-    """Whether ``pid`` is a running (not zombie) engine.monitor, for ``exit_path`` if given.
+    """Whether ``pid`` is a running (not zombie) engine.runtime.monitor, for ``exit_path`` if given.
     Checking the command line guards against a reused pid after a daemon restart."""
     stat = _read_proc(pid, "stat")
     cmdline = _read_proc(pid, "cmdline")
@@ -61,7 +63,7 @@ def _is_live_monitor(pid: int, exit_path: Path | None = None) -> bool:
     if state in (b"Z", b"X"):
         return False
     argv = cmdline.split(b"\0")
-    if MONITOR_MODULE.encode() not in argv:
+    if not any(name in argv for name in _MONITOR_MODULES):
         return False
     if exit_path is None:
         return True

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from common import errors
 from common.jsonstate import write_json_atomic
+from common.reference import normalize
 from common.timefmt import unix_time, utc_rfc3339
-from engine import bundle, rootfs, seccomp, userdb
-from engine.containers import (
+from engine.images.store import ImageConflict, ImageStore
+from engine.lifecycle.containers import (
     Container,
     ContainerConflict,
     ContainerNotFound,
@@ -29,10 +30,7 @@ from engine.containers import (
     NetworkRecord,
     PublishedPortRecord,
 )
-from engine.images import ImageConflict, ImageStore
-from engine.jsonlog import JsonLogReader, LogEntry
-from engine.monitor import LogOptions, parse_log_config
-from engine.networking import (
+from engine.lifecycle.networking import (
     NetworkRequestError,
     attachment_for,
     dns_names,
@@ -40,8 +38,10 @@ from engine.networking import (
     proxy_protocol_for,
     proxy_protocol_labels,
 )
-from engine.reference import normalize
-from engine.runtime import ExitStatus, RuncError, Runtime
+from engine.runtime import bundle, rootfs, seccomp, userdb
+from engine.runtime.jsonlog import JsonLogReader, LogEntry
+from engine.runtime.monitor import LogOptions, parse_log_config
+from engine.runtime.runc import ExitStatus, RuncError, Runtime
 from netd.controller import Endpoint, NetdError, Network, NetworkController, PublishedPort
 from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
 from netd.errors import Forbidden
@@ -951,7 +951,7 @@ class Engine:
             t = unix_time(entry.time)
             return (not since or t >= since) and (not until or t < until)
 
-        # A log has no size bound: read it in a thread, in bounded pieces (engine.jsonlog).
+        # A log has no size bound: read it in a thread, in bounded pieces (engine.runtime.jsonlog).
         if tail is not None:
             for entry in await asyncio.to_thread(reader.tail, tail, wanted):
                 yield entry

@@ -39,8 +39,9 @@ from typing import Any, BinaryIO
 
 from common import errors
 from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
+from common.reference import Reference
 from common.timefmt import utc_rfc3339
-from engine.layers import (
+from engine.images.layers import (
     GZIP_MAGIC,
     MAX_SYMLINK_HOPS,
     ZSTD_MAGIC,
@@ -48,7 +49,6 @@ from engine.layers import (
     diff_id_of,
     unpack_layer,
 )
-from engine.reference import Reference
 
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -726,7 +726,7 @@ class ImageStore:
         os.rename(tmp, dest)
         created.append(dest)
 
-    # -- pulling (engine/registry.py downloads, the store verifies and commits)
+    # -- pulling (engine/images/registry.py downloads, the store verifies and commits)
 
     def has_layer(self, diff_id: str) -> bool:
         """Whether the layer ``diff_id`` is unpacked here, so a pull can skip its blob."""

@@ -15,18 +15,18 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from common.errors import Conflict, Forbidden, InvalidParameter, NotFound
-from engine.api_common import (
+from engine.api.common import (
     MAX_JSON_BODY,
     NotImplementedByEngine,
     error_response,
     json_response,
     log,
 )
-from engine.api_containers import ContainersApi
-from engine.api_images import ImagesApi
-from engine.api_networks import NetworksApi
-from engine.api_system import API_VERSION, MIN_API_VERSION, SystemApi
-from engine.engine import Engine
+from engine.api.containers import ContainersApi
+from engine.api.images import ImagesApi
+from engine.api.networks import NetworksApi
+from engine.api.system import API_VERSION, MIN_API_VERSION, SystemApi
+from engine.lifecycle.engine import Engine
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

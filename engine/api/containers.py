@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from common.timefmt import unix_seconds
-from engine.api_common import (
+from engine.api.common import (
     MEDIA_MULTIPLEXED_STREAM,
     BadParameter,
     HijackedResponse,
@@ -36,17 +36,17 @@ from engine.api_common import (
     parse_filters,
     stream_frame,
 )
-from engine.api_create import normalize_port_key, parse_create_body
-from engine.api_networks import NetworksApi
-from engine.containers import Container
-from engine.engine import (
+from engine.api.create import normalize_port_key, parse_create_body
+from engine.api.networks import NetworksApi
+from engine.images.store import ImageNotFound
+from engine.lifecycle.containers import Container
+from engine.lifecycle.engine import (
     DaemonShuttingDown,
     Engine,
     InvalidParameter,
     LogEntry,
     exposed_ports,
 )
-from engine.images import ImageNotFound
 from netd.network import DEFAULT_NETWORK
 
 CONTAINER_FILTERS = {

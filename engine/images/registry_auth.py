@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.reference import DEFAULT_DOMAIN, LEGACY_DEFAULT_DOMAIN
+from common.reference import DEFAULT_DOMAIN, LEGACY_DEFAULT_DOMAIN
 
 DOCKER_HUB_HOST = "registry-1.docker.io"
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"  # the key Docker's config.json uses

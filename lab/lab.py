@@ -1,6 +1,6 @@
 """The namespace lab: docs/lab.md's two-machine topology on one machine, and its exercises.
 
-    python -m engine.lab up | down | status | exercise NAME     (pyengine lab ... does the same)
+    python -m lab up | down | status | exercise NAME     (pyengine lab ... does the same)
 
 ``up`` builds, on the machine it runs on (the *engine host*):
 
@@ -46,7 +46,7 @@ from typing import Any
 import click
 
 from common.jsonstate import read_json, write_json_atomic
-from engine.rootfs import mounts_under
+from engine.runtime.rootfs import mounts_under
 from netd.firewall import BACKENDS, make_firewall
 
 REPO = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ class LabState:
     def load(cls, directory: Path) -> LabState:
         raw = read_json(directory / STATE_FILE, None)
         if raw is None:
-            raise LabError(f"no lab is up in {directory} (python -m engine.lab up)")
+            raise LabError(f"no lab is up in {directory} (python -m lab up)")
         try:
             client = ClientLink(**raw["client"]) if raw.get("client") else None
             daemons = [LabDaemon(**d) for d in raw["daemons"]]
@@ -461,7 +461,7 @@ def _image_archive(name: str, echo: Callable[[str], None]) -> Path:
     path = IMAGE_CACHE / f"{name}-oci.tar"
     if not path.exists():
         IMAGE_CACHE.mkdir(parents=True, exist_ok=True)
-        _say(echo, [sys.executable, "-m", "engine.imagebuild", name, "--out", str(path)])
+        _say(echo, [sys.executable, "-m", "engine.images.build", name, "--out", str(path)])
     return path
 
 
@@ -473,7 +473,7 @@ def up(options: LabOptions, echo: Callable[[str], None] = click.echo) -> LabStat
     lab = plan(options)
     directory = Path(lab.directory)
     if (directory / STATE_FILE).exists():
-        raise LabError(f"a lab is already up in {directory} (python -m engine.lab down)")
+        raise LabError(f"a lab is already up in {directory} (python -m lab down)")
     subnets = {f"{d.role} bridge": ipaddress.IPv4Network(d.subnet) for d in lab.daemons}
     names = [d.bridge for d in lab.daemons]
     if lab.client is not None:
@@ -546,7 +546,7 @@ def _processes_under(root: Path) -> list[int]:
             args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except OSError:
             continue
-        ours = any(a.endswith("/pyengined") for a in args[:2]) or "engine.monitor" in args
+        ours = any(a.endswith("/pyengined") for a in args[:2]) or "engine.runtime.monitor" in args
         paths = (a.removeprefix("unix://") for a in args)
         if ours and any(a == prefix or a.startswith(f"{prefix}/") for a in paths):
             found.append(int(entry.name))
@@ -748,7 +748,7 @@ class DaemonView:
         if result.returncode != 0:
             raise LabError(
                 f"no {WEB} container in the {self._daemon.role} daemon: "
-                "run 'python -m engine.lab exercise publish' first"
+                "run 'python -m lab exercise publish' first"
             )
         data = json.loads(result.stdout)
         return str(data[0]["NetworkSettings"]["IPAddress"])
@@ -1252,4 +1252,4 @@ def exercise_command(ctx: click.Context, name: str) -> None:
 
 
 if __name__ == "__main__":
-    main(prog_name="python -m engine.lab")
+    main(prog_name="python -m lab")

@@ -17,8 +17,8 @@ from typing import Any
 from aiohttp import web
 
 from common.timefmt import local_rfc3339
-from engine.api_common import json_response
-from engine.engine import Engine
+from engine.api.common import json_response
+from engine.lifecycle.engine import Engine
 
 API_VERSION = "1.41"
 MIN_API_VERSION = "1.24"

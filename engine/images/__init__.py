@@ -1,0 +1,1 @@
+"""Images: the store, archive import, layers, the registry client and its auth, the builder."""

@@ -1,0 +1,1 @@
+"""The container lifecycle: records, names, create/start/stop/remove and the network glue."""

@@ -1,0 +1,3 @@
+from lab.lab import main
+
+main(prog_name="python -m lab")
