@@ -18,10 +18,10 @@ from typing import Any, NoReturn
 import click
 
 from client.http import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
+from common.ports import parse_publish, to_docker_port_bindings
 from common.reference import Reference
 from engine.images.registry_auth import CredentialsError, CredentialStore, default_credentials_path
 from engine.runtime.seccomp import MAX_PROFILE_BYTES
-from netd.portspec import parse_publish, to_docker_port_bindings
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
 

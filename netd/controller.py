@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
+from common.ports import PROTOCOLS, PortBinding, PortMapping
 from common.timefmt import utc_rfc3339
 from netd import bridge, conntrack, forwarding, sandbox, subnetpool, sysctl
 from netd.errors import Conflict, Forbidden, NetdError, NotFound
-from netd.firewall import ANY_IPV4, Firewall, PortMapping, make_firewall
+from netd.firewall import ANY_IPV4, Firewall, make_firewall
 from netd.naming import (
     container_ifname,
     host_veth_name,
@@ -70,7 +71,6 @@ from netd.portmap import (
     reserve_dual_stack_port,
     reserve_host_port,
 )
-from netd.portspec import PROTOCOLS, PortBinding
 from netd.state import (
     Endpoint,
     NetdState,

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonstate import read_json, write_json_atomic
+from common.ports import PortMapping
 from netd.errors import NetdError
-from netd.firewall import PortMapping
 from netd.ipam import Ipam
 from netd.network import READY, Network
 from netd.portmap import is_ipv6

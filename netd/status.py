@@ -14,6 +14,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from common.jsonstate import read_json
+from common.ports import PortMapping
 from netd import sandbox
 from netd.controller import (
     ENDPOINTS_FILE,
@@ -25,7 +26,7 @@ from netd.controller import (
     PublishedPort,
 )
 from netd.errors import NetdError
-from netd.firewall import BACKENDS, Firewall, PortMapping, make_firewall
+from netd.firewall import BACKENDS, Firewall, make_firewall
 from netd.network import DEFAULT_NETWORK, READY, Network, default_network_id
 from netd.state import NetdState
 

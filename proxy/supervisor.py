@@ -36,11 +36,12 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.jsonstate import CorruptRecord, read_json, read_record, write_json_atomic
+from common.ports import PortMapping
 from proxy import strays
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds, watch_process
 from proxy.forkclient import ForkServerClient
@@ -70,13 +71,21 @@ class ProxyError(Exception):
 
 
 @dataclass(frozen=True)
-class ProxySpec:
-    proto: str  # "tcp" | "udp"
-    host_ip: str  # "0.0.0.0", "::", "127.0.0.1", ...
-    host_port: int
-    container_ip: str
-    container_port: int
+class ProxySpec(PortMapping):
+    """A published port as the engine hands it over, and how its proxy talks to the container."""
+
     proxy_protocol: str | None = None  # "v1" | "v2": a PROXY protocol header to the container
+
+    @classmethod
+    def of(cls, port: PortMapping, proxy_protocol: str | None = None) -> ProxySpec:
+        return cls(
+            port.proto,
+            port.host_ip,
+            port.host_port,
+            port.container_ip,
+            port.container_port,
+            proxy_protocol,
+        )
 
     @property
     def address(self) -> PortAddress:
@@ -99,19 +108,11 @@ class ProxySpec:
             *extra,
         ]
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProxySpec:
         proxy_protocol = data.get("proxy_protocol")
-        return cls(
-            str(data["proto"]),
-            str(data["host_ip"]),
-            int(data["host_port"]),
-            str(data["container_ip"]),
-            int(data["container_port"]),
-            None if proxy_protocol is None else str(proxy_protocol),
+        return cls.of(
+            PortMapping.from_json(data), None if proxy_protocol is None else str(proxy_protocol)
         )
 
 

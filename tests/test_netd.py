@@ -23,16 +23,16 @@ from pathlib import Path
 import pytest
 
 from common.jsonstate import read_json
+from common.ports import (
+    PortBinding,
+    parse_port_bindings,
+    parse_publish,
+    to_docker_port_bindings,
+)
 from netd.controller import Endpoint, NetdConfig, NetdError, NetworkController, PublishedPort
 from netd.firewall import make_firewall
 from netd.firewall.iptables import IptablesFirewall, TableState
 from netd.naming import host_veth_name, netns_name
-from netd.portspec import (
-    PortBinding,
-    from_docker_port_bindings,
-    parse_publish,
-    to_docker_port_bindings,
-)
 from tests.conftest import require, require_root, require_tool
 from tests.netns_helpers import (
     ExternalHost,
@@ -132,15 +132,15 @@ def test_docker_port_bindings_round_trip() -> None:
         "53/udp": [{"HostIp": "::1", "HostPort": ""}],
         "443/tcp": [{"HostIp": "", "HostPort": ""}],
     }
-    assert sorted(from_docker_port_bindings(api), key=repr) == sorted(bindings, key=repr)
+    assert sorted(parse_port_bindings(api), key=repr) == sorted(bindings, key=repr)
 
 
-def test_from_docker_port_bindings_edge_cases() -> None:
-    assert from_docker_port_bindings(None) == []
-    assert from_docker_port_bindings({"80/tcp": None, "81": []}) == []
-    assert from_docker_port_bindings({"81": [{}]}) == [PortBinding(81)]
+def test_parse_port_bindings_edge_cases() -> None:
+    assert parse_port_bindings(None) == []
+    assert parse_port_bindings({"80/tcp": None, "81": []}) == []
+    assert parse_port_bindings({"81": [{}]}) == [PortBinding(81)]
     with pytest.raises(ValueError, match="invalid port binding"):
-        from_docker_port_bindings({"80/tcp": [{"HostIp": "", "HostPort": "x"}]})
+        parse_port_bindings({"80/tcp": [{"HostIp": "", "HostPort": "x"}]})
 
 
 # -- fixtures for the privileged tests -------------------------------------------------------

@@ -43,12 +43,12 @@ from typing import Any
 import pytest
 
 from common.jsonstate import read_json
+from common.ports import parse_publish
 from netd import bridge as netd_bridge
 from netd import sandbox as netd_sandbox
 from netd.controller import NetdConfig, NetworkController
 from netd.firewall import make_firewall
 from netd.naming import host_veth_name
-from netd.portspec import parse_publish
 from netd.state import NetdState
 from tests.conftest import require_root, require_tool
 from tests.netns_helpers import (

@@ -37,9 +37,9 @@ from scapy.layers.inet import IP, TCP, UDP, TCPerror, UDPerror
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet
 
+from common.ports import parse_publish
 from netd.controller import Endpoint, NetdConfig, NetworkController, PublishedPort
 from netd.naming import host_veth_name, netns_name
-from netd.portspec import parse_publish
 from tests.conftest import require_root, require_tool
 from tests.netns_helpers import (
     ExternalHost,

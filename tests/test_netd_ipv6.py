@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from client.cli import format_ports, join_host_port
+from common.ports import parse_publish
 from netd.controller import (
     Endpoint,
     NetdConfig,
@@ -39,7 +40,6 @@ from netd.controller import (
 from netd.naming import host_veth_name, netns_name
 from netd.network import Network
 from netd.portmap import host_addresses_overlap
-from netd.portspec import parse_publish
 from netd.state import NetdState, firewall_mappings
 from proxy.supervisor import ProxySpec, ProxySupervisor
 from tests.conftest import (

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from common.ports import PortBinding
 from netd.controller import NetdConfig, NetworkController
 from netd.errors import Conflict, NetdError
 from netd.ipam import Ipam
 from netd.network import Network, NetworkRequest, plan_network
-from netd.portspec import PortBinding
 from netd.subnetpool import HostRoute
 from tests.conftest import (
     Daemon,

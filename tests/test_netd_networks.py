@@ -29,6 +29,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Packet
 
+from common.ports import parse_publish
 from netd.controller import (
     Conflict,
     Endpoint,
@@ -42,7 +43,6 @@ from netd.controller import (
 from netd.ipam import Ipam
 from netd.naming import host_veth_name, netns_name
 from netd.network import parse_options
-from netd.portspec import parse_publish
 from netd.state import NetdState
 from netd.subnetpool import HostRoute, check_no_route_overlap, pick_subnet
 from tests.conftest import require_root, require_tool

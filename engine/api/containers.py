@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from common.ports import PortKey
 from common.timefmt import unix_seconds
 from engine.api.common import (
     MEDIA_MULTIPLEXED_STREAM,
@@ -36,7 +37,7 @@ from engine.api.common import (
     parse_filters,
     stream_frame,
 )
-from engine.api.create import normalize_port_key, parse_create_body
+from engine.api.create import parse_create_body, port_key
 from engine.api.networks import NetworksApi
 from engine.images.store import ImageNotFound
 from engine.lifecycle.containers import Container
@@ -132,10 +133,10 @@ class ContainersApi:
         if not c.state.running:
             return {}
         ports: dict[str, list[dict[str, str]] | None] = {
-            k: None for k in exposed_ports(c, self._image_config(c))
+            str(k): None for k in exposed_ports(c, self._image_config(c))
         }
         for p in c.network.ports:
-            key = f"{p.container_port}/{p.proto}"
+            key = str(p.key)
             ports[key] = [
                 *(ports.get(key) or []),
                 {"HostIp": p.host_ip, "HostPort": str(p.host_port)},
@@ -144,17 +145,17 @@ class ContainersApi:
 
     def _ports_list(self, c: Container) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for key, bindings in self.ports_map(c).items():
-            port, _, proto = key.partition("/")
+        for text, bindings in self.ports_map(c).items():
+            key = PortKey.parse(text)
             if not bindings:
-                out.append({"PrivatePort": int(port), "Type": proto})
+                out.append({"PrivatePort": key.port, "Type": key.proto})
             for b in bindings or []:
                 out.append(
                     {
                         "IP": b["HostIp"],
-                        "PrivatePort": int(port),
+                        "PrivatePort": key.port,
                         "PublicPort": int(b["HostPort"]),
-                        "Type": proto,
+                        "Type": key.proto,
                     }
                 )
         return out
@@ -233,7 +234,7 @@ class ContainersApi:
             "AttachStdin": False,
             "AttachStdout": bool(c.config.get("AttachStdout")),
             "AttachStderr": bool(c.config.get("AttachStderr")),
-            "ExposedPorts": {k: {} for k in exposed_ports(c, self._image_config(c))} or None,
+            "ExposedPorts": {str(k): {} for k in exposed_ports(c, self._image_config(c))} or None,
             "Tty": False,
             "OpenStdin": False,
             "StdinOnce": False,
@@ -341,9 +342,9 @@ class ContainersApi:
                 raise BadParameter(f"invalid filter 'name={value}': {e}") from None
 
         def has_port(c: Container, value: str, published: bool) -> bool:
-            key = normalize_port_key(value)
+            key = port_key(value)
             if published:
-                return any(f"{p.host_port}/{p.proto}" == key for p in c.network.ports)
+                return any(PortKey(p.host_port, p.proto) == key for p in c.network.ports)
             return key in exposed_ports(c, self._image_config(c))
 
         def label(c: Container, value: str) -> bool:
@@ -400,7 +401,9 @@ class ContainersApi:
         if platform:
             self._check_platform(create.config.get("Image") or "", platform)
         name = request.query.get("name") or None
-        c = await self.engine.create(name, create.config, create.host_config, create.endpoints)
+        c = await self.engine.create(
+            name, create.config, create.host_config, create.endpoints, create.port_bindings
+        )
         return json_response({"Id": c.id, "Warnings": []}, status=201)
 
     def _check_platform(self, image_ref: str, platform: str) -> None:

@@ -7,18 +7,16 @@ itself refuses with 400, before the engine sees any of it.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from common.ports import PortBinding, PortKey, UnsupportedProtocol, parse_port_bindings
 from engine.api.bodies import CONTAINER_CREATE, check
 from engine.api.common import BadParameter, NotImplementedByEngine
 from engine.api.networks import check_endpoint_config
 from engine.lifecycle.networking import UNSUPPORTED_NETWORK_MODES
 from engine.runtime.monitor import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
-
-_PORT_KEY_RE = re.compile(r"([0-9]{1,5})(?:/(tcp|udp|sctp))?")
 
 # Container settings pyengined cannot honour yet. Set to anything but their empty value, the
 # create answers 501 rather than run a container that silently lacks them.
@@ -77,14 +75,14 @@ def _is_empty(value: Any) -> bool:
     return value in (None, "", 0, False, [], {})
 
 
-def normalize_port_key(key: str) -> str:
-    """``"80"`` → ``"80/tcp"``; anything that is not ``port[/proto]`` is a 400."""
-    match = _PORT_KEY_RE.fullmatch(key)
-    if match is None or not 0 < int(match[1]) <= 65535:
-        raise BadParameter(f"invalid port specification: {key!r}")
-    if match[2] == "sctp":
-        raise NotImplementedByEngine("SCTP ports are not supported by pyengined")
-    return f"{int(match[1])}/{match[2] or 'tcp'}"
+def port_key(text: str) -> PortKey:
+    """``"80"`` → 80/tcp; anything that is not ``port[/tcp|udp]`` is a 400, sctp a 501."""
+    try:
+        return PortKey.parse(text)
+    except UnsupportedProtocol:
+        raise NotImplementedByEngine("SCTP ports are not supported by pyengined") from None
+    except ValueError as e:
+        raise BadParameter(str(e)) from None
 
 
 def check_create_body(
@@ -96,7 +94,7 @@ def check_create_body(
         if not _is_empty(config.get(key)):
             raise NotImplementedByEngine(f"{what} is not supported by pyengined")
     if config.get("ExposedPorts"):
-        config["ExposedPorts"] = {normalize_port_key(k): {} for k in config["ExposedPorts"]}
+        config["ExposedPorts"] = {str(port_key(k)): {} for k in config["ExposedPorts"]}
 
     for key, what in UNSUPPORTED_HOST_CONFIG.items():
         if not _is_empty(host_config.get(key)):
@@ -129,7 +127,7 @@ def check_create_body(
         raise BadParameter(str(e)) from e
     if host_config.get("PortBindings"):
         host_config["PortBindings"] = {
-            normalize_port_key(k): v for k, v in host_config["PortBindings"].items()
+            str(port_key(k)): v for k, v in host_config["PortBindings"].items()
         }
 
     mode = host_config.get("NetworkMode") or ""
@@ -150,6 +148,7 @@ class CreateRequest:
     config: dict[str, Any]
     host_config: dict[str, Any]
     endpoints: dict[str, Any] | None
+    port_bindings: list[PortBinding]  # HostConfig.PortBindings, parsed
 
 
 def parse_create_body(body: dict[str, Any]) -> CreateRequest:
@@ -157,4 +156,8 @@ def parse_create_body(body: dict[str, Any]) -> CreateRequest:
     host_config = body.pop("HostConfig", None) or {}
     networking = body.pop("NetworkingConfig", None) or {}
     check_create_body(body, host_config, networking)
-    return CreateRequest(body, host_config, networking.get("EndpointsConfig"))
+    try:
+        port_bindings = parse_port_bindings(host_config.get("PortBindings"))
+    except ValueError as e:
+        raise BadParameter(str(e)) from None
+    return CreateRequest(body, host_config, networking.get("EndpointsConfig"), port_bindings)

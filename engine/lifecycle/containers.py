@@ -13,6 +13,7 @@ from typing import Any
 
 from common import errors
 from common.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, write_json_atomic
+from common.ports import PortBinding, PortMapping, parse_port_bindings
 from common.timefmt import ZERO_TIME
 from engine.lifecycle.namesgen import random_name
 
@@ -49,21 +50,13 @@ class ContainerState:
 
 
 @dataclass
-class PublishedPortRecord:
-    proto: str
-    host_ip: str
-    host_port: int
-    container_port: int
-
-
-@dataclass
 class NetworkRecord:
     ip: str = ""
     prefixlen: int = 0
     gateway: str = ""
     mac: str = ""
     netns_path: str = ""
-    ports: list[PublishedPortRecord] = field(default_factory=list)
+    ports: list[PortMapping] = field(default_factory=list)
 
 
 @dataclass
@@ -87,6 +80,8 @@ class Container:
     image_id: str
     config: dict[str, Any]  # Docker's container Config (Cmd, Env, Entrypoint, ExposedPorts, ...)
     host_config: dict[str, Any]  # Docker's HostConfig (PortBindings, AutoRemove, ...)
+    # HostConfig.PortBindings as parsed at create; what start publishes.
+    port_bindings: list[PortBinding] = field(default_factory=list)
     args: list[str] = field(default_factory=list)  # resolved argv (Entrypoint + Cmd)
     state: ContainerState = field(default_factory=ContainerState)
     network: NetworkRecord = field(default_factory=NetworkRecord)  # its first endpoint, running
@@ -95,9 +90,15 @@ class Container:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Container:
         net = dict(data.get("network", {}))
-        net["ports"] = [PublishedPortRecord(**p) for p in net.get("ports", [])]
+        net["ports"] = [PortMapping.from_json(p) for p in net.get("ports", [])]
+        if "port_bindings" in data:
+            bindings = [PortBinding.from_json(b) for b in data["port_bindings"]]
+        else:  # a record from before the bindings were kept parsed
+            bindings = parse_port_bindings((data.get("host_config") or {}).get("PortBindings"))
+        skip = ("state", "network", "networks", "port_bindings")
         return cls(
-            **{k: v for k, v in data.items() if k not in ("state", "network", "networks")},
+            **{k: v for k, v in data.items() if k not in skip},
+            port_bindings=bindings,
             state=ContainerState(**data.get("state", {})),
             network=NetworkRecord(**net),
             networks=[NetworkAttachment(**a) for a in data.get("networks", [])],

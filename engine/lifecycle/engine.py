@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from common import errors
 from common.jsonstate import write_json_atomic
+from common.ports import PortBinding, PortKey
 from common.reference import normalize
 from common.timefmt import unix_time, utc_rfc3339
 from engine.images.store import ImageConflict, ImageStore
@@ -28,7 +29,6 @@ from engine.lifecycle.containers import (
     ContainerStore,
     NetworkAttachment,
     NetworkRecord,
-    PublishedPortRecord,
 )
 from engine.lifecycle.networking import (
     NetworkRequestError,
@@ -46,7 +46,6 @@ from netd.controller import Endpoint, NetdError, Network, NetworkController, Pub
 from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
 from netd.errors import Forbidden
 from netd.errors import NotFound as NetworkNotFound
-from netd.portspec import PortBinding, from_docker_port_bindings
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
 
 if TYPE_CHECKING:
@@ -124,10 +123,7 @@ def _network_record(endpoint: Endpoint, published: list[PublishedPort]) -> Netwo
         gateway=endpoint.gateway,
         mac=endpoint.mac,
         netns_path=endpoint.netns_path,
-        ports=[
-            PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
-            for p in published
-        ],
+        ports=[p.mapping() for p in published],
     )
 
 
@@ -135,12 +131,22 @@ def _proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> s
     return f"{container_id}/{proto}/{host_ip}/{host_port}"
 
 
-def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[str]:
-    """'80/tcp' keys: the image's ExposedPorts, the container's, and every published one."""
-    keys = set(image_config.get("ExposedPorts") or {})
-    keys |= set(container.config.get("ExposedPorts") or {})
-    keys |= set(container.host_config.get("PortBindings") or {})
-    return sorted(keys, key=lambda k: (int(k.split("/")[0]), k))
+def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[PortKey]:
+    """The image's ExposedPorts, the container's, and every published one."""
+    keys = {PortKey.parse(k) for k in image_config.get("ExposedPorts") or {} if _port_key(k)}
+    keys |= {PortKey.parse(k) for k in container.config.get("ExposedPorts") or {}}
+    keys |= {b.key for b in container.port_bindings}
+    return sorted(keys)
+
+
+def _port_key(text: str) -> bool:
+    """Whether an image's ExposedPorts key is one pyengine understands (images are not checked
+    at load: a key such as ``"53/sctp"`` is left out rather than failing the container)."""
+    try:
+        PortKey.parse(text)
+    except ValueError:
+        return False
+    return True
 
 
 class Engine:
@@ -251,10 +257,7 @@ class Engine:
                 except ProxyError as e:  # the container runs on; this one port is not served
                     log.warning("live restore: %s", e)
         # netd drops a mapping whose host port someone else took while no daemon held it.
-        c.network.ports = [
-            PublishedPortRecord(p.proto, p.host_ip, p.host_port, p.container_port)
-            for p in published
-        ]
+        c.network.ports = [p.mapping() for p in published]
         self.containers.save(c)
         self._lifecycle(c.id)
         self._watchers[c.id] = asyncio.create_task(self._watch(c))
@@ -295,6 +298,7 @@ class Engine:
         config: dict[str, Any],
         host_config: dict[str, Any],
         endpoints_config: dict[str, Any] | None = None,
+        port_bindings: list[PortBinding] | None = None,
     ) -> Container:
         image_ref = config.get("Image") or ""
         if not image_ref:
@@ -309,8 +313,6 @@ class Engine:
             raise InvalidParameter(str(e)) from e
         self._check_proxy_protocol(config.get("Labels") or {})
         image_config = image.config.get("config") or {}
-        bindings = self._bindings(host_config)  # validates the publish specs before anything exists
-        del bindings
         self._log_options(host_config)
         cmd = config.get("Cmd") or None
         entrypoint = config.get("Entrypoint")
@@ -346,6 +348,7 @@ class Engine:
             image_id=image.id,
             config=merged,
             host_config={**host_config, "NetworkMode": mode or "default"},
+            port_bindings=list(port_bindings or []),
             args=args,
             networks=networks,
         )
@@ -378,20 +381,9 @@ class Engine:
 
     def _proxy_spec(self, c: Container, p: PublishedPort) -> ProxySpec:
         labels = c.config.get("Labels") or {}
-        return ProxySpec(
-            p.proto,
-            p.host_ip,
-            p.host_port,
-            p.container_ip,
-            p.container_port,
-            proxy_protocol=proxy_protocol_for(labels, p.container_port, p.proto) or None,
+        return ProxySpec.of(
+            p.mapping(), proxy_protocol_for(labels, p.container_port, p.proto) or None
         )
-
-    def _bindings(self, host_config: dict[str, Any]) -> list[PortBinding]:
-        try:
-            return from_docker_port_bindings(host_config.get("PortBindings") or {})
-        except ValueError as e:
-            raise InvalidParameter(str(e)) from e
 
     @staticmethod
     def _log_options(host_config: dict[str, Any]) -> LogOptions:
@@ -401,14 +393,13 @@ class Engine:
             raise InvalidParameter(str(e)) from e
 
     def _publish_all_bindings(self, container: Container) -> list[PortBinding]:
-        bindings = self._bindings(container.host_config)
+        bindings = list(container.port_bindings)
         if container.host_config.get("PublishAllPorts"):
             image = self.images.get(container.image_id)
-            bound = {(b.container_port, b.proto) for b in bindings}
+            bound = {b.key for b in bindings}
             for key in exposed_ports(container, image.config.get("config") or {}):
-                port, _, proto = key.partition("/")
-                if (int(port), proto or "tcp") not in bound:
-                    bindings.append(PortBinding(container_port=int(port), proto=proto or "tcp"))
+                if key not in bound:
+                    bindings.append(PortBinding(key.port, key.proto))
         return bindings
 
     async def start(self, ref: str) -> Container:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from common.ports import PortKey
 from engine.lifecycle.containers import Container, NetworkAttachment
 from netd.errors import NetdError, NotFound
 from netd.network import DEFAULT_NETWORK, Network
@@ -162,8 +163,11 @@ def proxy_protocol_labels(labels: dict[str, str]) -> dict[str, str]:
             continue
         port_key = key[len(PROXY_PROTOCOL_LABEL) + 1 :]
         if port_key:
-            port, _, proto = port_key.partition("/")
-            if not port.isdigit() or not 0 < int(port) <= 65535 or proto not in ("", "tcp"):
+            try:
+                proto = PortKey.parse(port_key).proto
+            except ValueError:
+                proto = ""
+            if proto != "tcp":
                 raise NetworkRequestError(
                     f'invalid label "{key}": want {PROXY_PROTOCOL_LABEL}.<port>/tcp '
                     "(PROXY protocol is for TCP ports only)"

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
+from common.ports import PROTOCOLS, PortMapping
 from netd.errors import NetdError
 
 ANY_IPV4 = "0.0.0.0"
@@ -61,18 +62,6 @@ class BridgeNetwork:
     masquerade: bool = True  # source NAT for traffic leaving through another interface
     subnet6: IPv6Network | None = None  # IPv6 networks only (--ipv6)
     gateway6: IPv6Address | None = None
-
-
-@dataclass(frozen=True)
-class PortMapping:
-    """Traffic to ``host_ip:host_port`` (``0.0.0.0`` / ``::``: any local address of that family)
-    goes to the container; both addresses are of one family."""
-
-    proto: str
-    host_ip: str
-    host_port: int
-    container_ip: str
-    container_port: int
 
 
 class Firewall(ABC):
@@ -141,9 +130,6 @@ def make_firewall(backend: str, table: str, userland_proxy: bool) -> Firewall:
 
 def is_ipv6_mapping(m: PortMapping) -> bool:
     return ":" in m.host_ip
-
-
-PROTOCOLS = ("tcp", "udp")
 
 
 def check_mapping(m: PortMapping) -> None:

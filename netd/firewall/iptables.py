@@ -47,12 +47,12 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from common.ports import PortMapping
 from netd.firewall import (
     ANY_ADDRESSES,
     BridgeNetwork,
     Firewall,
     FirewallError,
-    PortMapping,
     check_mapping,
     is_ipv6_mapping,
 )

@@ -9,11 +9,10 @@ import re
 import shlex
 from collections.abc import Sequence
 
+from common.ports import PROTOCOLS, PortMapping
 from netd.firewall import (
     ANY_ADDRESSES,
     ANY_IPV6,
-    PROTOCOLS,
-    PortMapping,
     is_ipv6_mapping,
 )
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import nftables
 
+from common.ports import PortMapping
 from netd.firewall import (
     ANY_ADDRESSES,
     ANY_IPV4,
@@ -49,7 +50,6 @@ from netd.firewall import (
     BridgeNetwork,
     Firewall,
     FirewallError,
-    PortMapping,
     check_mapping,
     is_ipv6_mapping,
 )
