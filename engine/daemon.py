@@ -22,11 +22,8 @@ from engine.images.store import ImageStore
 from engine.lifecycle.engine import Engine, EngineConfig
 from engine.rlimits import raise_nofile_limit
 from engine.runtime.runc import Runtime
-from netd.controller import STATE_DIR as NETD_STATE_DIR
-from netd.controller import NetdConfig, NetworkController
-from netd.dns.resolvconf import DNS_PORT
-from netd.dns.service import EmbeddedDns
-from netd.errors import NetdError
+from netd import DNS_PORT, EmbeddedDns, NetdConfig, NetdError, NetworkController
+from netd import STATE_DIR as NETD_STATE_DIR
 from proxy.supervisor import ProxySupervisor
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"

@@ -48,7 +48,7 @@ from engine.lifecycle.engine import (
     LogEntry,
     exposed_ports,
 )
-from netd.network import DEFAULT_NETWORK
+from engine.lifecycle.networking import DEFAULT_NETWORK
 
 CONTAINER_FILTERS = {
     "id",

@@ -13,9 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
+from common import errors
 from engine.api.bodies import NETWORK_CONNECT, NETWORK_CREATE, NETWORK_DISCONNECT, check
 from engine.api.common import (
     BadParameter,
+    Forbidden,
     NotImplementedByEngine,
     flag,
     json_body,
@@ -24,10 +26,13 @@ from engine.api.common import (
 )
 from engine.lifecycle.containers import Container
 from engine.lifecycle.engine import Engine
-from netd.controller import Endpoint, Network
-from netd.errors import Conflict, Forbidden
-from netd.errors import NotFound as NetworkNotFound
-from netd.network import DEFAULT_NETWORK, OPT_BRIDGE_NAME, PREDEFINED_NETWORKS
+from engine.lifecycle.networking import (
+    DEFAULT_NETWORK,
+    OPT_BRIDGE_NAME,
+    PREDEFINED_NETWORKS,
+    Endpoint,
+    Network,
+)
 
 NETWORK_FILTERS = {"name", "id", "driver", "type", "scope", "label", "dangling"}
 
@@ -249,7 +254,7 @@ class NetworksApi:
             raise Forbidden(f"{net.name} is a pre-defined network and cannot be removed")
         try:
             await self.engine.remove_network(net.id)
-        except Conflict as e:
+        except errors.Conflict as e:
             # Docker answers 403 for a network in use.
             raise Forbidden(f"error while removing network: {e}") from e
         return web.Response(status=204)
@@ -288,7 +293,7 @@ class NetworksApi:
                 continue
             try:
                 await self.engine.remove_network(net.id)
-            except Conflict:
+            except errors.Conflict:
                 continue
             deleted.append(net.name)
         return json_response({"NetworksDeleted": deleted})
@@ -300,7 +305,7 @@ class NetworksApi:
         for a in self.engine.attachments(c):
             try:
                 net = self.engine.find_network(a.network_id)
-            except NetworkNotFound:  # removed since the container was created on it
+            except errors.NotFound:  # removed since the container was created on it
                 continue
             settings = endpoint_settings(net, endpoints.get(a.network_id), a.aliases)
             ipam = {k: v for k, v in (("IPv4Address", a.ip), ("IPv6Address", a.ip6)) if v}

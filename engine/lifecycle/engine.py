@@ -31,6 +31,7 @@ from engine.lifecycle.containers import (
     NetworkRecord,
 )
 from engine.lifecycle.networking import (
+    NetworkNotFound,
     NetworkRequestError,
     attachment_for,
     dns_names,
@@ -42,14 +43,19 @@ from engine.runtime import bundle, rootfs, seccomp, userdb
 from engine.runtime.jsonlog import JsonLogReader, LogEntry
 from engine.runtime.monitor import LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError, Runtime
-from netd.controller import Endpoint, NetdError, Network, NetworkController, PublishedPort
-from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
-from netd.errors import Forbidden
-from netd.errors import NotFound as NetworkNotFound
+from netd import (
+    HOST_RESOLV_CONF,
+    Endpoint,
+    NetdError,
+    Network,
+    NetworkController,
+    PublishedPort,
+    container_resolv_conf,
+)
 from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
 
 if TYPE_CHECKING:
-    from netd.dns.service import EmbeddedDns
+    from netd import EmbeddedDns
 
 log = logging.getLogger("pyengined.engine")
 
@@ -495,7 +501,7 @@ class Engine:
             c.network = NetworkRecord()
             c.state.error = str(e)
             self.containers.save(c)
-            if isinstance(e, NetdError) and not isinstance(e, NetworkNotFound):
+            if isinstance(e, NetdError) and not isinstance(e, errors.NotFound):
                 raise InvalidParameter(str(e)) from e
             raise
         c.state = ContainerState(
@@ -732,7 +738,7 @@ class Engine:
                     a.aliases,
                     a.ip6 or None,
                 )
-            except NetworkNotFound:
+            except errors.NotFound:
                 raise NetworkNotFound(f"network {a.name} not found") from None
             if not endpoints:
                 undo.append(lambda: self._netd(self.network.delete_endpoint, c.id))
@@ -833,7 +839,7 @@ class Engine:
             except NetworkRequestError as e:
                 raise InvalidParameter(str(e)) from e
             if any(a.network_id == network.id for a in self.attachments(c)):
-                raise Forbidden(
+                raise errors.Forbidden(
                     f"endpoint with name {c.name} already exists in network {network.name}"
                 )
             if c.state.running:
@@ -857,7 +863,7 @@ class Engine:
         async with self._locked(container_ref) as c:
             try:
                 network_id = self.find_network(network_ref).id
-            except NetworkNotFound:
+            except errors.NotFound:
                 if not force:
                     raise
                 network_id = ""

@@ -16,15 +16,28 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from common import errors
 from common.ports import PortKey
 from engine.lifecycle.containers import Container, NetworkAttachment
-from netd.errors import NetdError, NotFound
-from netd.network import DEFAULT_NETWORK, Network
+from netd import DEFAULT_NETWORK, OPT_BRIDGE_NAME, PREDEFINED_NETWORKS, Endpoint, NetdError, Network
+
+__all__ = [
+    "DEFAULT_NETWORK",
+    "OPT_BRIDGE_NAME",
+    "PREDEFINED_NETWORKS",
+    "Endpoint",
+    "Network",
+    "NetworkNotFound",
+]
 
 # NetworkMode values that mean the default network.
 DEFAULT_NETWORK_MODES = ("", "default", DEFAULT_NETWORK)
 UNSUPPORTED_NETWORK_MODES = ("host", "none")
 _ALIAS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")
+
+
+class NetworkNotFound(errors.NotFound):
+    """No such network, or the container is not on it."""
 
 
 class NetworkRequestError(ValueError):
@@ -113,7 +126,7 @@ def plan_attachments(
     find: Callable[[str], Network],
 ) -> list[NetworkAttachment]:
     """The network a new container is created on: NetworkMode's (the default one when unset),
-    with its EndpointsConfig entry. ``find`` resolves a name or id (netd's NotFound)."""
+    with its EndpointsConfig entry. ``find`` resolves a name or id (a NotFound when missing)."""
     check_network_mode(mode)
     endpoints = endpoints_config or {}
     if not isinstance(endpoints, dict):
@@ -137,7 +150,7 @@ def plan_attachments(
 def _find(find: Callable[[str], Network], ref: str) -> Network:
     try:
         return find(ref)
-    except NotFound:
+    except errors.NotFound:
         raise NetworkRequestError(f"network {ref} not found") from None
     except NetdError as e:
         raise NetworkRequestError(str(e)) from None

@@ -1,0 +1,213 @@
+"""The controller's shared state: its configuration, the persisted state file, the firewall
+rebuilt from it. Every part of the controller (networks, ports, endpoints, recovery) derives
+from :class:`ControllerBase`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
+
+from common.jsonstate import CorruptRecord, read_record, set_aside, write_json_atomic
+from common.ports import PortMapping
+from common.timefmt import utc_rfc3339
+from netd import subnetpool
+from netd.errors import Conflict, NetdError
+from netd.firewall import Firewall, make_firewall
+from netd.naming import (
+    valid_ifname,
+)
+from netd.network import (
+    DEFAULT_NETWORK,
+    OPT_BRIDGE_NAME,
+    REMOVING,
+    Network,
+    default_network_id,
+)
+from netd.state import (
+    NetdState,
+    firewall_mappings,
+)
+from netd.subnetpool import DEFAULT_ADDRESS_POOLS
+
+log = logging.getLogger(__name__)
+
+
+# Files under <data_root>/network (netd/status.py reads them too).
+STATE_DIR = "network"
+ENDPOINTS_FILE = "endpoints.json"  # all of netd's state (netd/state.py)
+NETWORK_FILE = "network.json"  # the firewall the rules were installed with, and the bridge
+IPAM_FILE = "ipam.json"  # first slice only: read once, then folded into ENDPOINTS_FILE
+
+
+@dataclass
+class NetdConfig:
+    data_root: Path  # netd keeps its JSON state under data_root / "network"
+    bridge: str = "pyengine0"
+    bridge_cidr: str = "10.47.0.1/16"  # gateway address/prefix of the default bridge
+    # nftables: the table pyengine owns (family inet); iptables: the prefix of its chains
+    table: str = "pyengine"
+    userland_proxy: bool = True
+    firewall_backend: str = "nftables"
+    netns_prefix: str = "pyengine-"  # namespaces are /run/netns/<prefix><first 12 of id>
+    # Where automatic subnets of user-defined networks come from: (base, prefix length of
+    # each subnet). See netd/subnetpool.py.
+    address_pools: tuple[tuple[str, int], ...] = DEFAULT_ADDRESS_POOLS
+    # Docker's --ip-forward: turn net.ipv4.ip_forward on (containers reach other networks).
+    ip_forward: bool = True
+    # Docker's --ip-forward-no-drop: when pyengined turned ip_forward on, do not drop the
+    # forwarded traffic that is not pyengine's (see netd/forwarding.py).
+    ip_forward_no_drop: bool = False
+
+
+class ControllerBase:
+    def __init__(self, cfg: NetdConfig) -> None:
+        if not valid_ifname(cfg.bridge):
+            raise NetdError(f'invalid bridge name "{cfg.bridge}"')
+        try:
+            gateway = IPv4Interface(cfg.bridge_cidr)
+        except ValueError:
+            raise NetdError(f'invalid bridge_cidr "{cfg.bridge_cidr}"') from None
+        if gateway.network.prefixlen > 30 or gateway.ip in (
+            gateway.network.network_address,
+            gateway.network.broadcast_address,
+        ):
+            raise NetdError(
+                f'bridge_cidr "{cfg.bridge_cidr}" must be a host address in a /30 or larger'
+            )
+        subnetpool.parse_pools(cfg.address_pools)
+        self.cfg = cfg
+        self._state_dir = cfg.data_root / STATE_DIR
+        self._state_file = self._state_dir / ENDPOINTS_FILE
+        self._network_file = self._state_dir / NETWORK_FILE
+        self._lock = threading.RLock()
+        self._firewall: Firewall = make_firewall(
+            cfg.firewall_backend, cfg.table, cfg.userland_proxy
+        )
+        default = Network(
+            id=default_network_id(cfg.bridge, gateway),
+            name=DEFAULT_NETWORK,
+            bridge=cfg.bridge,
+            subnet=str(gateway.network),
+            gateway=str(gateway.ip),
+            default=True,
+            options={OPT_BRIDGE_NAME: cfg.bridge},
+            created=utc_rfc3339(digits=6),
+        )
+        self._st = self._load_state(default)
+        self._adopt_default_network(default)
+        self._ready = False
+
+    # -- persisted state --------------------------------------------------------------------
+
+    def _save(self) -> None:
+        self._st.save(self._state_file)
+
+    def _adopt_default_network(self, default: Network) -> None:
+        """Make ``default`` the default network; a previous one (another ``--bridge``/``--bip``)
+        may only be replaced when no container is connected to it."""
+        st = self._st
+        previous = [n for n in st.networks.values() if n.default]
+        for old in previous:
+            if old.id == default.id:
+                continue
+            if st.network_endpoints(old.id):
+                raise NetdError(
+                    f"default network changed from {old.bridge} {old.subnet} to "
+                    f"{default.bridge} {default.subnet} while containers are connected to it; "
+                    "remove the containers first"
+                )
+            st.drop_network(old.id)
+            if old.bridge != default.bridge:
+                # Its bridge is left to the next setup() to delete, as a network being removed.
+                old.default, old.state, old.name = False, REMOVING, f"{old.name}-{old.id[:12]}"
+                st.add_network(old)
+        if default.id not in st.networks:
+            for net in st.networks.values():
+                if net.state == REMOVING:
+                    continue
+                if net.bridge == default.bridge:
+                    raise Conflict(
+                        f'default bridge {default.bridge} is the bridge of network "{net.name}"'
+                    )
+                if IPv4Network(net.subnet).overlaps(IPv4Network(default.subnet)):
+                    raise Conflict(
+                        f"default bridge subnet {default.subnet} overlaps network "
+                        f'"{net.name}" ({net.subnet})'
+                    )
+            rest = dict(st.networks)
+            st.networks.clear()
+            st.add_network(default)
+            for nid, net in rest.items():
+                ipam = st.ipams[nid]
+                st.networks[nid], st.ipams[nid] = net, ipam
+
+    def _save_firewall_record(self) -> None:
+        write_json_atomic(
+            self._network_file,
+            {
+                "bridge": self.cfg.bridge,
+                "subnet": self.default_network.subnet,
+                "gateway": self.default_network.gateway,
+                "firewall_backend": self.cfg.firewall_backend,
+                "table": self.cfg.table,
+                "userland_proxy": self.cfg.userland_proxy,
+                "forward_policy_before": self._firewall.forward_policy_before,
+            },
+        )
+
+    def _load_state(self, default: Network) -> NetdState:
+        """The persisted state; one that cannot be read (bad JSON, wrong shape) is set aside
+        and logged, and the networks start from the default one alone."""
+        try:
+            return NetdState.load(self._state_file, default, self._state_dir / IPAM_FILE)
+        except NetdError:
+            raise  # e.g. a newer daemon's state version: not to be thrown away
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            set_aside(self._state_file, e)
+            return NetdState.load(self._state_file, default, self._state_dir / IPAM_FILE)
+
+    def _read_network_record(self) -> dict[str, Any]:
+        """What _save_firewall_record() wrote; {} when missing, or corrupt (set aside)."""
+        try:
+            previous = read_record(self._network_file, None) or {}
+            if not isinstance(previous, dict):
+                raise CorruptRecord("not a JSON object")
+        except CorruptRecord as e:
+            set_aside(self._network_file, e)
+            return {}
+        return previous
+
+    def _remove_previous_firewall(self) -> None:
+        """A daemon started before with another backend or table left its rules behind."""
+        previous = self._read_network_record()
+        backend, table = previous.get("firewall_backend"), previous.get("table")
+        current = (self.cfg.firewall_backend, self.cfg.table)
+        if not backend or not table or (backend, table) == current:
+            return
+        log.info("removing the rules of the previous firewall (%s, table %s)", backend, table)
+        try:
+            old = make_firewall(backend, table, bool(previous.get("userland_proxy")))
+            old.forward_policy_before = previous.get("forward_policy_before")
+            old.uninstall()
+        except NetdError as exc:
+            log.warning("cannot remove the previous %s rules of %s: %s", backend, table, exc)
+
+    def _firewall_mappings(self) -> list[PortMapping]:
+        return firewall_mappings(p for ports in self._st.ports.values() for p in ports)
+
+    def _install_firewall(self) -> None:
+        """Rebuild the whole ruleset from the state, in one transaction."""
+        networks = [n.firewall_view() for n in self._st.networks.values() if n.state != REMOVING]
+        self._firewall.install(networks, self._firewall_mappings())
+
+    def _require_ready(self) -> None:
+        if not self._ready:
+            raise NetdError("network controller is not set up (call setup() first)")
+
+    @property
+    def default_network(self) -> Network:
+        return next(n for n in self._st.networks.values() if n.default)
