@@ -9,195 +9,64 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from common import errors
 from common.jsonstate import write_json_atomic
-from common.ports import PortBinding, PortKey
+from common.ports import PortBinding
 from common.reference import normalize
-from common.timefmt import unix_time, utc_rfc3339
-from engine.images.store import ImageConflict, ImageStore
+from common.timefmt import utc_rfc3339
+from engine.images.store import ImageConflict
+from engine.lifecycle.base import (
+    ATTACH_DRAIN_TIMEOUT,
+    WAIT_CONDITIONS,
+    DaemonShuttingDown,
+    EngineBase,
+    EngineConfig,
+    InvalidParameter,
+    LifecycleEvents,
+    NotRunning,
+    parse_signal,
+)
 from engine.lifecycle.containers import (
     Container,
     ContainerConflict,
     ContainerNotFound,
     ContainerState,
-    ContainerStore,
-    NetworkAttachment,
     NetworkRecord,
 )
+from engine.lifecycle.netops import NetworkOps, exposed_ports, network_record, proxy_key
 from engine.lifecycle.networking import (
-    NetworkNotFound,
     NetworkRequestError,
-    attachment_for,
-    dns_names,
     plan_attachments,
-    proxy_protocol_for,
-    proxy_protocol_labels,
 )
+from engine.lifecycle.output import Output
 from engine.runtime import bundle, rootfs, seccomp, userdb
-from engine.runtime.jsonlog import JsonLogReader, LogEntry
+from engine.runtime.jsonlog import LogEntry
 from engine.runtime.monitor import LogOptions, parse_log_config
-from engine.runtime.runc import ExitStatus, RuncError, Runtime
+from engine.runtime.runc import ExitStatus, RuncError
 from netd import (
-    HOST_RESOLV_CONF,
-    Endpoint,
     NetdError,
-    Network,
-    NetworkController,
-    PublishedPort,
-    container_resolv_conf,
 )
-from proxy.supervisor import ProxyError, ProxySpec, ProxySupervisor
-
-if TYPE_CHECKING:
-    from netd import EmbeddedDns
+from proxy.supervisor import ProxyError
 
 log = logging.getLogger("pyengined.engine")
 
-
-class InvalidParameter(errors.InvalidParameter):
-    """Bad input from a client: the API answers 400."""
-
-
-class NotRunning(errors.Conflict):
-    """An operation that needs a running container: the API answers 409."""
-
-
-class DaemonShuttingDown(Exception):
-    """A wait the daemon's shutdown cut short."""
-
-
-# How long an auto-removal waits for attached clients to read a container's last output.
-ATTACH_DRAIN_TIMEOUT = 10.0
-LOG_POLL_INTERVAL = 0.05
-WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
+__all__ = [
+    "DaemonShuttingDown",
+    "Engine",
+    "EngineBase",
+    "EngineConfig",
+    "InvalidParameter",
+    "LogEntry",
+    "NotRunning",
+    "exposed_ports",
+    "parse_signal",
+]
 
 
-@dataclass
-class _Lifecycle:
-    """What waiters of one container wait on. Every change pulses ``changed``; a waiter
-    re-checks its own condition after each pulse, so no change is missed between checks."""
-
-    exits: int = 0  # runs that ended since this daemon started
-    removed: bool = False
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    attached: set[asyncio.Event] = field(default_factory=set)  # open attach streams
-
-    def pulse(self) -> None:
-        old, self.changed = self.changed, asyncio.Event()
-        old.set()
-
-    async def until(self, predicate: Callable[[], bool]) -> None:
-        while not predicate():
-            await self.changed.wait()
-
-
-@dataclass
-class EngineConfig:
-    data_root: Path
-    userland_proxy: bool = True
-    runc: str = "runc"
-    # Docker's --live-restore: containers keep running across a daemon restart.
-    live_restore: bool = True
-    # Docker's --dns: nameservers for containers (default bridge: in their resolv.conf; user-
-    # defined networks: the embedded DNS server's upstreams). Empty: the host's.
-    dns_servers: list[str] = field(default_factory=list)
-
-
-def parse_signal(sig: str) -> str:
-    """'KILL', 'SIGKILL' or '9' → 'SIGKILL'; anything else is a 400."""
-    try:
-        if sig.isdigit():
-            return signal.Signals(int(sig)).name
-        return signal.Signals[
-            sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
-        ].name
-    except (KeyError, ValueError) as e:
-        raise InvalidParameter(f"Invalid signal: {sig}") from e
-
-
-def _network_record(endpoint: Endpoint, published: list[PublishedPort]) -> NetworkRecord:
-    """What a container's record keeps of its first endpoint and its published ports."""
-    return NetworkRecord(
-        ip=endpoint.ip,
-        prefixlen=endpoint.prefixlen,
-        gateway=endpoint.gateway,
-        mac=endpoint.mac,
-        netns_path=endpoint.netns_path,
-        ports=[p.mapping() for p in published],
-    )
-
-
-def _proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> str:
-    return f"{container_id}/{proto}/{host_ip}/{host_port}"
-
-
-def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[PortKey]:
-    """The image's ExposedPorts, the container's, and every published one."""
-    keys = {PortKey.parse(k) for k in image_config.get("ExposedPorts") or {} if _port_key(k)}
-    keys |= {PortKey.parse(k) for k in container.config.get("ExposedPorts") or {}}
-    keys |= {b.key for b in container.port_bindings}
-    return sorted(keys)
-
-
-def _port_key(text: str) -> bool:
-    """Whether an image's ExposedPorts key is one pyengine understands (images are not checked
-    at load: a key such as ``"53/sctp"`` is left out rather than failing the container)."""
-    try:
-        PortKey.parse(text)
-    except ValueError:
-        return False
-    return True
-
-
-class Engine:
-    def __init__(
-        self,
-        cfg: EngineConfig,
-        images: ImageStore,
-        network: NetworkController,
-        proxies: ProxySupervisor,
-        runtime: Runtime,
-        dns: EmbeddedDns | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.images = images
-        self.network = network
-        self.proxies = proxies
-        self.runtime = runtime
-        self.dns = dns  # the embedded DNS server of user-defined networks (None: host resolvers)
-        self.containers = ContainerStore(cfg.data_root / "containers")
-        self._lifecycles: dict[str, _Lifecycle] = {}
-        self._closing = False  # the API is shutting down: streams and waits end now
-        self._watchers: dict[str, asyncio.Task[None]] = {}
-        self._net_lock = asyncio.Lock()
-        # One lock per container id, held by every lifecycle operation (see _locked()).
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._auto_removals: set[asyncio.Task[None]] = set()
-
-    def _lifecycle(self, container_id: str) -> _Lifecycle:
-        return self._lifecycles.setdefault(container_id, _Lifecycle())
-
-    @contextlib.asynccontextmanager
-    async def _locked(self, ref: str) -> AsyncIterator[Container]:
-        """The container ``ref`` names, under its lock: lifecycle operations on one container
-        run one after the other (moby: container.Lock()), so a start and a removal at the
-        same moment cannot leave a running container without a record. It is looked up again
-        under the lock: removed meanwhile, it is not found."""
-        c = self.containers.get(ref)
-        lock = self._locks.setdefault(c.id, asyncio.Lock())
-        async with lock:
-            try:
-                c = self.containers.get(c.id)
-            except ContainerNotFound:
-                raise ContainerNotFound(ref) from None
-            yield c
-
+class Engine(NetworkOps, Output):
     # ---- daemon start and stop -------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -254,7 +123,7 @@ class Engine:
             for p in published:
                 if p.sock is None:
                     continue
-                key = _proxy_key(c.id, p.proto, p.host_ip, p.host_port)
+                key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
                 spec = self._proxy_spec(c, p)
                 try:
                     # The proxy that kept serving while no daemon ran, or else a new one.
@@ -362,51 +231,12 @@ class Engine:
         self._lifecycle(container.id)
         return container
 
-    def _check_proxy_protocol(self, labels: dict[str, Any]) -> None:
-        """PROXY protocol labels must be well-formed, and need the userland proxy (only the
-        proxy can add the header; kernel DNAT forwards packets as they are). Checked at
-        create, and again at every start and live-restore adoption: the daemon may have been
-        restarted with --userland-proxy=false since, and a backend that trusts PROXY headers
-        must never get a client's raw bytes instead."""
-        try:
-            chosen = proxy_protocol_labels({str(k): str(v) for k, v in labels.items()})
-        except NetworkRequestError as e:
-            raise InvalidParameter(str(e)) from e
-        if not self.cfg.userland_proxy and any(v != "off" for v in chosen.values()):
-            raise InvalidParameter(
-                "PROXY protocol (label pyengine.proxy-protocol) needs the userland proxy: "
-                "this daemon runs with --userland-proxy=false"
-            )
-
-    def _proxy_protocol_problem(self, c: Container) -> str | None:
-        try:
-            self._check_proxy_protocol(c.config.get("Labels") or {})
-        except InvalidParameter as e:
-            return str(e)
-        return None
-
-    def _proxy_spec(self, c: Container, p: PublishedPort) -> ProxySpec:
-        labels = c.config.get("Labels") or {}
-        return ProxySpec.of(
-            p.mapping(), proxy_protocol_for(labels, p.container_port, p.proto) or None
-        )
-
     @staticmethod
     def _log_options(host_config: dict[str, Any]) -> LogOptions:
         try:
             return parse_log_config(host_config.get("LogConfig"))
         except ValueError as e:
             raise InvalidParameter(str(e)) from e
-
-    def _publish_all_bindings(self, container: Container) -> list[PortBinding]:
-        bindings = list(container.port_bindings)
-        if container.host_config.get("PublishAllPorts"):
-            image = self.images.get(container.image_id)
-            bound = {b.key for b in bindings}
-            for key in exposed_ports(container, image.config.get("config") or {}):
-                if key not in bound:
-                    bindings.append(PortBinding(key.port, key.proto))
-        return bindings
 
     async def start(self, ref: str) -> Container:
         async with self._locked(ref) as c:
@@ -444,10 +274,10 @@ class Engine:
             )
             if self.cfg.userland_proxy:
                 for p in published:
-                    key = _proxy_key(c.id, p.proto, p.host_ip, p.host_port)
+                    key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
                     undo.append(lambda key=key: self.proxies.stop(key))
                     await self.proxies.start(key, self._proxy_spec(c, p), p.sock)
-            c.network = _network_record(endpoint, published)
+            c.network = network_record(endpoint, published)
             layers = self.images.layer_dirs(image)
             for sub in ("upper", "work"):
                 (cdir / "overlay" / sub).mkdir(parents=True, exist_ok=True)
@@ -540,7 +370,7 @@ class Engine:
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
         for p in c.network.ports:
-            await self.proxies.stop(_proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+            await self.proxies.stop(proxy_key(c.id, p.proto, p.host_ip, p.host_port))
         await self._stop_dns(c)
         await self._netd(self.network.delete_endpoint, c.id)
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
@@ -621,7 +451,7 @@ class Engine:
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
         self.containers.remove(c)
         self._locks.pop(c.id, None)  # a waiter still holding it finds the container gone
-        lifecycle = self._lifecycles.pop(c.id, None) or _Lifecycle()
+        lifecycle = self._lifecycles.pop(c.id, None) or LifecycleEvents()
         lifecycle.removed = True  # waiters and attached streams hold it: they see this
         lifecycle.pulse()
 
@@ -684,340 +514,3 @@ class Engine:
                     f"used by stopped container {users[0].id[:12]}"
                 )
         return await asyncio.to_thread(self.images.remove, ref, force)
-
-    # ---- networks --------------------------------------------------------------------------
-
-    def attachments(self, c: Container) -> list[NetworkAttachment]:
-        """The networks ``c`` joins when it starts, its ``eth0`` first (a record written before
-        networks existed has none: the default network)."""
-        if c.networks:
-            return c.networks
-        default = self.network.default_network
-        return [NetworkAttachment(default.id, default.name)]
-
-    def endpoints(self, c: Container) -> list[Endpoint]:
-        """The running container's endpoints, ``eth0`` first ([] when it is not running)."""
-        if not c.state.running:
-            return []
-        return self.network.container_endpoints(c.id)
-
-    def networks(self) -> list[Network]:
-        return self.network.networks()
-
-    def find_network(self, ref: str) -> Network:
-        return self.network.network(ref)
-
-    def network_endpoints(self, network: Network) -> list[tuple[Container | None, Endpoint]]:
-        out: list[tuple[Container | None, Endpoint]] = []
-        for ep in self.network.network_endpoints(network.id):
-            try:
-                out.append((self.containers.get(ep.container_id), ep))
-            except ContainerNotFound:
-                out.append((None, ep))
-        return out
-
-    async def create_network(self, **request: Any) -> Network:
-        """A user-defined bridge network (netd's ``create_network`` arguments)."""
-        network: Network = await self._netd(lambda: self.network.create_network(**request))
-        return network
-
-    async def remove_network(self, ref: str) -> None:
-        network = self.find_network(ref)
-        await self._netd(self.network.remove_network, network.id)
-
-    async def _connect_all(self, c: Container, undo: list[Any]) -> list[Endpoint]:
-        """Connect a starting container to each of its networks, ``eth0`` first."""
-        endpoints: list[Endpoint] = []
-        for a in self.attachments(c):
-            try:
-                ep = await self._netd(
-                    self.network.connect,
-                    c.id,
-                    a.network_id,
-                    a.ip or None,
-                    a.aliases,
-                    a.ip6 or None,
-                )
-            except errors.NotFound:
-                raise NetworkNotFound(f"network {a.name} not found") from None
-            if not endpoints:
-                undo.append(lambda: self._netd(self.network.delete_endpoint, c.id))
-            endpoints.append(ep)
-        return endpoints
-
-    def _names_on(self, c: Container, network_id: str) -> list[str]:
-        for a in self.attachments(c):
-            if a.network_id == network_id:
-                return dns_names(c, a)
-        return dns_names(c, NetworkAttachment(network_id, ""))
-
-    def _register_names(self, c: Container, ep: Endpoint) -> None:
-        """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
-        if self.dns is None or ep.network_id == self.network.default_network.id:
-            return
-        self.dns.set_endpoint(
-            ep.network_id,
-            c.id,
-            self._names_on(c, ep.network_id),
-            [ep.ip],
-            [ep.ipv6] if ep.ipv6 else [],
-        )
-
-    def _uses_embedded_dns(self, c: Container) -> bool:
-        """Docker: a container whose first network is user-defined asks 127.0.0.11."""
-        return self.dns is not None and (
-            self.attachments(c)[0].network_id != self.network.default_network.id
-        )
-
-    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> bool:
-        """Names on every user-defined network, and the container's own DNS server when its
-        first network is one. True when its resolv.conf must point at that server."""
-        if self.dns is None:
-            return False
-        dns = self.dns
-        for ep in endpoints:
-            self._register_names(c, ep)
-        undo.append(lambda: self._stop_dns(c))
-        if not self._uses_embedded_dns(c):
-            return False
-        await dns.attach(c.id, endpoints[0].netns_path)
-        return True
-
-    async def _stop_dns(self, c: Container) -> None:
-        if self.dns is None:
-            return
-        self.dns.forget(c.id)
-        await self.dns.detach(c.id)
-
-    def _resolv_conf(self) -> str | None:
-        """A default-bridge container's resolv.conf when --dns is set (else the host's)."""
-        if not self.cfg.dns_servers:
-            return None
-        return "".join(f"nameserver {server}\n" for server in self.cfg.dns_servers)
-
-    @staticmethod
-    def _embedded_resolv_conf() -> str:
-        try:
-            host = HOST_RESOLV_CONF.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            host = ""
-        return container_resolv_conf(host)
-
-    async def restore_names(self) -> None:
-        """After recover(): the running containers' names on their user-defined networks, and
-        their DNS servers (they lived in the previous daemon's process)."""
-        if self.dns is None:
-            return
-        for c in self.containers.all():
-            endpoints = self.endpoints(c)
-            if not endpoints:
-                continue
-            for ep in endpoints:
-                self._register_names(c, ep)
-            if self._uses_embedded_dns(c):
-                try:
-                    await self.dns.attach(c.id, endpoints[0].netns_path)
-                except NetdError as e:
-                    log.warning("cannot restore the DNS server of %s: %s", c.id[:12], e)
-
-    async def close_dns(self) -> None:
-        if self.dns is not None:
-            await self.dns.close()
-
-    async def connect(
-        self,
-        container_ref: str,
-        network_ref: str,
-        endpoint_config: dict[str, Any] | None = None,
-    ) -> None:
-        """Docker's ``network connect``: a running container gets a new interface now, a
-        stopped one when it starts."""
-        async with self._locked(container_ref) as c:
-            network = self.find_network(network_ref)
-            try:
-                attachment = attachment_for(network, endpoint_config)
-            except NetworkRequestError as e:
-                raise InvalidParameter(str(e)) from e
-            if any(a.network_id == network.id for a in self.attachments(c)):
-                raise errors.Forbidden(
-                    f"endpoint with name {c.name} already exists in network {network.name}"
-                )
-            if c.state.running:
-                ep = await self._netd(
-                    self.network.connect,
-                    c.id,
-                    network.id,
-                    attachment.ip or None,
-                    attachment.aliases,
-                    attachment.ip6 or None,
-                )
-                c.networks = [*self.attachments(c), attachment]
-                self._register_names(c, ep)
-            else:
-                c.networks = [*self.attachments(c), attachment]
-            self.containers.save(c)
-
-    async def disconnect(self, container_ref: str, network_ref: str, force: bool = False) -> None:
-        """Docker's ``network disconnect``: the interface goes now (and the ports published
-        through it); a stopped container forgets the network."""
-        async with self._locked(container_ref) as c:
-            try:
-                network_id = self.find_network(network_ref).id
-            except errors.NotFound:
-                if not force:
-                    raise
-                network_id = ""
-            attachments = self.attachments(c)
-            kept = [a for a in attachments if a.network_id != network_id]
-            if len(kept) == len(attachments):
-                raise NetworkNotFound(
-                    f"container {c.name} is not connected to network {network_ref}"
-                )
-            if c.state.running:
-                published = await self._netd(self.network.published, c.id)
-                for p in published:
-                    if p.network_id == network_id:
-                        await self.proxies.stop(_proxy_key(c.id, p.proto, p.host_ip, p.host_port))
-                if self.dns is not None:
-                    self.dns.remove_endpoint(network_id, c.id)
-                await self._netd(self.network.disconnect, c.id, network_id)
-                self._refresh_network_record(c)
-            c.networks = kept
-            self.containers.save(c)
-
-    def _refresh_network_record(self, c: Container) -> None:
-        """``c.network`` after a disconnect: its first endpoint left, and the ports still
-        published."""
-        endpoints = self.network.container_endpoints(c.id)
-        published = self.network.published(c.id)
-        if not endpoints:
-            c.network = NetworkRecord(netns_path=c.network.netns_path)
-            return
-        c.network = _network_record(endpoints[0], published)
-
-    async def rename(self, ref: str, new_name: str) -> None:
-        """Docker's ``rename``; the embedded DNS answers the new name at once."""
-        async with self._locked(ref) as c:
-            if new_name.lstrip("/") == c.name:
-                raise InvalidParameter(
-                    "Renaming a container with the same name as its current name"
-                )
-            try:
-                c.name = self.containers.check_name(new_name)
-            except ValueError as e:
-                raise InvalidParameter(str(e)) from e
-            self.containers.save(c)
-            for ep in self.endpoints(c):
-                self._register_names(c, ep)
-
-    # ---- output --------------------------------------------------------------------------
-
-    def log_path(self, c: Container) -> Path:
-        return self.containers.dir(c) / "container.log"
-
-    async def logs(
-        self,
-        ref: str,
-        follow: bool,
-        tail: int | None,
-        since: float = 0.0,
-        until: float = 0.0,
-    ) -> AsyncIterator[LogEntry]:
-        """Entries of the container's json-file log: the last ``tail`` (all when None) of those
-        written in [since, until) (0: unbounded), then with ``follow`` new ones until it exits."""
-        c = self.containers.get(ref)
-        reader = JsonLogReader(self.log_path(c))
-        try:
-            async for entry in self._logs(c, reader, follow, tail, since, until):
-                yield entry
-        finally:
-            reader.close()
-
-    async def _logs(
-        self,
-        c: Container,
-        reader: JsonLogReader,
-        follow: bool,
-        tail: int | None,
-        since: float,
-        until: float,
-    ) -> AsyncIterator[LogEntry]:
-        def wanted(entry: LogEntry) -> bool:
-            if not (since or until):
-                return True
-            t = unix_time(entry.time)
-            return (not since or t >= since) and (not until or t < until)
-
-        # A log has no size bound: read it in a thread, in bounded pieces (engine.runtime.jsonlog).
-        if tail is not None:
-            for entry in await asyncio.to_thread(reader.tail, tail, wanted):
-                yield entry
-        else:
-            async for entry in _read_caught_up(reader):
-                if wanted(entry):
-                    yield entry
-        if not follow:
-            return
-        while True:
-            running = c.state.running
-            got = False
-            async for entry in _read_caught_up(reader):
-                got = True
-                if wanted(entry):
-                    yield entry
-            if not running or self._closing:
-                return  # the monitor writes all output before the exit is recorded
-            if not got:
-                await asyncio.sleep(LOG_POLL_INTERVAL)
-
-    async def attach(self, ref: str, replay: bool, follow: bool) -> AsyncIterator[LogEntry]:
-        """Output for an attached client: with ``replay`` what was written before, with
-        ``follow`` what the container writes until its current (or, when it is not running,
-        its next) run ends. An auto-removal waits for attached clients to read it all."""
-        c = self.containers.get(ref)
-        lifecycle = self._lifecycle(c.id)
-        exits = lifecycle.exits
-        path = self.log_path(c)
-        reader = JsonLogReader(path, start_at_end=not replay)
-        done = asyncio.Event()
-        lifecycle.attached.add(done)
-        try:
-            async for entry in _read_caught_up(reader):
-                yield entry
-            if not follow:
-                return
-            while True:
-                ended = lifecycle.exits > exits or lifecycle.removed
-                got = False
-                async for entry in _read_caught_up(reader):
-                    got = True
-                    yield entry
-                if ended or self._closing:
-                    return
-                if not got:
-                    await asyncio.sleep(LOG_POLL_INTERVAL)
-        finally:
-            reader.close()
-            lifecycle.attached.discard(done)
-            done.set()
-
-    def _exit_path(self, c: Container) -> Path:
-        return self.containers.dir(c) / "exit.json"
-
-    async def _netd(self, fn: Any, *args: Any) -> Any:
-        # pyroute2 and libnftables calls block: run them off the loop, one at a time.
-        async with self._net_lock:
-            return await asyncio.to_thread(fn, *args)
-
-
-async def _read_caught_up(reader: JsonLogReader) -> AsyncIterator[LogEntry]:
-    """What the reader finds until it has caught up with the writer, a bounded batch at a
-    time, each read in a thread."""
-    caught_up = False
-    while not caught_up:
-        batch, caught_up = await asyncio.to_thread(reader.read_batch)
-        for entry in batch:
-            yield entry
-
-
-_JsonLogReader = JsonLogReader  # the name tests/test_logs.py imports

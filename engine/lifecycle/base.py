@@ -1,0 +1,146 @@
+"""The engine's shared parts: configuration, errors, the container store and locks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common import errors
+from engine.images.store import ImageStore
+from engine.lifecycle.containers import (
+    Container,
+    ContainerNotFound,
+    ContainerStore,
+)
+from engine.runtime.runc import Runtime
+from netd import (
+    NetworkController,
+)
+from proxy.supervisor import ProxySupervisor
+
+if TYPE_CHECKING:
+    from netd import EmbeddedDns
+
+log = logging.getLogger("pyengined.engine")
+
+
+class InvalidParameter(errors.InvalidParameter):
+    """Bad input from a client: the API answers 400."""
+
+
+class NotRunning(errors.Conflict):
+    """An operation that needs a running container: the API answers 409."""
+
+
+class DaemonShuttingDown(Exception):
+    """A wait the daemon's shutdown cut short."""
+
+
+# How long an auto-removal waits for attached clients to read a container's last output.
+ATTACH_DRAIN_TIMEOUT = 10.0
+LOG_POLL_INTERVAL = 0.05
+WAIT_CONDITIONS = ("not-running", "next-exit", "removed")
+
+
+@dataclass
+class LifecycleEvents:
+    """What waiters of one container wait on. Every change pulses ``changed``; a waiter
+    re-checks its own condition after each pulse, so no change is missed between checks."""
+
+    exits: int = 0  # runs that ended since this daemon started
+    removed: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    attached: set[asyncio.Event] = field(default_factory=set)  # open attach streams
+
+    def pulse(self) -> None:
+        old, self.changed = self.changed, asyncio.Event()
+        old.set()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            await self.changed.wait()
+
+
+@dataclass
+class EngineConfig:
+    data_root: Path
+    userland_proxy: bool = True
+    runc: str = "runc"
+    # Docker's --live-restore: containers keep running across a daemon restart.
+    live_restore: bool = True
+    # Docker's --dns: nameservers for containers (default bridge: in their resolv.conf; user-
+    # defined networks: the embedded DNS server's upstreams). Empty: the host's.
+    dns_servers: list[str] = field(default_factory=list)
+
+
+def parse_signal(sig: str) -> str:
+    """'KILL', 'SIGKILL' or '9' → 'SIGKILL'; anything else is a 400."""
+    try:
+        if sig.isdigit():
+            return signal.Signals(int(sig)).name
+        return signal.Signals[
+            sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+        ].name
+    except (KeyError, ValueError) as e:
+        raise InvalidParameter(f"Invalid signal: {sig}") from e
+
+
+class EngineBase:
+    """What every part of the engine shares: its components, the container store, the
+    per-container locks and lifecycle events, and the one way to call netd."""
+
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        images: ImageStore,
+        network: NetworkController,
+        proxies: ProxySupervisor,
+        runtime: Runtime,
+        dns: EmbeddedDns | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.images = images
+        self.network = network
+        self.proxies = proxies
+        self.runtime = runtime
+        self.dns = dns  # the embedded DNS server of user-defined networks (None: host resolvers)
+        self.containers = ContainerStore(cfg.data_root / "containers")
+        self._lifecycles: dict[str, LifecycleEvents] = {}
+        self._closing = False  # the API is shutting down: streams and waits end now
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._net_lock = asyncio.Lock()
+        # One lock per container id, held by every lifecycle operation (see _locked()).
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._auto_removals: set[asyncio.Task[None]] = set()
+
+    def _lifecycle(self, container_id: str) -> LifecycleEvents:
+        return self._lifecycles.setdefault(container_id, LifecycleEvents())
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, ref: str) -> AsyncIterator[Container]:
+        """The container ``ref`` names, under its lock: lifecycle operations on one container
+        run one after the other (moby: container.Lock()), so a start and a removal at the
+        same moment cannot leave a running container without a record. It is looked up again
+        under the lock: removed meanwhile, it is not found."""
+        c = self.containers.get(ref)
+        lock = self._locks.setdefault(c.id, asyncio.Lock())
+        async with lock:
+            try:
+                c = self.containers.get(c.id)
+            except ContainerNotFound:
+                raise ContainerNotFound(ref) from None
+            yield c
+
+    def _exit_path(self, c: Container) -> Path:
+        return self.containers.dir(c) / "exit.json"
+
+    async def _netd(self, fn: Any, *args: Any) -> Any:
+        # pyroute2 and libnftables calls block: run them off the loop, one at a time.
+        async with self._net_lock:
+            return await asyncio.to_thread(fn, *args)

@@ -1,0 +1,338 @@
+"""The lifecycle's network side: endpoints on every network, published ports and their proxies,
+the embedded DNS's names."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from common import errors
+from common.ports import PortBinding, PortKey
+from engine.lifecycle.base import EngineBase, InvalidParameter
+from engine.lifecycle.containers import (
+    Container,
+    ContainerNotFound,
+    NetworkAttachment,
+    NetworkRecord,
+)
+from engine.lifecycle.networking import (
+    NetworkNotFound,
+    NetworkRequestError,
+    attachment_for,
+    dns_names,
+    proxy_protocol_for,
+    proxy_protocol_labels,
+)
+from netd import (
+    HOST_RESOLV_CONF,
+    Endpoint,
+    NetdError,
+    Network,
+    PublishedPort,
+    container_resolv_conf,
+)
+from proxy.supervisor import ProxySpec
+
+log = logging.getLogger("pyengined.engine")
+
+
+def network_record(endpoint: Endpoint, published: list[PublishedPort]) -> NetworkRecord:
+    """What a container's record keeps of its first endpoint and its published ports."""
+    return NetworkRecord(
+        ip=endpoint.ip,
+        prefixlen=endpoint.prefixlen,
+        gateway=endpoint.gateway,
+        mac=endpoint.mac,
+        netns_path=endpoint.netns_path,
+        ports=[p.mapping() for p in published],
+    )
+
+
+def proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> str:
+    return f"{container_id}/{proto}/{host_ip}/{host_port}"
+
+
+def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[PortKey]:
+    """The image's ExposedPorts, the container's, and every published one."""
+    keys = {PortKey.parse(k) for k in image_config.get("ExposedPorts") or {} if _port_key(k)}
+    keys |= {PortKey.parse(k) for k in container.config.get("ExposedPorts") or {}}
+    keys |= {b.key for b in container.port_bindings}
+    return sorted(keys)
+
+
+def _port_key(text: str) -> bool:
+    """Whether an image's ExposedPorts key is one pyengine understands (images are not checked
+    at load: a key such as ``"53/sctp"`` is left out rather than failing the container)."""
+    try:
+        PortKey.parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+class NetworkOps(EngineBase):
+    """Networks, endpoints, published ports and the embedded DNS's names, for the lifecycle."""
+
+    def _check_proxy_protocol(self, labels: dict[str, Any]) -> None:
+        """PROXY protocol labels must be well-formed, and need the userland proxy (only the
+        proxy can add the header; kernel DNAT forwards packets as they are). Checked at
+        create, and again at every start and live-restore adoption: the daemon may have been
+        restarted with --userland-proxy=false since, and a backend that trusts PROXY headers
+        must never get a client's raw bytes instead."""
+        try:
+            chosen = proxy_protocol_labels({str(k): str(v) for k, v in labels.items()})
+        except NetworkRequestError as e:
+            raise InvalidParameter(str(e)) from e
+        if not self.cfg.userland_proxy and any(v != "off" for v in chosen.values()):
+            raise InvalidParameter(
+                "PROXY protocol (label pyengine.proxy-protocol) needs the userland proxy: "
+                "this daemon runs with --userland-proxy=false"
+            )
+
+    def _proxy_protocol_problem(self, c: Container) -> str | None:
+        try:
+            self._check_proxy_protocol(c.config.get("Labels") or {})
+        except InvalidParameter as e:
+            return str(e)
+        return None
+
+    def _proxy_spec(self, c: Container, p: PublishedPort) -> ProxySpec:
+        labels = c.config.get("Labels") or {}
+        return ProxySpec.of(
+            p.mapping(), proxy_protocol_for(labels, p.container_port, p.proto) or None
+        )
+
+    def _publish_all_bindings(self, container: Container) -> list[PortBinding]:
+        bindings = list(container.port_bindings)
+        if container.host_config.get("PublishAllPorts"):
+            image = self.images.get(container.image_id)
+            bound = {b.key for b in bindings}
+            for key in exposed_ports(container, image.config.get("config") or {}):
+                if key not in bound:
+                    bindings.append(PortBinding(key.port, key.proto))
+        return bindings
+
+    # ---- networks --------------------------------------------------------------------------
+
+    def attachments(self, c: Container) -> list[NetworkAttachment]:
+        """The networks ``c`` joins when it starts, its ``eth0`` first (a record written before
+        networks existed has none: the default network)."""
+        if c.networks:
+            return c.networks
+        default = self.network.default_network
+        return [NetworkAttachment(default.id, default.name)]
+
+    def endpoints(self, c: Container) -> list[Endpoint]:
+        """The running container's endpoints, ``eth0`` first ([] when it is not running)."""
+        if not c.state.running:
+            return []
+        return self.network.container_endpoints(c.id)
+
+    def networks(self) -> list[Network]:
+        return self.network.networks()
+
+    def find_network(self, ref: str) -> Network:
+        return self.network.network(ref)
+
+    def network_endpoints(self, network: Network) -> list[tuple[Container | None, Endpoint]]:
+        out: list[tuple[Container | None, Endpoint]] = []
+        for ep in self.network.network_endpoints(network.id):
+            try:
+                out.append((self.containers.get(ep.container_id), ep))
+            except ContainerNotFound:
+                out.append((None, ep))
+        return out
+
+    async def create_network(self, **request: Any) -> Network:
+        """A user-defined bridge network (netd's ``create_network`` arguments)."""
+        network: Network = await self._netd(lambda: self.network.create_network(**request))
+        return network
+
+    async def remove_network(self, ref: str) -> None:
+        network = self.find_network(ref)
+        await self._netd(self.network.remove_network, network.id)
+
+    async def _connect_all(self, c: Container, undo: list[Any]) -> list[Endpoint]:
+        """Connect a starting container to each of its networks, ``eth0`` first."""
+        endpoints: list[Endpoint] = []
+        for a in self.attachments(c):
+            try:
+                ep = await self._netd(
+                    self.network.connect,
+                    c.id,
+                    a.network_id,
+                    a.ip or None,
+                    a.aliases,
+                    a.ip6 or None,
+                )
+            except errors.NotFound:
+                raise NetworkNotFound(f"network {a.name} not found") from None
+            if not endpoints:
+                undo.append(lambda: self._netd(self.network.delete_endpoint, c.id))
+            endpoints.append(ep)
+        return endpoints
+
+    def _names_on(self, c: Container, network_id: str) -> list[str]:
+        for a in self.attachments(c):
+            if a.network_id == network_id:
+                return dns_names(c, a)
+        return dns_names(c, NetworkAttachment(network_id, ""))
+
+    def _register_names(self, c: Container, ep: Endpoint) -> None:
+        """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
+        if self.dns is None or ep.network_id == self.network.default_network.id:
+            return
+        self.dns.set_endpoint(
+            ep.network_id,
+            c.id,
+            self._names_on(c, ep.network_id),
+            [ep.ip],
+            [ep.ipv6] if ep.ipv6 else [],
+        )
+
+    def _uses_embedded_dns(self, c: Container) -> bool:
+        """Docker: a container whose first network is user-defined asks 127.0.0.11."""
+        return self.dns is not None and (
+            self.attachments(c)[0].network_id != self.network.default_network.id
+        )
+
+    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> bool:
+        """Names on every user-defined network, and the container's own DNS server when its
+        first network is one. True when its resolv.conf must point at that server."""
+        if self.dns is None:
+            return False
+        dns = self.dns
+        for ep in endpoints:
+            self._register_names(c, ep)
+        undo.append(lambda: self._stop_dns(c))
+        if not self._uses_embedded_dns(c):
+            return False
+        await dns.attach(c.id, endpoints[0].netns_path)
+        return True
+
+    async def _stop_dns(self, c: Container) -> None:
+        if self.dns is None:
+            return
+        self.dns.forget(c.id)
+        await self.dns.detach(c.id)
+
+    def _resolv_conf(self) -> str | None:
+        """A default-bridge container's resolv.conf when --dns is set (else the host's)."""
+        if not self.cfg.dns_servers:
+            return None
+        return "".join(f"nameserver {server}\n" for server in self.cfg.dns_servers)
+
+    @staticmethod
+    def _embedded_resolv_conf() -> str:
+        try:
+            host = HOST_RESOLV_CONF.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            host = ""
+        return container_resolv_conf(host)
+
+    async def restore_names(self) -> None:
+        """After recover(): the running containers' names on their user-defined networks, and
+        their DNS servers (they lived in the previous daemon's process)."""
+        if self.dns is None:
+            return
+        for c in self.containers.all():
+            endpoints = self.endpoints(c)
+            if not endpoints:
+                continue
+            for ep in endpoints:
+                self._register_names(c, ep)
+            if self._uses_embedded_dns(c):
+                try:
+                    await self.dns.attach(c.id, endpoints[0].netns_path)
+                except NetdError as e:
+                    log.warning("cannot restore the DNS server of %s: %s", c.id[:12], e)
+
+    async def close_dns(self) -> None:
+        if self.dns is not None:
+            await self.dns.close()
+
+    async def connect(
+        self,
+        container_ref: str,
+        network_ref: str,
+        endpoint_config: dict[str, Any] | None = None,
+    ) -> None:
+        """Docker's ``network connect``: a running container gets a new interface now, a
+        stopped one when it starts."""
+        async with self._locked(container_ref) as c:
+            network = self.find_network(network_ref)
+            try:
+                attachment = attachment_for(network, endpoint_config)
+            except NetworkRequestError as e:
+                raise InvalidParameter(str(e)) from e
+            if any(a.network_id == network.id for a in self.attachments(c)):
+                raise errors.Forbidden(
+                    f"endpoint with name {c.name} already exists in network {network.name}"
+                )
+            if c.state.running:
+                ep = await self._netd(
+                    self.network.connect,
+                    c.id,
+                    network.id,
+                    attachment.ip or None,
+                    attachment.aliases,
+                    attachment.ip6 or None,
+                )
+                c.networks = [*self.attachments(c), attachment]
+                self._register_names(c, ep)
+            else:
+                c.networks = [*self.attachments(c), attachment]
+            self.containers.save(c)
+
+    async def disconnect(self, container_ref: str, network_ref: str, force: bool = False) -> None:
+        """Docker's ``network disconnect``: the interface goes now (and the ports published
+        through it); a stopped container forgets the network."""
+        async with self._locked(container_ref) as c:
+            try:
+                network_id = self.find_network(network_ref).id
+            except errors.NotFound:
+                if not force:
+                    raise
+                network_id = ""
+            attachments = self.attachments(c)
+            kept = [a for a in attachments if a.network_id != network_id]
+            if len(kept) == len(attachments):
+                raise NetworkNotFound(
+                    f"container {c.name} is not connected to network {network_ref}"
+                )
+            if c.state.running:
+                published = await self._netd(self.network.published, c.id)
+                for p in published:
+                    if p.network_id == network_id:
+                        await self.proxies.stop(proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+                if self.dns is not None:
+                    self.dns.remove_endpoint(network_id, c.id)
+                await self._netd(self.network.disconnect, c.id, network_id)
+                self._refresh_network_record(c)
+            c.networks = kept
+            self.containers.save(c)
+
+    def _refresh_network_record(self, c: Container) -> None:
+        """``c.network`` after a disconnect: its first endpoint left, and the ports still
+        published."""
+        endpoints = self.network.container_endpoints(c.id)
+        published = self.network.published(c.id)
+        if not endpoints:
+            c.network = NetworkRecord(netns_path=c.network.netns_path)
+            return
+        c.network = network_record(endpoints[0], published)
+
+    async def rename(self, ref: str, new_name: str) -> None:
+        """Docker's ``rename``; the embedded DNS answers the new name at once."""
+        async with self._locked(ref) as c:
+            if new_name.lstrip("/") == c.name:
+                raise InvalidParameter(
+                    "Renaming a container with the same name as its current name"
+                )
+            try:
+                c.name = self.containers.check_name(new_name)
+            except ValueError as e:
+                raise InvalidParameter(str(e)) from e
+            self.containers.save(c)
+            for ep in self.endpoints(c):
+                self._register_names(c, ep)
