@@ -22,7 +22,7 @@ from engine.images.store import ImageStore
 from engine.lifecycle.engine import Engine, EngineConfig
 from engine.rlimits import raise_nofile_limit
 from engine.runtime.runc import Runtime
-from netd import DNS_PORT, EmbeddedDns, NetdConfig, NetdError, NetworkController
+from netd import DNS_PORT, ContainerDns, EmbeddedDns, NetdConfig, NetdError, NetworkController
 from netd import STATE_DIR as NETD_STATE_DIR
 from proxy.supervisor import ProxySupervisor
 
@@ -250,7 +250,6 @@ def main(
             userland_proxy=use_proxy,
             runc=runc_path,
             live_restore=keep_running,
-            dns_servers=list(dns_servers),
         ),
         images=ImageStore(data_root / "image"),
         network=network,
@@ -260,9 +259,13 @@ def main(
             outlive_daemon=use_proxy and keep_running,
         ),
         runtime=Runtime(data_root / "runc", runc=runc_path),
-        dns=EmbeddedDns(
-            [(s, DNS_PORT) for s in dns_servers] if dns_servers else None,
-            is_internal=network.is_internal,
+        dns=ContainerDns(
+            EmbeddedDns(
+                [(s, DNS_PORT) for s in dns_servers] if dns_servers else None,
+                is_internal=network.is_internal,
+            ),
+            network.default_network.id,
+            dns_servers,
         ),
     )
     try:

@@ -25,7 +25,7 @@ from netd import (
 from proxy.supervisor import ProxySupervisor
 
 if TYPE_CHECKING:
-    from netd import EmbeddedDns
+    from netd import ContainerDns
 
 log = logging.getLogger("pyengined.engine")
 
@@ -74,9 +74,6 @@ class EngineConfig:
     runc: str = "runc"
     # Docker's --live-restore: containers keep running across a daemon restart.
     live_restore: bool = True
-    # Docker's --dns: nameservers for containers (default bridge: in their resolv.conf; user-
-    # defined networks: the embedded DNS server's upstreams). Empty: the host's.
-    dns_servers: list[str] = field(default_factory=list)
 
 
 def parse_signal(sig: str) -> str:
@@ -102,14 +99,14 @@ class EngineBase:
         network: NetworkController,
         proxies: ProxySupervisor,
         runtime: Runtime,
-        dns: EmbeddedDns | None = None,
+        dns: ContainerDns,
     ) -> None:
         self.cfg = cfg
         self.images = images
         self.network = network
         self.proxies = proxies
         self.runtime = runtime
-        self.dns = dns  # the embedded DNS server of user-defined networks (None: host resolvers)
+        self.dns = dns  # names on user-defined networks, responders, resolv.conf
         self.containers = ContainerStore(cfg.data_root / "containers")
         self._lifecycles: dict[str, LifecycleEvents] = {}
         self._closing = False  # the API is shutting down: streams and waits end now

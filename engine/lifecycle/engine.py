@@ -268,7 +268,7 @@ class Engine(NetworkOps, Output):
         try:
             endpoints = await self._connect_all(c, undo)
             endpoint = endpoints[0]
-            embedded_dns = await self._start_dns(c, endpoints, undo)
+            resolv_conf = await self._start_dns(c, endpoints, undo)
             published = await self._netd(
                 self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
             )
@@ -297,12 +297,7 @@ class Engine(NetworkOps, Output):
                 )
             except ValueError as e:
                 raise InvalidParameter(str(e)) from e
-            files = bundle.write_network_files(
-                cdir,
-                c.config["Hostname"],
-                endpoint.ip,
-                resolv_conf=self._embedded_resolv_conf() if embedded_dns else self._resolv_conf(),
-            )
+            files = bundle.write_network_files(cdir, c.config["Hostname"], endpoint.ip, resolv_conf)
             spec = bundle.runtime_spec(
                 rootfs=rootfs_dir,
                 args=c.args,
@@ -371,7 +366,7 @@ class Engine(NetworkOps, Output):
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
         for p in c.network.ports:
             await self.proxies.stop(proxy_key(c.id, p.proto, p.host_ip, p.host_port))
-        await self._stop_dns(c)
+        await self.dns.stop(c.id)
         await self._netd(self.network.delete_endpoint, c.id)
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
 

@@ -3,6 +3,7 @@ the embedded DNS's names."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -24,12 +25,9 @@ from engine.lifecycle.networking import (
     proxy_protocol_labels,
 )
 from netd import (
-    HOST_RESOLV_CONF,
     Endpoint,
-    NetdError,
     Network,
     PublishedPort,
-    container_resolv_conf,
 )
 from proxy.supervisor import ProxySpec
 
@@ -180,76 +178,26 @@ class NetworkOps(EngineBase):
 
     def _register_names(self, c: Container, ep: Endpoint) -> None:
         """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
-        if self.dns is None or ep.network_id == self.network.default_network.id:
-            return
-        self.dns.set_endpoint(
-            ep.network_id,
-            c.id,
-            self._names_on(c, ep.network_id),
-            [ep.ip],
-            [ep.ipv6] if ep.ipv6 else [],
-        )
+        self.dns.register(c.id, ep, self._names_on(c, ep.network_id))
 
-    def _uses_embedded_dns(self, c: Container) -> bool:
-        """Docker: a container whose first network is user-defined asks 127.0.0.11."""
-        return self.dns is not None and (
-            self.attachments(c)[0].network_id != self.network.default_network.id
-        )
-
-    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> bool:
+    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> str:
         """Names on every user-defined network, and the container's own DNS server when its
-        first network is one. True when its resolv.conf must point at that server."""
-        if self.dns is None:
-            return False
-        dns = self.dns
-        for ep in endpoints:
-            self._register_names(c, ep)
-        undo.append(lambda: self._stop_dns(c))
-        if not self._uses_embedded_dns(c):
-            return False
-        await dns.attach(c.id, endpoints[0].netns_path)
-        return True
-
-    async def _stop_dns(self, c: Container) -> None:
-        if self.dns is None:
-            return
-        self.dns.forget(c.id)
-        await self.dns.detach(c.id)
-
-    def _resolv_conf(self) -> str | None:
-        """A default-bridge container's resolv.conf when --dns is set (else the host's)."""
-        if not self.cfg.dns_servers:
-            return None
-        return "".join(f"nameserver {server}\n" for server in self.cfg.dns_servers)
-
-    @staticmethod
-    def _embedded_resolv_conf() -> str:
-        try:
-            host = HOST_RESOLV_CONF.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            host = ""
-        return container_resolv_conf(host)
+        first network is one. Returns its resolv.conf."""
+        undo.append(lambda: self.dns.stop(c.id))
+        first = self.attachments(c)[0].network_id
+        return await self.dns.start(c.id, endpoints, first, functools.partial(self._names_on, c))
 
     async def restore_names(self) -> None:
         """After recover(): the running containers' names on their user-defined networks, and
         their DNS servers (they lived in the previous daemon's process)."""
-        if self.dns is None:
-            return
         for c in self.containers.all():
-            endpoints = self.endpoints(c)
-            if not endpoints:
-                continue
-            for ep in endpoints:
-                self._register_names(c, ep)
-            if self._uses_embedded_dns(c):
-                try:
-                    await self.dns.attach(c.id, endpoints[0].netns_path)
-                except NetdError as e:
-                    log.warning("cannot restore the DNS server of %s: %s", c.id[:12], e)
+            first = self.attachments(c)[0].network_id
+            await self.dns.restore(
+                c.id, self.endpoints(c), first, functools.partial(self._names_on, c)
+            )
 
     async def close_dns(self) -> None:
-        if self.dns is not None:
-            await self.dns.close()
+        await self.dns.close()
 
     async def connect(
         self,
@@ -305,8 +253,7 @@ class NetworkOps(EngineBase):
                 for p in published:
                     if p.network_id == network_id:
                         await self.proxies.stop(proxy_key(c.id, p.proto, p.host_ip, p.host_port))
-                if self.dns is not None:
-                    self.dns.remove_endpoint(network_id, c.id)
+                self.dns.unregister(network_id, c.id)
                 await self._netd(self.network.disconnect, c.id, network_id)
                 self._refresh_network_record(c)
             c.networks = kept

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import resource
 from pathlib import Path
@@ -14,9 +13,6 @@ from engine.runtime.seccomp import SecurityOptions, linux_seccomp
 
 OCI_VERSION = "1.0.2"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_RESOLV_CONF = Path("/etc/resolv.conf")
-# Docker's fallback when the host only lists loopback resolvers (unreachable from a netns).
-FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
 NOFILE_LIMIT = 1048576
 _CAP_SYS_RESOURCE = 24
 
@@ -71,29 +67,6 @@ HOSTS_HEADER = (
 )
 
 
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
-def container_resolv_conf(host_text: str) -> str:
-    """The host's resolv.conf minus loopback nameservers, with Docker's public fallback."""
-    lines = []
-    nameservers = 0
-    for line in host_text.splitlines():
-        fields = line.split()
-        if fields and fields[0] == "nameserver" and len(fields) > 1:
-            if _is_loopback(fields[1]):
-                continue
-            nameservers += 1
-        lines.append(line)
-    if nameservers == 0:
-        lines.extend(f"nameserver {ns}" for ns in FALLBACK_NAMESERVERS)
-    return "\n".join(lines) + "\n"
-
-
 def _write_file_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
@@ -105,22 +78,12 @@ def write_network_files(
     container_dir: Path,
     hostname: str,
     ip: str | None,
-    *,
-    host_resolv_conf: Path = HOST_RESOLV_CONF,
-    resolv_conf: str | None = None,
+    resolv_conf: str,
 ) -> dict[str, Path]:
-    """Write hosts, hostname and resolv.conf into ``container_dir``: ``resolv_conf`` when
-    given (the embedded DNS server's), else the host's without its loopback nameservers.
-
-    Returns in-container path → file, for bind mounts."""
+    """Write hosts, hostname and resolv.conf (netd's answer for the container) into
+    ``container_dir``. Returns in-container path → file, for bind mounts."""
     container_dir.mkdir(parents=True, exist_ok=True)
     hosts = HOSTS_HEADER + (f"{ip}\t{hostname}\n" if ip else "")
-    if resolv_conf is None:
-        try:
-            host_resolv = host_resolv_conf.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            host_resolv = ""
-        resolv_conf = container_resolv_conf(host_resolv)
     files = {
         "/etc/hosts": (container_dir / "hosts", hosts),
         "/etc/hostname": (container_dir / "hostname", f"{hostname}\n"),

@@ -94,3 +94,31 @@ def container_resolv_conf(host_text: str, nameserver: str = EMBEDDED_DNS) -> str
         options.append("ndots:0")
     lines.append("options " + " ".join(options))
     return "\n".join(lines) + "\n"
+
+
+# Docker's fallback when the host only lists loopback resolvers (unreachable from a netns).
+FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def bridge_resolv_conf(host_text: str) -> str:
+    """A container's resolv.conf on the default bridge (no embedded responder): the host's
+    without its loopback nameservers, with Docker's public fallback when none is left."""
+    lines = []
+    servers = 0
+    for line in host_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "nameserver" and len(fields) > 1:
+            if _is_loopback(fields[1]):
+                continue
+            servers += 1
+        lines.append(line)
+    if servers == 0:
+        lines.extend(f"nameserver {ns}" for ns in FALLBACK_NAMESERVERS)
+    return "\n".join(lines) + "\n"
