@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import format_ports, join_host_port
+from client.output import format_ports, join_host_port
 from common.ports import parse_publish
 from netd.controller import (
     Endpoint,

@@ -1,0 +1,158 @@
+"""The options ``run`` and ``create`` share, and how option values become the fields of
+Docker's request bodies (also for ``network create`` and ``network connect``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from client.command import fail
+from client.local_files import read_seccomp_profile
+from common.ports import parse_publish, to_docker_port_bindings
+
+
+def key_values(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"pyengine: invalid {what} {pair!r}: want KEY=VALUE", 125)
+        out[key] = value
+    return out
+
+
+def port_bindings(specs: tuple[str, ...]) -> dict[str, list[dict[str, str]]]:
+    bindings = []
+    for spec in specs:
+        try:
+            bindings.extend(parse_publish(spec))
+        except ValueError as e:
+            fail(f"pyengine: {e}", 125)
+    return to_docker_port_bindings(bindings)
+
+
+def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options ``run`` and ``create`` share (Docker's spelling)."""
+    for option in reversed(
+        [
+            click.option(
+                "-p",
+                "--publish",
+                multiple=True,
+                help="Publish a port: [ip:][hostport:]port[/proto]",
+            ),
+            click.option("-P", "--publish-all", is_flag=True, help="Publish every exposed port."),
+            click.option("--name", default=None),
+            click.option("--rm", "auto_remove", is_flag=True, help="Remove it when it exits."),
+            click.option("-e", "--env", multiple=True, help="KEY=VALUE"),
+            click.option("--entrypoint", default=None),
+            click.option(
+                "--log-opt",
+                "log_opts",
+                multiple=True,
+                help="json-file log option: max-size=SIZE (e.g. 10m), max-file=N.",
+            ),
+            click.option("-l", "--label", "labels", multiple=True, help="KEY=VALUE"),
+            click.option("--network", default=None, help="Connect it to this network."),
+            click.option("--ip", default=None, help="IPv4 address on that network."),
+            click.option("--ip6", default=None, help="IPv6 address on that network."),
+            click.option(
+                "--network-alias", "aliases", multiple=True, help="A name on that network."
+            ),
+            click.option(
+                "--security-opt",
+                "security_opts",
+                multiple=True,
+                help="seccomp=unconfined|PROFILE.json, no-new-privileges[=true|false].",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@dataclass(frozen=True)
+class ContainerOptions:
+    """What ``container_options`` collects, for ``run`` and ``create`` alike."""
+
+    publish: tuple[str, ...]
+    publish_all: bool
+    name: str | None
+    auto_remove: bool
+    env: tuple[str, ...]
+    entrypoint: str | None
+    log_opts: tuple[str, ...]
+    labels: tuple[str, ...]
+    network: str | None
+    ip: str | None
+    ip6: str | None
+    aliases: tuple[str, ...]
+    security_opts: tuple[str, ...] = ()
+
+
+def container_config(
+    image: str, command: tuple[str, ...], opts: ContainerOptions, auto_remove: bool
+) -> dict[str, Any]:
+    """Docker's create body; ``auto_remove`` is the daemon's part of ``--rm``."""
+    bindings = port_bindings(opts.publish)
+    log_config: dict[str, str] = {}
+    for opt in opts.log_opts:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            fail(f"pyengine: invalid log opt {opt!r}: want KEY=VALUE", 125)
+        log_config[key] = value
+    env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in opts.env]
+    return {
+        "Image": image,
+        "Cmd": list(command) or None,
+        "Entrypoint": [opts.entrypoint] if opts.entrypoint is not None else None,
+        "Env": env_list,
+        "ExposedPorts": {k: {} for k in bindings},
+        "Labels": key_values(opts.labels, "label"),
+        "HostConfig": {
+            "PortBindings": bindings,
+            "PublishAllPorts": opts.publish_all,
+            "AutoRemove": auto_remove,
+            "LogConfig": {"Type": "json-file", "Config": log_config},
+            "NetworkMode": opts.network or "default",
+            "SecurityOpt": security_opts(opts.security_opts),
+        },
+        "NetworkingConfig": networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
+    }
+
+
+def security_opts(opts: tuple[str, ...]) -> list[str]:
+    """As the docker CLI: ``seccomp=<file>`` is sent as ``seccomp=<the file's JSON>``."""
+    out = []
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if key == "seccomp" and sep and value not in ("unconfined", "builtin"):
+            try:
+                profile = read_seccomp_profile(value)
+            except (OSError, ValueError, RecursionError) as e:
+                fail(f"pyengine: invalid seccomp profile {value!r}: {e}", 125)
+            opt = "seccomp=" + json.dumps(profile, separators=(",", ":"))
+        out.append(opt)
+    return out
+
+
+def ipam_config(ip: str | None, ip6: str | None) -> dict[str, str]:
+    """Docker's EndpointIPAMConfig for ``--ip`` / ``--ip6``."""
+    return {k: v for k, v in (("IPv4Address", ip), ("IPv6Address", ip6)) if v}
+
+
+def networking_config(
+    network: str | None, ip: str | None, aliases: tuple[str, ...], ip6: str | None = None
+) -> dict[str, Any]:
+    """Docker's EndpointsConfig for the network the container is created on."""
+    if not (ip or ip6 or aliases):
+        return {}
+    endpoint: dict[str, Any] = {"Aliases": list(aliases)}
+    if ip or ip6:
+        endpoint["IPAMConfig"] = ipam_config(ip, ip6)
+    return {"EndpointsConfig": {network or "default": endpoint}}
