@@ -9,7 +9,9 @@ level, inside functions or under ``if TYPE_CHECKING``; relative imports are reso
 * ``netd`` — none of engine, client, lab, bench, proxy;
 * ``proxy`` — none of engine, netd, client, lab, bench;
 * ``client`` — only ``client`` and ``common`` of the project (it speaks HTTP to the daemon);
-* ``engine`` — none of client, lab, bench;
+* ``engine`` — none of client, lab, bench; netd only through its facade (``netd/__init__.py``),
+  none of its modules;
+* ``engine/api`` — neither netd nor proxy: the API calls the engine, the engine the rest;
 * nothing outside ``tests/`` imports ``tests``.
 
 And no module of the packages is longer than ``MAX_LINES`` lines: a module that grows past it
@@ -38,8 +40,9 @@ SKIP_DIRS = frozenset(("build", "dist", "node_modules", "__pycache__"))
 
 @dataclass(frozen=True)
 class Rule:
-    """Modules under ``scope`` (a top-level package, or every module outside ``tests/`` when
-    None) import none of the project's packages in ``forbidden``."""
+    """Modules under ``scope`` (a package directory, or every module outside ``tests/`` when
+    None) import nothing ``forbidden`` names: a module and everything under it (``"netd"``), or
+    with a trailing dot only the modules under it (``"netd."``: the package itself is allowed)."""
 
     name: str
     scope: str | None
@@ -59,6 +62,8 @@ RULES = (
     Rule("proxy", "proxy", frozenset(("engine", "netd", "client", "lab", "bench"))),
     Rule("client", "client", _only("client", "common")),
     Rule("engine", "engine", frozenset(("client", "lab", "bench"))),
+    Rule("engine-netd-facade", "engine", frozenset(("netd.",))),
+    Rule("api", "engine/api", frozenset(("netd", "proxy"))),
     Rule("tests", None, frozenset(("tests",))),
 )
 
@@ -156,9 +161,15 @@ def violations(root: Path, rule: Rule) -> list[Import]:
     found = []
     for path in python_files(root, rule.scope):
         for imp in imports_of(root, path):
-            if imp.target.split(".")[0] in rule.forbidden:
+            if any(_matches(imp.target, f) for f in rule.forbidden):
                 found.append(imp)
     return found
+
+
+def _matches(target: str, forbidden: str) -> bool:
+    if forbidden.endswith("."):
+        return target.startswith(forbidden)
+    return target == forbidden or target.startswith(forbidden + ".")
 
 
 def line_count(path: Path) -> int:
@@ -214,6 +225,8 @@ WRONG_WAY = {
     "proxy": ("proxy/x.py", "from netd.portspec import PortSpec"),
     "client": ("client/cli.py", "from netd import portspec"),
     "engine": ("engine/lifecycle/x.py", "import importlib; importlib.import_module('lab.lab')"),
+    "engine-netd-facade": ("engine/daemon.py", "from netd.controller import NetworkController"),
+    "api": ("engine/api/networks.py", "from proxy.supervisor import ProxySpec"),
     "tests": ("bench/helper.py", "from tests.api_helpers import Daemon"),
 }
 
@@ -236,7 +249,8 @@ def synthetic(tmp_path: Path) -> Path:
     _write(tmp_path, "client/http.py", "from client import cli\nfrom common.errors import X\n")
     _write(tmp_path, "netd/dns/server.py", "from .. import ipam\nfrom . import records\n")
     _write(tmp_path, "proxy/tcp.py", "from . import x\nfrom common import jsonstate\n")
-    _write(tmp_path, "engine/api/app.py", "from ..lifecycle import x\nimport netd, proxy\n")
+    _write(tmp_path, "engine/api/app.py", "from ..lifecycle import x\nfrom common import errors\n")
+    _write(tmp_path, "engine/lifecycle/ok.py", "import netd, proxy\nfrom netd import Network\n")
     _write(tmp_path, "tests/test_x.py", "from tests.api_helpers import Daemon\n")
     _write(tmp_path, "lab/big.py", "x = 1\n" * (MAX_LINES + 1))
     _write(tmp_path, "bench/fits.py", "x = 1\n" * MAX_LINES)
@@ -268,3 +282,9 @@ def test_relative_imports_are_made_absolute() -> None:
     assert _absolute("netd.dns", True, 1, "server") == "netd.dns.server"
     assert _absolute("engine.api.app", False, 2, "lifecycle") == "engine.lifecycle"
     assert _absolute("client.cli", False, 0, "common.errors") == "common.errors"
+
+
+def test_forbidden_names_match_whole_modules() -> None:
+    assert _matches("netd", "netd") and _matches("netd.dns", "netd")
+    assert not _matches("netdx", "netd")
+    assert _matches("netd.controller", "netd.") and not _matches("netd", "netd.")
