@@ -29,13 +29,13 @@ import pytest
 
 from client.output import format_ports, join_host_port
 from common.ports import parse_publish
+from netd.control.ports import publish_addresses
 from netd.controller import (
     Endpoint,
     NetdConfig,
     NetdError,
     NetworkController,
     PublishedPort,
-    _publish_addresses,
 )
 from netd.naming import host_veth_name, netns_name
 from netd.network import Network
@@ -112,13 +112,13 @@ ADDRESSES = [
 def test_publish_addresses_follow_docker_28(
     host_ip: str, binding: str, proxy: bool, expected: list[str]
 ) -> None:
-    assert _publish_addresses(host_ip, binding, proxy) == expected
+    assert publish_addresses(host_ip, binding, proxy) == expected
 
 
 @pytest.mark.parametrize("host_ip", ["::1", "::", "fd00::5"])
 def test_ipv6_address_without_proxy_is_refused(host_ip: str) -> None:
     with pytest.raises(NetdError) as info:
-        _publish_addresses(host_ip, "0.0.0.0", False)
+        publish_addresses(host_ip, "0.0.0.0", False)
     assert str(info.value) == (
         f'cannot publish on IPv6 address "{host_ip}": the container has no IPv6 address '
         "and the userland proxy is disabled"
@@ -127,9 +127,9 @@ def test_ipv6_address_without_proxy_is_refused(host_ip: str) -> None:
 
 def test_ipv4_mapped_and_invalid_addresses_are_refused() -> None:
     with pytest.raises(NetdError, match='invalid host IP "::ffff:127.0.0.1": use the IPv4'):
-        _publish_addresses("::ffff:127.0.0.1", "0.0.0.0", True)
+        publish_addresses("::ffff:127.0.0.1", "0.0.0.0", True)
     with pytest.raises(NetdError, match='invalid host IP "nope"'):
-        _publish_addresses("nope", "0.0.0.0", True)
+        publish_addresses("nope", "0.0.0.0", True)
 
 
 def test_ipv6_ports_are_not_given_to_the_firewall() -> None:

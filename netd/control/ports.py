@@ -45,7 +45,7 @@ def _normalise_host_ip(host_ip: str) -> str:
     return str(addr)
 
 
-def _publish_addresses(
+def publish_addresses(
     host_ip: str, host_binding_ipv4: str, userland_proxy: bool, container_has_ipv6: bool = False
 ) -> list[str]:
     """The host addresses one binding is published on, as Docker 28 does. Without a host
@@ -101,7 +101,7 @@ class Ports(Networks):
     ) -> list[PublishedPort]:
         """Reserve every host port, then map them all to ``endpoint``'s address in one
         firewall transaction. A binding without a host address is published on 0.0.0.0 and
-        :: (see ``_publish_addresses``): one PublishedPort per address, the same host port on
+        :: (see ``publish_addresses``): one PublishedPort per address, the same host port on
         both. Ports on IPv6 addresses are left to the proxy (``PublishedPort.in_firewall``).
         Internal networks publish nothing."""
         with self._lock:
@@ -122,7 +122,7 @@ class Ports(Networks):
             proxy = self.cfg.userland_proxy
             has_ipv6 = bool(current.ipv6)
             requests = [
-                (b, _publish_addresses(b.host_ip, net.host_binding_ipv4, proxy, has_ipv6))
+                (b, publish_addresses(b.host_ip, net.host_binding_ipv4, proxy, has_ipv6))
                 for b in bindings
             ]
             new: list[PublishedPort] = []
