@@ -25,15 +25,17 @@ class LaunchError(Exception):
 
     def __init__(self, what: str, log_path: Path, returncode: int | None, timeout: float) -> None:
         self.what, self.log_path, self.returncode = what, log_path, returncode
-        why = (
-            f"did not answer within {timeout:g} s"
-            if returncode is None
-            else f"exited at start (status {returncode})"
-        )
+        why = f"exited at start (status {returncode})"
+        if returncode is None:
+            why = f"did not answer within {timeout:g} s"
         super().__init__(f"{what} {why}:\n" + "\n".join(self.tail()))
 
     def tail(self, lines: int = 8) -> list[str]:
-        return log_tail(self.log_path, lines)
+        """The last ``lines`` lines of the daemon's log."""
+        try:
+            return self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return []
 
 
 @dataclass(frozen=True)
@@ -70,22 +72,12 @@ class LaunchedDaemon:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
     def wait_until_answering(self, what: str = "pyengined", timeout: float = START_TIMEOUT) -> None:
         wait_until_answering(self.process, self.options.socket_path, self.log_path, what, timeout)
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        stop_process(self.process, timeout)
-
 
 def launch(
-    options: DaemonOptions,
-    log_path: Path,
-    append: bool = False,
-    env: dict[str, str] | None = None,
+    options: DaemonOptions, log_path: Path, append: bool = False, env: dict[str, str] | None = None
 ) -> LaunchedDaemon:
     """Start pyengined with stdout and stderr to ``log_path``, in a session of its own (a ^C in
     the terminal reaches the caller only). It does not wait: see ``wait_until_answering``."""
@@ -104,12 +96,9 @@ def launch(
 
 def answers(socket_path: Path, timeout: float = 5.0) -> bool:
     """Whether a daemon answers ``GET /_ping`` on ``socket_path`` with 200."""
-    if not socket_path.exists():
-        return False
     conn = http.client.HTTPConnection("localhost", timeout=timeout)
+    conn.sock = sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.sock = sock
         sock.settimeout(timeout)
         sock.connect(str(socket_path))
         conn.request("GET", "/_ping", headers={"Host": "pyengine"})
@@ -121,11 +110,7 @@ def answers(socket_path: Path, timeout: float = 5.0) -> bool:
 
 
 def wait_until_answering(
-    process: subprocess.Popen[bytes],
-    socket_path: Path,
-    log_path: Path,
-    what: str,
-    timeout: float = START_TIMEOUT,
+    process: subprocess.Popen[bytes], socket_path: Path, log_path: Path, what: str, timeout: float
 ) -> None:
     """Until the daemon ``process`` answers on ``socket_path``; LaunchError when it exits first
     or takes longer than ``timeout`` seconds (it is left running then)."""
@@ -153,26 +138,18 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT
 def stop_pid(pid: int, running: Callable[[], bool], timeout: float = STOP_TIMEOUT) -> None:
     """``stop_process`` for a daemon known by its pid only (started by another process);
     ``running`` says whether ``pid`` is still that daemon, not a recycled pid."""
+
+    def reap() -> None:  # when ``pid`` is this process's child (the lab's ``up``)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _reap(pid)
+        reap()
         if not running():
             return
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    _reap(pid)
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status when ``pid`` is this process's child."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def log_tail(log_path: Path, lines: int = 8) -> list[str]:
-    try:
-        return log_path.read_text(errors="replace").strip().splitlines()[-lines:]
-    except OSError:
-        return []
+    reap()
