@@ -1,18 +1,17 @@
 """pyengined instances the run starts under its own names, and their containers.
 
-Each daemon gets its own socket, data root, bridge, subnet and nftables table (the same flags
-tests/conftest.py's start_daemon uses). Stopping one removes its containers first, then lets
-the daemon tear its network down; whatever a daemon that died could not remove is swept here.
+Each daemon gets its own socket, data root, bridge, subnet and nftables table, started by
+engine/launcher.py (as the lab's and tests/conftest.py's). Stopping one removes its containers
+first, then lets the daemon tear its network down; whatever a daemon that died could not
+remove is swept here.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from urllib.parse import quote
 from bench import procfs
 from client.http import Client, DaemonError, DaemonUnreachable
 from common.jsonstate import read_json
+from engine import launcher
 from engine.runtime.rootfs import mounts_under
 
 BIN = Path(sys.executable).parent
@@ -216,13 +216,7 @@ class BenchDaemon:
         except (DaemonError, DaemonUnreachable, OSError):
             pass
         finally:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
+            launcher.stop_process(self.process, STOP_TIMEOUT_SECONDS)
             self.sweep()
 
     def sweep(self) -> None:
@@ -269,54 +263,29 @@ def delete_runc_containers(runc_root: Path) -> None:
 def wait_until_answering(daemon: BenchDaemon, what: str) -> None:
     """Until the daemon answers /_ping on its socket; BenchDaemonError when it exits first or
     takes longer than START_TIMEOUT_SECONDS."""
-    deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        if daemon.process.poll() is not None:
-            raise BenchDaemonError(
-                f"{what} exited at start (status {daemon.process.returncode}):\n{daemon.log_tail()}"
-            )
-        if daemon.socket_path.exists():
-            try:
-                daemon.client.ping()
-                return
-            except (DaemonUnreachable, DaemonError, OSError):
-                pass
-        time.sleep(0.1)
-    raise BenchDaemonError(
-        f"{what} did not answer within {START_TIMEOUT_SECONDS} s:\n{daemon.log_tail()}"
-    )
+    try:
+        launcher.wait_until_answering(
+            daemon.process, daemon.socket_path, daemon.log_path, what, START_TIMEOUT_SECONDS
+        )
+    except launcher.LaunchError as exc:
+        raise BenchDaemonError(str(exc)) from None
 
 
 def start_daemon(
     workdir: Path, name: str, bip: str, userland_proxy: bool, backend: str
 ) -> BenchDaemon:
     """Start pyengined and wait until it answers; on failure it is stopped again."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    daemon_cmd = [
-        str(BIN / "pyengined"),
-        "-H",
-        f"unix://{workdir / 'pyengine.sock'}",
-        "--data-root",
-        str(workdir / "data"),
-        "--bridge",
-        name,
-        "--bip",
-        bip,
-        "--firewall-table",
-        name,
-        "--firewall-backend",
-        backend,
-        f"--userland-proxy={'true' if userland_proxy else 'false'}",
-    ]
-    with open(workdir / "pyengined.log", "wb") as log:
-        process = subprocess.Popen(
-            daemon_cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # ^C in the terminal reaches the harness only
-        )
-    daemon = BenchDaemon(name, bip, userland_proxy, backend, workdir, process)
+    options = launcher.DaemonOptions(
+        socket_path=workdir / "pyengine.sock",
+        data_root=workdir / "data",
+        bridge=name,
+        bip=bip,
+        firewall_table=name,
+        userland_proxy=userland_proxy,
+        firewall_backend=backend,
+    )
+    launched = launcher.launch(options, workdir / "pyengined.log")
+    daemon = BenchDaemon(name, bip, userland_proxy, backend, workdir, launched.process)
     try:
         wait_until_answering(daemon, f"pyengined {name}")
         return daemon

@@ -5,7 +5,7 @@
 
 A listing sits between ``<!-- capture: NAME -->`` and ``<!-- /capture -->``; all of it is
 replaced by what the recipe NAME below produces now. Recipes run commands against the
-namespace lab (lab/lab.py) brought up with its defaults, so the docs show the names a reader
+namespace lab (lab/) brought up with its defaults, so the docs show the names a reader
 gets: lab directory /var/lib/pyengine-lab, bridges pyelab-proxy and pyelab-dnat, ports 8081 and
 8082. The lab is brought up with the nftables backend, the nftables recipes run, it is brought
 down, then the same with the iptables backend. A lab already up in that directory is refused
@@ -35,11 +35,10 @@ DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
 sys.path.insert(0, str(REPO))
 
-from lab import lab as labmod  # noqa: E402
-from lab.lab import (  # noqa: E402
-    EXERCISES,
-    LabOptions,
-    LabState,
+from lab.exercises import EXERCISES  # noqa: E402
+from lab.lifecycle import down, status_text, up  # noqa: E402
+from lab.plan import DEFAULT_DIR, LabDaemon, LabOptions, LabState  # noqa: E402
+from lab.runner import (  # noqa: E402
     StepResult,
     render_section,
     render_step,
@@ -63,7 +62,7 @@ class Capture:
     up_output: str = ""
     exercises: dict[str, str] = field(default_factory=dict)
 
-    def daemon(self, role: str) -> labmod.LabDaemon:
+    def daemon(self, role: str) -> LabDaemon:
         return self.lab.daemon(role)
 
     def pyengine(self, role: str) -> str:
@@ -178,7 +177,7 @@ def net_nft_dnat(cap: Capture) -> str:
 def net_nft_diff(cap: Capture) -> str:
     p, d = cap.daemon("proxy"), cap.daemon("dnat")
 
-    def normalised(x: labmod.LabDaemon) -> str:
+    def normalised(x: LabDaemon) -> str:
         # nft -s: stateless, without the counters the exercises changed
         subnet = x.subnet.rsplit(".", 2)[0].replace(".", "\\.")
         return (
@@ -450,13 +449,13 @@ def trouble_lab(_cap: Capture) -> str:
 def _capture_phase(backend: str, wanted: dict[str, Recipe], with_down: bool) -> dict[str, str]:
     """Bring the lab up with ``backend``, run the exercises the recipes show (``publish``
     always: the other recipes look at its containers), run the recipes, bring it down."""
-    directory = labmod.DEFAULT_DIR
+    directory = DEFAULT_DIR
     echoed: list[str] = []
     click.echo(f"capture: bringing the lab up ({backend})", err=True)
-    lab = labmod.up(LabOptions(directory=directory, firewall_backend=backend), echo=echoed.append)
+    lab = up(LabOptions(directory=directory, firewall_backend=backend), echo=echoed.append)
     results: dict[str, str] = {}
     try:
-        cap = Capture(lab, "\n".join(echoed) + "\n\n" + labmod.status_text(lab))
+        cap = Capture(lab, "\n".join(echoed) + "\n\n" + status_text(lab))
         shown = {getattr(fn, "exercise", "") for fn in wanted.values()}
         for name, exercise in EXERCISES.items():
             if name != "publish" and name not in shown:
@@ -470,7 +469,7 @@ def _capture_phase(backend: str, wanted: dict[str, Recipe], with_down: bool) -> 
             results[name] = fn(cap)
     finally:
         down_lines: list[str] = []
-        left = labmod.down(directory, echo=down_lines.append)
+        left = down(directory, echo=down_lines.append)
         if left:
             raise click.ClickException("the lab left: " + ", ".join(left))
     if with_down:

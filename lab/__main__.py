@@ -1,3 +1,3 @@
-from lab.lab import main
+from lab.cli import main
 
 main(prog_name="python -m lab")

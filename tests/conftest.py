@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from engine.launcher import DaemonOptions, LaunchError, launch, stop_process
 
 IN_CI = os.environ.get("CI") == "true"
 REPO = Path(__file__).resolve().parent.parent
@@ -102,52 +102,40 @@ def start_daemon(
 ) -> Daemon:
     require_root()
     require_tool("runc")
-    data_root = tmp / "data"
-    sock = tmp / "pyengine.sock"
-    log_path = tmp / "pyengined.log"
-    cmd = [
-        str(BIN / "pyengined"),
-        "-H",
-        f"unix://{sock}",
-        "--data-root",
-        str(data_root),
-        "--bridge",
+    options = DaemonOptions(
+        socket_path=tmp / "pyengine.sock",
+        data_root=tmp / "data",
+        bridge=name,
+        bip=bip,
+        firewall_table=name,
+        userland_proxy=userland_proxy,
+        extra_args=extra_args,
+    )
+    launched = launch(options, tmp / "pyengined.log")
+    daemon = Daemon(
+        options.host,
+        options.data_root,
         name,
-        "--bip",
         bip,
-        "--firewall-table",
         name,
-        f"--userland-proxy={'true' if userland_proxy else 'false'}",
-        *extra_args,
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    daemon = Daemon(f"unix://{sock}", data_root, name, bip, name, userland_proxy, process, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"pyengined exited at start:\n{daemon.log()}")
-        if sock.exists() and daemon.cli("version").returncode == 0:
-            return daemon
-        time.sleep(0.1)
-    stop_daemon(daemon)
-    raise AssertionError(f"pyengined did not answer within {timeout} s:\n{daemon.log()}")
+        userland_proxy,
+        launched.process,
+        launched.log_path,
+    )
+    try:
+        launched.wait_until_answering(timeout=timeout)
+    except LaunchError as exc:
+        if exc.returncode is not None:
+            raise AssertionError(f"pyengined exited at start:\n{daemon.log()}") from None
+        stop_daemon(daemon)
+        raise AssertionError(
+            f"pyengined did not answer within {timeout} s:\n{daemon.log()}"
+        ) from None
+    return daemon
 
 
 def stop_daemon(daemon: Daemon) -> None:
-    if daemon.process.poll() is None:
-        daemon.process.send_signal(signal.SIGTERM)
-        try:
-            daemon.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.process.kill()
-            daemon.process.wait()
+    stop_process(daemon.process)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The namespace lab (lab/lab.py): ``up``/``down``/``status`` and every exercise of
+"""The namespace lab (lab/, python -m lab): ``up``/``down``/``status`` and every exercise of
 docs/lab.md, run through the real command line against real daemons, namespaces and packets.
 
 The lab under test uses names and addresses no other test uses: prefix ``pyelabt`` (links
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lab.lab import LabError, LabOptions, plan
+from lab.plan import LabError, LabOptions, plan
 from tests.conftest import REPO, require_root, require_tool
 from tests.netns_helpers import free_port_block, links_with_prefix, netns_with_prefix
 
