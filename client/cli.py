@@ -18,12 +18,13 @@ from typing import Any, NoReturn
 import click
 
 from client.http import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
+from common.credentials import CredentialsError, CredentialStore, default_credentials_path
 from common.reference import Reference
-from engine.images.registry_auth import CredentialsError, CredentialStore, default_credentials_path
-from engine.runtime.seccomp import MAX_PROFILE_BYTES
 from netd.portspec import parse_publish, to_docker_port_bindings
 
 DEFAULT_HOST = "unix:///run/pyengine.sock"
+# The most of a --security-opt seccomp=<file> the client reads; the daemon enforces its own cap.
+MAX_SECCOMP_PROFILE_BYTES = 1 << 20
 
 
 def _client(ctx: click.Context) -> Client:
@@ -196,9 +197,9 @@ def _security_opts(opts: tuple[str, ...]) -> list[str]:
         if key == "seccomp" and sep and value not in ("unconfined", "builtin"):
             try:
                 with open(value, "rb") as f:
-                    raw = f.read(MAX_PROFILE_BYTES + 1)
-                if len(raw) > MAX_PROFILE_BYTES:
-                    raise ValueError(f"larger than {MAX_PROFILE_BYTES} bytes")
+                    raw = f.read(MAX_SECCOMP_PROFILE_BYTES + 1)
+                if len(raw) > MAX_SECCOMP_PROFILE_BYTES:
+                    raise ValueError(f"larger than {MAX_SECCOMP_PROFILE_BYTES} bytes")
                 profile = json.loads(raw)
             except (OSError, ValueError, RecursionError) as e:
                 _fail(f"pyengine: invalid seccomp profile {value!r}: {e}", 125)

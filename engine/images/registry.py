@@ -64,14 +64,14 @@ from typing import Any
 
 import aiohttp
 
-from common.reference import Reference
-from engine.images.registry_auth import (
+from common.credentials import (
     CredentialsError,
     CredentialStore,
     credentials_for,
     default_credentials_path,
     registry_key,
 )
+from common.reference import Reference
 from engine.images.registry_client import (
     DEFAULT_INSECURE_REGISTRIES,
     USER_AGENT,
