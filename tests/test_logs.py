@@ -1,8 +1,9 @@
 """json-file log rotation (Docker's ``--log-opt max-size=... --log-opt max-file=...``).
 
-The writer (the monitor's JsonFileLog) and the reader (the engine's log reader) are checked on
-their own first, then through a real daemon: a busybox container prints numbered lines, the
-files stay bounded, and ``logs`` / ``logs -f`` give the lines in order across rotated files.
+The writer (JsonFileLog, run by the monitor) and the reader (JsonLogReader, the engine's), both
+in engine.runtime.jsonlog, are checked on their own first, then through a real daemon: a busybox
+container prints numbered lines, the files stay bounded, and ``logs`` / ``logs -f`` give the
+lines in order across rotated files.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.lifecycle.engine import _JsonLogReader
-from engine.runtime.monitor import (
+from engine.runtime.jsonlog import (
     JsonFileLog,
+    JsonLogReader,
     LogOptions,
     parse_log_config,
     parse_log_size,
@@ -98,7 +99,7 @@ def test_writer_rotates_and_reader_reads_across_files(tmp_path: Path) -> None:
         assert f.stat().st_size <= 2000, f"{f.name} is {f.stat().st_size} bytes"
         for line in f.read_text().splitlines():
             json.loads(line)  # every file holds whole entries only
-    reader = _JsonLogReader(path)
+    reader = JsonLogReader(path)
     got = numbers([e.text for e in reader.read_new()])
     reader.close()
     assert_contiguous_suffix(got, 999)
@@ -113,7 +114,7 @@ def test_max_file_one_truncates(tmp_path: Path) -> None:
     log.close()
     assert log_files(path) == [path]
     assert path.stat().st_size <= 1000
-    reader = _JsonLogReader(path)
+    reader = JsonLogReader(path)
     assert_contiguous_suffix(numbers([e.text for e in reader.read_new()]), 199)
     reader.close()
 
@@ -126,7 +127,7 @@ def test_follow_across_rotations(tmp_path: Path, max_files: int) -> None:
     path = tmp_path / "container.log"
     log = JsonFileLog(path, LogOptions(max_size=500, max_files=max_files))
     log.open()
-    reader = _JsonLogReader(path)
+    reader = JsonLogReader(path)
     got: list[int] = []
     for batch in range(60):
         write_lines(log, batch * 5, 5)  # ~350 bytes: at most one rotation per batch
@@ -142,7 +143,7 @@ def test_attach_reader_starts_at_the_end(tmp_path: Path) -> None:
     log = JsonFileLog(path, LogOptions(max_size=2000, max_files=2))
     log.open()
     write_lines(log, 0, 20)  # ~1400 bytes: the next 20 lines rotate once
-    reader = _JsonLogReader(path, start_at_end=True)
+    reader = JsonLogReader(path, start_at_end=True)
     write_lines(log, 20, 20)
     got = numbers([e.text for e in reader.read_new()])
     log.close()

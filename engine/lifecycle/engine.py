@@ -39,8 +39,7 @@ from engine.lifecycle.networking import (
     proxy_protocol_labels,
 )
 from engine.runtime import bundle, rootfs, seccomp, userdb
-from engine.runtime.jsonlog import JsonLogReader, LogEntry
-from engine.runtime.monitor import LogOptions, parse_log_config
+from engine.runtime.jsonlog import JsonLogReader, LogEntry, LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError, Runtime
 from netd.controller import Endpoint, NetdError, Network, NetworkController, PublishedPort
 from netd.dns.resolvconf import HOST_RESOLV_CONF, container_resolv_conf
