@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.images.registry_auth import CredentialsError, CredentialStore, default_credentials_path
-from engine.runtime.seccomp import MAX_PROFILE_BYTES
+from common.credentials import CredentialsError, CredentialStore, default_credentials_path
+
+# The most of a profile the client reads; the daemon enforces its own cap on what it is sent.
+MAX_PROFILE_BYTES = 1 << 20
 
 __all__ = ["CredentialStore", "CredentialsError", "credentials", "read_seccomp_profile"]
 

@@ -26,14 +26,8 @@ import pytest
 from common.reference import Reference, familiar, normalize
 from engine.images import build as imagebuild
 from engine.images.layers import LayerError, unpack_layer
-from engine.images.store import (
-    Image,
-    ImageConflict,
-    ImageLoadError,
-    ImageNotFound,
-    ImageStore,
-    host_architecture,
-)
+from engine.images.oci import host_architecture
+from engine.images.store import Image, ImageConflict, ImageLoadError, ImageNotFound, ImageStore
 from tests.conftest import REPO, require, require_root
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -1,8 +1,9 @@
 """json-file log rotation (Docker's ``--log-opt max-size=... --log-opt max-file=...``).
 
-The writer (the monitor's JsonFileLog) and the reader (the engine's log reader) are checked on
-their own first, then through a real daemon: a busybox container prints numbered lines, the
-files stay bounded, and ``logs`` / ``logs -f`` give the lines in order across rotated files.
+The writer (JsonFileLog, run by the monitor) and the reader (JsonLogReader, the engine's), both
+in engine.runtime.jsonlog, are checked on their own first, then through a real daemon: a busybox
+container prints numbered lines, the files stay bounded, and ``logs`` / ``logs -f`` give the
+lines in order across rotated files.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.runtime.jsonlog import JsonLogReader
-from engine.runtime.monitor import (
+from engine.runtime.jsonlog import (
     JsonFileLog,
+    JsonLogReader,
     LogOptions,
     parse_log_config,
     parse_log_size,

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from engine.images.registry_auth import CredentialStore
+from common.credentials import CredentialStore
 from tests.conftest import (
     BIN,
     Daemon,

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from engine.runtime import bundle, rootfs, userdb
-from engine.runtime.monitor import MAX_LOG_LINE, JsonFileLog
+from engine.runtime.jsonlog import MAX_LOG_LINE, JsonFileLog
 from engine.runtime.runc import ContainerStartError, ExitStatus, Runtime
 from netd.dns.resolvconf import HOST_RESOLV_CONF, bridge_resolv_conf
 from tests.conftest import require_root, require_tool

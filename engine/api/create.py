@@ -15,7 +15,7 @@ from engine.api.bodies import CONTAINER_CREATE, check
 from engine.api.common import BadParameter, NotImplementedByEngine
 from engine.api.networks import check_endpoint_config
 from engine.lifecycle.networking import UNSUPPORTED_NETWORK_MODES
-from engine.runtime.monitor import parse_log_config
+from engine.runtime.jsonlog import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
 
 # Container settings pyengined cannot honour yet. Set to anything but their empty value, the

@@ -30,7 +30,7 @@ from typing import Any
 
 from common.reference import normalize
 from common.timefmt import utc_rfc3339
-from engine.images.store import (
+from engine.images.oci import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
     MEDIA_OCI_CONFIG,

@@ -64,13 +64,20 @@ from typing import Any
 
 import aiohttp
 
-from common.reference import Reference
-from engine.images.registry_auth import (
+from common.credentials import (
     CredentialsError,
     CredentialStore,
     credentials_for,
     default_credentials_path,
     registry_key,
+)
+from common.reference import Reference
+from engine.images.oci import (
+    MEDIA_DOCKER_LIST,
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_OCI_CONFIG,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
 )
 from engine.images.registry_client import (
     DEFAULT_INSECURE_REGISTRIES,
@@ -81,17 +88,7 @@ from engine.images.registry_client import (
     registry_base_url,
     registry_host,
 )
-from engine.images.store import (
-    MEDIA_DOCKER_LIST,
-    MEDIA_DOCKER_MANIFEST,
-    MEDIA_OCI_CONFIG,
-    MEDIA_OCI_INDEX,
-    MEDIA_OCI_MANIFEST,
-    Image,
-    ImageLoadError,
-    ImageNotFound,
-    ImageStore,
-)
+from engine.images.store import Image, ImageLoadError, ImageNotFound, ImageStore
 
 __all__ = [
     "DEFAULT_INSECURE_REGISTRIES",

@@ -27,13 +27,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from common.credentials import DOCKER_HUB_HOST
 from common.reference import DEFAULT_DOMAIN
-from engine.images.registry_auth import (
-    DOCKER_HUB_HOST,
-    Challenge,
-    basic_authorization,
-    parse_challenges,
-)
+from engine.images.registry_auth import Challenge, basic_authorization, parse_challenges
 
 DEFAULT_INSECURE_REGISTRIES: frozenset[str] = frozenset({"localhost", "127.0.0.0/8"})
 USER_AGENT = "pyengine/0.1"

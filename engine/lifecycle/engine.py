@@ -43,8 +43,7 @@ from engine.lifecycle.networking import (
 )
 from engine.lifecycle.output import Output
 from engine.runtime import bundle, rootfs, seccomp, userdb
-from engine.runtime.jsonlog import LogEntry
-from engine.runtime.monitor import LogOptions, parse_log_config
+from engine.runtime.jsonlog import LogEntry, LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError
 from netd import (
     NetdError,

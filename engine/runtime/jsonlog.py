@@ -1,4 +1,12 @@
-"""Reading a container's json-file log (monitor.JsonFileLog writes it) in bounded pieces.
+"""Docker's json-file log format: the options, the writer and the reader, in one place.
+
+One JSON object per line, ``{"log": ..., "stream": "stdout"|"stderr", "time": RFC 3339 nano}``,
+in ``container.log``; with ``--log-opt max-size=10m --log-opt max-file=3`` the file rotates as
+Docker's json-file driver does: ``container.log`` becomes ``container.log.1``, ``.1`` becomes
+``.2`` and so on, and at most ``max-file`` files are kept, the current one included.
+
+The writer (JsonFileLog) runs in the container's monitor (engine.runtime.monitor), a process of
+its own: this module stays importable with the standard library and common/ alone.
 
 A log can be as large as the container cares to make it (no max-size: Docker's default), so no
 read here holds more than a block of it at a time: ``read_batch`` reads forward at most
@@ -9,21 +17,181 @@ them in a thread (asyncio.to_thread), never on the event loop.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
+import re
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-from engine.runtime.monitor import rotated_log_path
+from common.timefmt import utc_rfc3339
 
+# Docker's json-file driver splits lines longer than this into several entries.
+MAX_LOG_LINE = 16 * 1024
+LOG_OPTIONS = ("max-size", "max-file")
+# Docker reads max-size with go-units' RAMInBytes: binary multiples, "10m" = 10 MiB.
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?", re.IGNORECASE | re.ASCII)
+# Sizes are int64 in Docker; the file count bounds the rotation's rename loop.
+MAX_LOG_SIZE = (1 << 63) - 1
+MAX_LOG_FILES = 1024
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 READ_LIMIT = 1 << 20  # bytes per forward read
 TAIL_BLOCK = 64 << 10  # bytes per backward read
 # A json-file line holds at most 16 KiB of output (MAX_LOG_LINE), ~100 KiB once escaped; a
 # longer one is no line the monitor wrote and is skipped rather than buffered without end.
 MAX_LINE = 1 << 20
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """The json-file driver's rotation: ``max_size`` bytes per file (0: no rotation) and at
+    most ``max_files`` files, the current one included."""
+
+    max_size: int = 0
+    max_files: int = 1
+
+
+def parse_log_size(text: str) -> int:
+    """'10m' → 10485760, '512k', '1g', '100' (bytes); ValueError when it is not a size."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"invalid size: {text!r}")
+    size = float(match[1]) * _SIZE_UNITS[match[2].lower()]
+    if not size <= MAX_LOG_SIZE:  # also inf, from a number of hundreds of digits
+        raise ValueError(f"invalid size: {text!r} (too large)")
+    return int(size)
+
+
+def parse_log_config(log_config: dict[str, Any] | None) -> LogOptions:
+    """HostConfig.LogConfig → LogOptions; ValueError with Docker's wording when it is not a
+    json-file configuration this monitor can honour."""
+    log_config = log_config or {}
+    driver = log_config.get("Type") or "json-file"
+    if driver != "json-file":
+        raise ValueError(f"log driver {driver!r} is not supported (json-file only)")
+    options = log_config.get("Config") or {}
+    if not isinstance(options, dict):
+        raise ValueError("LogConfig.Config must be an object")
+    for key in options:
+        if key not in LOG_OPTIONS:
+            raise ValueError(f"unknown log opt '{key}' for json-file log driver")
+    max_size = 0
+    if options.get("max-size"):
+        max_size = parse_log_size(str(options["max-size"]))
+        if max_size <= 0:
+            raise ValueError("max-size must be a positive size")
+    max_files = 1
+    if options.get("max-file"):
+        text = str(options["max-file"])
+        if not (text.isascii() and text.isdigit() and len(text) <= 6):
+            raise ValueError(f"invalid max-file: {text!r}")
+        max_files = int(text)
+        if max_files < 1:
+            raise ValueError("max-file cannot be less than 1")
+        if max_files > MAX_LOG_FILES:
+            raise ValueError(f"max-file cannot be more than {MAX_LOG_FILES}")
+    return LogOptions(max_size=max_size, max_files=max_files)
+
+
+def rotated_log_path(path: Path, index: int) -> Path:
+    """``container.log`` for 0, ``container.log.N`` for the N-th newest rotated file."""
+    return path if index == 0 else path.with_name(f"{path.name}.{index}")
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class JsonFileLog:
+    """Writes container output as Docker's json-file driver does: one JSON object per line,
+    ``{"log": ..., "stream": "stdout"|"stderr", "time": RFC 3339 nano}``."""
+
+    path: Path
+    options: LogOptions = field(default_factory=LogOptions)
+    fd: int = -1
+    size: int = 0  # bytes in the current file
+    decoders: dict[str, codecs.IncrementalDecoder] = field(default_factory=dict)
+    write_failed: bool = False
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self.fd).st_size
+
+    def _rotate(self) -> None:
+        """Shift ``.1`` → ``.2`` ... (the oldest beyond max-file goes), the current file to
+        ``.1``, and start an empty one. Readers that hold the old file open finish reading it
+        (rename(2) keeps the inode) and then move on to the next newer file."""
+        os.close(self.fd)
+        self.fd = -1
+        keep = self.options.max_files - 1  # rotated files kept besides the current one
+        try:
+            if keep == 0:
+                self.path.unlink(missing_ok=True)
+            else:
+                rotated_log_path(self.path, keep).unlink(missing_ok=True)
+                for index in range(keep - 1, 0, -1):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.rename(
+                            rotated_log_path(self.path, index),
+                            rotated_log_path(self.path, index + 1),
+                        )
+                os.rename(self.path, rotated_log_path(self.path, 1))
+        finally:
+            self.open()  # even after a failed rename: keep logging, to the old file if need be
+
+    def _decoder(self, stream: str) -> codecs.IncrementalDecoder:
+        if stream not in self.decoders:
+            self.decoders[stream] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return self.decoders[stream]
+
+    def _emit(self, stream: str, chunk: bytes, final: bool = False) -> None:
+        # The decoder keeps an incomplete UTF-8 sequence for the next chunk.
+        text = self._decoder(stream).decode(chunk, final=final)
+        if not text:
+            return
+        entry = {"log": text, "stream": stream, "time": utc_rfc3339()}
+        line = json.dumps(entry, ensure_ascii=False, separators=(",", ":")) + "\n"
+        data = line.encode("utf-8", errors="replace")
+        try:
+            # Rotate before a line that would push the file past max-size, so that every file
+            # stays within it (a single line longer than max-size still gets a file of its own).
+            max_size = self.options.max_size
+            if max_size and self.size and self.size + len(data) > max_size:
+                self._rotate()
+            os.write(self.fd, data)
+            self.size += len(data)
+        except OSError as exc:
+            # A full disk must not take the container down with it (Docker drops the line too).
+            if not self.write_failed:
+                print(f"monitor: cannot write to {self.path}: {exc}", file=sys.stderr)
+            self.write_failed = True
+
+    def write(self, stream: str, data: bytes) -> None:
+        """One entry per line; a line over 16 KiB is cut; a trailing partial line is written
+        as it is, without its newline."""
+        while data:
+            newline = data.find(b"\n", 0, MAX_LOG_LINE)
+            cut = newline + 1 if newline >= 0 else min(len(data), MAX_LOG_LINE)
+            self._emit(stream, data[:cut])
+            data = data[cut:]
+
+    def finish(self, stream: str) -> None:
+        self._emit(stream, b"", final=True)
+
+    def close(self) -> None:
+        for stream in list(self.decoders):
+            self.finish(stream)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- reading ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

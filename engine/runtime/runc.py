@@ -16,7 +16,8 @@ from pathlib import Path
 from common import errors
 from common.jsonstate import CorruptRecord, read_record, set_aside
 from common.timefmt import utc_rfc3339
-from engine.runtime.monitor import LogOptions, one_line
+from engine.runtime.jsonlog import LogOptions
+from engine.runtime.monitor import one_line
 from proxy.handshake import read_status
 
 START_TIMEOUT = 30.0
