@@ -27,6 +27,17 @@ def split(path: str) -> list[str]:
     return [p for p in path.split("/") if p not in ("", ".")]
 
 
+def relative_parts(name: str, root: str) -> list[str]:
+    """The components of a member's path inside an archive or layer (``root`` names it in the
+    message); ValueError when the path is absolute or climbs out with ``..``."""
+    if name.startswith("/"):
+        raise ValueError(f"{name!r} is an absolute path")
+    parts = split(name)
+    if ".." in parts:
+        raise ValueError(f"{name!r} escapes {root}")
+    return parts
+
+
 def _loop(name: str) -> OSError:
     return OSError(errno.ELOOP, os.strerror(errno.ELOOP), name)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from engine import inroot
 from engine.images.image import ImageLoadError
 from engine.images.layers import GZIP_MAGIC, MAX_SYMLINK_HOPS, ZSTD_MAGIC
 from engine.images.oci import (
@@ -44,12 +45,10 @@ _MAX_INDEX_DEPTH = 4
 
 
 def _member_parts(name: str) -> list[str]:
-    if name.startswith("/"):
-        raise ImageLoadError(f"archive member {name!r} is an absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ImageLoadError(f"archive member {name!r} escapes the archive")
-    return parts
+    try:
+        return inroot.relative_parts(name, "the archive")
+    except ValueError as e:
+        raise ImageLoadError(f"archive member {e}") from None
 
 
 @dataclass
@@ -83,7 +82,7 @@ class StagedArchive:
 
     def path(self, name: str) -> Path:
         """The staged file for ``name``, following the archive's own symlinks."""
-        parts = [p for p in name.split("/") if p not in ("", ".")]
+        parts = inroot.split(name)
         for _ in range(MAX_SYMLINK_HOPS):
             key = "/".join(parts)
             if key in self.files:

@@ -99,12 +99,10 @@ def diff_id_of(path: Path) -> str:
 
 def _clean_parts(name: str, what: str) -> list[str]:
     """The components of a member path, refusing anything that could leave the root."""
-    if name.startswith("/"):
-        raise LayerError(f"{what} {name!r} is an absolute path")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise LayerError(f"{what} {name!r} escapes the layer root")
-    return parts
+    try:
+        return inroot.relative_parts(name, "the layer root")
+    except ValueError as e:
+        raise LayerError(f"{what} {e}") from None
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
