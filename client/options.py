@@ -65,6 +65,9 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 "--network-alias", "aliases", multiple=True, help="A name on that network."
             ),
             click.option(
+                "--mac-address", default=None, help="MAC address on that network (aa:bb:...)."
+            ),
+            click.option(
                 "--security-opt",
                 "security_opts",
                 multiple=True,
@@ -93,6 +96,7 @@ class ContainerOptions:
     ip6: str | None
     aliases: tuple[str, ...]
     security_opts: tuple[str, ...] = ()
+    mac_address: str | None = None
 
 
 def container_config(
@@ -109,6 +113,9 @@ def container_config(
     env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in opts.env]
     return {
         "Image": image,
+        # The client speaks API 1.41: the MAC is the container-wide field, which the daemon
+        # puts on the NetworkMode network's endpoint (and checks).
+        "MacAddress": opts.mac_address or "",
         "Cmd": list(command) or None,
         "Entrypoint": [opts.entrypoint] if opts.entrypoint is not None else None,
         "Env": env_list,

@@ -168,6 +168,7 @@ class Network:
     labels: dict[str, str] = field(default_factory=dict)
     created: str = ""
     state: str = READY
+    attachable: bool = False  # Docker's flag, kept and shown (it means nothing without swarm)
 
     @property
     def interface(self) -> IPv4Interface:

@@ -1,4 +1,4 @@
-"""The Docker Engine API (v1.41 shapes) over aiohttp: translation between HTTP and the engine.
+"""The Docker Engine API (v1.24 to v1.47) over aiohttp: translation between HTTP and the engine.
 
 The parts: api_system (ping, version, info), api_containers, api_images (and ``/auth``),
 api_networks (the default bridge and user-defined networks). Every route is served with and
@@ -25,7 +25,8 @@ from engine.api.common import (
 from engine.api.containers import ContainersApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
-from engine.api.system import API_VERSION, MIN_API_VERSION, SystemApi
+from engine.api.system import SystemApi
+from engine.api.version import API_VERSION, MIN_API_VERSION, ApiVersion, set_api_version
 from engine.lifecycle.engine import Engine
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -117,27 +118,25 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, _one_line(f"{type(e).__name__}: {e}"))
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in version.split("."))
-
-
 @web.middleware
 async def version_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Docker's API version check on ``/v1.NN/...`` paths."""
-    version = request.match_info.get("version")
-    if version:
-        if _version_tuple(version) > _version_tuple(API_VERSION):
+    """Docker's API version check on ``/v1.NN/...`` paths; the version, parsed, goes on the
+    request for the handlers (``engine.api.version.api_version``)."""
+    text = request.match_info.get("version")
+    if text:
+        version = ApiVersion.parse(text)  # the route's pattern admits only digits.digits
+        if version > API_VERSION:
             return error_response(
                 400,
-                f"client version {version} is too new. Maximum supported API version is "
-                f"{API_VERSION}",
+                f"client version {text} is too new. Maximum supported API version is {API_VERSION}",
             )
-        if _version_tuple(version) < _version_tuple(MIN_API_VERSION):
+        if version < MIN_API_VERSION:
             return error_response(
                 400,
-                f"client version {version} is too old. Minimum supported API version is "
+                f"client version {text} is too old. Minimum supported API version is "
                 f"{MIN_API_VERSION}, please upgrade your client to a newer version",
             )
+        set_api_version(request, version)
     return await handler(request)
 
 

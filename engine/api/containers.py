@@ -39,6 +39,7 @@ from engine.api.common import (
 )
 from engine.api.create import parse_create_body, port_key
 from engine.api.networks import NetworksApi
+from engine.api.version import API_VERSION, V1_44, V1_46, ApiVersion, api_version
 from engine.images.store import ImageNotFound
 from engine.lifecycle.containers import Container
 from engine.lifecycle.engine import (
@@ -171,7 +172,9 @@ class ContainersApi:
             return "Removal In Progress"
         return "Created"
 
-    def summary(self, c: Container, size: bool = False) -> dict[str, Any]:
+    def summary(
+        self, c: Container, size: bool = False, version: ApiVersion = API_VERSION
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {
             "Id": c.id,
             "Names": [f"/{c.name}"],
@@ -184,9 +187,11 @@ class ContainersApi:
             "State": c.state.status,
             "Status": self._status_text(c),
             "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
-            "NetworkSettings": {"Networks": self.networks.container_networks(c)},
+            "NetworkSettings": {"Networks": self.networks.container_networks(c, version)},
             "Mounts": [],
         }
+        if version.at_least(V1_46) and c.host_config.get("Annotations"):
+            out["HostConfig"]["Annotations"] = c.host_config["Annotations"]
         if size:
             upper = self.engine.containers.dir(c) / "overlay" / "upper"
             rw = _tree_size(str(upper))
@@ -197,10 +202,10 @@ class ContainersApi:
             out.update(SizeRw=rw, SizeRootFs=rw + image_size)
         return out
 
-    def inspect(self, c: Container) -> dict[str, Any]:
+    def inspect(self, c: Container, version: ApiVersion = API_VERSION) -> dict[str, Any]:
         s = c.state
         n = c.network
-        networks = self.networks.container_networks(c)
+        networks = self.networks.container_networks(c, version)
         default = networks.get(DEFAULT_NETWORK) or {}
         cdir = self.engine.containers.dir(c)
         host_config = {
@@ -250,6 +255,9 @@ class ContainersApi:
         }
         if c.config.get("StopTimeout") is not None:
             config["StopTimeout"] = c.config["StopTimeout"]
+        first = self.engine.attachments(c)[0]
+        if version.below(V1_44) and first.mac:  # Config.MacAddress: the first network's
+            config["MacAddress"] = first.mac
         return {
             "Id": c.id,
             "Created": c.created,
@@ -384,11 +392,12 @@ class ContainersApi:
         if limit > 0:
             chosen = chosen[:limit]
         size = flag(request, "size")
-        return json_response([self.summary(c, size) for c in chosen])
+        version = api_version(request)
+        return json_response([self.summary(c, size, version) for c in chosen])
 
     async def inspect_handler(self, request: web.Request) -> web.Response:
         c = self.engine.containers.get(request.match_info["id"])
-        out = self.inspect(c)
+        out = self.inspect(c, api_version(request))
         if flag(request, "size"):
             out.update({k: v for k, v in self.summary(c, True).items() if k.startswith("Size")})
         return json_response(out)
@@ -396,7 +405,7 @@ class ContainersApi:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def create(self, request: web.Request) -> web.Response:
-        create = parse_create_body(await json_body(request))
+        create = parse_create_body(await json_body(request), api_version(request))
         platform = request.query.get("platform")
         if platform:
             self._check_platform(create.config.get("Image") or "", platform)
@@ -404,7 +413,7 @@ class ContainersApi:
         c = await self.engine.create(
             name, create.config, create.host_config, create.endpoints, create.port_bindings
         )
-        return json_response({"Id": c.id, "Warnings": []}, status=201)
+        return json_response({"Id": c.id, "Warnings": create.warnings}, status=201)
 
     def _check_platform(self, image_ref: str, platform: str) -> None:
         os_name, _, arch = platform.partition("/")

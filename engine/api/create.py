@@ -14,6 +14,7 @@ from common.ports import PortBinding, PortKey, UnsupportedProtocol, parse_port_b
 from engine.api.bodies import CONTAINER_CREATE, check
 from engine.api.common import BadParameter, NotImplementedByEngine
 from engine.api.networks import check_endpoint_config
+from engine.api.version import API_VERSION, V1_44, ApiVersion
 from engine.lifecycle.networking import UNSUPPORTED_NETWORK_MODES
 from engine.runtime.jsonlog import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
@@ -67,8 +68,11 @@ UNSUPPORTED_CONFIG = {
     "Tty": "a TTY (-t)",
     "OpenStdin": "interactive stdin (-i)",
     "Volumes": "volumes",
-    "MacAddress": "--mac-address",
 }
+MAC_DEPRECATED = (
+    "The container-wide MacAddress field is now deprecated. It should be specified in "
+    "EndpointsConfig instead."
+)
 
 
 def _is_empty(value: Any) -> bool:
@@ -85,11 +89,62 @@ def port_key(text: str) -> PortKey:
         raise BadParameter(str(e)) from None
 
 
+def _mode_endpoint(mode: str, endpoints: dict[str, Any]) -> dict[str, Any]:
+    """The EndpointsConfig entry of the NetworkMode's network, made when there is none (moby's
+    epConfigForNetMode): the entry under the mode's name, or the only entry."""
+    key = mode or "default"
+    if not endpoints:
+        endpoints[key] = {}
+    if key in endpoints:
+        entry = endpoints[key]
+    elif len(endpoints) == 1:
+        entry = next(iter(endpoints.values()))
+    else:
+        raise BadParameter(
+            "HostConfig.NetworkMode must match the identity of a network in "
+            "NetworkSettings.Networks"
+        )
+    if entry is None:
+        entry = endpoints[key] = {}
+    return entry
+
+
+def migrate_mac_address(
+    config: dict[str, Any], mode: str, endpoints: dict[str, Any], version: ApiVersion
+) -> list[str]:
+    """``Config.MacAddress`` onto the NetworkMode network's endpoint, as Docker does (moby's
+    handleMACAddressBC): below 1.44 it is the only MAC a create sets; from 1.44 it is
+    deprecated, moved with a warning, and must agree with that endpoint's own. Returns the
+    warnings."""
+    mac = config.pop("MacAddress", None) or ""
+    if version.below(V1_44):
+        for endpoint in endpoints.values():
+            if isinstance(endpoint, dict):
+                endpoint.pop("MacAddress", None)
+        if mac:
+            _mode_endpoint(mode, endpoints)["MacAddress"] = mac
+        return []
+    if not mac:
+        return []
+    endpoint = _mode_endpoint(mode, endpoints)
+    if not endpoint.get("MacAddress"):
+        endpoint["MacAddress"] = mac
+    elif endpoint["MacAddress"].lower() != mac.lower():
+        raise BadParameter(
+            "the container-wide MAC address must match the endpoint-specific MAC address for "
+            "the main network, or be left empty"
+        )
+    return [MAC_DEPRECATED]
+
+
 def check_create_body(
-    config: dict[str, Any], host_config: dict[str, Any], networking: dict[str, Any]
-) -> None:
+    config: dict[str, Any],
+    host_config: dict[str, Any],
+    networking: dict[str, Any],
+    version: ApiVersion = API_VERSION,
+) -> list[str]:
     """Refuse what pyengined cannot run as asked (501) and what Docker refuses itself (400);
-    the types are already the schema's."""
+    the types are already the schema's. Returns the create's warnings."""
     for key, what in UNSUPPORTED_CONFIG.items():
         if not _is_empty(config.get(key)):
             raise NotImplementedByEngine(f"{what} is not supported by pyengined")
@@ -135,9 +190,18 @@ def check_create_body(
         raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
     # The networks themselves are checked by the engine: a missing one is a 400, not Docker's
     # 404, because the docker CLI takes any 404 from create for a missing image and pulls.
-    endpoints = (networking or {}).get("EndpointsConfig") or {}
+    endpoints = networking.get("EndpointsConfig") or {}
+    if version.below(V1_44) and len(endpoints) > 1:
+        raise BadParameter(
+            "Container cannot be connected to network endpoints: " + ", ".join(endpoints)
+        )
+    warnings = migrate_mac_address(config, mode, endpoints, version)
     for endpoint in endpoints.values():
+        # The MACs are what migrate_mac_address left, at any version: checked as 1.44's.
         check_endpoint_config(endpoint)
+    if endpoints:
+        networking["EndpointsConfig"] = endpoints
+    return warnings
 
 
 @dataclass
@@ -149,15 +213,19 @@ class CreateRequest:
     host_config: dict[str, Any]
     endpoints: dict[str, Any] | None
     port_bindings: list[PortBinding]  # HostConfig.PortBindings, parsed
+    warnings: list[str]
 
 
-def parse_create_body(body: dict[str, Any]) -> CreateRequest:
+def parse_create_body(body: dict[str, Any], version: ApiVersion = API_VERSION) -> CreateRequest:
+    """A create's body as API ``version`` means it (docs/api.md)."""
     check(body, CONTAINER_CREATE)
     host_config = body.pop("HostConfig", None) or {}
     networking = body.pop("NetworkingConfig", None) or {}
-    check_create_body(body, host_config, networking)
+    warnings = check_create_body(body, host_config, networking, version)
     try:
         port_bindings = parse_port_bindings(host_config.get("PortBindings"))
     except ValueError as e:
         raise BadParameter(str(e)) from None
-    return CreateRequest(body, host_config, networking.get("EndpointsConfig"), port_bindings)
+    return CreateRequest(
+        body, host_config, networking.get("EndpointsConfig"), port_bindings, warnings
+    )

@@ -35,6 +35,7 @@ from engine.api.common import (
     parse_filters,
     parse_json,
 )
+from engine.api.version import API_VERSION, V1_43, V1_44, V1_45, ApiVersion, api_version
 from engine.images import registry
 from engine.images.store import Image
 from engine.lifecycle.engine import Engine
@@ -130,9 +131,9 @@ class ImagesApi:
 
     # ---- shapes ----------------------------------------------------------------------------
 
-    def summary(self, img: Image) -> dict[str, Any]:
+    def summary(self, img: Image, version: ApiVersion = API_VERSION) -> dict[str, Any]:
         config = img.config.get("config") or {}
-        return {
+        out = {
             "Containers": -1,
             "Created": unix_seconds(img.created),
             "Id": img.id,
@@ -144,8 +145,13 @@ class ImagesApi:
             "Size": img.size,
             "VirtualSize": img.size,
         }
+        if version.at_least(V1_44):
+            del out["VirtualSize"]
+        if version.below(V1_43) and not img.repo_tags:
+            out.update(RepoTags=["<none>:<none>"], RepoDigests=["<none>@<none>"])
+        return out
 
-    def inspect(self, img: Image) -> dict[str, Any]:
+    def inspect(self, img: Image, version: ApiVersion = API_VERSION) -> dict[str, Any]:
         config = img.config.get("config") or {}
         out = {
             "Id": img.id,
@@ -176,6 +182,10 @@ class ImagesApi:
         }
         if img.config.get("variant"):
             out["Variant"] = img.config["variant"]
+        if version.at_least(V1_44):
+            del out["VirtualSize"]
+        if version.at_least(V1_45):
+            del out["Container"], out["ContainerConfig"]
         return out
 
     # ---- reading ---------------------------------------------------------------------------
@@ -209,12 +219,13 @@ class ImagesApi:
         if name:
             filters.setdefault("reference", []).append(name)
         keep = self._keep(filters)
+        version = api_version(request)
         images = await asyncio.to_thread(self.engine.images.list)
         out = []
         for img in images:
             if not keep(img):
                 continue
-            summary = self.summary(img)
+            summary = self.summary(img, version)
             if filters.get("reference"):  # as Docker: only the tags the filter matched
                 summary["RepoTags"] = [
                     familiar(t)
@@ -226,7 +237,7 @@ class ImagesApi:
 
     async def inspect_handler(self, request: web.Request) -> web.Response:
         img = await asyncio.to_thread(self.engine.images.get, request.match_info["name"])
-        return json_response(self.inspect(img))
+        return json_response(self.inspect(img, api_version(request)))
 
     # ---- changes ---------------------------------------------------------------------------
 

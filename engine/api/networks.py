@@ -2,8 +2,9 @@
 shapes (Engine API v1.41 ``NetworkResource``, ``NetworkCreateRequest``, ``NetworkConnect``).
 
 Only the bridge driver exists; IPv6 networks (``EnableIPv6``) take up to one IPv4 and one IPv6
-``IPAM.Config`` entry. Two subnets of one family, overlay/macvlan drivers, attachable/ingress/
-config-only networks answer 501 with the reason, never a silent no-op.
+``IPAM.Config`` entry. ``Attachable`` is kept and shown, as Docker does for a local network (what
+compose v1 sends). Two subnets of one family, overlay/macvlan drivers, ingress/config-only
+networks answer 501 with the reason, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from common import errors
+from common.macaddr import parse_mac
+from common.timefmt import unix_time
 from engine.api.bodies import NETWORK_CONNECT, NETWORK_CREATE, NETWORK_DISCONNECT, check
 from engine.api.common import (
     BadParameter,
@@ -24,6 +27,8 @@ from engine.api.common import (
     json_response,
     parse_filters,
 )
+from engine.api.timefilter import parse_until
+from engine.api.version import API_VERSION, V1_44, V1_45, ApiVersion, api_version
 from engine.lifecycle.containers import Container
 from engine.lifecycle.engine import Engine
 from engine.lifecycle.networking import (
@@ -32,6 +37,7 @@ from engine.lifecycle.networking import (
     PREDEFINED_NETWORKS,
     Endpoint,
     Network,
+    dns_names,
 )
 
 NETWORK_FILTERS = {"name", "id", "driver", "type", "scope", "label", "dangling"}
@@ -46,9 +52,20 @@ _DEFAULT_NETWORK_OPTIONS = {
 }
 
 
-def endpoint_settings(network: Network, ep: Endpoint | None, aliases: list[str]) -> dict[str, Any]:
-    """Docker's ``EndpointSettings`` of a container on ``network`` (``ep`` None: not running)."""
-    return {
+def endpoint_settings(
+    network: Network,
+    ep: Endpoint | None,
+    aliases: list[str],
+    mac: str = "",
+    dns_names: list[str] | None = None,
+    version: ApiVersion = API_VERSION,
+) -> dict[str, Any]:
+    """Docker's ``EndpointSettings`` of a container on ``network`` (``ep`` None: not running;
+    ``mac`` the MAC asked for, ``dns_names`` what the embedded DNS answers for it there)."""
+    if version.below(V1_45) and not network.default and dns_names:
+        # Below 1.45 Docker lists the short container id among the aliases (moby#45905).
+        aliases = [*aliases, *(n for n in dns_names[1:2] if n not in aliases)]
+    settings = {
         "IPAMConfig": None,
         "Links": None,
         "Aliases": (aliases or None) if not network.default else None,
@@ -60,27 +77,38 @@ def endpoint_settings(network: Network, ep: Endpoint | None, aliases: list[str])
         "IPv6Gateway": ep.ipv6_gateway if ep else "",
         "GlobalIPv6Address": ep.ipv6 if ep else "",
         "GlobalIPv6PrefixLen": ep.ipv6_prefixlen if ep else 0,
-        "MacAddress": ep.mac if ep else "",
+        "MacAddress": ep.mac if ep else mac,
         "DriverOpts": None,
     }
+    if version.at_least(V1_44):
+        settings["DNSNames"] = (dns_names or None) if not network.default else None
+    return settings
 
 
 # EndpointSettings a client may send that pyengined cannot honour: refused (501), never ignored.
 _UNSUPPORTED_ENDPOINT_SETTINGS = {
     "Links": "links (--link)",
     "DriverOpts": "endpoint driver options (--driver-opt)",
-    "MacAddress": "--mac-address",
 }
 
 
-def check_endpoint_config(config: Any) -> None:
+def check_endpoint_config(config: Any, version: ApiVersion = API_VERSION) -> None:
     """Refuse (501) what one ``EndpointSettings`` of a create or a connect asks for and
-    pyengined cannot do; its types and addresses are checked by the engine."""
+    pyengined cannot do, and a malformed MacAddress (400); its other types and addresses are
+    checked by the engine. Below API 1.44 Docker ignores ``MacAddress`` here (the create's
+    ``Config.MacAddress`` is the container's); so does this, by dropping it."""
     if not isinstance(config, dict):
         return
     for key, what in _UNSUPPORTED_ENDPOINT_SETTINGS.items():
         if config.get(key):
             raise NotImplementedByEngine(f"{what} is not supported by pyengined")
+    if version.below(V1_44):
+        config.pop("MacAddress", None)
+    elif config.get("MacAddress"):
+        try:
+            config["MacAddress"] = parse_mac(config["MacAddress"])
+        except ValueError as e:
+            raise BadParameter(str(e)) from None
     ipam = config.get("IPAMConfig")
     if isinstance(ipam, dict) and ipam.get("LinkLocalIPs"):
         raise NotImplementedByEngine(
@@ -151,7 +179,7 @@ class NetworksApi:
                 "Config": ipam_configs,
             },
             "Internal": net.internal,
-            "Attachable": False,
+            "Attachable": net.attachable,
             "Ingress": False,
             "ConfigFrom": {"Network": ""},
             "ConfigOnly": False,
@@ -200,7 +228,7 @@ class NetworksApi:
             raise NotImplementedByEngine(
                 f'network driver "{driver}" is not supported by pyengined (bridge only)'
             )
-        for key in ("Attachable", "Ingress", "ConfigOnly"):
+        for key in ("Ingress", "ConfigOnly"):
             if body.get(key):
                 raise NotImplementedByEngine(f"{key} networks are not supported by pyengined")
         scope = body.get("Scope") or "local"
@@ -245,6 +273,7 @@ class NetworksApi:
             labels=labels,
             subnet6=config6.get("Subnet") or None,
             gateway6=config6.get("Gateway") or None,
+            attachable=bool(body.get("Attachable")),
         )
         return json_response({"Id": net.id, "Warning": ""}, status=201)
 
@@ -267,7 +296,7 @@ class NetworksApi:
         endpoint_config = body.get("EndpointConfig") or {}
         if not isinstance(endpoint_config, dict):
             raise BadParameter("EndpointConfig must be an object")
-        check_endpoint_config(endpoint_config)
+        check_endpoint_config(endpoint_config, api_version(request))
         await self.engine.connect(ref, request.match_info["id"], endpoint_config)
         return web.Response(status=200)
 
@@ -281,15 +310,22 @@ class NetworksApi:
 
     async def prune(self, request: web.Request) -> web.Response:
         """Docker's rule: a network no running container is connected to goes (a stopped
-        container created on it then fails to start, as after ``network rm``)."""
-        filters = parse_filters(request, {"label", "until"})
-        if filters.get("until"):
-            raise NotImplementedByEngine("the until filter of network prune is not supported")
+        container created on it then fails to start, as after ``network rm``). Filters as
+        Docker's: ``until`` (created before; a duration back from now or a time), ``label``
+        (every one given matches) and ``label!`` (none matches)."""
+        filters = parse_filters(request, {"label", "label!", "until"})
+        untils = [parse_until(v) for v in filters.get("until", [])]
+        if len(untils) > 1:
+            raise BadParameter("more than one until filter specified")
         deleted: list[str] = []
         for net in self.engine.networks():
             if net.name in PREDEFINED_NETWORKS or self.engine.network_endpoints(net):
                 continue
             if any(not _label_matches(net.labels, v) for v in filters.get("label", [])):
+                continue
+            if any(_label_matches(net.labels, v) for v in filters.get("label!", [])):
+                continue
+            if untils and not (net.created and unix_time(net.created) < untils[0]):
                 continue
             try:
                 await self.engine.remove_network(net.id)
@@ -298,8 +334,11 @@ class NetworksApi:
             deleted.append(net.name)
         return json_response({"NetworksDeleted": deleted})
 
-    def container_networks(self, c: Container) -> dict[str, dict[str, Any]]:
-        """``NetworkSettings.Networks`` of a container: each network it is (to be) on."""
+    def container_networks(
+        self, c: Container, version: ApiVersion = API_VERSION
+    ) -> dict[str, dict[str, Any]]:
+        """``NetworkSettings.Networks`` of a container: each network it is (to be) on, in the
+        shape of API ``version``."""
         endpoints = {ep.network_id: ep for ep in self.engine.endpoints(c)}
         out: dict[str, dict[str, Any]] = {}
         for a in self.engine.attachments(c):
@@ -307,7 +346,14 @@ class NetworksApi:
                 net = self.engine.find_network(a.network_id)
             except errors.NotFound:  # removed since the container was created on it
                 continue
-            settings = endpoint_settings(net, endpoints.get(a.network_id), a.aliases)
+            settings = endpoint_settings(
+                net,
+                endpoints.get(a.network_id),
+                a.aliases,
+                a.mac,
+                dns_names(c, a),
+                version,
+            )
             ipam = {k: v for k, v in (("IPv4Address", a.ip), ("IPv6Address", a.ip6)) if v}
             if ipam:
                 settings["IPAMConfig"] = ipam

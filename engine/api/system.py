@@ -1,7 +1,8 @@
 """``/_ping``, ``/version`` and ``/info``: what clients ask before anything else.
 
 Clients negotiate the API version through ``/_ping``'s ``Api-Version`` header (the docker CLI 28
-negotiates down to 1.41 that way); docker-py reads ``ApiVersion`` from ``/version``.
+negotiates down to 1.47 that way; docker 29's CLI needs at least 1.44); docker-py reads
+``ApiVersion`` from ``/version``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from aiohttp import web
 
 from common.timefmt import local_rfc3339
 from engine.api.common import json_response
+from engine.api.version import API_VERSION, MIN_API_VERSION, V1_42, V1_44, api_version
 from engine.lifecycle.engine import Engine
 
-API_VERSION = "1.41"
-MIN_API_VERSION = "1.24"
 ENGINE_VERSION = "0.1.0"
 INSECURE_REGISTRY_CIDRS = ["127.0.0.0/8"]
 
@@ -78,8 +78,9 @@ class SystemApi:
 
     async def ping(self, request: web.Request) -> web.Response:
         headers = {
-            "Api-Version": API_VERSION,
+            "Api-Version": str(API_VERSION),
             "Docker-Experimental": "false",
+            "Swarm": "inactive",  # unversioned since 1.42
             "Ostype": "linux",
             "Cache-Control": "no-cache, no-store, must-revalidate",
             "Pragma": "no-cache",
@@ -89,14 +90,14 @@ class SystemApi:
 
     async def version(self, request: web.Request) -> web.Response:
         details = {
-            "ApiVersion": API_VERSION,
+            "ApiVersion": str(API_VERSION),
             "Arch": machine_arch(),
             "BuildTime": "",
             "Experimental": "false",
             "GitCommit": "",
             "GoVersion": f"python{platform.python_version()}",
             "KernelVersion": platform.release(),
-            "MinAPIVersion": MIN_API_VERSION,
+            "MinAPIVersion": str(MIN_API_VERSION),
             "Os": "linux",
         }
         components: list[dict[str, Any]] = [
@@ -110,8 +111,8 @@ class SystemApi:
                 "Platform": {"Name": "pyengine"},
                 "Components": components,
                 "Version": ENGINE_VERSION,
-                "ApiVersion": API_VERSION,
-                "MinAPIVersion": MIN_API_VERSION,
+                "ApiVersion": str(API_VERSION),
+                "MinAPIVersion": str(MIN_API_VERSION),
                 "GitCommit": "",
                 "GoVersion": details["GoVersion"],
                 "Os": "linux",
@@ -129,96 +130,101 @@ class SystemApi:
         data_root = str(self.engine.cfg.data_root)
         daemon_id = hashlib.sha256(f"pyengined {data_root}".encode()).hexdigest()[:48].upper()
         cgroup_v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-        return json_response(
-            {
-                "ID": ":".join(daemon_id[i : i + 4] for i in range(0, 48, 4)),
-                "Containers": len(containers),
-                "ContainersRunning": running,
-                "ContainersPaused": 0,
-                "ContainersStopped": len(containers) - running,
-                "Images": len(images),
-                "Driver": "overlay2",
-                "DriverStatus": [],
-                "Plugins": {
-                    "Volume": [],
-                    "Network": ["bridge"],
-                    "Authorization": None,
-                    "Log": ["json-file"],
+        version = api_version(request)
+        info: dict[str, Any] = {
+            "ID": ":".join(daemon_id[i : i + 4] for i in range(0, 48, 4)),
+            "Containers": len(containers),
+            "ContainersRunning": running,
+            "ContainersPaused": 0,
+            "ContainersStopped": len(containers) - running,
+            "Images": len(images),
+            "Driver": "overlay2",
+            "DriverStatus": [],
+            "Plugins": {
+                "Volume": [],
+                "Network": ["bridge"],
+                "Authorization": None,
+                "Log": ["json-file"],
+            },
+            # pyengined enforces no resource limits (yet): say so, as Docker does on
+            # kernels without the controllers.
+            "MemoryLimit": False,
+            "SwapLimit": False,
+            "KernelMemory": False,
+            "KernelMemoryTCP": False,
+            "CpuCfsPeriod": False,
+            "CpuCfsQuota": False,
+            "CPUShares": False,
+            "CPUSet": False,
+            "PidsLimit": False,
+            "OomKillDisable": False,
+            "IPv4Forwarding": _read("/proc/sys/net/ipv4/ip_forward") == "1",
+            "BridgeNfIptables": _read("/proc/sys/net/bridge/bridge-nf-call-iptables") == "1",
+            "BridgeNfIp6tables": _read("/proc/sys/net/bridge/bridge-nf-call-ip6tables") == "1",
+            "Debug": False,
+            "NFd": len(os.listdir("/proc/self/fd")),
+            "NGoroutines": len(asyncio.all_tasks()),
+            "SystemTime": local_rfc3339(),
+            "LoggingDriver": "json-file",
+            "CgroupDriver": "cgroupfs",
+            "CgroupVersion": "2" if cgroup_v2 else "1",
+            "NEventsListener": 0,
+            "KernelVersion": platform.release(),
+            "OperatingSystem": os_release.get("PRETTY_NAME", "Linux"),
+            "OSVersion": os_release.get("VERSION_ID", ""),
+            "OSType": "linux",
+            "Architecture": platform.machine(),
+            "IndexServerAddress": "https://index.docker.io/v1/",
+            "RegistryConfig": {
+                "AllowNondistributableArtifactsCIDRs": [],
+                "AllowNondistributableArtifactsHostnames": [],
+                "InsecureRegistryCIDRs": INSECURE_REGISTRY_CIDRS,
+                "IndexConfigs": {
+                    "docker.io": {
+                        "Name": "docker.io",
+                        "Mirrors": [],
+                        "Secure": True,
+                        "Official": True,
+                    }
                 },
-                # pyengined enforces no resource limits (yet): say so, as Docker does on
-                # kernels without the controllers.
-                "MemoryLimit": False,
-                "SwapLimit": False,
-                "KernelMemory": False,
-                "KernelMemoryTCP": False,
-                "CpuCfsPeriod": False,
-                "CpuCfsQuota": False,
-                "CPUShares": False,
-                "CPUSet": False,
-                "PidsLimit": False,
-                "OomKillDisable": False,
-                "IPv4Forwarding": _read("/proc/sys/net/ipv4/ip_forward") == "1",
-                "BridgeNfIptables": _read("/proc/sys/net/bridge/bridge-nf-call-iptables") == "1",
-                "BridgeNfIp6tables": _read("/proc/sys/net/bridge/bridge-nf-call-ip6tables") == "1",
-                "Debug": False,
-                "NFd": len(os.listdir("/proc/self/fd")),
-                "NGoroutines": len(asyncio.all_tasks()),
-                "SystemTime": local_rfc3339(),
-                "LoggingDriver": "json-file",
-                "CgroupDriver": "cgroupfs",
-                "CgroupVersion": "2" if cgroup_v2 else "1",
-                "NEventsListener": 0,
-                "KernelVersion": platform.release(),
-                "OperatingSystem": os_release.get("PRETTY_NAME", "Linux"),
-                "OSVersion": os_release.get("VERSION_ID", ""),
-                "OSType": "linux",
-                "Architecture": platform.machine(),
-                "IndexServerAddress": "https://index.docker.io/v1/",
-                "RegistryConfig": {
-                    "AllowNondistributableArtifactsCIDRs": [],
-                    "AllowNondistributableArtifactsHostnames": [],
-                    "InsecureRegistryCIDRs": INSECURE_REGISTRY_CIDRS,
-                    "IndexConfigs": {
-                        "docker.io": {
-                            "Name": "docker.io",
-                            "Mirrors": [],
-                            "Secure": True,
-                            "Official": True,
-                        }
-                    },
-                    "Mirrors": [],
-                },
-                "NCPU": os.cpu_count() or 1,
-                "MemTotal": _mem_total(),
-                "GenericResources": None,
-                "DockerRootDir": data_root,
-                "HttpProxy": os.environ.get("HTTP_PROXY", ""),
-                "HttpsProxy": os.environ.get("HTTPS_PROXY", ""),
-                "NoProxy": os.environ.get("NO_PROXY", ""),
-                "Name": socket.gethostname(),
-                "Labels": [],
-                "ExperimentalBuild": False,
-                "ServerVersion": ENGINE_VERSION,
-                "Runtimes": {"runc": {"path": self.engine.cfg.runc}},
-                "DefaultRuntime": "runc",
-                "Swarm": {
-                    "NodeID": "",
-                    "NodeAddr": "",
-                    "LocalNodeState": "inactive",
-                    "ControlAvailable": False,
-                    "Error": "",
-                    "RemoteManagers": None,
-                },
-                "LiveRestoreEnabled": False,
-                "Isolation": "",
-                "InitBinary": "",
-                "ContainerdCommit": {"ID": "", "Expected": ""},
-                "RuncCommit": {"ID": "", "Expected": ""},
-                "InitCommit": {"ID": "", "Expected": ""},
-                "SecurityOptions": ["name=seccomp,profile=builtin"],
-                "Warnings": [],
-            }
-        )
+                "Mirrors": [],
+            },
+            "NCPU": os.cpu_count() or 1,
+            "MemTotal": _mem_total(),
+            "GenericResources": None,
+            "DockerRootDir": data_root,
+            "HttpProxy": os.environ.get("HTTP_PROXY", ""),
+            "HttpsProxy": os.environ.get("HTTPS_PROXY", ""),
+            "NoProxy": os.environ.get("NO_PROXY", ""),
+            "Name": socket.gethostname(),
+            "Labels": [],
+            "ExperimentalBuild": False,
+            "ServerVersion": ENGINE_VERSION,
+            "Runtimes": {"runc": {"path": self.engine.cfg.runc}},
+            "DefaultRuntime": "runc",
+            "Swarm": {
+                "NodeID": "",
+                "NodeAddr": "",
+                "LocalNodeState": "inactive",
+                "ControlAvailable": False,
+                "Error": "",
+                "RemoteManagers": None,
+            },
+            "LiveRestoreEnabled": False,
+            "Isolation": "",
+            "InitBinary": "",
+            "ContainerdCommit": {"ID": "", "Expected": ""},
+            "RuncCommit": {"ID": "", "Expected": ""},
+            "InitCommit": {"ID": "", "Expected": ""},
+            "SecurityOptions": ["name=seccomp,profile=builtin"],
+            "Warnings": [],
+        }
+        if version.at_least(V1_42):
+            # Omitted from 1.42 when unsupported, as here.
+            del info["KernelMemory"], info["KernelMemoryTCP"]
+        if version.at_least(V1_44):
+            info["CDISpecDirs"] = []
+        return json_response(info)
 
     def routes(self) -> list[tuple[str, str, Any]]:
         return [

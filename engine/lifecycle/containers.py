@@ -69,6 +69,7 @@ class NetworkAttachment:
     ip: str = ""  # the IPv4 address asked for (--ip); "" = the next free one
     aliases: list[str] = field(default_factory=list)  # --network-alias, for name resolution
     ip6: str = ""  # the IPv6 address asked for (--ip6) on an IPv6 network
+    mac: str = ""  # the MAC asked for (--mac-address); "" = one made of its IPv4 address
 
 
 @dataclass

@@ -162,6 +162,7 @@ class NetworkOps(EngineBase):
                     a.ip or None,
                     a.aliases,
                     a.ip6 or None,
+                    a.mac or None,
                 )
             except errors.NotFound:
                 raise NetworkNotFound(f"network {a.name} not found") from None
@@ -225,6 +226,7 @@ class NetworkOps(EngineBase):
                     attachment.ip or None,
                     attachment.aliases,
                     attachment.ip6 or None,
+                    attachment.mac or None,
                 )
                 c.networks = [*self.attachments(c), attachment]
                 self._register_names(c, ep)

@@ -2,7 +2,8 @@
 ``NetworkingConfig.EndpointsConfig`` (or a later ``network connect``) checked against netd's
 networks and turned into the container's attachments, before anything exists in the kernel.
 
-Docker's rules, kept here: a container is created on one network (more are connected later);
+Docker's rules, kept here: a container is created on its NetworkMode's network and, from API
+1.44, on the others its EndpointsConfig names;
 ``--ip`` needs a user-defined network whose subnet the user configured; ``--network-alias`` needs a
 user-defined network; the default network ``bridge`` has no embedded DNS, so a container whose
 first network is ``bridge`` keeps the host's resolvers, and one whose first network is
@@ -17,6 +18,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from common import errors
+from common.macaddr import parse_mac
 from common.ports import PortKey
 from engine.lifecycle.containers import Container, NetworkAttachment
 from netd import DEFAULT_NETWORK, OPT_BRIDGE_NAME, PREDEFINED_NETWORKS, Endpoint, NetdError, Network
@@ -95,7 +97,13 @@ def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> 
         if not _ALIAS.fullmatch(alias):
             raise NetworkRequestError(f'invalid network alias "{alias}"')
     unique = list(dict.fromkeys(aliases))
-    return NetworkAttachment(network.id, network.name, ip, unique, ip6)
+    mac = config.get("MacAddress") or ""
+    if mac:
+        try:
+            mac = parse_mac(mac)
+        except ValueError as e:
+            raise NetworkRequestError(str(e)) from None
+    return NetworkAttachment(network.id, network.name, ip, unique, ip6, mac)
 
 
 def check_ipv6_address(network: Network, ip6: Any) -> str:
@@ -125,26 +133,26 @@ def plan_attachments(
     endpoints_config: dict[str, Any] | None,
     find: Callable[[str], Network],
 ) -> list[NetworkAttachment]:
-    """The network a new container is created on: NetworkMode's (the default one when unset),
-    with its EndpointsConfig entry. ``find`` resolves a name or id (a NotFound when missing)."""
+    """The networks a new container is created on: NetworkMode's first (the default one when
+    unset, its ``eth0``), with its EndpointsConfig entry, then every other EndpointsConfig
+    entry in order (API 1.44; the API refuses several below). ``find`` resolves a name or id
+    (a NotFound when missing)."""
     check_network_mode(mode)
     endpoints = endpoints_config or {}
     if not isinstance(endpoints, dict):
         raise NetworkRequestError("NetworkingConfig.EndpointsConfig must be an object")
     network = _find(find, network_name_of_mode(mode))
     config: dict[str, Any] | None = None
-    others: list[str] = []
+    others: list[NetworkAttachment] = []
     for ref, endpoint in endpoints.items():
-        if _find(find, network_name_of_mode(ref)).id == network.id:
+        other = _find(find, network_name_of_mode(ref))
+        if other.id == network.id:
             config = endpoint
+        elif any(a.network_id == other.id for a in others):
+            raise NetworkRequestError(f"network {ref} is given twice in EndpointsConfig")
         else:
-            others.append(ref)
-    if others:
-        raise NetworkRequestError(
-            "a container is created on one network only: connect it to "
-            f"{', '.join(sorted(others))} with network connect"
-        )
-    return [attachment_for(network, config)]
+            others.append(attachment_for(other, endpoint))
+    return [attachment_for(network, config), *others]
 
 
 def _find(find: Callable[[str], Network], ref: str) -> Network:

@@ -11,6 +11,7 @@ import socket
 from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface
 
+from common.macaddr import parse_mac
 from netd import sandbox
 from netd.control.ports import Ports
 from netd.errors import Conflict, NetdError, NotFound
@@ -92,18 +93,20 @@ class Endpoints(Ports):
         ip: str | None = None,
         aliases: Sequence[str] = (),
         ip6: str | None = None,
+        mac: str | None = None,
     ) -> Endpoint:
         """Connect the container to ``network``: its namespace is created on the first
         connection (``eth0``); later ones add ``eth1``, ``eth2``... to the same namespace, also
         while the container runs. ``ip`` / ``ip6`` ask for a given IPv4 / IPv6 address
         (networks with a configured subnet of that family only, as Docker); ``aliases`` are
         recorded for name resolution. On an IPv6 network the endpoint gets an address of each
-        family."""
+        family. ``mac`` sets the interface's MAC (``--mac-address``; else one made of its
+        IPv4 address)."""
         with self._lock:
             self._require_ready()
             self._check_container_id(container_id)
             net = self._resolve(network)
-            return copy.deepcopy(self._connect(container_id, net, ip, list(aliases), ip6))
+            return copy.deepcopy(self._connect(container_id, net, ip, list(aliases), ip6, mac))
 
     def _connect(
         self,
@@ -112,6 +115,7 @@ class Endpoints(Ports):
         ip: str | None,
         aliases: list[str],
         ip6: str | None = None,
+        mac: str | None = None,
     ) -> Endpoint:
         st = self._st
         short = container_id[:12]
@@ -136,6 +140,11 @@ class Endpoints(Ports):
         for alias in aliases:
             if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
                 raise NetdError(f'invalid alias "{alias}"')
+        if mac:
+            try:
+                mac = parse_mac(mac)
+            except ValueError as e:
+                raise NetdError(str(e)) from None
 
         sb = st.sandboxes.get(container_id)
         new_sandbox = sb is None
@@ -174,7 +183,7 @@ class Endpoints(Ports):
             ip=str(addr),
             prefixlen=IPv4Network(net.subnet).prefixlen,
             gateway=net.gateway,
-            mac=mac_for_ip(IPv4Address(addr)),
+            mac=mac or mac_for_ip(IPv4Address(addr)),
             network_id=net.id,
             network_name=net.name,
             ifname=container_ifname(index),

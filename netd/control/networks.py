@@ -73,6 +73,7 @@ class Networks(ControllerBase):
         labels: dict[str, str] | None = None,
         subnet6: str | None = None,
         gateway6: str | None = None,
+        attachable: bool = False,
     ) -> Network:
         """A user-defined bridge network: its bridge, and its place in the firewall. With
         ``enable_ipv6`` it also gets an IPv6 subnet: ``subnet6`` (and ``gateway6``), or a /64
@@ -95,6 +96,7 @@ class Networks(ControllerBase):
             network = plan_network(
                 request, existing, subnetpool.host_routes(), self.cfg.address_pools
             )
+            network.attachable = attachable
             if sandbox.link_exists(network.bridge):
                 raise Conflict(f"interface {network.bridge} already exists")
             st = self._st
