@@ -157,18 +157,20 @@ def one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> N
 
 
 def test_version_negotiates_api_1_41(docker: DockerCli) -> None:
+    """Debian's 20.10 CLI speaks 1.41, the server offers up to 1.47 (tests/test_api_versions.py
+    drives the newer CLI at 1.44 and 1.47)."""
     info = json.loads(docker("version", "--format", "{{json .}}", check=True).stdout)
     server = info["Server"]
-    assert server["ApiVersion"] == "1.41" and server["MinAPIVersion"] == "1.24"
+    assert server["ApiVersion"] == "1.47" and server["MinAPIVersion"] == "1.24"
     assert server["Os"] == "linux" and server["Version"]
     assert server["Components"][0]["Name"] == "Engine"
-    assert server["Components"][0]["Details"]["ApiVersion"] == "1.41"
+    assert server["Components"][0]["Details"]["ApiVersion"] == "1.47"
     # A newer CLI, when the machine has one, negotiates down through /_ping's Api-Version.
     for other in (Path("/usr/local/bin/docker"),):
         if other.exists():
             out = docker("version", binary=other, check=True).stdout
-            assert re.search(r"API version:\s+1\.41 \(downgraded from 1\.\d+\)", out), out
-    # Outside [1.24, 1.41] the daemon answers as Docker does.
+            assert re.search(r"API version:\s+1\.47 \(downgraded from 1\.\d+\)", out), out
+    # Outside [1.24, 1.47] the daemon answers as Docker does.
     for version, words in (("1.99", "too new"), ("1.12", "too old")):
         resp = raw_request(docker.socket_path, "GET", f"/v{version}/version", [])
         assert resp.status == 400
@@ -828,7 +830,9 @@ def test_network_prune(
     assert out.stdout == f"Deleted Networks:\n{plain}\n\n"
     assert docker("network", "prune", "-f", check=True).stdout == ""
     assert sorted(network_names(docker)) == ["bridge", used]
-    one_line_error(docker("network", "prune", "-f", "--filter", "until=1h"), "until")
+    # Every network left is younger than an hour; a malformed until is one line.
+    assert docker("network", "prune", "-f", "--filter", "until=1h", check=True).stdout == ""
+    one_line_error(docker("network", "prune", "-f", "--filter", "until=soon"), "until", "soon")
 
 
 @pytest.mark.parametrize(
@@ -851,7 +855,6 @@ def test_network_prune(
         (["--subnet", "10.63.13.0/24", "--aux-address", "a=10.63.13.5"], "--aux-address"),
         (["--subnet", "10.63.13.0/24", "--ipam-driver", "pyetest"], 'IPAM driver "pyetest"'),
         (["--subnet", "10.63.13.0/24", "--ipam-opt", "a=b"], "IPAM options"),
-        (["--subnet", "10.63.13.0/24", "--attachable"], "Attachable"),
         (["--subnet", "10.63.13.0/24", "--scope", "swarm"], 'scope "swarm"'),
         (["--subnet", "10.63.13.0/24", "--config-only"], "ConfigOnly"),
     ],
