@@ -424,3 +424,41 @@ def test_network_prune_filters(d: Daemon, cleanup: Callable[[str], str]) -> None
         time.sleep(1.1)
         assert keep in ok(docker_cli(d, None, *prune_cli))
         assert keep not in present()
+
+
+# ---- parsers (no daemon) ------------------------------------------------------------------------
+
+
+def test_parse_until_reads_docker_spellings() -> None:
+    from engine.api.common import BadParameter
+    from engine.api.timefilter import parse_until
+
+    now = 1_700_000_000.0
+    assert parse_until("1h30m", now) == now - 5400
+    assert parse_until("1.5s", now) == now - 1.5
+    assert parse_until("1700000000.25", now) == 1700000000.25
+    assert parse_until("0", now) == 0.0  # "0" is a timestamp, not a duration (as Docker)
+    assert parse_until("2023-11-14T22:13:20Z", now) == now
+    assert parse_until("2023-11-14T23:13:20+01:00", now) == now
+    for bad in ("", "1x", "yesterday", "2023-13-01", "1h-5m"):
+        with pytest.raises(BadParameter):
+            parse_until(bad, now)
+
+
+def test_parse_mac() -> None:
+    from common.macaddr import parse_mac
+
+    assert parse_mac("02:AA:bb:00:00:01") == "02:aa:bb:00:00:01"
+    assert parse_mac("02-aa-bb-00-00-01") == "02:aa:bb:00:00:01"
+    for bad in (
+        "01:00:5e:00:00:01",
+        "ff:ff:ff:ff:ff:ff",
+        "00:00:00:00:00:00",
+        "02:aa:bb:00:00",
+        "02:aa-bb:00:00:01",
+        "02:aa:bb:00:00:01:02",
+        "g2:aa:bb:00:00:01",
+        " 02:aa:bb:00:00:01",
+    ):
+        with pytest.raises(ValueError):
+            parse_mac(bad)

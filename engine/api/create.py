@@ -117,6 +117,8 @@ def migrate_mac_address(
     deprecated, moved with a warning, and must agree with that endpoint's own. Returns the
     warnings."""
     mac = config.pop("MacAddress", None) or ""
+    if mac and (mode in ("host", "none") or mode.startswith("container:")):
+        raise BadParameter("conflicting options: mac-address and the network mode")
     if version.below(V1_44):
         for endpoint in endpoints.values():
             if isinstance(endpoint, dict):
