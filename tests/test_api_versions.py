@@ -194,6 +194,14 @@ def test_docker_cli(d: Daemon, cleanup: Callable[[str], str], version: str | Non
     members = json.loads(ok(docker_cli(d, version, "network", "inspect", net)))[0]["Containers"]
     assert members[cid]["MacAddress"] == mac
     ok(docker_cli(d, version, "rm", "-f", ctr))
+    # In the foreground, on two networks at once (several EndpointsConfig: 1.44+).
+    out = ok(
+        docker_cli(
+            d, version, "run", "--rm", "--network", net, "--network", net2, "busybox",
+            "cat", "/sys/class/net/eth0/address", "/sys/class/net/eth1/address",
+        )
+    )  # fmt: skip
+    assert len(out.split()) == 2 and all(m.startswith("02:42:0a:b7:") for m in out.split()), out
     ok(docker_cli(d, version, "network", "rm", net, net2))
 
 

@@ -406,9 +406,10 @@ def test_connect_a_created_container_and_endpoint_config(
     with pytest.raises(docker.errors.APIError) as driver_opt:
         second.connect(c, driver_opt={"pyetest": "1"})
     assert driver_opt.value.status_code == 501 and "driver options" in driver_opt.value.explanation
-    with pytest.raises(docker.errors.APIError) as mac:
-        second.connect(c, mac_address="02:42:0a:40:07:63")
-    assert mac.value.status_code == 501
+    # At API 1.44+ (negotiated: 1.47) the endpoint's MacAddress is honoured.
+    second.connect(c, mac_address="02:42:0a:40:07:63")
+    assert endpoint_of(c, second.name)["MacAddress"] == "02:42:0a:40:07:63"
+    second.disconnect(c)
     with pytest.raises(docker.errors.APIError) as link_local:
         second.connect(c, link_local_ips=["169.254.7.7"])
     assert link_local.value.status_code == 501

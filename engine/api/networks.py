@@ -62,8 +62,8 @@ def endpoint_settings(
 ) -> dict[str, Any]:
     """Docker's ``EndpointSettings`` of a container on ``network`` (``ep`` None: not running;
     ``mac`` the MAC asked for, ``dns_names`` what the embedded DNS answers for it there)."""
-    if version.below(V1_45) and not network.default and dns_names:
-        # Below 1.45 Docker lists the short container id among the aliases (moby#45905).
+    if version.below(V1_45) and ep is not None and not network.default and dns_names:
+        # Below 1.45 Docker lists the short container id among a live endpoint's aliases.
         aliases = [*aliases, *(n for n in dns_names[1:2] if n not in aliases)]
     settings = {
         "IPAMConfig": None,
