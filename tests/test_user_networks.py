@@ -221,7 +221,8 @@ def test_run_with_ip_and_alias(d: Daemon, names: Callable[[str], str]) -> None:
     assert list(settings["Networks"]) == [net_name]
     assert endpoint["IPAddress"] == ip and endpoint["IPPrefixLen"] == 24
     assert endpoint["Gateway"] == str(net.network_address + 1)
-    assert endpoint["Aliases"] == ["pyetest-web"]
+    # The pyengine client speaks API 1.41, where Docker adds the short id to the aliases.
+    assert endpoint["Aliases"] == ["pyetest-web", inspect(d, c)["Id"][:12]]
     assert endpoint["IPAMConfig"] == {"IPv4Address": ip}
     assert endpoint["NetworkID"] == inspect(d, net_name, "network")["Id"]
     assert settings["IPAddress"] == "", "top-level fields are the default network's only"
