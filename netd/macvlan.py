@@ -56,7 +56,10 @@ IPVLAN_MODES = {"l2": 0, "l3": 1, "l3s": 2}
 IPVLAN_FLAGS = {"bridge": 0, "private": 1, "vepa": 2}
 
 _VLAN_PARENT = re.compile(r"^(?P<link>[A-Za-z0-9_-][A-Za-z0-9_.-]*)\.(?P<vid>[0-9]{1,4})$")
-_KIND_NAMES = {"ipvlan": "ipvlan", "vlan": "802.1q VLAN sub-interfaces (8021q)"}
+_UNAVAILABLE = {
+    "ipvlan": "ipvlan is not available in this kernel (no ipvlan module)",
+    "vlan": "802.1q VLAN sub-interfaces are not available in this kernel (no 8021q module)",
+}
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def _kind(ipr: IPRoute, index: int) -> str | None:
 
 
 def _unavailable(kind: str) -> NetdError:
-    return NetdError(f"{_KIND_NAMES.get(kind, kind)} is not available in this kernel")
+    return NetdError(_UNAVAILABLE.get(kind, f"{kind} is not available in this kernel"))
 
 
 def link_exists(ifname: str) -> bool:

@@ -214,7 +214,7 @@ def test_vlan_subinterface_parent(d: Daemon, docker: DockerCli) -> None:
     args = ["network", "create", "-d", "macvlan", "--subnet", "10.186.3.0/24"]
     out = docker(*args, "-o", f"parent={vlan}", "pyetest-mvvlan")
     if not kernel_can("link", PARENT, "name", "pyev3", "type", "vlan", "id", "43"):
-        one_line_error(out, "802.1q VLAN sub-interfaces (8021q) is not available in this kernel")
+        one_line_error(out, "802.1q VLAN sub-interfaces are not available in this kernel")
         assert not link_exists(vlan)
         assert "pyetest-mvvlan" not in docker("network", "ls", check=True).stdout
         return
