@@ -204,7 +204,17 @@ def test_no_parent_is_internal_on_a_standin(d: Daemon, docker: DockerCli) -> Non
     out = probe(docker, net, "ping -c 1 -W 3 pyetest-mvi2")
     assert " 0% packet loss" in out
     assert "default" not in out
-    docker("rm", "-f", "pyetest-mvi2", check=True)
+    # a running container connected later gets eth1, a child of the stand-in; disconnect
+    # removes it from its namespace
+    busybox(docker, "pyetest-mvi3", "bridge")
+    docker("network", "connect", net, "pyetest-mvi3", check=True)
+    c3 = json.loads(docker("inspect", "pyetest-mvi3", check=True).stdout)[0]
+    ns = f"--net={c3['NetworkSettings']['SandboxKey']}"
+    assert "macvlan mode bridge" in sh("nsenter", ns, "ip", "-d", "link", "show", "eth1")
+    assert " 0% packet loss" in probe(docker, net, "ping -c 1 -W 3 pyetest-mvi3")
+    docker("network", "disconnect", net, "pyetest-mvi3", check=True)
+    assert "eth1" not in sh("nsenter", ns, "ip", "link")
+    docker("rm", "-f", "pyetest-mvi2", "pyetest-mvi3", check=True)
     docker("network", "rm", net, check=True)
     assert links_with_prefix("pyemv-") == []
 
