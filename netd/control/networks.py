@@ -103,6 +103,7 @@ class Networks(ControllerBase):
                 raise Conflict(f"interface {network.bridge} already exists")
             st = self._st
             st.add_network(network)
+            made_parent = False
             try:
                 self._save()  # the intent, with the parent netd is to make, before the kernel
                 if network.is_bridge:
@@ -114,11 +115,14 @@ class Networks(ControllerBase):
                 else:
                     if network.created_parent:
                         macvlan.create_parent(network.parent)
+                        made_parent = True
                     macvlan.probe_driver(network.child_spec)
                 network.state = READY
                 self._save()
             except BaseException:
                 st.drop_network(network.id)
+                # A parent that could not be made (it appeared meanwhile) is not netd's.
+                network.created_parent = made_parent
                 self._undo_network(network)
                 raise
             return copy.deepcopy(network)
