@@ -25,6 +25,8 @@ from engine.lifecycle.networking import (
     proxy_protocol_labels,
 )
 from netd import (
+    ContainerFiles,
+    DnsRequest,
     Endpoint,
     Network,
     PublishedPort,
@@ -180,20 +182,38 @@ class NetworkOps(EngineBase):
         """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
         self.dns.register(c.id, ep, self._names_on(c, ep.network_id))
 
-    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> str:
+    @staticmethod
+    def _dns_request(config: dict[str, Any], host_config: dict[str, Any]) -> DnsRequest:
+        """The container's hostname, domainname, --dns* and --add-host, checked (a 400 with
+        Docker's message at create)."""
+        try:
+            return DnsRequest.of(config, host_config)
+        except ValueError as e:
+            raise InvalidParameter(str(e)) from e
+
+    async def _start_dns(
+        self, c: Container, endpoints: list[Endpoint], undo: list[Any]
+    ) -> ContainerFiles:
         """Names on every user-defined network, and the container's own DNS server when its
-        first network is one. Returns its resolv.conf."""
+        first network is one. Returns its resolv.conf and hosts."""
         undo.append(lambda: self.dns.stop(c.id))
         first = self.attachments(c)[0].network_id
-        return await self.dns.start(c.id, endpoints, first, functools.partial(self._names_on, c))
+        request = self._dns_request(c.config, c.host_config)
+        return await self.dns.start(
+            c.id, endpoints, first, functools.partial(self._names_on, c), request
+        )
 
     async def restore_names(self) -> None:
         """After recover(): the running containers' names on their user-defined networks, and
         their DNS servers (they lived in the previous daemon's process)."""
         for c in self.containers.all():
             first = self.attachments(c)[0].network_id
+            try:
+                overrides = self._dns_request(c.config, c.host_config).overrides
+            except InvalidParameter:
+                overrides = None  # checked at create: only a hand-edited record gets here
             await self.dns.restore(
-                c.id, self.endpoints(c), first, functools.partial(self._names_on, c)
+                c.id, self.endpoints(c), first, functools.partial(self._names_on, c), overrides
             )
 
     async def close_dns(self) -> None:
