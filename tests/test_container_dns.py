@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from netd.dns.resolvconf import DnsOverrides, bridge_resolv_conf, container_reso
 from netd.errors import NetdError
 from netd.state import Endpoint
 from tests.conftest import (
+    BIN,
     Daemon,
     assert_nothing_left,
     require_tool,
@@ -372,3 +374,52 @@ def test_hosts_rules() -> None:
         "fd85::1\tgw",
         "10.185.0.2\th",
     ]
+
+
+# ---- after a daemon restart, and the daemon's flag ---------------------------------------------
+
+
+def test_own_upstream_survives_a_daemon_restart(
+    tmp_path: Path, busybox_archive: Path, upstreams: tuple[FakeUpstream, FakeUpstream]
+) -> None:
+    """Live restore: the adopted container's new responder forwards to its own --dns again."""
+    own, daemon_wide = upstreams
+    name, bip, args = "pyen1", "10.185.2.1/24", ("--dns", DAEMON_UPSTREAM)
+    first = start_daemon(tmp_path, name, bip, True, *args)
+    second: Daemon | None = None
+    try:
+        first.cli("load", "-i", str(busybox_archive), check=True)
+        first.cli("network", "create", "--subnet", "10.185.3.0/24", "pyen-net3", check=True)
+        # One lookup a second, for at most 60 s: some of them while no daemon runs.
+        script = "for i in $(seq 60); do nslookup -type=a pyen-restart.example.test; sleep 1; done"
+        first.cli(
+            "run", "-d", "--name", "pyen-restart", "--network", "pyen-net3",
+            "--dns", OWN_UPSTREAM, "busybox", "sh", "-c", script, check=True,
+        )  # fmt: skip
+        stop_daemon(first)
+        asked_before = own.queries.count("pyen-restart.example.test.")
+        second = start_daemon(tmp_path, name, bip, True, *args)
+        deadline = time.monotonic() + 20
+        while own.queries.count("pyen-restart.example.test.") <= asked_before:
+            assert time.monotonic() < deadline, "the adopted container's upstream was not asked"
+            time.sleep(0.2)
+        assert "pyen-restart.example.test." not in daemon_wide.queries
+    finally:
+        d = second or first
+        if second is None and first.process.poll() is not None:
+            d = start_daemon(tmp_path, name, bip, True, *args)
+        d.cli("rm", "-f", "pyen-restart")
+        d.cli("network", "rm", "pyen-net3")
+        stop_daemon(d)
+    assert_nothing_left(d)
+
+
+def test_daemon_refuses_a_bad_host_gateway_ip(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [str(BIN / "pyengined"), "-H", f"unix://{tmp_path}/s.sock", "--data-root",
+         str(tmp_path / "data"), "--host-gateway-ip", "pyen-nope"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "--host-gateway-ip" in out.stderr and "not an IP address" in out.stderr, out.stderr
+    assert not (tmp_path / "data").exists()
