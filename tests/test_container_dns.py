@@ -228,6 +228,35 @@ def test_docker_cli_errors(docker_env: dict[str, str]) -> None:
     assert "Error response from daemon" in first and "invalid DNS option" in first, out.stderr
 
 
+def test_connect_and_disconnect_update_hosts_in_place(
+    d: Daemon, docker_env: dict[str, str]
+) -> None:
+    """As Docker: a running container's /etc/hosts gains a line for the network it is
+    connected to and loses it on disconnect; read through the container's own mount namespace
+    (/proc/PID/root), so the bind mount is known to show the new text."""
+    started = docker(
+        docker_env, "run", "-d", "--name", "pyen-conn", "--hostname", "pyenconn",
+        "--add-host", "pyen-a:10.185.7.7", "busybox", "sleep", "120",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        info = json.loads(d.cli("inspect", "pyen-conn", check=True).stdout)[0]
+        hosts = Path(f"/proc/{info['State']['Pid']}/root/etc/hosts")
+        (before,) = own_lines(hosts.read_text().splitlines())[1:]
+        assert before.endswith("\tpyenconn")
+        connected = docker(docker_env, "network", "connect", NET, "pyen-conn")
+        assert connected.returncode == 0, connected.stderr
+        lines = own_lines(hosts.read_text().splitlines())
+        assert lines[:2] == ["10.185.7.7\tpyen-a", before]
+        (added,) = lines[2:]
+        assert added.startswith("10.185.1.") and added.endswith("\tpyenconn")
+        gone = docker(docker_env, "network", "disconnect", NET, "pyen-conn")
+        assert gone.returncode == 0, gone.stderr
+        assert own_lines(hosts.read_text().splitlines()) == ["10.185.7.7\tpyen-a", before]
+    finally:
+        d.cli("rm", "-f", "pyen-conn")
+
+
 # ---- docker-py and the API's 400s --------------------------------------------------------------
 
 

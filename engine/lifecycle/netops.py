@@ -3,6 +3,7 @@ the embedded DNS's names."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any
@@ -24,10 +25,12 @@ from engine.lifecycle.networking import (
     proxy_protocol_for,
     proxy_protocol_labels,
 )
+from engine.runtime import bundle
 from netd import (
     ContainerFiles,
     DnsRequest,
     Endpoint,
+    NetdError,
     Network,
     PublishedPort,
 )
@@ -203,6 +206,18 @@ class NetworkOps(EngineBase):
             c.id, endpoints, first, functools.partial(self._names_on, c), request
         )
 
+    async def _rewrite_hosts(self, c: Container) -> None:
+        """The running container's /etc/hosts names its addresses on the networks it is on now
+        (Docker adds and deletes the lines on connect and disconnect). A file that cannot be
+        rewritten is logged: the connect or disconnect itself happened."""
+        try:
+            hosts = self.dns.hosts(
+                self._dns_request(c.config, c.host_config), self.network.container_endpoints(c.id)
+            )
+            await asyncio.to_thread(bundle.rewrite_hosts, self.containers.dir(c), hosts)
+        except (OSError, NetdError, InvalidParameter) as e:
+            log.warning("cannot update /etc/hosts of %s: %s", c.id[:12], e)
+
     async def restore_names(self) -> None:
         """After recover(): the running containers' names on their user-defined networks, and
         their DNS servers (they lived in the previous daemon's process)."""
@@ -248,6 +263,7 @@ class NetworkOps(EngineBase):
                 )
                 c.networks = [*self.attachments(c), attachment]
                 self._register_names(c, ep)
+                await self._rewrite_hosts(c)
             else:
                 c.networks = [*self.attachments(c), attachment]
             self.containers.save(c)
@@ -276,6 +292,7 @@ class NetworkOps(EngineBase):
                 self.dns.unregister(network_id, c.id)
                 await self._netd(self.network.disconnect, c.id, network_id)
                 self._refresh_network_record(c)
+                await self._rewrite_hosts(c)
             c.networks = kept
             self.containers.save(c)
 

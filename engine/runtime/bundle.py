@@ -85,6 +85,15 @@ def write_network_files(
     return {dest: path for dest, (path, _) in files.items()}
 
 
+def rewrite_hosts(container_dir: Path, hosts: str) -> None:
+    """A running container's /etc/hosts after a network connect or disconnect. Written in
+    place, as Docker does: the file is bind-mounted by inode, so a renamed new file would
+    never reach the container."""
+    with open(container_dir / "hosts", "r+", encoding="utf-8") as f:
+        f.write(hosts)
+        f.truncate()
+
+
 def _default_mounts() -> list[dict[str, Any]]:
     return [
         {
