@@ -27,7 +27,8 @@ def _create(client: Client, name: str | None, image: str, config: dict[str, Any]
         raise
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
+# -h is --hostname here, as the docker CLI's run and create.
+@click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["--help"]})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background and print the ID.")
 @container_options
 @click.argument("image")
@@ -61,7 +62,8 @@ def run(
     sys.exit(code)
 
 
-@click.command(context_settings={"allow_interspersed_args": False})
+# -h is --hostname here, as the docker CLI's run and create.
+@click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["--help"]})
 @container_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)

@@ -20,7 +20,7 @@ def network() -> None:
 
 
 @network.command("create")
-@click.option("-d", "--driver", default="bridge", help="Only bridge is supported.")
+@click.option("-d", "--driver", default="bridge", help="bridge, macvlan or ipvlan.")
 @click.option(
     "--subnet",
     "subnets",

@@ -73,6 +73,27 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 multiple=True,
                 help="seccomp=unconfined|PROFILE.json, no-new-privileges[=true|false].",
             ),
+            click.option("--dns", "dns", multiple=True, help="A DNS server (IP address)."),
+            click.option("--dns-search", "dns_search", multiple=True, help="A search domain."),
+            click.option(
+                "--dns-option", "dns_options", multiple=True, help="A resolv.conf option."
+            ),
+            click.option(
+                "--add-host",
+                "add_hosts",
+                multiple=True,
+                help="NAME:IP (or NAME=IP; IP may be host-gateway) in /etc/hosts.",
+            ),
+            click.option("-h", "--hostname", default=None, help="The container's hostname."),
+            click.option("--domainname", default=None, help="The container's NIS domain name."),
+            click.option("-w", "--workdir", default=None, help="Working directory inside."),
+            click.option("-u", "--user", default=None, help="USER[:GROUP] (name or id)."),
+            click.option(
+                "--env-file",
+                "env_files",
+                multiple=True,
+                help="A file of KEY=VALUE lines (# comments; a bare KEY takes its value here).",
+            ),
         ]
     ):
         fn = option(fn)
@@ -96,6 +117,15 @@ class ContainerOptions:
     ip6: str | None
     aliases: tuple[str, ...]
     security_opts: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
+    dns_options: tuple[str, ...] = ()
+    add_hosts: tuple[str, ...] = ()
+    hostname: str | None = None
+    domainname: str | None = None
+    workdir: str | None = None
+    user: str | None = None
+    env_files: tuple[str, ...] = ()
     mac_address: str | None = None
 
 
@@ -110,7 +140,8 @@ def container_config(
         if not sep or not key:
             fail(f"pyengine: invalid log opt {opt!r}: want KEY=VALUE", 125)
         log_config[key] = value
-    env_list = [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in opts.env]
+    env_list = [e for path in opts.env_files for e in read_env_file(path)]
+    env_list += [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in opts.env]
     return {
         "Image": image,
         # The client speaks API 1.41: the MAC is the container-wide field, which the daemon
@@ -121,6 +152,10 @@ def container_config(
         "Env": env_list,
         "ExposedPorts": {k: {} for k in bindings},
         "Labels": key_values(opts.labels, "label"),
+        "Hostname": opts.hostname or "",
+        "Domainname": opts.domainname or "",
+        "WorkingDir": opts.workdir or "",
+        "User": opts.user or "",
         "HostConfig": {
             "PortBindings": bindings,
             "PublishAllPorts": opts.publish_all,
@@ -128,9 +163,44 @@ def container_config(
             "LogConfig": {"Type": "json-file", "Config": log_config},
             "NetworkMode": opts.network or "default",
             "SecurityOpt": security_opts(opts.security_opts),
+            "Dns": list(opts.dns),
+            "DnsSearch": list(opts.dns_search),
+            "DnsOptions": list(opts.dns_options),
+            "ExtraHosts": [extra_host(h) for h in opts.add_hosts],
         },
         "NetworkingConfig": networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
     }
+
+
+def extra_host(entry: str) -> str:
+    """``--add-host``: the docker CLI's ``NAME=IP`` spelling is sent as Docker's ``NAME:IP``;
+    the daemon checks the entry."""
+    name, sep, ip = entry.partition("=")
+    return f"{name}:{ip}" if sep else entry
+
+
+def read_env_file(path: str) -> list[str]:
+    """``--env-file`` as the docker CLI reads it: one ``KEY=VALUE`` a line (the value as it
+    is, blanks included), blank lines and ``#`` lines skipped, leading blanks dropped; a bare
+    ``KEY`` takes this environment's value, and is left out when it has none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"pyengine: cannot read env file {path!r}: {e}", 125)
+    out = []
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), 1):
+        line = raw.lstrip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not key or any(ch.isspace() for ch in key):
+            fail(f"pyengine: env file {path!r} line {number}: invalid variable {key!r}", 125)
+        if sep:
+            out.append(f"{key}={value}")
+        elif key in os.environ:
+            out.append(f"{key}={os.environ[key]}")
+    return out
 
 
 def security_opts(opts: tuple[str, ...]) -> list[str]:

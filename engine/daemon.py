@@ -48,6 +48,31 @@ def unix_socket_path(host: str) -> str:
     raise click.BadParameter(f"only unix:// hosts are supported, got {host!r}")
 
 
+def check_host_gateway_ips(values: tuple[str, ...]) -> list[str]:
+    """``--host-gateway-ip``: addresses, at most one of each family (as Docker 25+)."""
+    chosen: dict[int, str] = {}
+    for value in values:
+        try:
+            address = ipaddress.ip_address(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not an IP address", param_hint="--host-gateway-ip"
+            ) from None
+        if address.version in chosen:
+            raise click.BadParameter(
+                f"only one IPv{address.version} address may be given",
+                param_hint="--host-gateway-ip",
+            )
+        chosen[address.version] = str(address)
+    return [chosen[v] for v in sorted(chosen)]
+
+
+def default_host_gateway(network: NetworkController) -> list[str]:
+    """Docker's default host gateway: the default bridge's own addresses."""
+    default = network.default_network
+    return [ip for ip in (default.gateway, default.gateway6) if ip]
+
+
 async def serve(
     sock_path: str, engine: Engine, network: NetworkController, pidfile: Path | None
 ) -> None:
@@ -173,6 +198,13 @@ async def serve(
     "containers on the default bridge. Repeat for several.",
 )
 @click.option(
+    "--host-gateway-ip",
+    "host_gateway_ips",
+    multiple=True,
+    help="The address --add-host NAME:host-gateway names (one IPv4 and/or one IPv6; default: "
+    "the default bridge's gateway address).",
+)
+@click.option(
     "--ip-forward",
     default="true",
     show_default=True,
@@ -198,6 +230,7 @@ def main(
     firewall_table: str,
     live_restore: str,
     dns_servers: tuple[str, ...],
+    host_gateway_ips: tuple[str, ...],
     ip_forward: str,
     ip_forward_no_drop: bool,
     pidfile: Path | None,
@@ -221,6 +254,7 @@ def main(
             raise click.BadParameter(
                 f"{server!r} is not an IP address", param_hint="--dns"
             ) from None
+    host_gateway = check_host_gateway_ips(host_gateway_ips)
     sock_path = unix_socket_path(host)
     lock_fd = datadir.claim(data_root)  # held (not inherited: O_CLOEXEC) while we run
     datadir.make_private(
@@ -266,6 +300,7 @@ def main(
             ),
             network.default_network.id,
             dns_servers,
+            host_gateway=host_gateway or default_host_gateway(network),
         ),
     )
     try:

@@ -2,7 +2,7 @@
 embedded DNS). This module is its facade: the engine imports netd through these names only."""
 
 from netd.controller import STATE_DIR, NetdConfig, NetworkController
-from netd.dns.containers import ContainerDns
+from netd.dns.containers import ContainerDns, ContainerFiles, DnsRequest
 from netd.dns.resolvconf import DNS_PORT
 from netd.dns.service import EmbeddedDns
 from netd.errors import NetdError
@@ -16,6 +16,8 @@ __all__ = [
     "PREDEFINED_NETWORKS",
     "STATE_DIR",
     "ContainerDns",
+    "ContainerFiles",
+    "DnsRequest",
     "EmbeddedDns",
     "Endpoint",
     "NetdConfig",

@@ -1,5 +1,6 @@
-"""A bridge network: the default one (``bridge``, the daemon's ``--bridge``/``--bip``) or a
-user-defined one, with the Docker options netd understands.
+"""A network: the default one (``bridge``, the daemon's ``--bridge``/``--bip``) or a
+user-defined one, with the Docker options netd understands. User-defined networks are bridge
+networks, or macvlan/ipvlan ones (their options: netd/macvlan.py); below, the bridge driver's.
 
 Options (Docker's names, values as strings; ``strconv.ParseBool`` spellings for booleans):
 
@@ -41,6 +42,7 @@ from ipaddress import (
 from typing import Any
 
 from common.timefmt import utc_rfc3339
+from netd import macvlan
 from netd.errors import Conflict, NetdError
 from netd.firewall import BridgeNetwork
 from netd.naming import bridge_name_for, valid_ifname
@@ -163,12 +165,28 @@ class Network:
     gateway6: str = ""  # the bridge's IPv6 address, the containers' IPv6 default gateway
     configured_subnet6: bool = False  # the user gave the IPv6 subnet (--ip6 only then)
     default: bool = False  # the daemon's default network, "bridge"
-    driver: str = DRIVER
+    driver: str = DRIVER  # "bridge", or "macvlan"/"ipvlan" (netd/macvlan.py): bridge == ""
+    # macvlan/ipvlan: the host link the containers' links hang off, the driver's mode (and
+    # ipvlan's flag), and whether netd made the parent (a vlan sub-interface or the stand-in
+    # bridge), so removing the network removes it.
+    parent: str = ""
+    mode: str = ""
+    flag: str = ""
+    created_parent: bool = False
     options: dict[str, str] = field(default_factory=dict)  # as the user gave them
     labels: dict[str, str] = field(default_factory=dict)
     created: str = ""
     state: str = READY
     attachable: bool = False  # Docker's flag, kept and shown (it means nothing without swarm)
+
+    @property
+    def is_bridge(self) -> bool:
+        return self.driver == DRIVER
+
+    @property
+    def child_spec(self) -> macvlan.ChildSpec:
+        """A macvlan/ipvlan network's container links."""
+        return macvlan.ChildSpec(self.driver, self.parent, self.mode, self.flag)
 
     @property
     def interface(self) -> IPv4Interface:
@@ -216,6 +234,7 @@ class NetworkRequest:
     labels: dict[str, str] | None = None
     subnet6: str | None = None
     gateway6: str | None = None
+    driver: str = DRIVER
 
 
 def _parse_subnet(text: str) -> IPv4Network:
@@ -303,6 +322,43 @@ def _parse_ip_range(text: str | None, subnet: IPv4Network) -> str:
     return str(pool)
 
 
+def _plan_bridge(opts: BridgeOptions, existing: Sequence[Network]) -> tuple[str, str]:
+    """A bridge network's id and bridge name."""
+    network_id = new_network_id()
+    while not opts.bridge_name and any(n.bridge == bridge_name_for(network_id) for n in existing):
+        network_id = new_network_id()  # 36 bits of the id name the bridge: a rare clash
+    bridge = opts.bridge_name or bridge_name_for(network_id)
+    if not valid_ifname(bridge):
+        raise NetdError(f'invalid bridge name "{bridge}"')
+    for net in existing:
+        if net.bridge == bridge:
+            raise Conflict(f'bridge {bridge} is already used by network "{net.name}"')
+    return network_id, bridge
+
+
+def _plan_parent(
+    driver: str, link: macvlan.LinkOptions, network_id: str, existing: Sequence[Network]
+) -> tuple[str, bool]:
+    """A macvlan/ipvlan network's parent link, and whether netd is to create it ("", False
+    for a bridge network). Whether the link exists is asked of the kernel here."""
+    if driver == DRIVER:
+        return "", False
+    parent = link.parent or macvlan.standin_parent_name(network_id)
+    in_use = [(n.name, n.parent) for n in existing if n.parent]
+    macvlan.check_parent(parent, in_use)
+    if any(n.bridge == parent for n in existing):
+        raise Conflict(f"interface {parent} is the bridge of another network")
+    if not link.parent:
+        if macvlan.link_exists(parent):
+            raise Conflict(f"interface {parent} already exists")
+        return parent, True
+    if macvlan.link_exists(parent):
+        return parent, False
+    if macvlan.vlan_parent(parent) is None:
+        raise NetdError(f"parent interface {parent} does not exist")
+    return parent, True
+
+
 def plan_network(
     request: NetworkRequest,
     existing: Sequence[Network],
@@ -316,27 +372,31 @@ def plan_network(
     check_network_name(name)
     if name in PREDEFINED_NETWORKS or any(n.name == name for n in existing):
         raise Conflict(f"network with name {name} already exists")
-    opts = parse_options(request.options)
     labels = dict(request.labels or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise NetdError("network labels must map strings to strings")
-    network_id = new_network_id()
-    while not opts.bridge_name and any(n.bridge == bridge_name_for(network_id) for n in existing):
-        network_id = new_network_id()  # 36 bits of the id name the bridge: a rare clash
-    bridge = opts.bridge_name or bridge_name_for(network_id)
-    if not valid_ifname(bridge):
-        raise NetdError(f'invalid bridge name "{bridge}"')
-    for net in existing:
-        if net.bridge == bridge:
-            raise Conflict(f'bridge {bridge} is already used by network "{net.name}"')
+    driver = request.driver or DRIVER
+    if driver == DRIVER:
+        opts = parse_options(request.options)
+        network_id, bridge = _plan_bridge(opts, existing)
+        link = macvlan.LinkOptions("", "")
+    elif driver in macvlan.LINK_DRIVERS:
+        opts = BridgeOptions()
+        link = macvlan.parse_link_options(driver, dict(request.options or {}))
+        network_id, bridge = new_network_id(), ""
+    else:
+        raise NetdError(f'network driver "{driver}" is not supported (bridge, macvlan, ipvlan)')
+    parent, created_parent = _plan_parent(driver, link, network_id, existing)
 
-    own_bridges = {n.bridge for n in existing}
+    own_bridges = {n.bridge for n in existing if n.bridge}
     if request.subnet:
         subnet = _parse_subnet(request.subnet)
         for net in existing:
             if subnet.overlaps(IPv4Network(net.subnet)):
                 raise Conflict(f'subnet {subnet} overlaps network "{net.name}" ({net.subnet})')
-        check_no_route_overlap(subnet, routes, own_bridges)
+        if driver == DRIVER:
+            # A macvlan/ipvlan subnet is the parent's LAN: the host may well route it.
+            check_no_route_overlap(subnet, routes, own_bridges)
     else:
         if request.gateway or request.ip_range:
             raise NetdError("a gateway or an ip-range needs a subnet")
@@ -350,7 +410,8 @@ def plan_network(
         subnet=str(subnet),
         gateway=str(_parse_gateway(request.gateway, subnet)),
         ip_range=_parse_ip_range(request.ip_range, subnet),
-        internal=bool(request.internal),
+        # No parent: the containers reach only each other (Docker's dummy parent).
+        internal=bool(request.internal) or (driver != DRIVER and not link.parent),
         enable_icc=opts.enable_icc,
         masquerade=opts.masquerade,
         host_binding_ipv4=opts.host_binding_ipv4,
@@ -360,6 +421,11 @@ def plan_network(
         subnet6=subnet6,
         gateway6=gateway6,
         configured_subnet6=bool(request.subnet6),
+        driver=driver,
+        parent=parent,
+        mode=link.mode,
+        flag=link.flag,
+        created_parent=created_parent,
         options=dict(request.options or {}),
         labels=labels,
         created=utc_rfc3339(digits=6),

@@ -1,5 +1,6 @@
 """A container's network sandbox: a named network namespace, and the veth pairs that join it to
-bridges (host end on the bridge, peer born inside the namespace as ``eth<N>``).
+bridges (host end on the bridge, peer born inside the namespace as ``eth<N>``), or the
+macvlan/ipvlan children of a parent link born inside it as ``eth<N>`` (netd/macvlan.py).
 
 Namespaces are only ever entered with ``flags=0``: pyroute2 would otherwise create a missing
 one (``O_CREAT`` is its default), and a namespace must exist only while netd's state says so.
@@ -15,6 +16,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from netd import macvlan
 from netd.errors import NetdError
 
 NETNS_RUN_DIR = "/run/netns"
@@ -51,12 +53,16 @@ def _in_netns(name: str) -> IPRoute:
 
 
 def link_exists(ifname: str) -> bool:
+    if not ifname:
+        return False
     with IPRoute() as ipr:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
 def delete_link(ifname: str) -> None:
     """Delete a host link (for a veth this removes the peer too); no-op when absent."""
+    if not ifname:
+        return
     with IPRoute() as ipr:
         for index in ipr.link_lookup(ifname=ifname):
             try:
@@ -105,7 +111,8 @@ def _configure_inside(
         lo = ns.link_lookup(ifname="lo")[0]
         ns.link("set", index=lo, state="up")
         index = ns.link_lookup(ifname=ifname)[0]
-        ns.link("set", index=index, address=mac)
+        if mac:  # an ipvlan child has its parent's
+            ns.link("set", index=index, address=mac)
         if mtu:
             ns.link("set", index=index, mtu=mtu)
         ns.addr("add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
@@ -218,3 +225,47 @@ def set_default_route(
         raise NetdError(
             f"cannot set the default route in network namespace {netns_name}: {exc.args[-1]}"
         ) from None
+
+
+def link_exists_inside(netns_name: str, ifname: str) -> bool:
+    if not netns_exists(netns_name):
+        return False
+    with _in_netns(netns_name) as ns:
+        return bool(ns.link_lookup(ifname=ifname))
+
+
+def delete_link_inside(netns_name: str, ifname: str) -> None:
+    """Delete ``ifname`` inside the namespace; no-op when either is absent."""
+    if not netns_exists(netns_name):
+        return
+    with _in_netns(netns_name) as ns:
+        for index in ns.link_lookup(ifname=ifname):
+            try:
+                ns.link("del", index=index)
+            except NetlinkError as exc:
+                raise NetdError(
+                    f"cannot delete link {ifname} in {netns_name}: {exc.args[-1]}"
+                ) from None
+
+
+def connect_netns_to_parent(
+    netns_name: str,
+    child: macvlan.ChildSpec,
+    ifname: str,
+    address: IPv4Interface,
+    mac: str,
+    address6: IPv6Interface | None = None,
+) -> None:
+    """A macvlan/ipvlan child of ``child.parent`` born inside the namespace as ``ifname``,
+    addressed and up. All or nothing (routes: ``set_default_route``)."""
+    if not netns_exists(netns_name):
+        raise NetdError(f"network namespace {netns_name} does not exist")
+    macvlan.add_child(child, netns_name, ifname)
+    try:
+        _configure_inside(netns_name, ifname, address, mac, 0, address6)
+    except NetlinkError as exc:
+        delete_link_inside(netns_name, ifname)
+        raise NetdError(f"cannot configure {child.driver} link {ifname}: {exc.args[-1]}") from None
+    except BaseException:
+        delete_link_inside(netns_name, ifname)
+        raise

@@ -53,7 +53,7 @@ class NetworkStatus:
 class EndpointStatus:
     endpoint: Endpoint
     netns_present: bool
-    veth_present: bool
+    veth_present: bool  # for a macvlan/ipvlan endpoint: its link inside the namespace
 
 
 @dataclass
@@ -149,14 +149,18 @@ def collect_status(
     known_networks = list(persisted.networks.values())
     if not any(n.default for n in known_networks):
         known_networks.insert(0, _default_network(network, defaults))
+    # A macvlan/ipvlan network's link is its parent (its children live in the namespaces).
     networks = [
-        NetworkStatus(net, _bridge_status(net.bridge, net.subnet)) for net in known_networks
+        NetworkStatus(net, _bridge_status(net.bridge or net.parent, net.subnet))
+        for net in known_networks
     ]
     endpoints = [
         EndpointStatus(
             ep,
             sandbox.netns_exists(ep.netns_name),
-            sandbox.link_exists(ep.host_veth),
+            sandbox.link_exists(ep.host_veth)
+            if ep.host_veth
+            else sandbox.link_exists_inside(ep.netns_name, ep.ifname),
         )
         for ep in persisted.endpoints.values()
     ]
@@ -246,7 +250,12 @@ def render_status(status: NetdStatus) -> str:
             f"  {net.name}  {net.id[:12]}  subnet {net.subnet}  gateway {net.gateway}"
             f"{range_text}" + (f"  ({', '.join(flags)})" if flags else "")
         )
-        if b.exists:
+        if not net.is_bridge:
+            made = ", made by netd" if net.created_parent else ""
+            what = f"{net.driver} {net.mode}{' ' + net.flag if net.flag else ''}"
+            found = ("UP" if b.up else "DOWN") if b.exists else "no such link"
+            out.append(f"    {what} on parent {net.parent} ({found}{made})")
+        elif b.exists:
             state = "UP" if b.up else "DOWN"
             addrs = ", ".join(b.addresses) or "no address"
             out.append(f"    {b.name}  {addrs}  {state}  ports: {', '.join(b.ports) or 'none'}")
@@ -257,7 +266,7 @@ def render_status(status: NetdStatus) -> str:
     out.append(f"Endpoints ({len(status.endpoints)})")
     if status.endpoints:
         names = {ns.network.id: ns.network.name for ns in status.networks}
-        rows = [["CONTAINER", "NETWORK", "IF", "NETNS", "HOST VETH", "ADDRESS", "MAC", "LIVE"]]
+        rows = [["CONTAINER", "NETWORK", "IF", "NETNS", "HOST LINK", "ADDRESS", "MAC", "LIVE"]]
         for e in status.endpoints:
             ep = e.endpoint
             missing = [
@@ -274,7 +283,7 @@ def render_status(status: NetdStatus) -> str:
                     names.get(ep.network_id, ep.network_name or "?"),
                     ep.ifname,
                     ep.netns_name,
-                    ep.host_veth,
+                    ep.host_veth or "(none: child of parent)",
                     f"{ep.ip}/{ep.prefixlen}",
                     ep.mac,
                     live,

@@ -846,7 +846,11 @@ def test_network_prune(
         (["--ipv6", "--subnet", "fd00:63:1::/64", "--subnet", "fd00:63:2::/64"], "IPv6 subnets"),
         (["--subnet", "fd00:63::/64"], "needs EnableIPv6"),
         (["--subnet", "10.63.13.0/24", "-d", "overlay"], 'network driver "overlay"'),
-        (["--subnet", "10.63.13.0/24", "-d", "macvlan"], 'network driver "macvlan"'),
+        (["--subnet", "10.63.13.0/24", "-d", "ipvlan", "-o", "x=1"], '"x"'),
+        (
+            ["--subnet", "10.63.13.0/24", "-d", "macvlan", "-o", "parent=pyetest-nope0"],
+            "parent interface pyetest-nope0 does not exist",
+        ),
         (["--subnet", "10.63.13.0/24", "-o", "pyetest.opt=1"], '"pyetest.opt"'),
         (
             ["--subnet", "10.63.13.0/24", "-o", "com.docker.network.driver.mtu=9"],

@@ -28,6 +28,7 @@ import pytest
 from engine.runtime import bundle, rootfs, userdb
 from engine.runtime.jsonlog import MAX_LOG_LINE, JsonFileLog
 from engine.runtime.runc import ContainerStartError, ExitStatus, Runtime
+from netd.dns.hosts import hosts_file
 from netd.dns.resolvconf import HOST_RESOLV_CONF, bridge_resolv_conf
 from tests.conftest import require_root, require_tool
 
@@ -168,7 +169,8 @@ class Harness:
         self.containers.append(c)
         rootfs.mount_overlay([self.image], c.upper, cdir / "overlay" / "work", c.rootfs)
         resolv_conf = bridge_resolv_conf(HOST_RESOLV_CONF.read_text())
-        files = bundle.write_network_files(cdir, hostname, ip, resolv_conf)
+        hosts = hosts_file(hostname, "", [ip] if ip else [])
+        files = bundle.write_network_files(cdir, hostname, hosts, resolv_conf)
         spec = bundle.runtime_spec(
             rootfs=c.rootfs,
             args=args,
@@ -324,7 +326,10 @@ def test_write_network_files(tmp_path: Path) -> None:
         "nameserver ::1\noptions edns0\n"
     )
     files = bundle.write_network_files(
-        tmp_path / "c1", "pyebox", "10.88.0.5", bridge_resolv_conf(host_resolv.read_text())
+        tmp_path / "c1",
+        "pyebox",
+        hosts_file("pyebox", "", ["10.88.0.5"]),
+        bridge_resolv_conf(host_resolv.read_text()),
     )
     assert set(files) == {"/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
     hosts = files["/etc/hosts"].read_text()
@@ -339,7 +344,7 @@ def test_write_network_files(tmp_path: Path) -> None:
 
     host_resolv.write_text("nameserver 127.0.0.53\noptions edns0 trust-ad\n")
     resolv_conf = bridge_resolv_conf(host_resolv.read_text())
-    files = bundle.write_network_files(tmp_path / "c2", "h2", None, resolv_conf)
+    files = bundle.write_network_files(tmp_path / "c2", "h2", hosts_file("h2", "", []), resolv_conf)
     resolv = files["/etc/resolv.conf"].read_text()
     assert resolv.splitlines() == [
         "options edns0 trust-ad",

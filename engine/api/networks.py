@@ -1,10 +1,12 @@
-"""``/networks``: the default ``bridge`` network and user-defined bridge networks, in Docker's
-shapes (Engine API v1.41 ``NetworkResource``, ``NetworkCreateRequest``, ``NetworkConnect``).
+"""``/networks``: the default ``bridge`` network and user-defined bridge, macvlan and ipvlan
+networks, in Docker's shapes (Engine API v1.41 ``NetworkResource``, ``NetworkCreateRequest``,
+``NetworkConnect``).
 
-Only the bridge driver exists; IPv6 networks (``EnableIPv6``) take up to one IPv4 and one IPv6
-``IPAM.Config`` entry. ``Attachable`` is kept and shown, as Docker does for a local network (what
-compose v1 sends). Two subnets of one family, overlay/macvlan drivers, ingress/config-only
-networks answer 501 with the reason, never a silent no-op.
+IPv6 networks (``EnableIPv6``) take up to one IPv4 and one IPv6 ``IPAM.Config`` entry. Two
+subnets of one family, the overlay (and any other) driver, ingress/config-only networks answer
+501 with the reason, never a silent no-op. ``Attachable`` is kept and shown, as Docker does for
+a local network (what compose v1 sends). A driver's options are checked by netd (a bad one, or
+an ipvlan network on a kernel without ipvlan: 400).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from engine.lifecycle.networking import (
     dns_names,
 )
 
+DRIVERS = ("bridge", "macvlan", "ipvlan")
 NETWORK_FILTERS = {"name", "id", "driver", "type", "scope", "label", "dangling"}
 
 # What Docker shows for its default network's options (with our bridge's name).
@@ -224,9 +227,11 @@ class NetworksApi:
         if not isinstance(name, str) or not name:
             raise BadParameter("a network needs a name (Name)")
         driver = body.get("Driver") or "bridge"
-        if driver != "bridge":
+        if not isinstance(driver, str):
+            raise BadParameter("Driver must be a string")
+        if driver not in DRIVERS:
             raise NotImplementedByEngine(
-                f'network driver "{driver}" is not supported by pyengined (bridge only)'
+                f'network driver "{driver}" is not supported by pyengined ({", ".join(DRIVERS)})'
             )
         for key in ("Ingress", "ConfigOnly"):
             if body.get(key):
@@ -273,6 +278,7 @@ class NetworksApi:
             labels=labels,
             subnet6=config6.get("Subnet") or None,
             gateway6=config6.get("Gateway") or None,
+            driver=driver,
             attachable=bool(body.get("Attachable")),
         )
         return json_response({"Id": net.id, "Warning": ""}, status=201)

@@ -186,6 +186,7 @@ class Engine(NetworkOps, Output):
         except NetworkRequestError as e:
             raise InvalidParameter(str(e)) from e
         self._check_proxy_protocol(config.get("Labels") or {})
+        self._dns_request(config, host_config)
         image_config = image.config.get("config") or {}
         self._log_options(host_config)
         cmd = config.get("Cmd") or None
@@ -267,7 +268,7 @@ class Engine(NetworkOps, Output):
         try:
             endpoints = await self._connect_all(c, undo)
             endpoint = endpoints[0]
-            resolv_conf = await self._start_dns(c, endpoints, undo)
+            net_files = await self._start_dns(c, endpoints, undo)
             published = await self._netd(
                 self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
             )
@@ -296,7 +297,9 @@ class Engine(NetworkOps, Output):
                 )
             except ValueError as e:
                 raise InvalidParameter(str(e)) from e
-            files = bundle.write_network_files(cdir, c.config["Hostname"], endpoint.ip, resolv_conf)
+            files = bundle.write_network_files(
+                cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
+            )
             spec = bundle.runtime_spec(
                 rootfs=rootfs_dir,
                 args=c.args,
@@ -304,6 +307,7 @@ class Engine(NetworkOps, Output):
                 cwd=c.config.get("WorkingDir") or "/",
                 user=user,
                 hostname=c.config["Hostname"],
+                domainname=c.config.get("Domainname") or "",
                 netns_path=endpoint.netns_path,
                 bind_files=files,
                 cgroups_path=f"/pyengine/{c.id}",

@@ -3,6 +3,7 @@ the embedded DNS's names."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from typing import Any
@@ -24,8 +25,12 @@ from engine.lifecycle.networking import (
     proxy_protocol_for,
     proxy_protocol_labels,
 )
+from engine.runtime import bundle
 from netd import (
+    ContainerFiles,
+    DnsRequest,
     Endpoint,
+    NetdError,
     Network,
     PublishedPort,
 )
@@ -181,20 +186,50 @@ class NetworkOps(EngineBase):
         """Make ``c`` resolvable on ``ep``'s network (user-defined networks only, as Docker)."""
         self.dns.register(c.id, ep, self._names_on(c, ep.network_id))
 
-    async def _start_dns(self, c: Container, endpoints: list[Endpoint], undo: list[Any]) -> str:
+    @staticmethod
+    def _dns_request(config: dict[str, Any], host_config: dict[str, Any]) -> DnsRequest:
+        """The container's hostname, domainname, --dns* and --add-host, checked (a 400 with
+        Docker's message at create)."""
+        try:
+            return DnsRequest.of(config, host_config)
+        except ValueError as e:
+            raise InvalidParameter(str(e)) from e
+
+    async def _start_dns(
+        self, c: Container, endpoints: list[Endpoint], undo: list[Any]
+    ) -> ContainerFiles:
         """Names on every user-defined network, and the container's own DNS server when its
-        first network is one. Returns its resolv.conf."""
+        first network is one. Returns its resolv.conf and hosts."""
         undo.append(lambda: self.dns.stop(c.id))
         first = self.attachments(c)[0].network_id
-        return await self.dns.start(c.id, endpoints, first, functools.partial(self._names_on, c))
+        request = self._dns_request(c.config, c.host_config)
+        return await self.dns.start(
+            c.id, endpoints, first, functools.partial(self._names_on, c), request
+        )
+
+    async def _rewrite_hosts(self, c: Container) -> None:
+        """The running container's /etc/hosts names its addresses on the networks it is on now
+        (Docker adds and deletes the lines on connect and disconnect). A file that cannot be
+        rewritten is logged: the connect or disconnect itself happened."""
+        try:
+            hosts = self.dns.hosts(
+                self._dns_request(c.config, c.host_config), self.network.container_endpoints(c.id)
+            )
+            await asyncio.to_thread(bundle.rewrite_hosts, self.containers.dir(c), hosts)
+        except (OSError, NetdError, InvalidParameter) as e:
+            log.warning("cannot update /etc/hosts of %s: %s", c.id[:12], e)
 
     async def restore_names(self) -> None:
         """After recover(): the running containers' names on their user-defined networks, and
         their DNS servers (they lived in the previous daemon's process)."""
         for c in self.containers.all():
             first = self.attachments(c)[0].network_id
+            try:
+                overrides = self._dns_request(c.config, c.host_config).overrides
+            except InvalidParameter:
+                overrides = None  # checked at create: only a hand-edited record gets here
             await self.dns.restore(
-                c.id, self.endpoints(c), first, functools.partial(self._names_on, c)
+                c.id, self.endpoints(c), first, functools.partial(self._names_on, c), overrides
             )
 
     async def close_dns(self) -> None:
@@ -230,6 +265,7 @@ class NetworkOps(EngineBase):
                 )
                 c.networks = [*self.attachments(c), attachment]
                 self._register_names(c, ep)
+                await self._rewrite_hosts(c)
             else:
                 c.networks = [*self.attachments(c), attachment]
             self.containers.save(c)
@@ -258,6 +294,7 @@ class NetworkOps(EngineBase):
                 self.dns.unregister(network_id, c.id)
                 await self._netd(self.network.disconnect, c.id, network_id)
                 self._refresh_network_record(c)
+                await self._rewrite_hosts(c)
             c.networks = kept
             self.containers.save(c)
 

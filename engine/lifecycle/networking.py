@@ -99,6 +99,8 @@ def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> 
     unique = list(dict.fromkeys(aliases))
     mac = config.get("MacAddress") or ""
     if mac:
+        if network.driver == "ipvlan":
+            raise NetworkRequestError("an ipvlan interface has its parent's MAC: no --mac-address")
         try:
             mac = parse_mac(mac)
         except ValueError as e:

@@ -57,15 +57,6 @@ READONLY_PATHS = [
     "/proc/sysrq-trigger",
 ]
 
-HOSTS_HEADER = (
-    "127.0.0.1\tlocalhost\n"
-    "::1\tlocalhost ip6-localhost ip6-loopback\n"
-    "fe00::0\tip6-localnet\n"
-    "ff00::0\tip6-mcastprefix\n"
-    "ff02::1\tip6-allnodes\n"
-    "ff02::2\tip6-allrouters\n"
-)
-
 
 def _write_file_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -77,13 +68,13 @@ def _write_file_atomic(path: Path, text: str) -> None:
 def write_network_files(
     container_dir: Path,
     hostname: str,
-    ip: str | None,
+    hosts: str,
     resolv_conf: str,
 ) -> dict[str, Path]:
-    """Write hosts, hostname and resolv.conf (netd's answer for the container) into
-    ``container_dir``. Returns in-container path → file, for bind mounts."""
+    """Write hosts, hostname and resolv.conf (netd's answer for the container: its
+    ContainerFiles) into ``container_dir``. Returns in-container path → file, for bind
+    mounts."""
     container_dir.mkdir(parents=True, exist_ok=True)
-    hosts = HOSTS_HEADER + (f"{ip}\t{hostname}\n" if ip else "")
     files = {
         "/etc/hosts": (container_dir / "hosts", hosts),
         "/etc/hostname": (container_dir / "hostname", f"{hostname}\n"),
@@ -92,6 +83,15 @@ def write_network_files(
     for path, text in files.values():
         _write_file_atomic(path, text)
     return {dest: path for dest, (path, _) in files.items()}
+
+
+def rewrite_hosts(container_dir: Path, hosts: str) -> None:
+    """A running container's /etc/hosts after a network connect or disconnect. Written in
+    place, as Docker does: the file is bind-mounted by inode, so a renamed new file would
+    never reach the container."""
+    with open(container_dir / "hosts", "r+", encoding="utf-8") as f:
+        f.write(hosts)
+        f.truncate()
 
 
 def _default_mounts() -> list[dict[str, Any]]:
@@ -153,6 +153,7 @@ def runtime_spec(
     bind_files: dict[str, Path],
     cgroups_path: str,
     security: SecurityOptions | None = None,
+    domainname: str = "",
 ) -> dict[str, Any]:
     """An OCI runtime-spec config with Docker's default security profile: its capabilities,
     masked paths and seccomp filter (unless ``security`` says otherwise)."""
@@ -201,6 +202,9 @@ def runtime_spec(
         },
         "root": {"path": str(rootfs), "readonly": False},
         "hostname": hostname,
+        # runtime-spec 1.1 "domainname" (setdomainname(2) in the uts namespace); only when set,
+        # so specs without one stay valid for older runtimes.
+        **({"domainname": domainname} if domainname else {}),
         "mounts": mounts,
         "linux": {
             "cgroupsPath": cgroups_path,

@@ -201,7 +201,11 @@ class ControllerBase:
 
     def _install_firewall(self) -> None:
         """Rebuild the whole ruleset from the state, in one transaction."""
-        networks = [n.firewall_view() for n in self._st.networks.values() if n.state != REMOVING]
+        networks = [
+            n.firewall_view()
+            for n in self._st.networks.values()
+            if n.state != REMOVING and n.is_bridge  # macvlan/ipvlan: no rule at all
+        ]
         self._firewall.install(networks, self._firewall_mappings())
 
     def _require_ready(self) -> None:

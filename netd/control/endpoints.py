@@ -1,5 +1,6 @@
-"""Container endpoints: a sandbox (network namespace) per container, a veth per network it is
-connected to, its addresses, routes and default route."""
+"""Container endpoints: a sandbox (network namespace) per container, a veth per bridge network
+it is connected to (a macvlan/ipvlan child per network of those drivers), its addresses, routes
+and default route."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from common.macaddr import parse_mac
 from netd import sandbox
 from netd.control.ports import Ports
 from netd.errors import Conflict, NetdError, NotFound
+from netd.macvlan import IPVLAN
 from netd.naming import (
     container_ifname,
     host_veth_name,
@@ -51,6 +53,17 @@ class Endpoints(Ports):
         return not self.cfg.userland_proxy
 
     def _plumb(self, ep: Endpoint, net: Network) -> None:
+        address6 = IPv6Interface(f"{ep.ipv6}/{ep.ipv6_prefixlen}") if ep.ipv6 else None
+        if not net.is_bridge:
+            sandbox.connect_netns_to_parent(
+                ep.netns_name,
+                net.child_spec,
+                ep.ifname,
+                IPv4Interface(f"{ep.ip}/{ep.prefixlen}"),
+                ep.mac,
+                address6,
+            )
+            return
         sandbox.connect_netns_to_bridge(
             ep.netns_name,
             ep.host_veth,
@@ -61,8 +74,16 @@ class Endpoints(Ports):
             self._hairpin,
             not net.enable_icc,
             net.mtu,
-            IPv6Interface(f"{ep.ipv6}/{ep.ipv6_prefixlen}") if ep.ipv6 else None,
+            address6,
         )
+
+    def _unplumb(self, ep: Endpoint) -> None:
+        """Remove the endpoint's link: the host veth (its peer goes with it), or the child
+        inside the namespace (an endpoint without a host veth is a macvlan/ipvlan one)."""
+        if ep.host_veth:
+            sandbox.delete_link(ep.host_veth)
+        else:
+            sandbox.delete_link_inside(ep.netns_name, ep.ifname)
 
     def _sync_default_route(self, container_id: str) -> None:
         """Default route via the first endpoint (eth0 first) on a non-internal network."""
@@ -141,6 +162,8 @@ class Endpoints(Ports):
             if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
                 raise NetdError(f'invalid alias "{alias}"')
         if mac:
+            if net.driver == IPVLAN:
+                raise NetdError("an ipvlan interface has its parent's MAC: no --mac-address")
             try:
                 mac = parse_mac(mac)
             except ValueError as e:
@@ -158,9 +181,10 @@ class Endpoints(Ports):
             raise NetdError(f"the network namespace of container {short} is being {sb.state}")
         used = {ep.index for ep in st.container_endpoints(container_id)}
         index = next(i for i in range(len(used) + 1) if i not in used)
-        veth = host_veth_name(container_id, index)
+        # A macvlan/ipvlan endpoint has no host end: its link lives in the namespace alone.
+        veth = host_veth_name(container_id, index) if net.is_bridge else ""
         for holder in st.endpoints.values():
-            if holder.host_veth == veth:
+            if veth and holder.host_veth == veth:
                 raise Conflict(f"container id {short} clashes with {holder.container_id[:12]}")
         if sandbox.link_exists(veth):
             raise Conflict(f"interface {veth} already exists")
@@ -183,7 +207,8 @@ class Endpoints(Ports):
             ip=str(addr),
             prefixlen=IPv4Network(net.subnet).prefixlen,
             gateway=net.gateway,
-            mac=mac or mac_for_ip(IPv4Address(addr)),
+            # ipvlan children carry their parent's MAC (shown as none, as Docker does)
+            mac="" if net.driver == IPVLAN else (mac or mac_for_ip(IPv4Address(addr))),
             network_id=net.id,
             network_name=net.name,
             ifname=container_ifname(index),
@@ -208,7 +233,7 @@ class Endpoints(Ports):
             sb.state = READY
             self._save()
         except BaseException:
-            sandbox.delete_link(ep.host_veth)
+            self._unplumb(ep)
             if created_netns:
                 sandbox.delete_netns(sb.netns_name)
             st.release_addresses(ep)
@@ -264,7 +289,7 @@ class Endpoints(Ports):
             raise
         close_ports(on_endpoint)
         # From here on the removal is carried through, now or by the next setup().
-        sandbox.delete_link(ep.host_veth)
+        self._unplumb(ep)
         st.release_addresses(ep)
         del st.endpoints[ep.key]
         if not st.ports.get(ep.container_id):
@@ -300,7 +325,7 @@ class Endpoints(Ports):
                 raise
             close_ports(ports)
             for ep in endpoints:
-                sandbox.delete_link(ep.host_veth)
+                self._unplumb(ep)
                 st.release_addresses(ep)
                 del st.endpoints[ep.key]
             if sb is not None:

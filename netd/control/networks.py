@@ -1,5 +1,5 @@
-"""Bridge networks: the default one and user-defined ones, created and removed as one
-recorded step each."""
+"""Networks: the default bridge one and user-defined ones (bridge, macvlan, ipvlan), created
+and removed as one recorded step each."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import logging
 from collections.abc import Callable
 
-from netd import bridge, sandbox, subnetpool, sysctl
+from netd import bridge, macvlan, sandbox, subnetpool, sysctl
 from netd.control.base import ControllerBase
 from netd.errors import Conflict, Forbidden, NetdError, NotFound
 from netd.network import (
@@ -73,9 +73,12 @@ class Networks(ControllerBase):
         labels: dict[str, str] | None = None,
         subnet6: str | None = None,
         gateway6: str | None = None,
+        driver: str = "bridge",
         attachable: bool = False,
     ) -> Network:
-        """A user-defined bridge network: its bridge, and its place in the firewall. With
+        """A user-defined network. A bridge one gets its bridge and its place in the firewall;
+        a macvlan/ipvlan one its parent link when netd is to make it (netd/macvlan.py), and a
+        probe that the kernel can hang a child of the driver's kind off it. With
         ``enable_ipv6`` it also gets an IPv6 subnet: ``subnet6`` (and ``gateway6``), or a /64
         of the unique local pool."""
         with self._lock:
@@ -91,33 +94,49 @@ class Networks(ControllerBase):
                 labels,
                 subnet6,
                 gateway6,
+                driver,
             )
             existing = list(self._st.networks.values())
             network = plan_network(
                 request, existing, subnetpool.host_routes(), self.cfg.address_pools
             )
             network.attachable = attachable
-            if sandbox.link_exists(network.bridge):
+            if network.is_bridge and sandbox.link_exists(network.bridge):
                 raise Conflict(f"interface {network.bridge} already exists")
             st = self._st
             st.add_network(network)
+            made_parent = False
             try:
-                self._save()
-                if network.subnet6:
-                    sysctl.enable_ipv6_forward()
-                bridge.ensure_bridge(network.bridge, network.interface, network.interface6)
-                sysctl.set_route_localnet(network.bridge, not self.cfg.userland_proxy)
-                self._install_firewall()
+                self._save()  # the intent, with the parent netd is to make, before the kernel
+                if network.is_bridge:
+                    if network.subnet6:
+                        sysctl.enable_ipv6_forward()
+                    bridge.ensure_bridge(network.bridge, network.interface, network.interface6)
+                    sysctl.set_route_localnet(network.bridge, not self.cfg.userland_proxy)
+                    self._install_firewall()
+                else:
+                    if network.created_parent:
+                        macvlan.create_parent(network.parent)
+                        made_parent = True
+                    macvlan.probe_driver(network.child_spec)
                 network.state = READY
                 self._save()
             except BaseException:
                 st.drop_network(network.id)
+                # A parent that could not be made (it appeared meanwhile) is not netd's.
+                network.created_parent = made_parent
                 self._undo_network(network)
                 raise
             return copy.deepcopy(network)
 
     def _undo_network(self, network: Network) -> None:
-        """Best effort: the firewall without ``network``, its bridge gone, the state saved."""
+        """Best effort: the firewall without ``network``, its bridge (or the parent netd made)
+        gone, the state saved."""
+        if not network.is_bridge:
+            if network.created_parent:
+                macvlan.delete_parent(network.parent)
+            self._save()
+            return
         try:
             if self._firewall.installed():
                 self._install_firewall()
@@ -142,6 +161,13 @@ class Networks(ControllerBase):
             previous = network.state
             network.state = REMOVING
             self._save()
+            if not network.is_bridge:
+                # From here on the removal is carried through, now or by the next setup().
+                if network.created_parent:
+                    macvlan.delete_parent(network.parent)
+                self._st.drop_network(network.id)
+                self._save()
+                return
             try:
                 self._install_firewall()
             except BaseException:

@@ -103,7 +103,8 @@ class Ports(Networks):
         firewall transaction. A binding without a host address is published on 0.0.0.0 and
         :: (see ``publish_addresses``): one PublishedPort per address, the same host port on
         both. Ports on IPv6 addresses are left to the proxy (``PublishedPort.in_firewall``).
-        Internal networks publish nothing."""
+        Internal networks publish nothing; nor do macvlan/ipvlan ones, silently, as Docker
+        ignores ``-p`` there (the container's own address on the LAN serves its ports)."""
         with self._lock:
             self._require_ready()
             key = endpoint_key(container_id, endpoint.network_id or self.default_network.id)
@@ -111,6 +112,10 @@ class Ports(Networks):
             if current is None or current.state != READY or current.ip != endpoint.ip:
                 raise NotFound(f"container {container_id[:12]} has no such endpoint")
             net = self._st.networks[current.network_id]
+            if not net.is_bridge:
+                if bindings:
+                    log.info("%s network %s: ports not published", net.driver, net.name)
+                return []
             if net.internal and bindings:
                 raise NetdError(
                     f"cannot publish ports of container {container_id[:12]}: "

@@ -8,12 +8,13 @@ import logging
 import socket
 from collections.abc import Collection, Mapping
 
-from netd import bridge, forwarding, sandbox, sysctl
+from netd import bridge, forwarding, macvlan, sandbox, sysctl
 from netd.control.base import IPAM_FILE
 from netd.control.endpoints import Endpoints
 from netd.errors import NetdError
 from netd.network import (
     READY,
+    Network,
 )
 from netd.portmap import (
     reserve_host_port,
@@ -83,8 +84,14 @@ class Recovery(Endpoints):
                     log.warning("network %s was left %s; removing it", net.name, net.state)
                     self._forget_network_endpoints(net.id)
                     st.drop_network(net.id)
-                    bridge.delete_bridge(net.bridge)
+                    if net.is_bridge:
+                        bridge.delete_bridge(net.bridge)
+                    elif net.created_parent:
+                        macvlan.delete_parent(net.parent)
             for net in st.networks.values():
+                if not net.is_bridge:
+                    self._ensure_parent(net)
+                    continue
                 try:
                     bridge.ensure_bridge(net.bridge, net.interface, net.interface6)
                     # DNAT of 127.0.0.0/8 traffic to the bridge needs it (Docker's
@@ -112,6 +119,20 @@ class Recovery(Endpoints):
                 raise
             self._ready = True
 
+    def _ensure_parent(self, net: Network) -> None:
+        """A macvlan/ipvlan network's parent netd made is made again if missing (a reboot);
+        a user's parent that is gone is only logged (its containers' links went with it and
+        are dropped below, when they cannot be recreated)."""
+        if macvlan.link_exists(net.parent):
+            return
+        if not net.created_parent:
+            log.warning("parent interface %s of network %s is missing", net.parent, net.name)
+            return
+        try:
+            macvlan.create_parent(net.parent)
+        except NetdError as exc:
+            log.warning("cannot recreate parent %s of network %s: %s", net.parent, net.name, exc)
+
     def _forget_network_endpoints(self, network_id: str) -> None:
         for ep in self._st.network_endpoints(network_id):
             self._forget_endpoint(ep)
@@ -119,7 +140,7 @@ class Recovery(Endpoints):
     def _forget_endpoint(self, ep: Endpoint) -> None:
         """Remove an endpoint's veth, address, record and ports, without firewall changes (the
         caller reinstalls the firewall from the state)."""
-        sandbox.delete_link(ep.host_veth)
+        self._unplumb(ep)
         self._st.release_addresses(ep)
         self._st.endpoints.pop(ep.key, None)
         ports = self._st.ports.get(ep.container_id, [])
@@ -158,7 +179,11 @@ class Recovery(Endpoints):
                 self._forget_endpoint(ep)
                 continue
             try:
-                if sandbox.link_exists(ep.host_veth):
+                if not net.is_bridge:
+                    if not sandbox.link_exists_inside(ep.netns_name, ep.ifname):
+                        log.warning("%s link %s is missing; recreating it", net.driver, ep.ifname)
+                        self._plumb(ep, net)
+                elif sandbox.link_exists(ep.host_veth):
                     sandbox.plug_into_bridge(
                         ep.host_veth, net.bridge, self._hairpin, not net.enable_icc
                     )
@@ -243,7 +268,10 @@ class Recovery(Endpoints):
                 self.unpublish(cid)
             self._firewall.uninstall()
             for net in st.networks.values():
-                bridge.delete_bridge(net.bridge)
+                if net.is_bridge:
+                    bridge.delete_bridge(net.bridge)
+                elif net.created_parent:
+                    macvlan.delete_parent(net.parent)
             kept = [n for n in st.networks.values() if not n.default and n.state == READY]
             if remove_networks or not kept:
                 self._state_file.unlink(missing_ok=True)

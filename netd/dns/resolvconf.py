@@ -5,6 +5,8 @@ options), as Docker does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -80,16 +82,65 @@ def load_host_upstreams(
     return host_upstreams(text, resolved)
 
 
-def container_resolv_conf(host_text: str, nameserver: str = EMBEDDED_DNS) -> str:
+@dataclass(frozen=True)
+class DnsOverrides:
+    """A container's own ``--dns``, ``--dns-search`` and ``--dns-option`` (HostConfig.Dns,
+    DnsSearch, DnsOptions): each, when given, replaces the host's (or the daemon's) list."""
+
+    servers: tuple[str, ...] = ()
+    search: tuple[str, ...] | None = None  # None: not given; () given as "." (no search)
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(
+        cls,
+        servers: Sequence[str] | None,
+        search: Sequence[str] | None,
+        options: Sequence[str] | None,
+    ) -> DnsOverrides:
+        """Checked: servers are IP addresses, no entry has blanks (it would add resolv.conf
+        directives of its own). Raises ValueError."""
+        checked = []
+        for server in servers or ():
+            try:
+                checked.append(str(ip_address(server)))
+            except ValueError:
+                raise ValueError(f"IP address is not correctly formatted: {server}") from None
+        for what, values in (("search domain", search), ("DNS option", options)):
+            for value in values or ():
+                if not value or any(ch.isspace() or not ch.isprintable() for ch in value):
+                    raise ValueError(f"invalid {what}: {value!r}")
+        # moby resolvconf OverrideSearch: "." stands for no search domains at all.
+        chosen = tuple(s for s in search if s != ".") if search else None
+        return cls(tuple(checked), chosen, tuple(options or ()))
+
+    def upstreams(self) -> list[tuple[str, int]] | None:
+        """The embedded DNS's upstreams for the container; None: the daemon's."""
+        return [(s, DNS_PORT) for s in self.servers] if self.servers else None
+
+
+def _search(host_text: str, overrides: DnsOverrides) -> list[str]:
+    if overrides.search is not None:
+        return list(overrides.search)
+    found = _directives(host_text, "search", "domain")
+    # resolv.conf(5): the last search/domain line wins.
+    return found[-1] if found else []
+
+
+def container_resolv_conf(
+    host_text: str, nameserver: str = EMBEDDED_DNS, overrides: DnsOverrides | None = None
+) -> str:
     """A container's resolv.conf on a user-defined network: the embedded responder as its only
-    nameserver, the host's ``search`` and ``options`` kept, and ``ndots:0`` added unless the
-    host sets ndots (what Docker writes)."""
+    nameserver, its ``--dns-search``/``--dns-option`` or else the host's ``search`` and
+    ``options``, and ``ndots:0`` added unless those set ndots (what Docker writes)."""
+    overrides = overrides or DnsOverrides()
     lines = [f"nameserver {nameserver}"]
-    search = _directives(host_text, "search", "domain")
-    if search and search[-1]:
-        # resolv.conf(5): the last search/domain line wins.
-        lines.append("search " + " ".join(search[-1]))
-    options = [opt for args in _directives(host_text, "options") for opt in args]
+    search = _search(host_text, overrides)
+    if search:
+        lines.append("search " + " ".join(search))
+    options = list(overrides.options) or [
+        opt for args in _directives(host_text, "options") for opt in args
+    ]
     if not any(opt.startswith("ndots:") for opt in options):
         options.append("ndots:0")
     lines.append("options " + " ".join(options))
@@ -107,9 +158,31 @@ def _is_loopback(address: str) -> bool:
         return False
 
 
-def bridge_resolv_conf(host_text: str) -> str:
-    """A container's resolv.conf on the default bridge (no embedded responder): the host's
-    without its loopback nameservers, with Docker's public fallback when none is left."""
+def bridge_resolv_conf(
+    host_text: str, dns_servers: Sequence[str] = (), overrides: DnsOverrides | None = None
+) -> str:
+    """A container's resolv.conf on the default bridge (no embedded responder).
+
+    With nothing given: the host's without its loopback nameservers, with Docker's public
+    fallback when none is left. With ``dns_servers`` (the container's ``--dns``, else the
+    daemon's) or ``overrides``: those servers (else the host's, filtered as above), search
+    domains and options, each replacing the host's, as Docker's setupDNS does."""
+    overrides = overrides or DnsOverrides()
+    chosen = list(overrides.servers or dns_servers)
+    if chosen or overrides.search is not None or overrides.options:
+        if not chosen:
+            chosen = [s for s in nameservers(host_text) if not _is_loopback(s)]
+            chosen = chosen or list(FALLBACK_NAMESERVERS)
+        lines = [f"nameserver {s}" for s in chosen]
+        search = _search(host_text, overrides)
+        if search:
+            lines.append("search " + " ".join(search))
+        options = list(overrides.options) or [
+            opt for args in _directives(host_text, "options") for opt in args
+        ]
+        if options:
+            lines.append("options " + " ".join(options))
+        return "\n".join(lines) + "\n"
     lines = []
     servers = 0
     for line in host_text.splitlines():

@@ -149,8 +149,15 @@ class EmbeddedDns:
 
     # -- responders -------------------------------------------------------------------------
 
-    async def attach(self, container_id: str, netns_path: str) -> None:
-        """Answer the container's queries on ``listen`` inside its network namespace.
+    async def attach(
+        self,
+        container_id: str,
+        netns_path: str,
+        upstreams: Sequence[tuple[str, int]] | None = None,
+    ) -> None:
+        """Answer the container's queries on ``listen`` inside its network namespace,
+        forwarding the others to ``upstreams`` (the container's own ``--dns``; None: the
+        service's).
 
         A no-op when it already has a responder in that same namespace; a responder in another
         namespace (the container was restarted) is replaced once the new one listens. Raises
@@ -165,7 +172,7 @@ class EmbeddedDns:
             responder = DnsResponder(
                 ScopedNames(lambda: self._tables_of(container_id)),
                 self.listen,
-                self.upstreams,
+                list(self.upstreams if upstreams is None else upstreams),
                 self.domain,
                 netns_path,
                 self.timeout,
