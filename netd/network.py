@@ -13,7 +13,10 @@ Options (Docker's names, values as strings; ``strconv.ParseBool`` spellings for 
 * ``com.docker.network.bridge.enable_ip_masquerade``: ``false`` leaves outgoing traffic un-NATed;
 * ``com.docker.network.bridge.host_binding_ipv4``: the host address ports are published on when
   a binding names none (default 0.0.0.0);
-* ``com.docker.network.driver.mtu``: the MTU of the containers' veth pairs.
+* ``com.docker.network.driver.mtu``: the MTU of the containers' veth pairs;
+* ``com.docker.network.bridge.gateway_mode_ipv4`` / ``..._ipv6``: Docker 28's gateway mode of
+  each family (netd/firewall/__init__.py says what each makes): ``nat`` (the default),
+  ``nat-unprotected``, ``routed`` or ``isolated`` (only with ``--internal``, as Docker requires).
 
 Any other option is refused, so a user never believes an option took effect when it did not.
 
@@ -42,7 +45,7 @@ from typing import Any
 
 from common.timefmt import utc_rfc3339
 from netd.errors import Conflict, NetdError
-from netd.firewall import BridgeNetwork
+from netd.firewall import GATEWAY_MODES, GW_ISOLATED, GW_NAT, BridgeNetwork
 from netd.naming import bridge_name_for, valid_ifname
 from netd.subnetpool import (
     DEFAULT_IPV6_POOL,
@@ -63,7 +66,17 @@ OPT_ENABLE_ICC = "com.docker.network.bridge.enable_icc"
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_HOST_BINDING = "com.docker.network.bridge.host_binding_ipv4"
 OPT_MTU = "com.docker.network.driver.mtu"
-SUPPORTED_OPTIONS = (OPT_BRIDGE_NAME, OPT_ENABLE_ICC, OPT_MASQUERADE, OPT_HOST_BINDING, OPT_MTU)
+OPT_GATEWAY_MODE4 = "com.docker.network.bridge.gateway_mode_ipv4"
+OPT_GATEWAY_MODE6 = "com.docker.network.bridge.gateway_mode_ipv6"
+SUPPORTED_OPTIONS = (
+    OPT_BRIDGE_NAME,
+    OPT_ENABLE_ICC,
+    OPT_MASQUERADE,
+    OPT_HOST_BINDING,
+    OPT_MTU,
+    OPT_GATEWAY_MODE4,
+    OPT_GATEWAY_MODE6,
+)
 
 # Docker's network name rule (daemon/network.go, "validNetworkName" via restrictedNamePattern).
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -109,6 +122,17 @@ class BridgeOptions:
     masquerade: bool = True
     host_binding_ipv4: str = "0.0.0.0"
     mtu: int = 0  # 0: the kernel's default (1500 for veth)
+    gateway_mode4: str = GW_NAT
+    gateway_mode6: str = GW_NAT
+
+
+def _parse_gateway_mode(option: str, value: str) -> str:
+    # Docker's wording (libnetwork/drivers/bridge: parseErr around newGwMode); "" is nat there.
+    if value == "":
+        return GW_NAT
+    if value not in GATEWAY_MODES:
+        raise NetdError(f'failed to parse {option} value: {value} (invalid gateway mode "{value}")')
+    return value
 
 
 def parse_options(options: dict[str, str] | None) -> BridgeOptions:
@@ -141,6 +165,12 @@ def parse_options(options: dict[str, str] | None) -> BridgeOptions:
         if not value.isdigit() or not 68 <= int(value) <= 65535:
             raise NetdError(f'invalid value "{value}" for option {OPT_MTU} (want 68-65535)')
         parsed = replace(parsed, mtu=int(value))
+    if OPT_GATEWAY_MODE4 in options:
+        mode = _parse_gateway_mode(OPT_GATEWAY_MODE4, options[OPT_GATEWAY_MODE4])
+        parsed = replace(parsed, gateway_mode4=mode)
+    if OPT_GATEWAY_MODE6 in options:
+        mode = _parse_gateway_mode(OPT_GATEWAY_MODE6, options[OPT_GATEWAY_MODE6])
+        parsed = replace(parsed, gateway_mode6=mode)
     return parsed
 
 
@@ -157,6 +187,8 @@ class Network:
     masquerade: bool = True
     host_binding_ipv4: str = "0.0.0.0"
     mtu: int = 0
+    gateway_mode4: str = GW_NAT  # Docker 28's gateway modes, per family
+    gateway_mode6: str = GW_NAT
     enable_ipv6: bool = False
     configured_subnet: bool = False  # the user gave the subnet (Docker allows --ip only then)
     subnet6: str = ""  # IPv6 network when enable_ipv6, e.g. "fd00:86::/64"
@@ -190,6 +222,8 @@ class Network:
             masquerade=self.masquerade,
             subnet6=IPv6Network(self.subnet6) if self.subnet6 else None,
             gateway6=IPv6Address(self.gateway6) if self.gateway6 else None,
+            gateway_mode4=self.gateway_mode4,
+            gateway_mode6=self.gateway_mode6,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -316,6 +350,9 @@ def plan_network(
     if name in PREDEFINED_NETWORKS or any(n.name == name for n in existing):
         raise Conflict(f"network with name {name} already exists")
     opts = parse_options(request.options)
+    if GW_ISOLATED in (opts.gateway_mode4, opts.gateway_mode6) and not request.internal:
+        # Docker's words (bridge driver, parseNetworkOptions).
+        raise NetdError("gateway mode 'isolated' can only be used for an internal network")
     labels = dict(request.labels or {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
         raise NetdError("network labels must map strings to strings")
@@ -354,6 +391,8 @@ def plan_network(
         masquerade=opts.masquerade,
         host_binding_ipv4=opts.host_binding_ipv4,
         mtu=opts.mtu,
+        gateway_mode4=opts.gateway_mode4,
+        gateway_mode6=opts.gateway_mode6,
         configured_subnet=bool(request.subnet),
         enable_ipv6=bool(request.enable_ipv6),
         subnet6=subnet6,
