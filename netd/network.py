@@ -23,7 +23,8 @@ Any other option is refused, so a user never believes an option took effect when
 ``enable_ipv6`` (``network create --ipv6``, Docker 28's IPv6 bridge network) gives the network
 an IPv6 subnet as well as its IPv4 one: the user's, or a /64 of netd's unique local pool
 (netd/subnetpool.py). The bridge carries both gateways; each container gets an address of each
-family. The default network stays IPv4-only.
+family. The default network gets IPv6 the same way from pyengined's ``--ipv6
+--fixed-cidr-v6=<prefix>`` (netd/control/base.py).
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def _parse_subnet(text: str) -> IPv4Network:
     return subnet
 
 
-def _parse_subnet6(text: str) -> IPv6Network:
+def parse_subnet6(text: str) -> IPv6Network:
     try:
         subnet = IPv6Network(text, strict=False)
     except ValueError:
@@ -300,7 +301,7 @@ def _plan_subnet6(
         return "", ""
     taken = [IPv6Network(n.subnet6) for n in existing if n.subnet6]
     if request.subnet6:
-        subnet = _parse_subnet6(request.subnet6)
+        subnet = parse_subnet6(request.subnet6)
         for net in existing:
             if net.subnet6 and subnet.overlaps(IPv6Network(net.subnet6)):
                 raise Conflict(f'subnet {subnet} overlaps network "{net.name}" ({net.subnet6})')
