@@ -216,6 +216,18 @@ async def serve(
     help="When pyengined turns ip_forward on, do not drop the forwarded traffic that is not "
     "its own (Docker 28's option of the same name).",
 )
+@click.option(
+    "--ipv6",
+    is_flag=True,
+    help="Give the default bridge an IPv6 subnet (--fixed-cidr-v6): containers on it get an "
+    "IPv6 address, an IPv6 default route and NAT66 (Docker's option of the same name).",
+)
+@click.option(
+    "--fixed-cidr-v6",
+    default="",
+    help="The default bridge's IPv6 subnet with --ipv6, e.g. fd00:1::/64; its first address is "
+    "the gateway.",
+)
 @click.option("-p", "--pidfile", default=None, type=click.Path(path_type=Path))
 @click.option("--runc", "runc_path", default="runc", show_default=True)
 @click.option("-D", "--debug", is_flag=True, help="Debug logging.")
@@ -233,6 +245,8 @@ def main(
     host_gateway_ips: tuple[str, ...],
     ip_forward: str,
     ip_forward_no_drop: bool,
+    ipv6: bool,
+    fixed_cidr_v6: str,
     pidfile: Path | None,
     runc_path: str,
     debug: bool,
@@ -271,6 +285,8 @@ def main(
                 firewall_backend=firewall_backend,
                 ip_forward=_bool(ip_forward),
                 ip_forward_no_drop=ip_forward_no_drop,
+                ipv6=ipv6,
+                fixed_cidr_v6=fixed_cidr_v6,
             )
         )
     except (NetdError, ValueError) as e:

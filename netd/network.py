@@ -14,14 +14,18 @@ Options (Docker's names, values as strings; ``strconv.ParseBool`` spellings for 
 * ``com.docker.network.bridge.enable_ip_masquerade``: ``false`` leaves outgoing traffic un-NATed;
 * ``com.docker.network.bridge.host_binding_ipv4``: the host address ports are published on when
   a binding names none (default 0.0.0.0);
-* ``com.docker.network.driver.mtu``: the MTU of the containers' veth pairs.
+* ``com.docker.network.driver.mtu``: the MTU of the containers' veth pairs;
+* ``com.docker.network.bridge.gateway_mode_ipv4`` / ``..._ipv6``: Docker 28's gateway mode of
+  each family (netd/firewall/__init__.py says what each makes): ``nat`` (the default),
+  ``nat-unprotected``, ``routed`` or ``isolated`` (only with ``--internal``, as Docker requires).
 
 Any other option is refused, so a user never believes an option took effect when it did not.
 
 ``enable_ipv6`` (``network create --ipv6``, Docker 28's IPv6 bridge network) gives the network
 an IPv6 subnet as well as its IPv4 one: the user's, or a /64 of netd's unique local pool
 (netd/subnetpool.py). The bridge carries both gateways; each container gets an address of each
-family. The default network stays IPv4-only.
+family. The default network gets IPv6 the same way from pyengined's ``--ipv6
+--fixed-cidr-v6=<prefix>`` (netd/control/base.py).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from typing import Any
 from common.timefmt import utc_rfc3339
 from netd import macvlan
 from netd.errors import Conflict, NetdError
-from netd.firewall import BridgeNetwork
+from netd.firewall import GATEWAY_MODES, GW_ISOLATED, GW_NAT, BridgeNetwork
 from netd.naming import bridge_name_for, valid_ifname
 from netd.subnetpool import (
     DEFAULT_IPV6_POOL,
@@ -65,7 +69,17 @@ OPT_ENABLE_ICC = "com.docker.network.bridge.enable_icc"
 OPT_MASQUERADE = "com.docker.network.bridge.enable_ip_masquerade"
 OPT_HOST_BINDING = "com.docker.network.bridge.host_binding_ipv4"
 OPT_MTU = "com.docker.network.driver.mtu"
-SUPPORTED_OPTIONS = (OPT_BRIDGE_NAME, OPT_ENABLE_ICC, OPT_MASQUERADE, OPT_HOST_BINDING, OPT_MTU)
+OPT_GATEWAY_MODE4 = "com.docker.network.bridge.gateway_mode_ipv4"
+OPT_GATEWAY_MODE6 = "com.docker.network.bridge.gateway_mode_ipv6"
+SUPPORTED_OPTIONS = (
+    OPT_BRIDGE_NAME,
+    OPT_ENABLE_ICC,
+    OPT_MASQUERADE,
+    OPT_HOST_BINDING,
+    OPT_MTU,
+    OPT_GATEWAY_MODE4,
+    OPT_GATEWAY_MODE6,
+)
 
 # Docker's network name rule (daemon/network.go, "validNetworkName" via restrictedNamePattern).
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
@@ -111,6 +125,17 @@ class BridgeOptions:
     masquerade: bool = True
     host_binding_ipv4: str = "0.0.0.0"
     mtu: int = 0  # 0: the kernel's default (1500 for veth)
+    gateway_mode4: str = GW_NAT
+    gateway_mode6: str = GW_NAT
+
+
+def _parse_gateway_mode(option: str, value: str) -> str:
+    # Docker's wording (libnetwork/drivers/bridge: parseErr around newGwMode); "" is nat there.
+    if value == "":
+        return GW_NAT
+    if value not in GATEWAY_MODES:
+        raise NetdError(f'failed to parse {option} value: {value} (invalid gateway mode "{value}")')
+    return value
 
 
 def parse_options(options: dict[str, str] | None) -> BridgeOptions:
@@ -143,6 +168,12 @@ def parse_options(options: dict[str, str] | None) -> BridgeOptions:
         if not value.isdigit() or not 68 <= int(value) <= 65535:
             raise NetdError(f'invalid value "{value}" for option {OPT_MTU} (want 68-65535)')
         parsed = replace(parsed, mtu=int(value))
+    if OPT_GATEWAY_MODE4 in options:
+        mode = _parse_gateway_mode(OPT_GATEWAY_MODE4, options[OPT_GATEWAY_MODE4])
+        parsed = replace(parsed, gateway_mode4=mode)
+    if OPT_GATEWAY_MODE6 in options:
+        mode = _parse_gateway_mode(OPT_GATEWAY_MODE6, options[OPT_GATEWAY_MODE6])
+        parsed = replace(parsed, gateway_mode6=mode)
     return parsed
 
 
@@ -159,6 +190,8 @@ class Network:
     masquerade: bool = True
     host_binding_ipv4: str = "0.0.0.0"
     mtu: int = 0
+    gateway_mode4: str = GW_NAT  # Docker 28's gateway modes, per family
+    gateway_mode6: str = GW_NAT
     enable_ipv6: bool = False
     configured_subnet: bool = False  # the user gave the subnet (Docker allows --ip only then)
     subnet6: str = ""  # IPv6 network when enable_ipv6, e.g. "fd00:86::/64"
@@ -209,6 +242,8 @@ class Network:
             masquerade=self.masquerade,
             subnet6=IPv6Network(self.subnet6) if self.subnet6 else None,
             gateway6=IPv6Address(self.gateway6) if self.gateway6 else None,
+            gateway_mode4=self.gateway_mode4,
+            gateway_mode6=self.gateway_mode6,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -249,7 +284,7 @@ def _parse_subnet(text: str) -> IPv4Network:
     return subnet
 
 
-def _parse_subnet6(text: str) -> IPv6Network:
+def parse_subnet6(text: str) -> IPv6Network:
     try:
         subnet = IPv6Network(text, strict=False)
     except ValueError:
@@ -286,7 +321,7 @@ def _plan_subnet6(
         return "", ""
     taken = [IPv6Network(n.subnet6) for n in existing if n.subnet6]
     if request.subnet6:
-        subnet = _parse_subnet6(request.subnet6)
+        subnet = parse_subnet6(request.subnet6)
         for net in existing:
             if net.subnet6 and subnet.overlaps(IPv6Network(net.subnet6)):
                 raise Conflict(f'subnet {subnet} overlaps network "{net.name}" ({net.subnet6})')
@@ -378,6 +413,9 @@ def plan_network(
     driver = request.driver or DRIVER
     if driver == DRIVER:
         opts = parse_options(request.options)
+        if GW_ISOLATED in (opts.gateway_mode4, opts.gateway_mode6) and not request.internal:
+            # Docker's words (bridge driver, parseNetworkOptions).
+            raise NetdError("gateway mode 'isolated' can only be used for an internal network")
         network_id, bridge = _plan_bridge(opts, existing)
         link = macvlan.LinkOptions("", "")
     elif driver in macvlan.LINK_DRIVERS:
@@ -416,6 +454,8 @@ def plan_network(
         masquerade=opts.masquerade,
         host_binding_ipv4=opts.host_binding_ipv4,
         mtu=opts.mtu,
+        gateway_mode4=opts.gateway_mode4,
+        gateway_mode6=opts.gateway_mode6,
         configured_subnet=bool(request.subnet),
         enable_ipv6=bool(request.enable_ipv6),
         subnet6=subnet6,

@@ -107,7 +107,8 @@ def test_options_are_parsed_and_unknown_ones_refused() -> None:
         ({"com.docker.network.bridge.enable_icc": "nope"}, "want true or false"),
         ({"com.docker.network.driver.mtu": "12"}, "want 68-65535"),
         ({"com.docker.network.bridge.host_binding_ipv4": "::1"}, "want an IPv4 address"),
-        ({"com.docker.network.bridge.gateway_mode_ipv4": "routed"}, "unsupported network option"),
+        ({"com.docker.network.bridge.gateway_mode_ipv4": "route"}, "invalid gateway mode"),
+        ({"com.docker.network.bridge.trusted_host_interfaces": "x"}, "unsupported network option"),
     ]:
         with pytest.raises(NetdError, match=message) as info:
             parse_options(options)

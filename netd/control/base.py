@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from netd.network import (
     REMOVING,
     Network,
     default_network_id,
+    parse_subnet6,
 )
 from netd.state import (
     NetdState,
@@ -61,6 +62,24 @@ class NetdConfig:
     # Docker's --ip-forward-no-drop: when pyengined turned ip_forward on, do not drop the
     # forwarded traffic that is not pyengine's (see netd/forwarding.py).
     ip_forward_no_drop: bool = False
+    # Docker's --ipv6 and --fixed-cidr-v6: the default bridge gets this IPv6 subnet as well
+    # (its first address is the gateway); containers on it get an address of it and NAT66.
+    ipv6: bool = False
+    fixed_cidr_v6: str = ""
+
+
+def default_ipv6(cfg: NetdConfig) -> tuple[str, str]:
+    """The default network's IPv6 subnet and gateway (("", "") without ``--ipv6``)."""
+    if not cfg.ipv6:
+        if cfg.fixed_cidr_v6:
+            raise NetdError("--fixed-cidr-v6 needs --ipv6")
+        return "", ""
+    if not cfg.fixed_cidr_v6:
+        # Docker 27+ would pick a unique local /64; a default network must keep its subnet
+        # across restarts, so pyengined asks for it instead of picking one that may move.
+        raise NetdError("--ipv6 needs --fixed-cidr-v6 (the default bridge's IPv6 subnet)")
+    subnet = parse_subnet6(cfg.fixed_cidr_v6)
+    return str(subnet), str(subnet.network_address + 1)
 
 
 class ControllerBase:
@@ -79,6 +98,7 @@ class ControllerBase:
                 f'bridge_cidr "{cfg.bridge_cidr}" must be a host address in a /30 or larger'
             )
         subnetpool.parse_pools(cfg.address_pools)
+        subnet6, gateway6 = default_ipv6(cfg)
         self.cfg = cfg
         self._state_dir = cfg.data_root / STATE_DIR
         self._state_file = self._state_dir / ENDPOINTS_FILE
@@ -94,6 +114,10 @@ class ControllerBase:
             subnet=str(gateway.network),
             gateway=str(gateway.ip),
             default=True,
+            enable_ipv6=bool(subnet6),
+            subnet6=subnet6,
+            gateway6=gateway6,
+            configured_subnet6=bool(subnet6),
             options={OPT_BRIDGE_NAME: cfg.bridge},
             created=utc_rfc3339(digits=6),
         )
@@ -113,6 +137,7 @@ class ControllerBase:
         previous = [n for n in st.networks.values() if n.default]
         for old in previous:
             if old.id == default.id:
+                self._adopt_default_ipv6(old, default)
                 continue
             if st.network_endpoints(old.id):
                 raise NetdError(
@@ -133,6 +158,15 @@ class ControllerBase:
                     raise Conflict(
                         f'default bridge {default.bridge} is the bridge of network "{net.name}"'
                     )
+                if (
+                    default.subnet6
+                    and net.subnet6
+                    and IPv6Network(net.subnet6).overlaps(IPv6Network(default.subnet6))
+                ):
+                    raise Conflict(
+                        f"default bridge IPv6 subnet {default.subnet6} overlaps network "
+                        f'"{net.name}" ({net.subnet6})'
+                    )
                 if IPv4Network(net.subnet).overlaps(IPv4Network(default.subnet)):
                     raise Conflict(
                         f"default bridge subnet {default.subnet} overlaps network "
@@ -144,6 +178,35 @@ class ControllerBase:
             for nid, net in rest.items():
                 ipam = st.ipams[nid]
                 st.networks[nid], st.ipams[nid] = net, ipam
+
+    def _adopt_default_ipv6(self, old: Network, default: Network) -> None:
+        """The same default network with another ``--ipv6``/``--fixed-cidr-v6``: its IPv6
+        part changes, only while no container is connected to it."""
+        if (old.subnet6, old.gateway6) == (default.subnet6, default.gateway6):
+            return
+        st = self._st
+        if st.network_endpoints(old.id):
+            raise NetdError(
+                f"default network IPv6 subnet changed from {old.subnet6 or 'none'} to "
+                f"{default.subnet6 or 'none'} while containers are connected to it; "
+                "remove the containers first"
+            )
+        for net in st.networks.values():
+            if net.id != old.id and net.subnet6 and default.subnet6:
+                if IPv6Network(net.subnet6).overlaps(IPv6Network(default.subnet6)):
+                    raise Conflict(
+                        f"default bridge IPv6 subnet {default.subnet6} overlaps network "
+                        f'"{net.name}" ({net.subnet6})'
+                    )
+        old.enable_ipv6, old.subnet6, old.gateway6 = (
+            default.enable_ipv6,
+            default.subnet6,
+            default.gateway6,
+        )
+        old.configured_subnet6 = default.configured_subnet6
+        st.add_network(old)  # rebuilds its IPAMs (both empty: no endpoints)
+        if not old.subnet6:
+            st.ipams6.pop(old.id, None)
 
     def _save_firewall_record(self) -> None:
         write_json_atomic(

@@ -27,6 +27,22 @@ masquerade (NAT66, as Docker 28 does for unique local subnets) for it, and a map
 address and container address are IPv6 (``::`` = every local IPv6 address) is DNATed like an
 IPv4 one. The forwarding and isolation rules match interfaces, so they hold for both families.
 
+Gateway modes (Docker 28's ``com.docker.network.bridge.gateway_mode_ipv4``/``_ipv6``), each
+family of each network on its own:
+
+* ``nat`` (the default): everything above;
+* ``nat-unprotected``: as ``nat`` without the direct-routing protection: no raw drop for the
+  subnet, and the forward chain accepts anything routed to the bridge, so every port of a
+  container is reachable by a host that routes to its address (Docker's legacy behaviour);
+* ``routed``: no masquerade and no direct-routing drop; a packet routed to the bridge is
+  accepted when it is ICMP or when its (container address, protocol, port) is the target of a
+  published mapping (Docker 29's semantics, moby#50140: published ports are open to routing
+  whether or not the network is the container's gateway), every other one is dropped. The host
+  port of such a mapping is still DNATed (Docker ignores it; netd reserves it anyway);
+* ``isolated`` (internal networks only): as ``internal``, and the host itself can neither reach
+  the bridge's containers nor be reached by them (Docker leaves the bridge without an address;
+  netd keeps the address and drops the traffic in the input and output hooks).
+
 A backend owns one table (or chain set) outright and nothing else; every method is one
 transaction that either applies completely or leaves the previous state untouched.
 """
@@ -46,6 +62,13 @@ ANY_IPV6 = "::"
 ANY_ADDRESSES = (ANY_IPV4, ANY_IPV6)
 BACKENDS = ("nftables", "iptables")
 
+# Docker 28's gateway modes (libnetwork/drivers/bridge, gwMode).
+GW_NAT = "nat"
+GW_NAT_UNPROTECTED = "nat-unprotected"
+GW_ROUTED = "routed"
+GW_ISOLATED = "isolated"
+GATEWAY_MODES = (GW_NAT, GW_NAT_UNPROTECTED, GW_ROUTED, GW_ISOLATED)
+
 
 class FirewallError(NetdError):
     """The kernel rejected a firewall transaction (the previous ruleset is intact)."""
@@ -62,6 +85,39 @@ class BridgeNetwork:
     masquerade: bool = True  # source NAT for traffic leaving through another interface
     subnet6: IPv6Network | None = None  # IPv6 networks only (--ipv6)
     gateway6: IPv6Address | None = None
+    gateway_mode4: str = GW_NAT  # one of GATEWAY_MODES, for the IPv4 subnet
+    gateway_mode6: str = GW_NAT  # the same for the IPv6 subnet
+
+    def mode(self, family: int) -> str:
+        return self.gateway_mode6 if family == 6 else self.gateway_mode4
+
+    def protected(self, family: int) -> bool:
+        """Whether routing straight at a container address of ``family`` is dropped raw."""
+        return self.mode(family) not in (GW_NAT_UNPROTECTED, GW_ROUTED)
+
+    def masquerades(self, family: int) -> bool:
+        return self.masquerade and self.mode(family) != GW_ROUTED
+
+    def contains(self, address: str) -> bool:
+        """Whether ``address`` (a container's) is in one of this network's subnets."""
+        ip = ip_address(address)
+        if ip.version == 6:
+            return self.subnet6 is not None and ip in self.subnet6
+        return ip in self.subnet
+
+
+def routed_targets(
+    networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]
+) -> list[tuple[str, str, int]]:
+    """(container address, protocol, container port) of each mapping whose container is on a
+    network routed in the mapping's family, once each, in order: what routed mode opens."""
+    found: dict[tuple[str, str, int], None] = {}
+    for m in mappings:
+        family = 6 if is_ipv6_mapping(m) else 4
+        for net in networks:
+            if net.mode(family) == GW_ROUTED and net.contains(m.container_ip):
+                found[(m.container_ip, m.proto, m.container_port)] = None
+    return list(found)
 
 
 class Firewall(ABC):

@@ -7,7 +7,9 @@ For table name ``pyengine`` the chains are (prefix = the table name upper-cased)
     nat    OUTPUT      --tag--> PYENGINE-OUTPUT     --> PYENGINE-DNAT
     nat    POSTROUTING --tag--> PYENGINE-POSTROUTING                    masquerade
     filter FORWARD     --tag--> PYENGINE-FORWARD    --> PYENGINE-ISOLATE   bridge forwarding policy
+                                                    --> PYENGINE-ROUTED    routed mode's open ports
     filter INPUT       --tag--> PYENGINE-INPUT      loopback from a bridge, not DNATed: dropped
+    filter OUTPUT      --tag--> PYENGINE-OUTPUT     to an isolated bridge: dropped
 
 The jumps from the built-in chains carry ``-m comment --comment <table>`` (the "tag"); they and
 the chains above are all this backend ever writes or deletes. The rules mirror the nftables
@@ -37,6 +39,10 @@ batch fails, the IPv4 tables are put back from their snapshot. ``::1`` is never 
 kernel does not route a loopback source off the host; Docker's ip6tables OUTPUT jump has
 ``! -d ::1`` for the same reason): in DNAT mode ``[::1]:<port>`` is refused by the reserving
 socket, with the proxy the proxy serves it.
+
+Gateway modes (netd/firewall/__init__.py) are per family. ``PYENGINE-ROUTED`` holds an ACCEPT
+per published target (container address, protocol, port) on a routed network, jumped to from
+routed bridges' forward rules and ``PYENGINE-ISOLATE``; it follows the mappings as DNAT does.
 """
 
 from __future__ import annotations
@@ -45,24 +51,31 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from common.ports import PortMapping
 from netd.firewall import (
     ANY_ADDRESSES,
+    GW_ISOLATED,
     BridgeNetwork,
     Firewall,
     FirewallError,
     check_mapping,
     is_ipv6_mapping,
+    routed_targets,
 )
 from netd.firewall.iptables_specs import (
+    Ruleset,
+    TableState,
     describe_key,
     dnat_spec,
+    gateway_mode_rules,
     loopback_drop_spec,
     mapping_from_spec,
     mapping_key,
     one_line,
+    owned_lines,
+    routed_spec,
     with_forward_policy,
 )
 from netd.naming import valid_ifname
@@ -99,26 +112,13 @@ _JUMPS = (
     _Jump("nat", "POSTROUTING", "POSTROUTING", first=False),
     _Jump("filter", "FORWARD", "FORWARD", first=True),
     _Jump("filter", "INPUT", "INPUT", first=True),
+    _Jump("filter", "OUTPUT", "OUTPUT", first=True),
 )
 _CHAIN_SUFFIXES = {
     "raw": ("PREROUTING",),
     "nat": ("PREROUTING", "OUTPUT", "POSTROUTING", "DNAT"),
-    "filter": ("FORWARD", "ISOLATE", "INPUT"),
+    "filter": ("FORWARD", "ISOLATE", "INPUT", "OUTPUT", "ROUTED"),
 }
-
-
-@dataclass
-class TableState:
-    """What this backend owns in one iptables table, in iptables-save's words."""
-
-    chains: dict[str, list[str]] = field(default_factory=dict)  # chain -> rule specs, in order
-    jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in chain, rule spec)
-
-    def empty(self) -> bool:
-        return not self.chains and not self.jumps
-
-
-Ruleset = dict[str, TableState]  # iptables table -> what we own in it
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,8 @@ class IptablesFirewall(Firewall):
         self._save = save
         self._v4 = _Tools(4, restore, save)
         self._v6 = _Tools(6, restore6, save6)
+        # The networks of the last install: which mappings open a routed network's port.
+        self._networks: tuple[BridgeNetwork, ...] = ()
 
     # -- names ------------------------------------------------------------------------------
 
@@ -247,10 +249,12 @@ class IptablesFirewall(Firewall):
         forward_first: list[str] = []
         forward: list[str] = []
         input_: list[str] = []
+        output_filter: list[str] = []
         # Jumped to by packets leaving a bridge through another interface: those going into
         # another of our bridges are dropped, unless they belong to a connection to a published
         # port (DNATed, or the reply of one), which any client may open.
-        isolate = ["-m conntrack --ctstate DNAT -j RETURN"]
+        # Published ports of routed networks are open to any client as well.
+        isolate = ["-m conntrack --ctstate DNAT -j RETURN", f"-j {c('ROUTED')}"]
         for net in networks:
             br = net.bridge
             if not v6:
@@ -265,17 +269,21 @@ class IptablesFirewall(Firewall):
             )
             # Containers are reached through the bridge or through DNAT of a host address; the
             # gateway address is the host's own.
-            if subnet:
+            if subnet and net.protected(family):
                 raw.append(f"-d {gateway} -j RETURN")
                 raw.append(f"-d {subnet} ! -i {br} -j DROP")
             isolate.append(f"-o {br} -j DROP")
+            if net.mode(family) == GW_ISOLATED:
+                # Neither to nor from the host itself (Docker: no address on the bridge).
+                input_.append(f"-i {br} -j DROP")
+                output_filter.append(f"-o {br} -j DROP")
             if net.internal:
                 forward_first += [f"-i {br} ! -o {br} -j DROP", f"! -i {br} -o {br} -j DROP"]
                 continue
             forward_first.append(f"-i {br} ! -o {br} -j {c('ISOLATE')}")
             if proxy:
                 prerouting.append(f"-i {br} -j RETURN")  # containers go through the proxy
-            if net.masquerade and subnet:
+            if net.masquerades(family) and subnet:
                 postrouting.append(f"-s {subnet} ! -o {br} -j MASQUERADE")
             if not proxy:
                 # Loopback and hairpin connections DNATed to the bridge: rewrite the source so
@@ -290,6 +298,7 @@ class IptablesFirewall(Firewall):
                 f"-o {br} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
                 f"-o {br} -m conntrack --ctstate DNAT -j ACCEPT",
                 f"-i {br} -j ACCEPT",
+                *gateway_mode_rules(net, family, c("ROUTED")),
                 f"-o {br} -j DROP",
             ]
         if proxy and not v6:
@@ -316,6 +325,8 @@ class IptablesFirewall(Firewall):
                     c("FORWARD"): forward_first + forward,
                     c("ISOLATE"): isolate,
                     c("INPUT"): input_,
+                    c("OUTPUT"): output_filter,
+                    c("ROUTED"): [routed_spec(t) for t in routed_targets(networks, mappings)],
                 }
             ),
         }
@@ -433,6 +444,14 @@ class IptablesFirewall(Firewall):
         sections = {"nat": ["*nat", *nat, "COMMIT"]}
         if raw:
             sections["raw"] = ["*raw", *raw, "COMMIT"]
+        routed = set(snapshot["filter"].chains.get(self.chain("ROUTED"), []))
+        opening = [
+            f"-A {self.chain('ROUTED')} {spec}"
+            for t in routed_targets(self._networks, mine)
+            if (spec := routed_spec(t)) not in routed
+        ]
+        if opening:
+            sections["filter"] = ["*filter", *opening, "COMMIT"]
         self._apply(sections, snapshot, tools)
         return snapshot
 
@@ -447,10 +466,16 @@ class IptablesFirewall(Firewall):
         present = {mapping_key(m): m for spec in dnat if (m := mapping_from_spec(spec)) is not None}
         raw_rules = set(snapshot["raw"].chains.get(self.chain("PREROUTING"), []))
         nat, raw = [], []
-        for key in dict.fromkeys(mapping_key(m) for m in mine):
-            held = present.get(key)
-            if held is None:
-                continue
+        removed = [present[k] for k in dict.fromkeys(mapping_key(m) for m in mine) if k in present]
+        kept = [m for k, m in present.items() if m not in removed]
+        still_open = set(routed_targets(self._networks, kept))
+        routed = set(snapshot["filter"].chains.get(self.chain("ROUTED"), []))
+        closing = [
+            f"-D {self.chain('ROUTED')} {rule}"
+            for t in routed_targets(self._networks, removed)
+            if t not in still_open and (rule := routed_spec(t)) in routed
+        ]
+        for held in removed:
             nat.append(f"-D {self.chain('DNAT')} {dnat_spec(held)}")
             spec = loopback_drop_spec(held)
             if spec is not None and spec in raw_rules:
@@ -460,6 +485,8 @@ class IptablesFirewall(Firewall):
             sections["nat"] = ["*nat", *nat, "COMMIT"]
         if raw:
             sections["raw"] = ["*raw", *raw, "COMMIT"]
+        if closing:
+            sections["filter"] = ["*filter", *closing, "COMMIT"]
         self._apply(sections, snapshot, tools)
         return snapshot
 
@@ -484,6 +511,7 @@ class IptablesFirewall(Firewall):
 
         self._change_with_policy(install_family, current, policy)
         self.forward_policy_before = before
+        self._networks = tuple(networks)
 
     def remember_forward_policy(self) -> None:
         if self.forward_drop and self.forward_policy_before is None:
@@ -567,27 +595,4 @@ class IptablesFirewall(Firewall):
 
     def _describe_family(self, tools: _Tools) -> str:
         text = self._save_text("-c", tools=tools)
-        owned = self._parse(text)
-        sections: dict[str, list[str]] = {}
-        table = ""
-        for line in text.splitlines():
-            if line.startswith("*"):
-                table = line[1:].strip()
-                continue
-            state = owned.get(table)
-            if state is None or state.empty():
-                continue
-            if line.startswith(":"):
-                keep = line[1:].split()[0] in state.chains
-            elif line.startswith("["):
-                _counters, _, rule = line.partition(" ")
-                chain, _, spec = rule.removeprefix("-A ").partition(" ")
-                keep = chain in state.chains or (chain, spec) in state.jumps
-            else:
-                keep = False
-            if keep:
-                sections.setdefault(table, []).append(line)
-        return "".join(
-            f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
-            for table, lines in sections.items()
-        )
+        return owned_lines(text, self._parse(text))

@@ -1,6 +1,7 @@
 """The iptables backend's rule specs for one published port, exactly as ip(6)tables-save prints
-them back, parsed back into mappings; its one-line errors; the FORWARD policy line of a batch.
-See netd/firewall/iptables.py."""
+them back, parsed back into mappings; the rules of the gateway modes; what the backend owns of a
+table (``TableState``) and those lines of a dump; its one-line errors; the FORWARD policy line
+of a batch. See netd/firewall/iptables.py."""
 
 from __future__ import annotations
 
@@ -8,15 +9,61 @@ import ipaddress
 import re
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from common.ports import PROTOCOLS, PortMapping
 from netd.firewall import (
     ANY_ADDRESSES,
     ANY_IPV6,
+    GW_NAT_UNPROTECTED,
+    GW_ROUTED,
+    BridgeNetwork,
     is_ipv6_mapping,
 )
 
 _LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+
+
+@dataclass
+class TableState:
+    """What this backend owns in one iptables table, in iptables-save's words."""
+
+    chains: dict[str, list[str]] = field(default_factory=dict)  # chain -> rule specs, in order
+    jumps: list[tuple[str, str]] = field(default_factory=list)  # (built-in chain, rule spec)
+
+    def empty(self) -> bool:
+        return not self.chains and not self.jumps
+
+
+Ruleset = dict[str, TableState]  # iptables table -> what we own in it
+
+
+def owned_lines(text: str, owned: Ruleset) -> str:
+    """The lines of an ``iptables-save -c`` dump that are ``owned``'s chains and jumps, per
+    table."""
+    sections: dict[str, list[str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            continue
+        state = owned.get(table)
+        if state is None or state.empty():
+            continue
+        if line.startswith(":"):
+            keep = line[1:].split()[0] in state.chains
+        elif line.startswith("["):
+            _counters, _, rule = line.partition(" ")
+            chain, _, spec = rule.removeprefix("-A ").partition(" ")
+            keep = chain in state.chains or (chain, spec) in state.jumps
+        else:
+            keep = False
+        if keep:
+            sections.setdefault(table, []).append(line)
+    return "".join(
+        f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n"
+        for table, lines in sections.items()
+    )
 
 
 def mapping_key(m: PortMapping) -> tuple[str, str, int]:
@@ -37,6 +84,27 @@ def dnat_spec(m: PortMapping) -> str:
         f"{dest}-p {m.proto} -m {m.proto} --dport {m.host_port} "
         f"-j DNAT --to-destination {to}:{m.container_port}"
     )
+
+
+def routed_spec(target: tuple[str, str, int]) -> str:
+    """The ACCEPT of one published target on a routed network, as ip(6)tables-save prints it."""
+    ip, proto, port = target
+    host = f"{ip}/128" if ":" in ip else f"{ip}/32"
+    return f"-d {host} -p {proto} -m {proto} --dport {port} -j ACCEPT"
+
+
+def gateway_mode_rules(net: BridgeNetwork, family: int, routed_chain: str) -> list[str]:
+    """What a network's gateway mode in ``family`` lets through to its bridge, before the
+    bridge's final drop."""
+    if family == 6 and net.subnet6 is None:
+        return []
+    br, mode = net.bridge, net.mode(family)
+    if mode == GW_NAT_UNPROTECTED:
+        return [f"-o {br} -j ACCEPT"]
+    if mode == GW_ROUTED:
+        icmp = "ipv6-icmp" if family == 6 else "icmp"
+        return [f"-o {br} -j {routed_chain}", f"-o {br} -p {icmp} -j ACCEPT"]
+    return []
 
 
 def loopback_drop_spec(m: PortMapping) -> str | None:

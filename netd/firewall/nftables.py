@@ -31,6 +31,13 @@ send a packet with a loopback source out of a non-loopback interface (IPv6 has n
 ``route_localnet``; RFC 4291 2.5.3), so, as Docker does (``! -d ::1`` on its ip6tables OUTPUT
 jump), a connection to ``[::1]:<port>`` is left to the socket on ``[::]:<port>``: the userland
 proxy when it runs, else the reserving socket, which refuses it.
+
+Gateway modes (netd/firewall/__init__.py): ``nat-unprotected`` and ``routed`` leave a family's
+subnet out of ``raw_prerouting``; ``nat-unprotected`` accepts what is forwarded to the bridge in
+that family; ``routed`` skips the masquerade and accepts what is forwarded to a target in the set
+``routed4``/``routed6`` (container address . protocol . port of the published mappings into a
+routed network: a set keeps the forward rule fixed as ports come and go) or ICMP; ``isolated``
+adds drops to ``filter_input`` and ``filter_output`` for the bridge.
 """
 
 from __future__ import annotations
@@ -47,11 +54,15 @@ from netd.firewall import (
     ANY_ADDRESSES,
     ANY_IPV4,
     ANY_IPV6,
+    GW_ISOLATED,
+    GW_NAT_UNPROTECTED,
+    GW_ROUTED,
     BridgeNetwork,
     Firewall,
     FirewallError,
     check_mapping,
     is_ipv6_mapping,
+    routed_targets,
 )
 from netd.naming import BRIDGE_GROUP, valid_ifname
 
@@ -63,6 +74,9 @@ MAP_ON_ANY = "published_on_any"
 MAP6_ON_ADDR = "published6_on_addr"
 MAP6_ON_ANY = "published6_on_any"
 MAPS = (MAP_ON_ADDR, MAP_ON_ANY, MAP6_ON_ADDR, MAP6_ON_ANY)
+# Published targets (container address . protocol . port) on routed networks, per family.
+ROUTED4 = "routed4"
+ROUTED6 = "routed6"
 ISOLATE_CHAIN = "isolate_networks"
 
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
@@ -95,6 +109,8 @@ class NftablesFirewall(Firewall):
         self._nft = nftables.Nftables()
         self._nft_json = nftables.Nftables()
         self._nft_json.set_json_output(True)
+        # The networks of the last install: which mappings open a routed network's port.
+        self._networks: tuple[BridgeNetwork, ...] = ()
 
     # -- transactions -----------------------------------------------------------------------
 
@@ -129,22 +145,36 @@ class NftablesFirewall(Firewall):
         forward_first: list[str] = []
         forward: list[str] = []
         input_: list[str] = []
+        output_filter: list[str] = []
         # Jumped to by packets leaving a bridge through another interface: those going into
         # another of our bridges are dropped, unless they belong to a connection to a published
         # port (DNATed, or the reply of one), which any client may open.
-        isolate = ["ct status dnat return"]
+        # Published ports of routed networks are open to any client as well.
+        isolate = [
+            "ct status dnat return",
+            f"ip daddr . meta l4proto . th dport @{ROUTED4} return",
+            f"ip6 daddr . meta l4proto . th dport @{ROUTED6} return",
+        ]
         for net in networks:
             br, subnet = f'"{net.bridge}"', str(net.subnet)
             # Containers are reached through the bridge or through DNAT of a host address,
             # never by routing to their addresses from elsewhere; the gateway is the host's.
-            raw.append(f"iifname != {br} ip daddr {subnet} ip daddr != {net.gateway} counter drop")
+            if net.protected(4):
+                raw.append(
+                    f"iifname != {br} ip daddr {subnet} ip daddr != {net.gateway} counter drop"
+                )
             subnet6 = str(net.subnet6) if net.subnet6 is not None else ""
-            if subnet6:
+            if subnet6 and net.protected(6):
                 raw.append(
                     f"iifname != {br} ip6 daddr {subnet6} ip6 daddr != {net.gateway6} counter drop"
                 )
             isolate.append(f"oifname {br} counter drop")
             input_.append(f"iifname {br} ip daddr 127.0.0.0/8 ct status & dnat == 0 counter drop")
+            for family, nfproto in ((4, "ipv4"), (6, "ipv6")):
+                if net.mode(family) == GW_ISOLATED:
+                    # Neither to nor from the host itself (Docker: no address on the bridge).
+                    input_.append(f"iifname {br} meta nfproto {nfproto} counter drop")
+                    output_filter.append(f"oifname {br} meta nfproto {nfproto} counter drop")
             if net.internal:
                 forward_first += [
                     f"iifname {br} oifname != {br} counter drop",
@@ -156,11 +186,11 @@ class NftablesFirewall(Firewall):
                 # Containers reach published ports through the userland proxy (Docker's
                 # "! -i docker0" on the nat DOCKER jump).
                 prerouting.append(f"iifname {br} return")
-            if net.masquerade:
+            if net.masquerades(4):
                 postrouting.append(f"ip saddr {subnet} oifname != {br} masquerade")
-                if subnet6:
-                    # NAT66, as Docker 28 does for an IPv6 network unless masquerade is off.
-                    postrouting.append(f"ip6 saddr {subnet6} oifname != {br} masquerade")
+            if subnet6 and net.masquerades(6):
+                # NAT66, as Docker 28 does for an IPv6 network unless masquerade is off.
+                postrouting.append(f"ip6 saddr {subnet6} oifname != {br} masquerade")
             if not proxy:
                 # Host loopback and hairpin connections were DNATed to the bridge: rewrite the
                 # source so replies come back through this host and get un-NATed.
@@ -174,6 +204,7 @@ class NftablesFirewall(Firewall):
                 f"oifname {br} ct state established,related accept",
                 f"oifname {br} ct status dnat accept",
                 f"iifname {br} accept",
+                *_gateway_mode_accepts(net, br),
                 f"oifname {br} drop",
             ]
         if proxy:
@@ -208,6 +239,12 @@ class NftablesFirewall(Firewall):
             f"  map {MAP6_ON_ANY} {{\n"
             "    type inet_proto . inet_service : ipv6_addr . inet_service\n"
             "  }\n"
+            f"  set {ROUTED4} {{\n"
+            "    type ipv4_addr . inet_proto . inet_service\n"
+            "  }\n"
+            f"  set {ROUTED6} {{\n"
+            "    type ipv6_addr . inet_proto . inet_service\n"
+            "  }\n"
             + chain(
                 "published_dnat",
                 [
@@ -238,6 +275,10 @@ class NftablesFirewall(Firewall):
                 ["type filter hook input priority filter; policy accept;", *input_],
             )
             + chain(
+                "filter_output",
+                ["type filter hook output priority filter; policy accept;", *output_filter],
+            )
+            + chain(
                 "filter_forward",
                 [
                     f"type filter hook forward priority filter; policy {forward_policy};",
@@ -258,6 +299,14 @@ class NftablesFirewall(Firewall):
                 lines.append(f"{verb} element inet {self.table} {name} {{ {body} }}\n")
         return "".join(lines)
 
+    def _routed_elements(self, verb: str, targets: Sequence[tuple[str, str, int]]) -> str:
+        lines = []
+        for name, v6 in ((ROUTED4, False), (ROUTED6, True)):
+            items = [f"{ip} . {proto} . {port}" for ip, proto, port in targets if (":" in ip) == v6]
+            if items:
+                lines.append(f"{verb} element inet {self.table} {name} {{ {', '.join(items)} }}\n")
+        return "".join(lines)
+
     # -- Firewall ---------------------------------------------------------------------------
 
     def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
@@ -270,19 +319,28 @@ class NftablesFirewall(Firewall):
             f"delete table inet {self.table}\n"
             + self._ruleset(networks)
             + self._elements("add", mappings, with_values=True)
+            + self._routed_elements("add", routed_targets(networks, mappings))
         )
+        self._networks = tuple(networks)
 
     def add_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
             check_mapping(m)
         if mappings:
-            # "create" fails with EEXIST when the key exists, even with the same value.
-            self._run(self._elements("create", mappings, with_values=True))
+            # "create" fails with EEXIST when the key exists, even with the same value; "add"
+            # of a set element that is there already is a no-op (two host ports, one target).
+            self._run(
+                self._elements("create", mappings, with_values=True)
+                + self._routed_elements("add", routed_targets(self._networks, mappings))
+            )
 
     def remove_mappings(self, mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
             check_mapping(m)
         if not mappings:
+            return
+        if routed_targets(self._networks, mappings):
+            self._remove_routed(mappings)
             return
         try:
             self._run(self._elements("delete", mappings, with_values=False))
@@ -294,6 +352,22 @@ class NftablesFirewall(Firewall):
             left = [m for m in mappings if (_map_name(m), _key(m)) in present]
             if left:
                 self._run(self._elements("delete", left, with_values=False))
+
+    def _remove_routed(self, mappings: Sequence[PortMapping]) -> None:
+        """Remove mappings of which some open a routed network's port: a target leaves its set
+        with the last mapping to it, in the same batch."""
+        if not self._table_exists():
+            return
+        gone = {(_map_name(m), _key(m)) for m in mappings}
+        present = self.mappings()
+        removed = [m for m in present if (_map_name(m), _key(m)) in gone]
+        kept = [m for m in present if (_map_name(m), _key(m)) not in gone]
+        still_open = set(routed_targets(self._networks, kept))
+        closing = [t for t in routed_targets(self._networks, removed) if t not in still_open]
+        script = self._elements("delete", removed, with_values=False)
+        script += self._routed_elements("delete", closing)
+        if script:
+            self._run(script)
 
     def mappings(self) -> list[PortMapping]:
         result: list[PortMapping] = []
@@ -318,6 +392,26 @@ class NftablesFirewall(Firewall):
 
     def variant(self) -> str:
         return ""
+
+
+def _gateway_mode_accepts(net: BridgeNetwork, br: str) -> list[str]:
+    """What a network's gateway modes let through to its bridge, before its final drop."""
+    rules = []
+    for family, ip, nfproto, icmp, routed in (
+        (4, "ip", "ipv4", "icmp", ROUTED4),
+        (6, "ip6", "ipv6", "ipv6-icmp", ROUTED6),
+    ):
+        if family == 6 and net.subnet6 is None:
+            continue
+        mode = net.mode(family)
+        if mode == GW_NAT_UNPROTECTED:
+            rules.append(f"oifname {br} meta nfproto {nfproto} counter accept")
+        elif mode == GW_ROUTED:
+            rules += [
+                f"oifname {br} {ip} daddr . meta l4proto . th dport @{routed} counter accept",
+                f"oifname {br} meta l4proto {icmp} accept",
+            ]
+    return rules
 
 
 def _mapping_from_json(name: str, key: Any, value: Any) -> PortMapping:
