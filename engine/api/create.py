@@ -14,7 +14,8 @@ from common.ports import PortBinding, PortKey, UnsupportedProtocol, parse_port_b
 from engine.api.bodies import CONTAINER_CREATE, check
 from engine.api.common import BadParameter, NotImplementedByEngine
 from engine.api.networks import check_endpoint_config
-from engine.lifecycle.networking import UNSUPPORTED_NETWORK_MODES
+from engine.lifecycle.netmodes import check_mode_conflicts
+from engine.lifecycle.networking import NetworkRequestError
 from engine.runtime.jsonlog import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
 
@@ -90,6 +91,11 @@ def check_create_body(
 ) -> None:
     """Refuse what pyengined cannot run as asked (501) and what Docker refuses itself (400);
     the types are already the schema's."""
+    # Docker's network-mode conflicts first: each names an option that is otherwise a 501.
+    try:
+        check_mode_conflicts(config, host_config, (networking or {}).get("EndpointsConfig"))
+    except NetworkRequestError as e:
+        raise BadParameter(str(e)) from None
     for key, what in UNSUPPORTED_CONFIG.items():
         if not _is_empty(config.get(key)):
             raise NotImplementedByEngine(f"{what} is not supported by pyengined")
@@ -130,9 +136,6 @@ def check_create_body(
             str(port_key(k)): v for k, v in host_config["PortBindings"].items()
         }
 
-    mode = host_config.get("NetworkMode") or ""
-    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
-        raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
     # The networks themselves are checked by the engine: a missing one is a 400, not Docker's
     # 404, because the docker CLI takes any 404 from create for a missing image and pulls.
     endpoints = (networking or {}).get("EndpointsConfig") or {}

@@ -94,6 +94,23 @@ def write_network_files(
     return {dest: path for dest, (path, _) in files.items()}
 
 
+def write_container_files(
+    container_dir: Path, hosts: str, hostname: str, resolv_conf: str
+) -> dict[str, Path]:
+    """Write the given hosts and resolv.conf and the hostname file into ``container_dir``
+    (a container in the host's network namespace gets the host's files). Returns in-container
+    path → file, for bind mounts."""
+    container_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "/etc/hosts": (container_dir / "hosts", hosts),
+        "/etc/hostname": (container_dir / "hostname", f"{hostname}\n"),
+        "/etc/resolv.conf": (container_dir / "resolv.conf", resolv_conf),
+    }
+    for path, text in files.values():
+        _write_file_atomic(path, text)
+    return {dest: path for dest, (path, _) in files.items()}
+
+
 def _default_mounts() -> list[dict[str, Any]]:
     return [
         {
@@ -153,9 +170,13 @@ def runtime_spec(
     bind_files: dict[str, Path],
     cgroups_path: str,
     security: SecurityOptions | None = None,
+    host_network: bool = False,
 ) -> dict[str, Any]:
     """An OCI runtime-spec config with Docker's default security profile: its capabilities,
-    masked paths and seccomp filter (unless ``security`` says otherwise)."""
+    masked paths and seccomp filter (unless ``security`` says otherwise).
+
+    The network namespace: ``netns_path`` joins an existing one; None makes a new one (runc
+    brings its ``lo`` up); ``host_network`` leaves the namespace out: the host's."""
     if not args:
         raise ValueError("no command specified")
     security = security or SecurityOptions()
@@ -212,7 +233,7 @@ def runtime_spec(
                 {"type": "ipc"},
                 {"type": "uts"},
                 {"type": "mount"},
-                network,
+                *([] if host_network else [network]),
             ],
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
