@@ -951,7 +951,7 @@ def test_traffic_between_containers_follows_their_networks(
     [
         (["-t"], "TTY"),
         (["-v", "/tmp:/pyetest"], "bind mounts"),
-        (["--network", "host"], "network mode 'host'"),
+        (["--network", "container:pyetest-nosuch"], "No such container: pyetest-nosuch"),
         (["--network", "pyetest-none"], "network pyetest-none not found"),
         (["--restart", "always"], "restart policy 'always'"),
         (["--network", "bridge", "--ip", "10.61.0.77"], "user defined networks only"),
