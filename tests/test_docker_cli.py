@@ -510,7 +510,11 @@ def test_network_ls_and_inspect_default_bridge(
         "network", "ls", "--filter", "type=builtin", "--format", "{{.Name}} {{.Driver}} {{.Scope}}",
         check=True,
     )  # fmt: skip
-    assert rows.stdout.splitlines() == ["bridge bridge local"]
+    assert sorted(rows.stdout.splitlines()) == [
+        "bridge bridge local",
+        "host host local",
+        "none null local",
+    ]
     name = names("net")
     cid = docker("run", "-d", "--name", name, "busybox", "sleep", "60", check=True).stdout.strip()
     net = network_inspect(docker, "bridge")
@@ -827,7 +831,7 @@ def test_network_prune(
     out = docker("network", "prune", "-f", check=True)
     assert out.stdout == f"Deleted Networks:\n{plain}\n\n"
     assert docker("network", "prune", "-f", check=True).stdout == ""
-    assert sorted(network_names(docker)) == ["bridge", used]
+    assert sorted(network_names(docker)) == sorted(["bridge", "host", "none", used])
     one_line_error(docker("network", "prune", "-f", "--filter", "until=1h"), "until")
 
 
