@@ -578,3 +578,28 @@ def test_modes_survive_a_daemon_restart(
         assert "lost its network endpoint" not in d.log()
     finally:
         _teardown(d)
+
+
+def test_runtime_spec_namespaces_per_mode(tmp_path: Path) -> None:
+    """The OCI spec's network namespace: a path to join, a new one, or (host) none at all."""
+    from engine.runtime import bundle
+
+    def net(**kw: object) -> list[dict[str, str]]:
+        spec = bundle.runtime_spec(
+            rootfs=tmp_path,
+            args=["true"],
+            env=[],
+            cwd="/",
+            user=(0, 0, []),
+            hostname="h",
+            bind_files={},
+            cgroups_path="/pyengine/x",
+            **kw,  # type: ignore[arg-type]
+        )
+        return [n for n in spec["linux"]["namespaces"] if n["type"] == "network"]
+
+    assert net(netns_path="/run/netns/pyengine-x") == [
+        {"type": "network", "path": "/run/netns/pyengine-x"}
+    ]
+    assert net(netns_path=None) == [{"type": "network"}]
+    assert net(netns_path=None, host_network=True) == []
