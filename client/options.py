@@ -58,7 +58,11 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="json-file log option: max-size=SIZE (e.g. 10m), max-file=N.",
             ),
             click.option("-l", "--label", "labels", multiple=True, help="KEY=VALUE"),
-            click.option("--network", default=None, help="Connect it to this network."),
+            click.option(
+                "--network",
+                default=None,
+                help="Connect it to this network, or none, host or container:<name|id>.",
+            ),
             click.option("--ip", default=None, help="IPv4 address on that network."),
             click.option("--ip6", default=None, help="IPv6 address on that network."),
             click.option(

@@ -652,6 +652,6 @@ def test_the_daemon_still_serves(api: RawApi, daemon: Daemon, container: str) ->
     names = [c["Names"][0] for c in api.request("GET", "/containers/json", {"all": "1"}).json()]
     assert names == ["/pyes3-target"]
     nets = sorted(n["Name"] for n in api.request("GET", "/networks").json())
-    assert nets == sorted(["bridge", NETWORK])
+    assert nets == sorted(["bridge", "host", "none", NETWORK])
     images = api.request("GET", "/images/json").json()
     assert [t for i in images for t in i["RepoTags"]] == ["busybox:latest"]

@@ -512,7 +512,11 @@ def test_network_ls_and_inspect_default_bridge(
         "network", "ls", "--filter", "type=builtin", "--format", "{{.Name}} {{.Driver}} {{.Scope}}",
         check=True,
     )  # fmt: skip
-    assert rows.stdout.splitlines() == ["bridge bridge local"]
+    assert sorted(rows.stdout.splitlines()) == [
+        "bridge bridge local",
+        "host host local",
+        "none null local",
+    ]
     name = names("net")
     cid = docker("run", "-d", "--name", name, "busybox", "sleep", "60", check=True).stdout.strip()
     net = network_inspect(docker, "bridge")
@@ -829,7 +833,7 @@ def test_network_prune(
     out = docker("network", "prune", "-f", check=True)
     assert out.stdout == f"Deleted Networks:\n{plain}\n\n"
     assert docker("network", "prune", "-f", check=True).stdout == ""
-    assert sorted(network_names(docker)) == ["bridge", used]
+    assert sorted(network_names(docker)) == sorted(["bridge", "host", "none", used])
     # Every network left is younger than an hour; a malformed until is one line.
     assert docker("network", "prune", "-f", "--filter", "until=1h", check=True).stdout == ""
     one_line_error(docker("network", "prune", "-f", "--filter", "until=soon"), "time", "soon")
@@ -958,7 +962,7 @@ def test_traffic_between_containers_follows_their_networks(
     [
         (["-t"], "TTY"),
         (["-v", "/tmp:/pyetest"], "bind mounts"),
-        (["--network", "host"], "network mode 'host'"),
+        (["--network", "container:pyetest-nosuch"], "No such container: pyetest-nosuch"),
         (["--network", "pyetest-none"], "network pyetest-none not found"),
         (["--restart", "always"], "restart policy 'always'"),
         (["--network", "bridge", "--ip", "10.61.0.77"], "user defined networks only"),

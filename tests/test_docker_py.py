@@ -180,7 +180,8 @@ def test_errors_are_docker_py_exceptions(client: Any) -> None:
     assert tty.value.status_code == 501 and "TTY" in tty.value.explanation
     with pytest.raises(docker.errors.NotFound):
         client.networks.get("pyetest-dpy-none")
-    assert [n.name for n in client.networks.list(filters={"type": "builtin"})] == ["bridge"]
+    builtin = client.networks.list(filters={"type": "builtin"})
+    assert sorted(n.name for n in builtin) == ["bridge", "host", "none"]
     assert client.networks.get("bridge").attrs["IPAM"]["Config"][0]["Subnet"] == "10.62.0.0/24"
 
 
@@ -451,7 +452,9 @@ def test_networks_prune(
     pruned = client.networks.prune(filters={"label": "pyetest.prune=yes"})
     assert pruned == {"NetworksDeleted": [labelled.name]}
     assert client.networks.prune() == {"NetworksDeleted": [plain.name]}
-    assert sorted(n.name for n in client.networks.list()) == ["bridge", used.name]
+    assert sorted(n.name for n in client.networks.list()) == sorted(
+        ["bridge", "host", "none", used.name]
+    )
 
 
 def test_traffic_and_published_port_on_a_network(

@@ -49,6 +49,7 @@ from engine.lifecycle.engine import (
     LogEntry,
     exposed_ports,
 )
+from engine.lifecycle.netmodes import create_warnings
 from engine.lifecycle.networking import DEFAULT_NETWORK
 
 CONTAINER_FILTERS = {
@@ -413,7 +414,8 @@ class ContainersApi:
         c = await self.engine.create(
             name, create.config, create.host_config, create.endpoints, create.port_bindings
         )
-        return json_response({"Id": c.id, "Warnings": create.warnings}, status=201)
+        warnings = [*create.warnings, *create_warnings(create.host_config)]
+        return json_response({"Id": c.id, "Warnings": warnings}, status=201)
 
     def _check_platform(self, image_ref: str, platform: str) -> None:
         os_name, _, arch = platform.partition("/")

@@ -15,7 +15,8 @@ from engine.api.bodies import CONTAINER_CREATE, check
 from engine.api.common import BadParameter, NotImplementedByEngine
 from engine.api.networks import check_endpoint_config
 from engine.api.version import API_VERSION, V1_44, ApiVersion
-from engine.lifecycle.networking import UNSUPPORTED_NETWORK_MODES
+from engine.lifecycle.netmodes import check_mode_conflicts
+from engine.lifecycle.networking import NetworkRequestError
 from engine.runtime.jsonlog import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
 
@@ -143,6 +144,11 @@ def check_create_body(
 ) -> list[str]:
     """Refuse what pyengined cannot run as asked (501) and what Docker refuses itself (400);
     the types are already the schema's. Returns the create's warnings."""
+    # Docker's network-mode conflicts first: each names an option that is otherwise a 501.
+    try:
+        check_mode_conflicts(config, host_config, (networking or {}).get("EndpointsConfig"))
+    except NetworkRequestError as e:
+        raise BadParameter(str(e)) from None
     for key, what in UNSUPPORTED_CONFIG.items():
         if not _is_empty(config.get(key)):
             raise NotImplementedByEngine(f"{what} is not supported by pyengined")
@@ -184,8 +190,6 @@ def check_create_body(
         }
 
     mode = host_config.get("NetworkMode") or ""
-    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
-        raise NotImplementedByEngine(f"network mode {mode!r} is not supported by pyengined")
     # The networks themselves are checked by the engine: a missing one is a 400, not Docker's
     # 404, because the docker CLI takes any 404 from create for a missing image and pulls.
     endpoints = networking.get("EndpointsConfig") or {}

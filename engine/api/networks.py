@@ -161,7 +161,8 @@ class NetworksApi:
         ipam_config: dict[str, str] = {"Subnet": net.subnet, "Gateway": net.gateway}
         if net.ip_range:
             ipam_config["IPRange"] = net.ip_range
-        ipam_configs = [ipam_config]
+        # none and host have no subnet (Docker shows no IPAM config for them).
+        ipam_configs = [ipam_config] if net.subnet else []
         if net.subnet6:
             ipam_configs.append({"Subnet": net.subnet6, "Gateway": net.gateway6})
         options = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -36,7 +37,8 @@ from engine.lifecycle.containers import (
     ContainerState,
     NetworkRecord,
 )
-from engine.lifecycle.netops import NetworkOps, exposed_ports, network_record, proxy_key
+from engine.lifecycle.netmodes import BRIDGE, HOST, check_mode_conflicts, mode_of
+from engine.lifecycle.netops import NetworkOps, exposed_ports, proxy_key
 from engine.lifecycle.networking import (
     NetworkRequestError,
     plan_attachments,
@@ -115,7 +117,8 @@ class Engine(NetworkOps, Output):
         log.info(
             "live restore: adopting container %s (monitor pid %d)", c.id[:12], c.state.monitor_pid
         )
-        if c.id not in self.network.endpoints():
+        bridged = mode_of(c.host_config).kind == BRIDGE
+        if bridged and c.id not in self.network.endpoints():
             log.warning("live restore: container %s lost its network endpoint", c.id[:12])
         published = await self._netd(self.network.published, c.id)
         if self.cfg.userland_proxy:
@@ -180,9 +183,13 @@ class Engine(NetworkOps, Output):
         image = self.images.get(image_ref)
         mode = host_config.get("NetworkMode") or ""
         try:
-            networks = await self._netd(
-                plan_attachments, mode, endpoints_config, self.network.network
-            )
+            kind = check_mode_conflicts(config, host_config, endpoints_config)
+            if kind.kind == BRIDGE:
+                networks = await self._netd(
+                    plan_attachments, mode, endpoints_config, self.network.network
+                )
+            else:
+                networks, mode = self._mode_attachments(kind)
         except NetworkRequestError as e:
             raise InvalidParameter(str(e)) from e
         self._check_proxy_protocol(config.get("Labels") or {})
@@ -211,7 +218,8 @@ class Engine(NetworkOps, Output):
             Entrypoint=entrypoint if entrypoint is not None else image_config.get("Entrypoint"),
             WorkingDir=config.get("WorkingDir") or cwd,
             User=config.get("User") or user,
-            Hostname=config.get("Hostname") or container_id[:12],
+            Hostname=config.get("Hostname")
+            or (os.uname().nodename if mode == HOST else container_id[:12]),
             StopSignal=config.get("StopSignal") or image_config.get("StopSignal") or "SIGTERM",
             Labels={**(image_config.get("Labels") or {}), **(config.get("Labels") or {})},
         )
@@ -266,18 +274,7 @@ class Engine(NetworkOps, Output):
         image = self.images.get(c.image_id)
         undo: list[Any] = []
         try:
-            endpoints = await self._connect_all(c, undo)
-            endpoint = endpoints[0]
-            net_files = await self._start_dns(c, endpoints, undo)
-            published = await self._netd(
-                self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
-            )
-            if self.cfg.userland_proxy:
-                for p in published:
-                    key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
-                    undo.append(lambda key=key: self.proxies.stop(key))
-                    await self.proxies.start(key, self._proxy_spec(c, p), p.sock)
-            c.network = network_record(endpoint, published)
+            net = await self._start_network(c, cdir, undo)
             layers = self.images.layer_dirs(image)
             for sub in ("upper", "work"):
                 (cdir / "overlay" / sub).mkdir(parents=True, exist_ok=True)
@@ -297,9 +294,6 @@ class Engine(NetworkOps, Output):
                 )
             except ValueError as e:
                 raise InvalidParameter(str(e)) from e
-            files = bundle.write_network_files(
-                cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
-            )
             spec = bundle.runtime_spec(
                 rootfs=rootfs_dir,
                 args=c.args,
@@ -308,8 +302,9 @@ class Engine(NetworkOps, Output):
                 user=user,
                 hostname=c.config["Hostname"],
                 domainname=c.config.get("Domainname") or "",
-                netns_path=endpoint.netns_path,
-                bind_files=files,
+                netns_path=net.netns_path,
+                host_network=net.host,
+                bind_files=net.files,
                 cgroups_path=f"/pyengine/{c.id}",
                 security=seccomp.parse_security_opts(c.host_config.get("SecurityOpt")),
             )
@@ -332,6 +327,7 @@ class Engine(NetworkOps, Output):
             if isinstance(e, NetdError) and not isinstance(e, errors.NotFound):
                 raise InvalidParameter(str(e)) from e
             raise
+        self._network_started(c, pid)
         c.state = ContainerState(
             status="running", pid=pid, monitor_pid=monitor_pid, started_at=utc_rfc3339(digits=6)
         )

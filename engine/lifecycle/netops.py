@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common import errors
@@ -13,9 +15,25 @@ from common.ports import PortBinding, PortKey
 from engine.lifecycle.base import EngineBase, InvalidParameter
 from engine.lifecycle.containers import (
     Container,
+    ContainerConflict,
     ContainerNotFound,
     NetworkAttachment,
     NetworkRecord,
+)
+from engine.lifecycle.netmodes import (
+    BRIDGE,
+    CONFLICT_HOST_NETWORK,
+    CONFLICT_NO_NETWORK,
+    CONFLICT_SHARED,
+    CONTAINER,
+    CONTAINER_PREFIX,
+    HOST,
+    MODE_NETWORKS,
+    NONE,
+    NetworkMode,
+    is_mode_network,
+    mode_network,
+    mode_of,
 )
 from engine.lifecycle.networking import (
     NetworkNotFound,
@@ -49,6 +67,27 @@ def network_record(endpoint: Endpoint, published: list[PublishedPort]) -> Networ
         netns_path=endpoint.netns_path,
         ports=[p.mapping() for p in published],
     )
+
+
+@dataclass
+class StartNetwork:
+    """What a starting container's runtime spec gets of its network."""
+
+    netns_path: str | None  # the namespace to join; None: its own (runc makes it) or the host's
+    host: bool  # no network namespace: the host's
+    files: dict[str, Path]  # /etc/hosts, /etc/hostname, /etc/resolv.conf -> the file bound there
+
+
+HOST_HOSTS = Path("/etc/hosts")
+HOST_RESOLV_CONF = Path("/etc/resolv.conf")
+NETWORK_FILES = ("hosts", "hostname", "resolv.conf")
+
+
+def _read_host_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> str:
@@ -119,7 +158,10 @@ class NetworkOps(EngineBase):
 
     def attachments(self, c: Container) -> list[NetworkAttachment]:
         """The networks ``c`` joins when it starts, its ``eth0`` first (a record written before
-        networks existed has none: the default network)."""
+        networks existed has none: the default network). ``none`` and ``host`` are one
+        attachment each (to show in inspect); ``container:`` mode has none."""
+        if mode_of(c.host_config).kind == CONTAINER:
+            return []
         if c.networks:
             return c.networks
         default = self.network.default_network
@@ -132,13 +174,21 @@ class NetworkOps(EngineBase):
         return self.network.container_endpoints(c.id)
 
     def networks(self) -> list[Network]:
-        return self.network.networks()
+        return [*self.network.networks(), *MODE_NETWORKS.values()]
 
     def find_network(self, ref: str) -> Network:
-        return self.network.network(ref)
+        try:
+            return self.network.network(ref)
+        except errors.NotFound:
+            found = mode_network(ref)
+            if found is None:
+                raise
+            return found
 
     def network_endpoints(self, network: Network) -> list[tuple[Container | None, Endpoint]]:
         out: list[tuple[Container | None, Endpoint]] = []
+        if is_mode_network(network.id):
+            return out
         for ep in self.network.network_endpoints(network.id):
             try:
                 out.append((self.containers.get(ep.container_id), ep))
@@ -154,6 +204,88 @@ class NetworkOps(EngineBase):
     async def remove_network(self, ref: str) -> None:
         network = self.find_network(ref)
         await self._netd(self.network.remove_network, network.id)
+
+    async def _start_network(self, c: Container, cdir: Path, undo: list[Any]) -> StartNetwork:
+        """The starting container's network by its mode: endpoints, names, published ports and
+        proxies on bridge networks; only the files and the namespace to use otherwise."""
+        mode = mode_of(c.host_config)
+        if mode.kind == BRIDGE:
+            return await self._start_bridge(c, cdir, undo)
+        if mode.kind == NONE:
+            request = self._dns_request(c.config, c.host_config)
+            resolv_conf = await asyncio.to_thread(self.dns.resolv_conf, False, request.overrides)
+            hosts = self.dns.hosts(request, [])
+            files = bundle.write_network_files(cdir, c.config["Hostname"], hosts, resolv_conf)
+            return StartNetwork(None, False, files)
+        if mode.kind == HOST:
+            # libnetwork gives a host-mode container copies of the host's own files.
+            hosts = await asyncio.to_thread(_read_host_file, HOST_HOSTS)
+            resolv_conf = await asyncio.to_thread(_read_host_file, HOST_RESOLV_CONF)
+            files = bundle.write_network_files(cdir, c.config["Hostname"], hosts, resolv_conf)
+            return StartNetwork(None, True, files)
+        target = self._network_target(c, mode.ref)
+        # The joiner shares the target's hostname and its very files (moby
+        # initializeNetworking: HostnamePath, HostsPath, ResolvConfPath are the target's).
+        c.config["Hostname"] = target.config.get("Hostname") or target.id[:12]
+        target_dir = self.containers.dir(target)
+        files = {f"/etc/{name}": target_dir / name for name in NETWORK_FILES}
+        path = target.network.netns_path or f"/proc/{target.state.pid}/ns/net"
+        c.network = NetworkRecord(netns_path=path)
+        return StartNetwork(path, False, files)
+
+    def _mode_attachments(self, mode: NetworkMode) -> tuple[list[NetworkAttachment], str]:
+        """At create, for a non-bridge mode: the attachments (``none`` or ``host``, to show in
+        inspect; none in ``container:`` mode) and the NetworkMode to record (the target's full
+        id, as Docker shows it)."""
+        if mode.kind in (NONE, HOST):
+            net = MODE_NETWORKS[mode.kind]
+            return [NetworkAttachment(net.id, net.name)], mode.kind
+        try:
+            target = self.containers.get(mode.ref)
+        except ContainerNotFound:
+            # A 400, not a 404: the docker CLI takes a 404 from create for a missing image.
+            raise NetworkRequestError(f"No such container: {mode.ref}") from None
+        return [], f"{CONTAINER_PREFIX}{target.id}"
+
+    def _network_target(self, c: Container, ref: str) -> Container:
+        """The running container whose namespace ``c`` joins (moby getNetworkedContainer)."""
+        try:
+            target = self.containers.get(ref)
+        except ContainerNotFound:
+            raise errors.NotFound(
+                f"joining network namespace of container: No such container: {ref}"
+            ) from None
+        if target.id == c.id:
+            raise InvalidParameter("cannot join own network namespace")
+        if not target.state.running:
+            raise ContainerConflict(
+                "cannot join network namespace of a non running container: "
+                f"container {target.name} is {target.state.status}"
+            )
+        return target
+
+    def _network_started(self, c: Container, pid: int) -> None:
+        """After runc made the namespace of a ``none`` container: where it is."""
+        if mode_of(c.host_config).kind == NONE:
+            c.network = NetworkRecord(netns_path=f"/proc/{pid}/ns/net")
+
+    async def _start_bridge(self, c: Container, cdir: Path, undo: list[Any]) -> StartNetwork:
+        endpoints = await self._connect_all(c, undo)
+        endpoint = endpoints[0]
+        net_files = await self._start_dns(c, endpoints, undo)
+        published = await self._netd(
+            self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
+        )
+        if self.cfg.userland_proxy:
+            for p in published:
+                key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
+                undo.append(lambda key=key: self.proxies.stop(key))
+                await self.proxies.start(key, self._proxy_spec(c, p), p.sock)
+        c.network = network_record(endpoint, published)
+        files = bundle.write_network_files(
+            cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
+        )
+        return StartNetwork(endpoint.netns_path, False, files)
 
     async def _connect_all(self, c: Container, undo: list[Any]) -> list[Endpoint]:
         """Connect a starting container to each of its networks, ``eth0`` first."""
@@ -223,6 +355,8 @@ class NetworkOps(EngineBase):
         """After recover(): the running containers' names on their user-defined networks, and
         their DNS servers (they lived in the previous daemon's process)."""
         for c in self.containers.all():
+            if mode_of(c.host_config).kind != BRIDGE:
+                continue
             first = self.attachments(c)[0].network_id
             try:
                 overrides = self._dns_request(c.config, c.host_config).overrides
@@ -245,6 +379,7 @@ class NetworkOps(EngineBase):
         stopped one when it starts."""
         async with self._locked(container_ref) as c:
             network = self.find_network(network_ref)
+            self._check_mode_allows(c, network, connect=True)
             try:
                 attachment = attachment_for(network, endpoint_config)
             except NetworkRequestError as e:
@@ -275,11 +410,14 @@ class NetworkOps(EngineBase):
         through it); a stopped container forgets the network."""
         async with self._locked(container_ref) as c:
             try:
-                network_id = self.find_network(network_ref).id
+                network = self.find_network(network_ref)
             except errors.NotFound:
                 if not force:
                     raise
                 network_id = ""
+            else:
+                self._check_mode_allows(c, network, connect=False)
+                network_id = network.id
             attachments = self.attachments(c)
             kept = [a for a in attachments if a.network_id != network_id]
             if len(kept) == len(attachments):
@@ -297,6 +435,24 @@ class NetworkOps(EngineBase):
                 await self._rewrite_hosts(c)
             c.networks = kept
             self.containers.save(c)
+
+    def _check_mode_allows(self, c: Container, network: Network, connect: bool) -> None:
+        """Docker's refusals of a connect or disconnect that involves a non-bridge mode (moby
+        daemon/container_operations.go): only bridge networks connect to bridge-mode
+        containers."""
+        kind = mode_of(c.host_config).kind
+        if network.name == HOST or kind == HOST:
+            raise InvalidParameter(CONFLICT_HOST_NETWORK)
+        if kind == CONTAINER:
+            raise InvalidParameter(CONFLICT_SHARED)
+        if network.name == NONE or kind == NONE:
+            # none is the container's only network: nothing joins it, it is not left.
+            if connect or kind != NONE:
+                raise InvalidParameter(CONFLICT_NO_NETWORK)
+            raise InvalidParameter(
+                "a container in network mode none cannot be disconnected from it: "
+                "recreate it on another network"
+            )
 
     def _refresh_network_record(self, c: Container) -> None:
         """``c.network`` after a disconnect: its first endpoint left, and the ports still

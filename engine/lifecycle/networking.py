@@ -34,7 +34,6 @@ __all__ = [
 
 # NetworkMode values that mean the default network.
 DEFAULT_NETWORK_MODES = ("", "default", DEFAULT_NETWORK)
-UNSUPPORTED_NETWORK_MODES = ("host", "none")
 _ALIAS = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}$")
 
 
@@ -48,11 +47,6 @@ class NetworkRequestError(ValueError):
 
 def network_name_of_mode(mode: str) -> str:
     return DEFAULT_NETWORK if mode in DEFAULT_NETWORK_MODES else mode
-
-
-def check_network_mode(mode: str) -> None:
-    if mode in UNSUPPORTED_NETWORK_MODES or mode.startswith("container:"):
-        raise NetworkRequestError(f"network mode {mode!r} is not supported by pyengined")
 
 
 def attachment_for(network: Network, endpoint_config: dict[str, Any] | None) -> NetworkAttachment:
@@ -138,8 +132,8 @@ def plan_attachments(
     """The networks a new container is created on: NetworkMode's first (the default one when
     unset, its ``eth0``), with its EndpointsConfig entry, then every other EndpointsConfig
     entry in order (API 1.44; the API refuses several below). ``find`` resolves a name or id
-    (a NotFound when missing)."""
-    check_network_mode(mode)
+    (a NotFound when missing). The other modes (none, host, container:) are
+    engine.lifecycle.netmodes'."""
     endpoints = endpoints_config or {}
     if not isinstance(endpoints, dict):
         raise NetworkRequestError("NetworkingConfig.EndpointsConfig must be an object")

@@ -154,9 +154,13 @@ def runtime_spec(
     cgroups_path: str,
     security: SecurityOptions | None = None,
     domainname: str = "",
+    host_network: bool = False,
 ) -> dict[str, Any]:
     """An OCI runtime-spec config with Docker's default security profile: its capabilities,
-    masked paths and seccomp filter (unless ``security`` says otherwise)."""
+    masked paths and seccomp filter (unless ``security`` says otherwise).
+
+    The network namespace: ``netns_path`` joins an existing one; None makes a new one (runc
+    brings its ``lo`` up); ``host_network`` leaves the namespace out: the host's."""
     if not args:
         raise ValueError("no command specified")
     security = security or SecurityOptions()
@@ -216,7 +220,7 @@ def runtime_spec(
                 {"type": "ipc"},
                 {"type": "uts"},
                 {"type": "mount"},
-                network,
+                *([] if host_network else [network]),
             ],
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
