@@ -256,9 +256,9 @@ class ContainersApi:
         }
         if c.config.get("StopTimeout") is not None:
             config["StopTimeout"] = c.config["StopTimeout"]
-        first = self.engine.attachments(c)[0]
-        if version.below(V1_44) and first.mac:  # Config.MacAddress: the first network's
-            config["MacAddress"] = first.mac
+        attachments = self.engine.attachments(c)  # none in container: mode
+        if version.below(V1_44) and attachments and attachments[0].mac:
+            config["MacAddress"] = attachments[0].mac  # Config.MacAddress: the first network's
         return {
             "Id": c.id,
             "Created": c.created,
