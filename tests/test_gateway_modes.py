@@ -168,10 +168,21 @@ def _box(ctrl: NetworkController, name: str, network: Network | str, publish: bo
     return Box(cid, ep.netns_name, ep.ip, ep.ipv6, ep.gateway, host_port, servers)
 
 
-@pytest.fixture(scope="module", params=["nftables", "iptables"])
+# Both firewall backends, each in both proxy modes: the gateway modes' rules must not depend on
+# whether a published port is also served by the userland proxy.
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("nftables", False),
+        ("nftables", True),
+        ("iptables", False),
+        ("iptables", True),
+    ],
+    ids=["nftables-dnat", "nftables-proxy", "iptables-dnat", "iptables-proxy"],
+)
 def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     require_root()
-    backend = request.param
+    backend, userland_proxy = request.param
     if backend == "iptables":
         for tool in ("iptables-restore", "ip6tables-restore", "ip6tables-save"):
             require_tool(tool)
@@ -181,7 +192,7 @@ def lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         bridge=f"{PREFIX}0",
         bridge_cidr="10.188.0.1/24",
         table=TABLE,
-        userland_proxy=False,
+        userland_proxy=userland_proxy,
         firewall_backend=backend,
         netns_prefix=f"{PREFIX}-",
         ipv6=True,
