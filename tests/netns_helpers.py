@@ -214,10 +214,13 @@ def start_whoami_server(
     return WhoamiServer(sock, proto, sock.getsockname()[1])
 
 
-def tcp_whoami(netns_name: str | None, ip: str, port: int) -> str:
-    """Connect from ``netns_name`` and return the address the server saw (raises
-    ConnectionRefusedError / TimeoutError like a plain socket)."""
-    with netns_socket(netns_name, socket.AF_INET, socket.SOCK_STREAM) as sock:
+def tcp_whoami(netns_name: str | None, ip: str, port: int, timeout: float | None = None) -> str:
+    """Connect from ``netns_name`` (over IPv6 when ``ip`` is an IPv6 address) and return the
+    address the server saw (raises ConnectionRefusedError / TimeoutError like a plain socket)."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with netns_socket(netns_name, family, socket.SOCK_STREAM) as sock:
+        if timeout is not None:
+            sock.settimeout(timeout)
         sock.connect((ip, port))
         data = b""
         while not data.endswith(b"\n"):

@@ -53,6 +53,7 @@ from tests.netns_helpers import (
     remove_link,
     remove_netns,
     run,
+    tcp_whoami,
 )
 
 PREFIX = "pyeg"
@@ -132,17 +133,7 @@ def _server(netns: str, family: int, port: int) -> WhoamiServer:
 
 
 def whoami(netns: str | None, ip: str, port: int, timeout: float = IO_TIMEOUT) -> str:
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with netns_socket(netns, family, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect((ip, port))
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(256)
-            if not chunk:
-                break
-            data += chunk
-        return data.decode().strip()
+    return tcp_whoami(netns, ip, port, timeout)
 
 
 def reachable(netns: str | None, ip: str, port: int) -> bool:
