@@ -18,6 +18,7 @@ from aiohttp import web
 
 from engine import datadir
 from engine.api.app import make_app
+from engine.events import EventBus
 from engine.images.store import ImageStore
 from engine.lifecycle.engine import Engine, EngineConfig
 from engine.rlimits import raise_nofile_limit
@@ -318,6 +319,7 @@ def main(
             dns_servers,
             host_gateway=host_gateway or default_host_gateway(network),
         ),
+        events=EventBus(),
     )
     try:
         uvloop.run(serve(sock_path, engine, network, pidfile))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common import errors
+from engine.events import EventBus
 from engine.images.store import ImageStore
 from engine.lifecycle.containers import (
     Container,
@@ -100,6 +101,7 @@ class EngineBase:
         proxies: ProxySupervisor,
         runtime: Runtime,
         dns: ContainerDns,
+        events: EventBus | None = None,
     ) -> None:
         self.cfg = cfg
         self.images = images
@@ -107,6 +109,7 @@ class EngineBase:
         self.proxies = proxies
         self.runtime = runtime
         self.dns = dns  # names on user-defined networks, responders, resolv.conf
+        self.events = events or EventBus()  # what GET /events streams
         self.containers = ContainerStore(cfg.data_root / "containers")
         self._lifecycles: dict[str, LifecycleEvents] = {}
         self._closing = False  # the API is shutting down: streams and waits end now

@@ -143,6 +143,7 @@ class Engine(NetworkOps, Output):
         """The API server is stopping: end every log follow, attach and wait now, so that it
         does not wait for them (the containers are stopped afterwards, by shutdown())."""
         self._closing = True
+        self.events.close()
         for lifecycle in self._lifecycles.values():
             lifecycle.pulse()
 
