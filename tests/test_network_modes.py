@@ -297,6 +297,24 @@ def test_host_mode_shares_the_hosts_network(docker: Cli, names: Callable[[str], 
     assert refused(port)
 
 
+def test_host_mode_takes_dns_options_and_extra_hosts(docker: Cli) -> None:
+    """--dns* replace the host's lists in a copy of its resolv.conf (loopback servers would be
+    kept: the host's loopback is the container's); --add-host makes a hosts file of its own."""
+    out = docker.run_output(
+        "--network", "host", "--dns", "10.184.9.9", "--dns-search", "pyem.example",
+        "--dns-option", "ndots:3", "--add-host", "pyem-x:10.184.9.8",
+        "busybox", "sh", "-c", "cat /etc/resolv.conf; echo ---; cat /etc/hosts",
+    )  # fmt: skip
+    resolv, hosts = out.split("---\n")
+    assert resolv.splitlines() == [
+        "nameserver 10.184.9.9",
+        "search pyem.example",
+        "options ndots:3",
+    ]
+    assert "10.184.9.8\tpyem-x" in hosts.splitlines()
+    assert hosts != Path("/etc/hosts").read_text()
+
+
 def test_host_mode_keeps_a_given_hostname(docker: Cli) -> None:
     out = docker("run", "--rm", "--network", "host", "--hostname", "pyem-h", "busybox", "hostname")
     assert out.stdout.strip() == "pyem-h", out.stderr
@@ -357,6 +375,9 @@ def test_joiner_shares_the_targets_namespace(docker: Cli, names: Callable[[str],
     info = docker.inspect(joiner)
     assert info["HostConfig"]["NetworkMode"] == f"container:{target_id}"
     assert info["NetworkSettings"]["Networks"] == {}
+    target_info = docker.inspect(target)
+    for key in ("HostsPath", "ResolvConfPath", "HostnamePath"):
+        assert info[key] == target_info[key], key  # the target's very files
     # The target stops: the joiner runs on with only lo (Docker's behaviour).
     docker("stop", "-t", "0", target, check=True)
     assert docker.inspect(joiner)["State"]["Running"]
@@ -498,6 +519,18 @@ def test_none_and_host_networks_are_listed_and_kept(
     docker("run", "-d", "--name", b, "busybox", "sleep", "60", check=True)
     out = docker("network", "connect", "host", b)
     assert out.returncode != 0 and "connected to host network" in out.stderr
+    # Running containers of a mode are listed on its network, without addresses.
+    n = names("none-listed")
+    docker("run", "-d", "--name", n, "--network", "none", "busybox", "sleep", "60", check=True)
+    for net, name in (("host", c), ("none", n)):
+        listed = json.loads(docker("network", "inspect", net, check=True).stdout)[0]
+        entries = {v["Name"]: v for v in listed["Containers"].values()}
+        assert set(entries) == {name}, entries
+        assert entries[name]["IPv4Address"] == "" and len(entries[name]["EndpointID"]) == 64
+        assert docker.inspect(name)["Id"] in listed["Containers"]
+    docker("stop", "-t", "0", n, check=True)
+    listed = json.loads(docker("network", "inspect", "none", check=True).stdout)[0]
+    assert listed["Containers"] == {}
 
 
 def test_pyengine_client_takes_the_modes(docker: Cli, names: Callable[[str], str]) -> None:

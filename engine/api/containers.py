@@ -209,6 +209,7 @@ class ContainersApi:
         networks = self.networks.container_networks(c, version)
         default = networks.get(DEFAULT_NETWORK) or {}
         cdir = self.engine.containers.dir(c)
+        files = self.engine.network_files_dir(c)
         host_config = {
             "Binds": None,
             "ContainerIDFile": "",
@@ -278,9 +279,9 @@ class ContainersApi:
                 "FinishedAt": s.finished_at,
             },
             "Image": c.image_id,
-            "ResolvConfPath": str(cdir / "resolv.conf"),
-            "HostnamePath": str(cdir / "hostname"),
-            "HostsPath": str(cdir / "hosts"),
+            "ResolvConfPath": str(files / "resolv.conf"),
+            "HostnamePath": str(files / "hostname"),
+            "HostsPath": str(files / "hosts"),
             "LogPath": str(self.engine.log_path(c)),
             "Name": f"/{c.name}",
             "RestartCount": 0,

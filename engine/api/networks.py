@@ -155,7 +155,7 @@ class NetworksApi:
                 "Name": c.name if c else "",
                 "EndpointID": ep.id,
                 "MacAddress": ep.mac,
-                "IPv4Address": f"{ep.ip}/{ep.prefixlen}",
+                "IPv4Address": f"{ep.ip}/{ep.prefixlen}" if ep.ip else "",
                 "IPv6Address": f"{ep.ipv6}/{ep.ipv6_prefixlen}" if ep.ipv6 else "",
             }
         ipam_config: dict[str, str] = {"Subnet": net.subnet, "Gateway": net.gateway}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,6 @@ class StartNetwork:
 
 
 HOST_HOSTS = Path("/etc/hosts")
-HOST_RESOLV_CONF = Path("/etc/resolv.conf")
 NETWORK_FILES = ("hosts", "hostname", "resolv.conf")
 
 
@@ -88,6 +88,25 @@ def _read_host_file(path: Path) -> str:
         return path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _mode_endpoint(c: Container, network: Network) -> Endpoint:
+    """A ``none``/``host`` container's place on its predefined network (no link, no address;
+    a stable EndpointID derived from the two ids)."""
+    endpoint_id = hashlib.sha256(f"{network.id}/{c.id}".encode()).hexdigest()
+    return Endpoint(
+        container_id=c.id,
+        netns_name="",
+        netns_path="",
+        host_veth="",
+        ip="",
+        prefixlen=0,
+        gateway="",
+        mac="",
+        network_id=network.id,
+        network_name=network.name,
+        id=endpoint_id,
+    )
 
 
 def proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> str:
@@ -185,9 +204,25 @@ class NetworkOps(EngineBase):
                 raise
             return found
 
+    def network_files_dir(self, c: Container) -> Path:
+        """Where ``c``'s hostname, hosts and resolv.conf are: a ``container:`` joiner uses
+        its target's (moby initializeNetworking), every other container its own."""
+        mode = mode_of(c.host_config)
+        if mode.kind == CONTAINER:
+            try:
+                return self.containers.dir(self.containers.get(mode.ref))
+            except ContainerNotFound:
+                pass
+        return self.containers.dir(c)
+
     def network_endpoints(self, network: Network) -> list[tuple[Container | None, Endpoint]]:
         out: list[tuple[Container | None, Endpoint]] = []
         if is_mode_network(network.id):
+            # Docker lists the running containers of the mode, with an endpoint id and no
+            # addresses (the sandbox joins the predefined network).
+            for c in self.containers.all():
+                if c.state.running and mode_of(c.host_config).kind == network.name:
+                    out.append((c, _mode_endpoint(c, network)))
             return out
         for ep in self.network.network_endpoints(network.id):
             try:
@@ -218,9 +253,17 @@ class NetworkOps(EngineBase):
             files = bundle.write_network_files(cdir, c.config["Hostname"], hosts, resolv_conf)
             return StartNetwork(None, False, files)
         if mode.kind == HOST:
-            # libnetwork gives a host-mode container copies of the host's own files.
-            hosts = await asyncio.to_thread(_read_host_file, HOST_HOSTS)
-            resolv_conf = await asyncio.to_thread(_read_host_file, HOST_RESOLV_CONF)
+            # libnetwork gives a host-mode container copies of the host's own files; with
+            # --add-host, a hosts file of its own; --dns* replace the host's lists
+            # (sandbox_dns_unix.go buildHostsFile, setupDNS).
+            request = self._dns_request(c.config, c.host_config)
+            if request.extra_hosts:
+                hosts = self.dns.hosts(request, [])
+            else:
+                hosts = await asyncio.to_thread(_read_host_file, HOST_HOSTS)
+            resolv_conf = await asyncio.to_thread(
+                self.dns.host_mode_resolv_conf, request.overrides
+            )
             files = bundle.write_network_files(cdir, c.config["Hostname"], hosts, resolv_conf)
             return StartNetwork(None, True, files)
         target = self._network_target(c, mode.ref)

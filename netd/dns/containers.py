@@ -27,6 +27,7 @@ from netd.dns.resolvconf import (
     DnsOverrides,
     bridge_resolv_conf,
     container_resolv_conf,
+    host_mode_resolv_conf,
 )
 from netd.dns.service import EmbeddedDns
 from netd.errors import NetdError
@@ -179,6 +180,14 @@ class ContainerDns:
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()
+
+    def host_mode_resolv_conf(self, overrides: DnsOverrides) -> str:
+        """A host-network container's resolv.conf (reads the host's; off the event loop)."""
+        try:
+            host = self.host_resolv_conf.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            host = ""
+        return host_mode_resolv_conf(host, overrides)
 
     def resolv_conf(self, embedded: bool, overrides: DnsOverrides | None = None) -> str:
         """The container's resolv.conf (reads the host's; call it off the event loop)."""

@@ -147,6 +147,25 @@ def container_resolv_conf(
     return "\n".join(lines) + "\n"
 
 
+def host_mode_resolv_conf(host_text: str, overrides: DnsOverrides) -> str:
+    """A host-network container's resolv.conf: the host's own, or with any of ``--dns``,
+    ``--dns-search``, ``--dns-option`` given, those replacing the host's lists. Loopback
+    nameservers stay: the container shares the host's loopback (libnetwork setupDNS only
+    filters them for a namespace of its own)."""
+    if not (overrides.servers or overrides.search is not None or overrides.options):
+        return host_text
+    lines = [f"nameserver {s}" for s in (overrides.servers or nameservers(host_text))]
+    search = _search(host_text, overrides)
+    if search:
+        lines.append("search " + " ".join(search))
+    options = list(overrides.options) or [
+        opt for args in _directives(host_text, "options") for opt in args
+    ]
+    if options:
+        lines.append("options " + " ".join(options))
+    return "\n".join(lines) + "\n"
+
+
 # Docker's fallback when the host only lists loopback resolvers (unreachable from a netns).
 FALLBACK_NAMESERVERS = ("8.8.8.8", "8.8.4.4")
 
