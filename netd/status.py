@@ -191,7 +191,7 @@ def collect_status(
     for cid, published in persisted.ports.items():
         for port in published:
             in_kernel = None
-            if port.in_firewall:
+            if port.in_firewall and port.host_port:  # routed (host port 0): no DNAT
                 known.add(port.mapping())
                 in_kernel = None if live is None else port.mapping() in live
             ports.append(PortStatus(cid, port, in_kernel))

@@ -150,7 +150,7 @@ def _box(ctrl: NetworkController, name: str, network: Network | str, publish: bo
     host_port = 0
     if publish:
         ports = ctrl.publish(cid, ep, [PortBinding(container_port=PUBLISHED, proto="tcp")])
-        host_port = ports[0].host_port
+        host_port = next((p.host_port for p in ports if p.host_port), 0)
     servers = []
     families = [socket.AF_INET] + ([socket.AF_INET6] if ep.ipv6 else [])
     for family in families:
@@ -249,8 +249,12 @@ def test_ipv4_gateway_mode_with_real_packets(lab: Lab, mode: str) -> None:
     ext = lab.lan.netns
     assert reachable(ext, box.ip, UNPUBLISHED) is unpublished
     assert reachable(ext, box.ip, PUBLISHED) is published
-    # The published host port is DNATed in every mode (routed: Docker ignores it, see docs).
-    assert whoami(ext, LAN_HOST, box.host_port) == LAN_EXT
+    if mode == "routed":
+        # Docker 28: a routed network's mapping uses no host port (docs: "Gateway modes").
+        assert box.host_port == 0
+        assert [(p.host_ip, p.host_port) for p in lab.ctrl.published(box.cid)] == [("0.0.0.0", 0)]
+    else:
+        assert whoami(ext, LAN_HOST, box.host_port) == LAN_EXT
     with _server(ext, socket.AF_INET, 9000) as server:
         seen = whoami(box.netns, LAN_EXT, server.port)
     assert seen == (LAN_HOST if masqueraded else box.ip)
@@ -296,7 +300,7 @@ def test_routed_port_closes_with_its_last_mapping(lab: Lab) -> None:
         assert not reachable(lab.lan.netns, box.ip, PUBLISHED)
     finally:
         ports = lab.ctrl.publish(box.cid, ep, [PortBinding(container_port=PUBLISHED, proto="tcp")])
-        box.host_port = ports[0].host_port
+        box.host_port = next((p.host_port for p in ports if p.host_port), 0)
     assert reachable(lab.lan.netns, box.ip, PUBLISHED)
 
 
@@ -368,7 +372,17 @@ def test_docker_cli_gateway_mode_options(gwdaemon: Daemon) -> None:
     try:
         net = json.loads(docker(d, "network", "inspect", "pyeg-routed").stdout)[0]
         assert net["Options"][opt4] == "routed"
+        run_ = docker(
+            d, "run", "-d", "--name", "pyeg-routed-c", "--network", "pyeg-routed",
+            "-p", "18080:8080", "busybox", "sleep", "60",
+        )  # fmt: skip
+        assert run_.returncode == 0, run_.stderr
+        ports = docker(d, "inspect", "-f", "{{json .NetworkSettings.Ports}}", "pyeg-routed-c")
+        # The host port is not used in routed mode: Docker shows it empty.
+        assert json.loads(ports.stdout) == {"8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": ""}]}
+        assert "18080" not in run("nft", "list", "table", "inet", "pyeg5")
     finally:
+        docker(d, "rm", "-f", "pyeg-routed-c")
         docker(d, "network", "rm", "pyeg-routed")
 
 

@@ -141,7 +141,8 @@ class ContainersApi:
             key = str(p.key)
             ports[key] = [
                 *(ports.get(key) or []),
-                {"HostIp": p.host_ip, "HostPort": str(p.host_port)},
+                # Routed: no host port, Docker shows "" (docs: "Gateway modes").
+                {"HostIp": p.host_ip, "HostPort": str(p.host_port) if p.host_port else ""},
             ]
         return ports
 
@@ -152,6 +153,9 @@ class ContainersApi:
             if not bindings:
                 out.append({"PrivatePort": key.port, "Type": key.proto})
             for b in bindings or []:
+                if not b["HostPort"]:
+                    out.append({"IP": b["HostIp"], "PrivatePort": key.port, "Type": key.proto})
+                    continue
                 out.append(
                     {
                         "IP": b["HostIp"],

@@ -261,9 +261,7 @@ class NetworkOps(EngineBase):
                 hosts = self.dns.hosts(request, [])
             else:
                 hosts = await asyncio.to_thread(_read_host_file, HOST_HOSTS)
-            resolv_conf = await asyncio.to_thread(
-                self.dns.host_mode_resolv_conf, request.overrides
-            )
+            resolv_conf = await asyncio.to_thread(self.dns.host_mode_resolv_conf, request.overrides)
             files = bundle.write_network_files(cdir, c.config["Hostname"], hosts, resolv_conf)
             return StartNetwork(None, True, files)
         target = self._network_target(c, mode.ref)
@@ -321,6 +319,8 @@ class NetworkOps(EngineBase):
         )
         if self.cfg.userland_proxy:
             for p in published:
+                if not p.host_port:
+                    continue  # routed: the container's port itself, no host port to proxy
                 key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
                 undo.append(lambda key=key: self.proxies.stop(key))
                 await self.proxies.start(key, self._proxy_spec(c, p), p.sock)

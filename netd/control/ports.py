@@ -10,9 +10,10 @@ from common.ports import PROTOCOLS, PortBinding
 from netd import conntrack
 from netd.control.networks import Networks
 from netd.errors import NetdError, NotFound
-from netd.firewall import ANY_IPV4
+from netd.firewall import ANY_IPV4, GW_ROUTED
 from netd.network import (
     READY,
+    Network,
 )
 from netd.portmap import (
     ANY_IPV6,
@@ -75,6 +76,44 @@ def publish_addresses(
     return [address]
 
 
+def routed_ports(
+    container_id: str,
+    net: Network,
+    endpoint: Endpoint,
+    requests: list[tuple[PortBinding, list[str]]],
+) -> tuple[list[PublishedPort], list[tuple[PortBinding, list[str]]]]:
+    """Split ``requests`` (bindings and their host addresses) by the network's gateway mode
+    in the family of the container address each would reach (an IPv6 host address reaches
+    the IPv4 one, through the proxy, when the container has no IPv6 address): the routed ones
+    become PublishedPorts without a host port (``host_port`` 0: no socket, no DNAT, no proxy;
+    once per container port and family), the rest is returned to be reserved as usual. A
+    host address or port given for a routed family has no effect and is logged, as Docker
+    does (docs: "Gateway modes")."""
+    routed: dict[tuple[str, str, int], PublishedPort] = {}
+    rest: list[tuple[PortBinding, list[str]]] = []
+    for b, addresses in requests:
+        kept = []
+        for address in addresses:
+            v6 = is_ipv6(address) and bool(endpoint.ipv6)
+            if (net.gateway_mode6 if v6 else net.gateway_mode4) != GW_ROUTED:
+                kept.append(address)
+                continue
+            if b.host_port or address not in (ANY_IPV4, ANY_IPV6):
+                log.warning(
+                    "container %s: network %s is routed in IPv%d: host address and port of "
+                    "%s/%s are not used",
+                    container_id[:12], net.name, 6 if v6 else 4, b.container_port, b.proto,
+                )  # fmt: skip
+            any_address, target = (ANY_IPV6, endpoint.ipv6) if v6 else (ANY_IPV4, endpoint.ip)
+            routed.setdefault(
+                (any_address, b.proto, b.container_port),
+                PublishedPort(b.proto, any_address, 0, target, b.container_port, net.id),
+            )
+        if kept:
+            rest.append((b, kept))
+    return list(routed.values()), rest
+
+
 class Ports(Networks):
     # -- published ports --------------------------------------------------------------------
 
@@ -130,6 +169,9 @@ class Ports(Networks):
                 (b, publish_addresses(b.host_ip, net.host_binding_ipv4, proxy, has_ipv6))
                 for b in bindings
             ]
+            # Docker 28's routed mode: a family routed on this network opens the container's
+            # port to direct routing and uses no host port (docs: "Gateway modes").
+            routed, requests = routed_ports(container_id, net, current, requests)
             new: list[PublishedPort] = []
 
             def taken(proto: str, host_ip: str, port: int) -> bool:
@@ -167,6 +209,7 @@ class Ports(Networks):
                         )
                         for res in reserved
                     ]
+                new += routed
                 self._firewall.add_mappings(firewall_mappings(new))
             except BaseException:
                 close_ports(new)

@@ -120,6 +120,11 @@ def routed_targets(
     return list(found)
 
 
+def dnat_mappings(mappings: Sequence[PortMapping]) -> list[PortMapping]:
+    """The mappings that DNAT a host port (all but the routed ones, whose host port is 0)."""
+    return [m for m in mappings if m.host_port]
+
+
 class Firewall(ABC):
     # Set by the controller before ``install``: drop forwarded IPv4 traffic that is not
     # pyengine's (see the module's docstring).
@@ -192,8 +197,10 @@ def check_mapping(m: PortMapping) -> None:
     """What both backends require of a mapping before it reaches the kernel."""
     if m.proto not in PROTOCOLS:
         raise FirewallError(f'unsupported protocol "{m.proto}"')
-    for port in (m.host_port, m.container_port):
-        if not isinstance(port, int) or not 1 <= port <= 65535:
+    # Host port 0: a mapping into a routed network, which opens the container's port to
+    # direct routing and has no host port to DNAT (see ``routed_targets``).
+    for port, lowest in ((m.host_port, 0), (m.container_port, 1)):
+        if not isinstance(port, int) or not lowest <= port <= 65535:
             raise FirewallError(f"invalid port {port!r}")
     try:
         host, container = ip_address(m.host_ip), ip_address(m.container_ip)

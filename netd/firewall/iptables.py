@@ -61,6 +61,7 @@ from netd.firewall import (
     Firewall,
     FirewallError,
     check_mapping,
+    dnat_mappings,
     is_ipv6_mapping,
     routed_targets,
 )
@@ -307,7 +308,7 @@ class IptablesFirewall(Firewall):
         output.append(f"-m addrtype --dst-type LOCAL -j {c('DNAT')}")
         # Mappings bound to one address come first, as the nftables backend consults its
         # per-address map before the any-address one.
-        ordered = sorted(mappings, key=lambda m: m.host_ip in ANY_ADDRESSES)
+        ordered = sorted(dnat_mappings(mappings), key=lambda m: m.host_ip in ANY_ADDRESSES)
         dnat = [dnat_spec(m) for m in ordered]
         raw += [spec for m in ordered if (spec := loopback_drop_spec(m))]
         target: Ruleset = {
@@ -430,18 +431,18 @@ class IptablesFirewall(Firewall):
         snapshot = self._read(tools)
         dnat = self._require_installed(snapshot)
         held = {mapping_key(m) for spec in dnat if (m := mapping_from_spec(spec)) is not None}
-        for m in mine:
+        for m in dnat_mappings(mine):
             if mapping_key(m) in held:
                 raise FirewallError(f"iptables: {describe_key(m)} is mapped already")
             held.add(mapping_key(m))
         nat, raw = [], []
-        for m in mine:
+        for m in dnat_mappings(mine):
             any_address = m.host_ip in ANY_ADDRESSES
             where, position = ("-A", "") if any_address else ("-I", " 1")
             nat.append(f"{where} {self.chain('DNAT')}{position} {dnat_spec(m)}")
             if spec := loopback_drop_spec(m):
                 raw.append(f"-A {self.chain('PREROUTING')} {spec}")
-        sections = {"nat": ["*nat", *nat, "COMMIT"]}
+        sections = {"nat": ["*nat", *nat, "COMMIT"]} if nat else {}
         if raw:
             sections["raw"] = ["*raw", *raw, "COMMIT"]
         routed = set(snapshot["filter"].chains.get(self.chain("ROUTED"), []))
@@ -472,7 +473,7 @@ class IptablesFirewall(Firewall):
         routed = set(snapshot["filter"].chains.get(self.chain("ROUTED"), []))
         closing = [
             f"-D {self.chain('ROUTED')} {rule}"
-            for t in routed_targets(self._networks, removed)
+            for t in routed_targets(self._networks, mine)
             if t not in still_open and (rule := routed_spec(t)) in routed
         ]
         for held in removed:
@@ -495,7 +496,7 @@ class IptablesFirewall(Firewall):
     def install(self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping]) -> None:
         for m in mappings:
             check_mapping(m)
-        keys = [mapping_key(m) for m in mappings]
+        keys = [mapping_key(m) for m in dnat_mappings(mappings)]
         if len(set(keys)) != len(keys):
             raise FirewallError("iptables: a host port is mapped twice")
         current, policy, before = self._forward_policy_plan(self.forward_drop)

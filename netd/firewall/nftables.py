@@ -61,6 +61,7 @@ from netd.firewall import (
     Firewall,
     FirewallError,
     check_mapping,
+    dnat_mappings,
     is_ipv6_mapping,
     routed_targets,
 )
@@ -292,7 +293,7 @@ class NftablesFirewall(Firewall):
     def _elements(self, verb: str, mappings: Sequence[PortMapping], with_values: bool) -> str:
         lines = []
         for name in MAPS:
-            items = [m for m in mappings if _map_name(m) == name]
+            items = [m for m in dnat_mappings(mappings) if _map_name(m) == name]
             if items:
                 render = _element if with_values else _key
                 body = ", ".join(render(m) for m in items)
@@ -358,14 +359,16 @@ class NftablesFirewall(Firewall):
         with the last mapping to it, in the same batch."""
         if not self._table_exists():
             return
-        gone = {(_map_name(m), _key(m)) for m in mappings}
+        gone = {(_map_name(m), _key(m)) for m in dnat_mappings(mappings)}
         present = self.mappings()
         removed = [m for m in present if (_map_name(m), _key(m)) in gone]
         kept = [m for m in present if (_map_name(m), _key(m)) not in gone]
         still_open = set(routed_targets(self._networks, kept))
-        closing = [t for t in routed_targets(self._networks, removed) if t not in still_open]
+        closing = [t for t in routed_targets(self._networks, mappings) if t not in still_open]
         script = self._elements("delete", removed, with_values=False)
-        script += self._routed_elements("delete", closing)
+        # "add" then "delete": valid whether or not the element is there (nft 1.0.6 has no
+        # "destroy element"), in one batch.
+        script += self._routed_elements("add", closing) + self._routed_elements("delete", closing)
         if script:
             self._run(script)
 
