@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import socket
 from ipaddress import IPv4Interface, IPv6Interface
+from typing import TYPE_CHECKING
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from netd import sysctl
 from netd.errors import NetdError
+from netd.firewall import GW_ISOLATED
 from netd.naming import BRIDGE_GROUP, mac_for_ip
+
+if TYPE_CHECKING:
+    from netd.network import Network
 
 IFA_F_NODAD = 0x02  # <linux/if_addr.h>: no duplicate address detection
 _RT_SCOPE_UNIVERSE = 0  # global addresses; link-local ones (fe80::/10) are the kernel's
@@ -22,9 +27,15 @@ def _link_kind(ipr: IPRoute, index: int) -> str | None:
     return info.get_attr("IFLA_INFO_KIND") if info else None
 
 
-def ensure_bridge(name: str, gateway: IPv4Interface, gateway6: IPv6Interface | None = None) -> None:
-    """Create ``name`` if missing, make ``gateway`` its only IPv4 address and ``gateway6`` its
-    only global IPv6 address (none when None), and bring it up.
+def ensure_bridge(
+    name: str,
+    gateway: IPv4Interface,
+    gateway6: IPv6Interface | None = None,
+    with_ipv4: bool = True,
+) -> None:
+    """Create ``name`` if missing, make ``gateway`` its only IPv4 address (none without
+    ``with_ipv4``: Docker 28's ``isolated`` gateway mode) and ``gateway6`` its only global
+    IPv6 address (none when None), and bring it up.
 
     The IPv6 gateway is added "nodad": it is this host's by construction, and an address in
     DAD stays tentative (unusable as a source) for a second or more (RFC 4862 5.4).
@@ -47,11 +58,11 @@ def ensure_bridge(name: str, gateway: IPv4Interface, gateway6: IPv6Interface | N
                 (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                 for a in ipr.get_addr(index=index, family=socket.AF_INET)
             }
-            wanted = (str(gateway.ip), gateway.network.prefixlen)
-            for address, prefixlen in have - {wanted}:
+            wanted = {(str(gateway.ip), gateway.network.prefixlen)} if with_ipv4 else set()
+            for address, prefixlen in have - wanted:
                 ipr.addr("del", index=index, address=address, prefixlen=prefixlen)
-            if wanted not in have:
-                ipr.addr("add", index=index, address=wanted[0], prefixlen=wanted[1])
+            for address, prefixlen in wanted - have:
+                ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
             _ensure_gateway6(ipr, name, index, gateway6)
             ipr.link("set", index=index, state="up", group=BRIDGE_GROUP)
         except NetlinkError as exc:
@@ -84,3 +95,10 @@ def delete_bridge(name: str) -> None:
     with IPRoute() as ipr:
         for index in ipr.link_lookup(ifname=name):
             ipr.link("del", index=index)
+
+
+def ensure_network_bridge(net: Network) -> None:
+    """A bridge network's bridge, with its gateway addresses except in a family whose gateway
+    mode is ``isolated`` (Docker 28: "No address is assigned to the bridge" in that mode)."""
+    interface6 = net.interface6 if net.gateway_mode6 != GW_ISOLATED else None
+    ensure_bridge(net.bridge, net.interface, interface6, with_ipv4=net.gateway_mode4 != GW_ISOLATED)

@@ -274,6 +274,11 @@ def test_ipv6_routed_while_ipv4_stays_nat(lab: Lab) -> None:
 
 def test_isolated_network_reaches_neither_host_nor_lan(lab: Lab) -> None:
     box = lab.boxes["isolated"]
+    # Docker 28: no address on an isolated network's bridge.
+    addresses = run("ip", "-o", "-4", "addr", "show", "dev", NETWORKS["isolated"][1])
+    assert addresses.strip() == ""
+    nat = run("ip", "-o", "-4", "addr", "show", "dev", NETWORKS["nat"][1])
+    assert lab.boxes["nat"].gateway in nat  # the other modes keep theirs
     assert not reachable(None, box.ip, UNPUBLISHED)  # the host to the container
     with _server(None, socket.AF_INET, 0) as host_server:  # the container to the host
         assert not reachable(box.netns, box.gateway, host_server.port)

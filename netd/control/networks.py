@@ -111,7 +111,7 @@ class Networks(ControllerBase):
                 if network.is_bridge:
                     if network.subnet6:
                         sysctl.enable_ipv6_forward()
-                    bridge.ensure_bridge(network.bridge, network.interface, network.interface6)
+                    bridge.ensure_network_bridge(network)
                     sysctl.set_route_localnet(network.bridge, not self.cfg.userland_proxy)
                     self._install_firewall()
                 else:

@@ -93,7 +93,7 @@ class Recovery(Endpoints):
                     self._ensure_parent(net)
                     continue
                 try:
-                    bridge.ensure_bridge(net.bridge, net.interface, net.interface6)
+                    bridge.ensure_network_bridge(net)
                     # DNAT of 127.0.0.0/8 traffic to the bridge needs it (Docker's
                     # setupLoopbackAddressesRouting); off again when the proxy handles loopback.
                     sysctl.set_route_localnet(net.bridge, not self.cfg.userland_proxy)
