@@ -10,7 +10,7 @@ set -euo pipefail
 
 packages=(runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl socat procps
   python3-venv python3-dev gcc libc6-dev ca-certificates openssl docker-registry skopeo apache2-utils tcpdump wrk iperf3
-  dnsmasq-base)
+  dnsmasq-base docker-compose)
 anchors=(docker.io)
 
 missing() {

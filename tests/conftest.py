@@ -148,6 +148,11 @@ def busybox_archive() -> Path:
     return image_archive("busybox")
 
 
+@pytest.fixture(scope="session")
+def redis_archive() -> Path:
+    return image_archive("redis")
+
+
 # Each proxy mode gets a daemon of its own, with names no other test or the demo uses.
 MODES = {
     True: ("pyetp0", "10.49.0.1/24"),

@@ -1,8 +1,8 @@
 """Images built offline: a root filesystem tar turned into an OCI-layout archive.
 
 No registry is reachable from where pyengine is developed, so its images are built here:
-``nginx`` from Debian's own packages with mmdebstrap (about 30 s), and ``busybox`` from the host's
-busybox-static binary (well under a second), small enough for tests.
+``nginx`` and ``redis`` from Debian's own packages with mmdebstrap (about 30 s each), and
+``busybox`` from the host's busybox-static binary (well under a second), small enough for tests.
 
     python -m engine.images.build nginx --out /var/cache/pyengine/images/nginx-oci.tar
     python -m engine.images.build busybox --out busybox-oci.tar
@@ -61,6 +61,17 @@ BUSYBOX_CONFIG: dict[str, Any] = {
     "Env": [DEFAULT_PATH_ENV],
     "WorkingDir": "/",
 }
+# Debian's redis-server without its systemd unit: in the foreground, listening on every
+# address of the container (protected mode would refuse other containers without a password),
+# its data in /data, a VOLUME as in the Docker Official Image.
+REDIS_CONFIG: dict[str, Any] = {
+    "Cmd": ["redis-server", "--protected-mode", "no", "--dir", "/data"],
+    "Env": [DEFAULT_PATH_ENV],
+    "ExposedPorts": {"6379/tcp": {}},
+    "Volumes": {"/data": {}},
+    "WorkingDir": "/data",
+}
+REDIS_HOOKS = ('mkdir -p "$1"/data',)
 BUSYBOX_PASSWD = (
     "root:x:0:0:root:/root:/bin/sh\n"
     "daemon:x:1:1:daemon:/usr/sbin:/bin/false\n"
@@ -437,11 +448,25 @@ def build_nginx_image(
     )
 
 
+def build_redis_image(
+    out: Path,
+    ref: str = "redis:latest",
+    suite: str = DEFAULT_SUITE,
+    mirror: str | None = None,
+    epoch: int | None = None,
+    verbose: bool = False,
+) -> None:
+    """Write the redis image archive to ``out``: Debian's redis-server and redis-cli."""
+    build_debian_image(
+        out, ["redis-server"], REDIS_CONFIG, ref, suite, mirror, epoch, REDIS_HOOKS, verbose
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.images.build", description="Build an image archive offline."
     )
-    parser.add_argument("image", choices=["nginx", "busybox"])
+    parser.add_argument("image", choices=["nginx", "redis", "busybox"])
     parser.add_argument("--out", type=Path, required=True, help="the OCI archive to write")
     parser.add_argument("--tag", help="reference to record (default: IMAGE:latest)")
     parser.add_argument("--suite", default=DEFAULT_SUITE, help="Debian suite (nginx)")
@@ -452,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.image == "nginx":
             build_nginx_image(args.out, ref, args.suite, args.mirror, verbose=args.verbose)
+        elif args.image == "redis":
+            build_redis_image(args.out, ref, args.suite, args.mirror, verbose=args.verbose)
         else:
             build_busybox_image(args.out, ref)
     except (ImageBuildError, ValueError, OSError) as e:
