@@ -189,7 +189,7 @@ class ContainersApi:
             "Status": self._status_text(c),
             "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
             "NetworkSettings": {"Networks": self.networks.container_networks(c, version)},
-            "Mounts": [],
+            "Mounts": self.engine.mounts_json(c),
         }
         if version.at_least(V1_46) and c.host_config.get("Annotations"):
             out["HostConfig"]["Annotations"] = c.host_config["Annotations"]
@@ -247,7 +247,11 @@ class ContainersApi:
             "Env": c.config.get("Env") or [],
             "Cmd": c.config.get("Cmd"),
             "Image": c.image,
-            "Volumes": None,
+            "Volumes": {
+                **(self._image_config(c).get("Volumes") or {}),
+                **(c.config.get("Volumes") or {}),
+            }
+            or None,
             "WorkingDir": c.config.get("WorkingDir", ""),
             "Entrypoint": c.config.get("Entrypoint"),
             "OnBuild": None,
@@ -299,7 +303,7 @@ class ContainersApi:
                     "MergedDir": str(cdir / "bundle" / "rootfs"),
                 },
             },
-            "Mounts": [],
+            "Mounts": self.engine.mounts_json(c),
             "Config": config,
             "NetworkSettings": {
                 "Bridge": "",
@@ -412,7 +416,12 @@ class ContainersApi:
             self._check_platform(create.config.get("Image") or "", platform)
         name = request.query.get("name") or None
         c = await self.engine.create(
-            name, create.config, create.host_config, create.endpoints, create.port_bindings
+            name,
+            create.config,
+            create.host_config,
+            create.endpoints,
+            create.port_bindings,
+            create.mounts,
         )
         warnings = [*create.warnings, *create_warnings(create.host_config)]
         return json_response({"Id": c.id, "Warnings": warnings}, status=201)
@@ -471,7 +480,9 @@ class ContainersApi:
     async def remove(self, request: web.Request) -> web.Response:
         if flag(request, "link"):
             raise NotImplementedByEngine("links are not supported by pyengined")
-        await self.engine.remove(request.match_info["id"], force=flag(request, "force"))
+        await self.engine.remove(
+            request.match_info["id"], force=flag(request, "force"), volumes=flag(request, "v")
+        )
         return web.Response(status=204)
 
     # ---- output ----------------------------------------------------------------------------
