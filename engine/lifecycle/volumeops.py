@@ -183,6 +183,11 @@ class VolumeOps(EngineBase):
                 raise InvalidParameter(
                     f'invalid mount config for type "bind": bind source path does not exist: {host}'
                 )
+            if m.type == TMPFS:
+                # runc makes the mount point (securejoin, in the rootfs) and keeps the mode of
+                # one that exists over the tmpfs' own: leave it to runc, as Docker does.
+                oci.append(m.oci(m.destination, ""))
+                continue
             is_dir = m.type != BIND or os.path.isdir(host)
             destination = prepare_destination(rootfs_dir, m.destination, is_dir)
             if m.type == VOLUME and not m.nocopy and store.is_empty(volume):
