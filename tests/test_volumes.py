@@ -373,7 +373,10 @@ def test_relative_source_is_a_volume_name(docker: DockerCli, names: Callable[[st
     assert vol in docker.volumes()
 
 
-def _hostile_image(docker: DockerCli, busybox_archive: Path, tmp_path: Path) -> str:
+def _hostile_image(
+    docker: DockerCli, busybox_archive: Path, tmp_path: Path, ref: str, volumes: list[str]
+) -> str:
+    """busybox plus symlinks that point at the rootfs itself and out of it."""
     members = read_tar(busybox_archive)
     index = json.loads(members["index.json"])
     manifest = json.loads(members[f"blobs/sha256/{index['manifests'][0]['digest'][7:]}"])
@@ -390,40 +393,40 @@ def _hostile_image(docker: DockerCli, busybox_archive: Path, tmp_path: Path) -> 
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {
-            "Cmd": ["true"],
-            "Env": ["PATH=/bin"],
-            "Volumes": {"/toroot": {}, "/updir": {}, "/deep/out/pyevol": {}},
-        },
+        "config": {"Cmd": ["true"], "Env": ["PATH=/bin"], "Volumes": {v: {} for v in volumes}},
         "rootfs": {"type": "layers", "diff_ids": [sha256(uncompressed(x)) for x in layers]},
     }
-    ref = "pyetest/volsymlink:latest"
-    archive = write_tar(
-        tmp_path / "hostile.tar", oci_members(layers, ref, json.dumps(config).encode())
-    )
+    members = oci_members(layers, ref, json.dumps(config).encode())
+    archive = write_tar(tmp_path / f"{ref.split('/')[-1]}.tar", members)
     docker("load", "-i", str(archive), check=True)
     return ref
 
 
-def test_symlinked_image_volumes_stay_in_the_rootfs(
-    docker: DockerCli, busybox_archive: Path, tmp_path: Path
+def test_symlinked_volume_paths_stay_in_the_rootfs(
+    docker: DockerCli, names: Callable[[str], str], busybox_archive: Path, tmp_path: Path
 ) -> None:
-    ref = _hostile_image(docker, busybox_archive, tmp_path)
     before = docker.volumes()
-    c = "pyetest-vol-hostile"
-    try:
-        result = docker("run", "--name", c, ref)
-        # /toroot and /updir resolve to the rootfs itself: refused, nothing mounted on /.
-        assert result.returncode != 0 and "resolves to the container's root" in result.stderr
-        assert not Path("/etc/pyevol").exists()
-        data = docker.daemon.data_root / "containers"
-        cid = docker("inspect", "-f", "{{.Id}}", c, check=True).stdout.strip()
-        upper = data / cid / "overlay" / "upper"
-        assert not (upper / "pyevol").exists() or (upper / "etc").exists()
-    finally:
-        docker("rm", "-f", "-v", c)
-    assert docker.volumes() == before
+    image = _hostile_image(docker, busybox_archive, tmp_path, "pyetest/volroot", ["/toroot"])
+    plain = _hostile_image(docker, busybox_archive, tmp_path, "pyetest/volplain", [])
+    # An image VOLUME, or a -v, whose path resolves to the rootfs itself: refused, nothing
+    # copied, nothing mounted over the root.
+    named = names("root")
+    for args in ([image], ["-v", "/updir", plain], ["-v", f"{named}:/toroot", plain]):
+        result = docker("run", "--rm", *args)
+        assert "resolves to the container's root" in _error(result), args
+    # /deep/out leads to the rootfs' /etc, never the host's: the copy-up takes busybox's.
+    vol = names("etc")
+    out = docker("run", "--rm", "-v", f"{vol}:/deep/out", plain, "ls", "/etc", check=True)
+    assert out.stdout.split() == ["group", "passwd"]
+    data = docker.daemon.data_root / "volumes" / vol / "_data"
+    assert sorted(p.name for p in data.iterdir()) == ["group", "passwd"]
+    c = names("mkdir")
+    docker(
+        "run", "--name", c, "-v", "/deep/out/pyevol", plain, "ls", "-d", "/etc/pyevol", check=True
+    )
     assert not Path("/etc/pyevol").exists()
+    docker("rm", "-v", c, check=True)
+    assert docker.volumes() == before | {vol, named}  # --rm took the anonymous ones
 
 
 def test_volume_data_survives_a_restart(docker: DockerCli, names: Callable[[str], str]) -> None:

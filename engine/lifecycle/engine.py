@@ -270,7 +270,7 @@ class Engine(NetworkOps, Output, VolumeOps):
                 # As Docker: a container that was to be removed when it ends goes when its
                 # start fails, too.
                 with contextlib.suppress(Exception):
-                    await self._remove_locked(c, force=True)
+                    await self._remove_locked(c, force=True, volumes=True)
             raise
         return c
 
