@@ -463,3 +463,32 @@ def test_docker_py(docker: DockerCli, names: Callable[[str], str]) -> None:
         assert anon.name in client.volumes.prune()["VolumesDeleted"]
     finally:
         client.close()
+
+
+def test_pyengine_client(docker: DockerCli, names: Callable[[str], str]) -> None:
+    d = docker.daemon
+    vol, c, src = names("cli"), names("cli-anon"), names("cli-src")
+    assert d.cli("volume", "create", "--label", "pye=cli", vol, check=True).stdout.strip() == vol
+    assert d.cli("volume", "ls", "-q", "-f", "label=pye=cli", check=True).stdout.split() == [vol]
+    assert json.loads(d.cli("volume", "inspect", vol, check=True).stdout)[0]["Name"] == vol
+    d.cli("run", "--rm", "-v", f"{vol}:/d", "busybox", "sh", "-c", "echo c > /d/f", check=True)
+    out = d.cli(
+        "run", "--rm", "--mount", f"type=volume,src={vol},dst=/d,readonly", "--tmpfs",
+        "/t:size=64k", "busybox", "sh", "-c", "cat /d/f; grep ' /t ' /proc/mounts; touch /d/g",
+    )  # fmt: skip
+    assert out.returncode != 0 and out.stdout.startswith("c\ntmpfs /t tmpfs "), out.stdout
+    d.cli("create", "--name", src, "-v", f"{vol}:/d", "busybox", "true", check=True)
+    out = d.cli("run", "--rm", "--volumes-from", f"{src}:ro", "busybox", "cat", "/d/f")
+    assert out.stdout == "c\n"
+    d.cli("create", "--name", c, "-v", "/anon", "busybox", "true", check=True)
+    anon = json.loads(d.cli("inspect", c, check=True).stdout)[0]["Mounts"][0]["Name"]
+    err = d.cli("volume", "rm", vol)
+    assert err.returncode == 1 and "volume is in use" in err.stderr
+    d.cli("rm", "-v", c, src, check=True)
+    assert anon not in d.cli("volume", "ls", "-q").stdout
+    bad = d.cli("run", "--rm", "--mount", "type=bind,dst=/x", "busybox", "true")
+    assert bad.returncode == 125 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    free = d.cli("volume", "create", "--label", f"{ANONYMOUS}=", check=True).stdout.strip()
+    pruned = d.cli("volume", "prune", "-f", check=True).stdout
+    assert free in pruned and vol not in pruned
+    assert d.cli("volume", "rm", vol, check=True).stdout.strip() == vol
