@@ -247,11 +247,7 @@ class ContainersApi:
             "Env": c.config.get("Env") or [],
             "Cmd": c.config.get("Cmd"),
             "Image": c.image,
-            "Volumes": {
-                **(self._image_config(c).get("Volumes") or {}),
-                **(c.config.get("Volumes") or {}),
-            }
-            or None,
+            "Volumes": c.config.get("Volumes") or None,
             "WorkingDir": c.config.get("WorkingDir", ""),
             "Entrypoint": c.config.get("Entrypoint"),
             "OnBuild": None,
@@ -415,14 +411,8 @@ class ContainersApi:
         if platform:
             self._check_platform(create.config.get("Image") or "", platform)
         name = request.query.get("name") or None
-        c = await self.engine.create(
-            name,
-            create.config,
-            create.host_config,
-            create.endpoints,
-            create.port_bindings,
-            create.mounts,
-        )
+        args = (create.config, create.host_config, create.endpoints, create.port_bindings)
+        c = await self.engine.create(name, *args, mounts=create.mounts)
         warnings = [*create.warnings, *create_warnings(create.host_config)]
         return json_response({"Id": c.id, "Warnings": warnings}, status=201)
 
@@ -480,9 +470,8 @@ class ContainersApi:
     async def remove(self, request: web.Request) -> web.Response:
         if flag(request, "link"):
             raise NotImplementedByEngine("links are not supported by pyengined")
-        await self.engine.remove(
-            request.match_info["id"], force=flag(request, "force"), volumes=flag(request, "v")
-        )
+        force, volumes = flag(request, "force"), flag(request, "v")
+        await self.engine.remove(request.match_info["id"], force=force, volumes=volumes)
         return web.Response(status=204)
 
     # ---- output ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from engine.lifecycle.volumeops import VolumeOps
 from engine.runtime import bundle, rootfs, seccomp, userdb
 from engine.runtime.jsonlog import LogEntry, LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError
-from engine.volumes.parse import MountRequests, check_target
+from engine.volumes.parse import MountRequests, image_volume_paths
 from netd import (
     NetdError,
 )
@@ -214,8 +214,8 @@ class Engine(NetworkOps, Output, VolumeOps):
             raise InvalidParameter(str(e)) from e
         name = self.containers.check_name(name) if name else self.containers.generate_name()
         container_id = self.containers.new_id()
-        image_volumes = [check_target(v) for v in image_config.get("Volumes") or {}]
-        mount_points = await self._plan_mounts(mounts, image_volumes)
+        image_volumes = image_volume_paths(image_config)
+        mount_points = await self._plan_mounts(mounts, list(image_volumes))
         merged = dict(config)
         merged.update(
             Image=image_ref,
@@ -228,6 +228,7 @@ class Engine(NetworkOps, Output, VolumeOps):
             or (os.uname().nodename if mode == HOST else container_id[:12]),
             StopSignal=config.get("StopSignal") or image_config.get("StopSignal") or "SIGTERM",
             Labels={**(image_config.get("Labels") or {}), **(config.get("Labels") or {})},
+            Volumes={**image_volumes, **(config.get("Volumes") or {})} or None,
         )
         container = Container(
             id=container_id,

@@ -5,6 +5,7 @@ ends, its anonymous volumes removed with it when asked (``rm -v``)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 from collections.abc import Callable
@@ -24,6 +25,8 @@ log = logging.getLogger("pyengined.volumes")
 
 class VolumeOps(EngineBase):
     _volume_store: VolumeStore | None = None
+    # Volumes a create being planned uses (name → creates): in use before its record exists.
+    _planned: collections.Counter[str] | None = None
 
     @property
     def volume_store(self) -> VolumeStore:
@@ -34,8 +37,10 @@ class VolumeOps(EngineBase):
     # ---- volumes ---------------------------------------------------------------------------
 
     def volume_users(self, name: str) -> list[str]:
-        """The ids of the containers (any state) that have volume ``name`` mounted."""
-        return [
+        """The ids of the containers (any state) that have volume ``name`` mounted; a create
+        still planning its mounts counts as one (its id is not known yet)."""
+        planning = ["<a container being created>"] if self._planned and self._planned[name] else []
+        return planning + [
             c.id
             for c in self.containers.all()
             if any(m.type == VOLUME and m.name == name for m in c.mounts)
@@ -111,17 +116,33 @@ class VolumeOps(EngineBase):
                     copy.rw, copy.mode = vf.mode == "rw", vf.mode
                 points[m.destination] = copy
         made: list[Volume] = []
+        if self._planned is None:
+            self._planned = collections.Counter()
+        planned = self._planned
+        named = [r.source for r in requests.mounts if r.type == VOLUME and r.source]
+        planned.update(named)
+
+        async def add(request: MountRequest) -> None:
+            point = points[request.target] = await self._mount_point(request, made)
+            if point.anonymous:  # made just now (no await since): held before a prune sees it
+                planned[point.name] += 1
+                named.append(point.name)
+
         try:
             for request in requests.mounts:
-                points[request.target] = await self._mount_point(request, made)
+                await add(request)
             for target in [*image_volumes, *requests.volumes]:
                 if target not in points:
-                    anonymous = MountRequest(VOLUME, target)
-                    points[target] = await self._mount_point(anonymous, made)
+                    await add(MountRequest(VOLUME, target))
         except BaseException:
             for volume in made:
                 await asyncio.to_thread(self.volume_store.remove, volume)
             raise
+        finally:
+            planned.subtract(named)
+            for name in named:
+                if planned[name] <= 0:
+                    planned.pop(name, None)
         for volume in made:
             self._emit("create", volume.name)
         return sorted(points.values(), key=lambda m: depth(m.destination))

@@ -273,6 +273,14 @@ def parse_volumes_from(raw: str) -> VolumesFrom:
     return VolumesFrom(name, mode)
 
 
+def image_volume_paths(image_config: dict[str, Any]) -> dict[str, Any]:
+    """The image's ``VOLUME`` paths (untrusted: checked as a create's), cleaned."""
+    volumes = image_config.get("Volumes") or {}
+    if not isinstance(volumes, dict) or not all(isinstance(v, str) for v in volumes):
+        raise MountSpecError("the image's config has invalid Volumes")
+    return {check_target(v): {} for v in volumes}
+
+
 def parse_mount_requests(config: dict[str, Any], host_config: dict[str, Any]) -> MountRequests:
     """Binds, Mounts and Tmpfs (a destination twice is a 400, as Docker's "Duplicate mount
     point"), VolumesFrom and Config.Volumes of a create body whose types are checked."""
