@@ -492,3 +492,36 @@ def test_pyengine_client(docker: DockerCli, names: Callable[[str], str]) -> None
     pruned = d.cli("volume", "prune", "-f", check=True).stdout
     assert free in pruned and vol not in pruned
     assert d.cli("volume", "rm", vol, check=True).stdout.strip() == vol
+
+
+def test_tmpfs_volume_is_mounted_while_used(docker: DockerCli, names: Callable[[str], str]) -> None:
+    vol = names("tmpfsvol")
+    docker(
+        "volume",
+        "create",
+        "-o",
+        "type=tmpfs",
+        "-o",
+        "device=tmpfs",
+        "-o",
+        "o=size=1m",
+        vol,
+        check=True,
+    )
+    info = docker.json("volume", "inspect", vol)[0]  # type: ignore[index]
+    assert info["Options"] == {"type": "tmpfs", "device": "tmpfs", "o": "size=1m"}
+    out = docker(
+        "run",
+        "--rm",
+        "-v",
+        f"{vol}:/d",
+        "busybox",
+        "sh",
+        "-c",
+        "echo t > /d/f; df -k /d",
+        check=True,
+    )
+    assert " 1024 " in out.stdout, out.stdout
+    # The tmpfs goes when no container uses it (its content with it), as Docker's local driver.
+    assert info["Mountpoint"] not in Path("/proc/mounts").read_text()
+    docker("volume", "rm", vol, check=True)
