@@ -252,6 +252,11 @@ def test_copy_up_into_new_volume(docker: DockerCli, names: Callable[[str], str])
     docker("run", "--rm", "-v", f"{vol}:/usr/share/nginx/html", "nginx", "true", check=True)
     out = docker("run", "--rm", "-v", f"{vol}:/x", "busybox", "cat", "/x/index.html", check=True)
     assert "Welcome to nginx" in out.stdout
+    # Symlinks are copied as symlinks, never followed (nginx's logs point at /dev/stdout).
+    logs = names("logs")
+    docker("run", "--rm", "-v", f"{logs}:/var/log/nginx", "nginx", "true", check=True)
+    log = docker.daemon.data_root / "volumes" / logs / "_data" / "access.log"
+    assert log.is_symlink() and os.readlink(log) == "/dev/stdout"
     # Not copied again into a volume that has content; not at all with nocopy.
     empty = names("nocopy")
     docker(
