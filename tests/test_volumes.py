@@ -273,10 +273,14 @@ def test_anonymous_volumes_go_with_rm_v(docker: DockerCli, names: Callable[[str]
     assert len(mounts) == 1 and mounts[0]["Type"] == "volume"  # type: ignore[index]
     vol = mounts[0]["Name"]  # type: ignore[index]
     assert len(vol) == 64 and mounts[0]["Destination"] == "/anon"  # type: ignore[index]
+    assert mounts[0]["Source"] == str(docker.daemon.data_root / "volumes" / vol / "_data")  # type: ignore[index]
+    assert (mounts[0]["Mode"], mounts[0]["RW"], mounts[0]["Driver"]) == ("", True, "local")  # type: ignore[index]
     assert docker.json("volume", "inspect", vol)[0]["Labels"] == {ANONYMOUS: ""}  # type: ignore[index]
     named = names("kept")
     c2 = names("anon2")
     docker("create", "--name", c2, "-v", f"{named}:/n", "-v", "/a2", "busybox", "true", check=True)
+    listed = docker("ps", "-a", "--no-trunc", "-f", f"name={c2}", "--format", "{{.Mounts}}").stdout
+    assert named in listed, listed  # GET /containers/json lists the mounts too
     vol2 = next(
         m["Name"]
         for m in docker.json("inspect", "-f", "{{json .Mounts}}", c2)

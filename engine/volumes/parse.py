@@ -173,7 +173,8 @@ def parse_bind(raw: str) -> MountRequest:
             f'{_invalid_spec(raw)}: invalid mount config for type "volume": must not set '
             "ReadOnly mode when using anonymous volumes"
         )
-    return MountRequest(VOLUME, target, source, read_only, mode, nocopy=bool(nocopy))
+    # moby setBindModeIfNull: a local volume asked for by -v or --mount shows mode "z".
+    return MountRequest(VOLUME, target, source, read_only, mode or "z", nocopy=bool(nocopy))
 
 
 def _mount_error(kind: str, message: str) -> MountSpecError:
@@ -240,7 +241,7 @@ def parse_mount(m: dict[str, Any], i: int) -> MountRequest:
         if _get(vol_opts, "Subpath", str, what):
             raise MountSpecError("volume subpaths are not supported")
         nocopy = bool(_get(vol_opts, "NoCopy", bool, what))
-        return MountRequest(VOLUME, target, source, read_only, "", nocopy=nocopy, labels=labels)
+        return MountRequest(VOLUME, target, source, read_only, "z", nocopy=nocopy, labels=labels)
     if source:
         raise _mount_error(kind, "field Source must not be specified")
     size = _get(tmpfs_opts, "SizeBytes", int, what)
