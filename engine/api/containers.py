@@ -64,6 +64,7 @@ CONTAINER_FILTERS = {
     "since",
     "publish",
     "expose",
+    "volume",
 }
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
@@ -375,6 +376,7 @@ class ContainersApi:
             "since": lambda c, v: all(c.created > t for t in since),
             "publish": lambda c, v: has_port(c, v, True),
             "expose": lambda c, v: has_port(c, v, False),
+            "volume": lambda c, v: any(v in (m.name, m.source, m.destination) for m in c.mounts),
         }
 
         def keep(c: Container) -> bool:

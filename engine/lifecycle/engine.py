@@ -84,6 +84,7 @@ class Engine(NetworkOps, Output, VolumeOps):
         * without live restore (or when it was being removed), a live one is killed, as
           Docker does with containers it will not restore.
         """
+        await asyncio.to_thread(lambda: self.volume_store)  # loaded (and tidied) off the loop
         for c in self.containers.all():
             if c.state.status not in ("running", "removing"):
                 continue

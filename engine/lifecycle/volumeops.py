@@ -212,7 +212,12 @@ class VolumeOps(EngineBase):
             is_dir = m.type != BIND or os.path.isdir(host)
             destination = prepare_destination(rootfs_dir, m.destination, is_dir)
             if m.type == VOLUME and not m.nocopy and store.is_empty(volume):
-                copy_up(rootfs_dir, destination, Path(host))
+                try:
+                    copy_up(rootfs_dir, destination, Path(host))
+                except OSError as e:  # the image's files: a clear error, never a 500
+                    raise InvalidParameter(
+                        f"copying {m.destination} into volume {m.name}: {e.strerror or e}"
+                    ) from e
             oci.append(m.oci(destination, host))
         return oci
 

@@ -110,6 +110,14 @@ def copy_up(rootfs: Path, resolved_destination: str, volume_data: Path) -> int:
         os.close(root_fd)
 
 
+def _set_metadata(fd: int, st: os.stat_result) -> None:
+    """Owner, then mode (a chown clears set-id bits), then times, through the new entry's own
+    descriptor: a name another container swapped meanwhile is never followed."""
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def _copy_file(name: str, src_dir: int, dst_dir: int, st: os.stat_result) -> None:
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_dir)
     try:
@@ -129,6 +137,7 @@ def _copy_file(name: str, src_dir: int, dst_dir: int, st: os.stat_result) -> Non
                 while view:
                     view = view[os.write(dst, view) :]
                 remaining -= len(chunk)
+            _set_metadata(dst, st)
         finally:
             os.close(dst)
     finally:
@@ -140,34 +149,50 @@ def _copy_dir(src: int, dst: int, dev: int, budget: _Budget, level: int) -> None
         raise MountPathError(f"copy-up: directories nested deeper than {MAX_DEPTH}")
     for name in sorted(os.listdir(src)):
         budget.take()
-        st = os.stat(name, dir_fd=src, follow_symlinks=False)
-        mode = st.st_mode
-        if st.st_dev != dev:
-            continue  # another file system mounted here: not the image's content
-        if stat.S_ISDIR(mode):
-            os.mkdir(name, 0o700, dir_fd=dst)
-            sub_src = os.open(name, inroot.DIR_FLAGS, dir_fd=src)
+        try:
+            _copy_entry(name, src, dst, dev, budget, level)
+        except FileExistsError:
+            continue  # written meanwhile by a container that already runs with the volume
+        except FileNotFoundError:
+            continue  # gone from the rootfs meanwhile
+    # The directory (the volume's root too) takes the image directory's owner, mode, times.
+    _set_metadata(dst, os.fstat(src))
+
+
+def _copy_entry(name: str, src: int, dst: int, dev: int, budget: _Budget, level: int) -> None:
+    """Copy one entry of the directory ``src`` into ``dst``, with its owner, mode and times."""
+    st = os.stat(name, dir_fd=src, follow_symlinks=False)
+    mode = st.st_mode
+    if st.st_dev != dev:
+        return  # another file system mounted here: not the image's content
+    if stat.S_ISDIR(mode):
+        os.mkdir(name, 0o700, dir_fd=dst)
+        sub_src = os.open(name, inroot.DIR_FLAGS, dir_fd=src)
+        try:
+            sub_dst = os.open(name, inroot.DIR_FLAGS, dir_fd=dst)
             try:
-                sub_dst = os.open(name, inroot.DIR_FLAGS, dir_fd=dst)
-                try:
-                    _copy_dir(sub_src, sub_dst, dev, budget, level + 1)
-                finally:
-                    os.close(sub_dst)
+                _copy_dir(sub_src, sub_dst, dev, budget, level + 1)
             finally:
-                os.close(sub_src)
-        elif stat.S_ISREG(mode):
-            _copy_file(name, src, dst, st)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
-        elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            os.mknod(name, mode, st.st_rdev, dir_fd=dst)
-        else:
-            continue  # sockets are not copied
+                os.close(sub_dst)
+        finally:
+            os.close(sub_src)
+    elif stat.S_ISREG(mode):
+        _copy_file(name, src, dst, st)
+    elif stat.S_ISLNK(mode):
+        os.symlink(os.readlink(name, dir_fd=src), name, dir_fd=dst)
         os.chown(name, st.st_uid, st.st_gid, dir_fd=dst, follow_symlinks=False)
-        if not stat.S_ISLNK(mode):
-            os.chmod(name, stat.S_IMODE(mode), dir_fd=dst)
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst, follow_symlinks=False)
-    # The volume's root takes the image directory's owner and mode, as Docker's copy does.
-    st = os.fstat(src)
-    os.fchown(dst, st.st_uid, st.st_gid)
-    os.fchmod(dst, stat.S_IMODE(st.st_mode))
+    elif stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dst)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dst)
+        try:
+            if stat.S_IFMT(os.fstat(fd).st_mode) != stat.S_IFMT(mode):
+                return  # swapped meanwhile
+            # An O_PATH descriptor takes no fchmod(2); its /proc/self/fd link is the same inode.
+            proc = f"/proc/self/fd/{fd}"
+            os.chown(proc, st.st_uid, st.st_gid)
+            os.chmod(proc, stat.S_IMODE(mode))
+            os.utime(proc, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
+    # sockets are not copied

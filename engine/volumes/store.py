@@ -13,6 +13,7 @@ import ctypes.util
 import os
 import re
 import shutil
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class VolumeStore:
         root.mkdir(mode=STORE_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(root, STORE_DIR_MODE)
         self._volumes: dict[str, Volume] = {}
+        self._lock = threading.Lock()
         for entry in sorted(root.iterdir()):
             if entry.name.endswith(".removing") and not rootfs.mounts_under(entry):
                 shutil.rmtree(entry, ignore_errors=True)  # a removal the daemon did not finish
@@ -159,16 +161,18 @@ class VolumeStore:
         if name is None:
             name = os.urandom(32).hex()
         check_name(name)
-        if name in self._volumes:
-            return self._volumes[name], False
-        check_options(options or {})
-        volume = Volume(name, utc_rfc3339(digits=0), LOCAL, dict(labels or {}), dict(options or {}))
-        directory = self.root / name
-        directory.mkdir(mode=0o701, exist_ok=True)
-        (directory / DATA).mkdir(mode=0o755, exist_ok=True)
-        write_json_atomic(directory / RECORD, asdict(volume))
-        self._volumes[name] = volume
-        return volume, True
+        with self._lock:  # creates and removes run in worker threads
+            if name in self._volumes:
+                return self._volumes[name], False
+            check_options(options or {})
+            labels, options = dict(labels or {}), dict(options or {})
+            volume = Volume(name, utc_rfc3339(digits=0), LOCAL, labels, options)
+            directory = self.root / name
+            directory.mkdir(mode=0o701, exist_ok=True)
+            (directory / DATA).mkdir(mode=0o755, exist_ok=True)
+            write_json_atomic(directory / RECORD, asdict(volume))
+            self._volumes[name] = volume
+            return volume, True
 
     def is_empty(self, volume: Volume) -> bool:
         with os.scandir(self.mountpoint(volume)) as it:
@@ -197,14 +201,15 @@ class VolumeStore:
     def remove(self, volume: Volume) -> None:
         """Forget ``volume`` and delete its data (blocking: call off the event loop)."""
         directory = self.root / volume.name
-        self._volumes.pop(volume.name, None)
-        gone = directory.with_name(f".{volume.name}.removing")
-        if os.path.lexists(directory / RECORD):
-            os.rename(directory / RECORD, directory / f".{RECORD}.removed")
-        self.unmount(volume)
-        if rootfs.mounts_under(directory):  # never delete through a mount
-            raise errors.Conflict(f"remove {volume.name}: its data is still mounted")
-        os.rename(directory, gone)
+        with self._lock:
+            self.unmount(volume)
+            if rootfs.mounts_under(directory):  # never delete through a mount
+                raise errors.Conflict(f"remove {volume.name}: its data is still mounted")
+            self._volumes.pop(volume.name, None)
+            if os.path.lexists(directory / RECORD):
+                os.rename(directory / RECORD, directory / f".{RECORD}.removed")
+            gone = directory.with_name(f".{volume.name}.removing")
+            os.rename(directory, gone)
         shutil.rmtree(gone, ignore_errors=True)
 
     def size(self, volume: Volume) -> int:
