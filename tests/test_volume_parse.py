@@ -88,6 +88,8 @@ def test_mounts() -> None:
 
 
 def test_duplicates_and_image_volumes() -> None:
+    with pytest.raises(MountSpecError, match="local only"):
+        parse_mount_requests({}, {"VolumeDriver": "nfs"})
     with pytest.raises(MountSpecError, match="Duplicate mount point: /d"):
         parse_mount_requests({}, {"Binds": ["/a:/d"], "Tmpfs": {"/d/": ""}})
     assert list(image_volume_paths({"Volumes": {"/a/../b/": {}}})) == ["/b"]

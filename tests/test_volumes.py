@@ -281,6 +281,8 @@ def test_anonymous_volumes_go_with_rm_v(docker: DockerCli, names: Callable[[str]
     docker("create", "--name", c2, "-v", f"{named}:/n", "-v", "/a2", "busybox", "true", check=True)
     listed = docker("ps", "-a", "--no-trunc", "-f", f"name={c2}", "--format", "{{.Mounts}}").stdout
     assert named in listed, listed  # GET /containers/json lists the mounts too
+    cid2 = docker("inspect", "-f", "{{.Id}}", c2, check=True).stdout.strip()
+    assert docker("ps", "-aq", "--no-trunc", "-f", f"volume={named}").stdout.split() == [cid2]
     vol2 = next(
         m["Name"]
         for m in docker.json("inspect", "-f", "{{json .Mounts}}", c2)

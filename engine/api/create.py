@@ -24,7 +24,6 @@ from engine.volumes.parse import MountRequests, parse_mount_requests
 # Container settings pyengined cannot honour yet. Set to anything but their empty value, the
 # create answers 501 rather than run a container that silently lacks them.
 UNSUPPORTED_HOST_CONFIG = {
-    "VolumeDriver": "volume drivers",
     "Links": "links (--link)",
     "Privileged": "privileged containers",
     "CapAdd": "--cap-add",

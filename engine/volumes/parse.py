@@ -285,6 +285,9 @@ def image_volume_paths(image_config: dict[str, Any]) -> dict[str, Any]:
 def parse_mount_requests(config: dict[str, Any], host_config: dict[str, Any]) -> MountRequests:
     """Binds, Mounts and Tmpfs (a destination twice is a 400, as Docker's "Duplicate mount
     point"), VolumesFrom and Config.Volumes of a create body whose types are checked."""
+    driver = host_config.get("VolumeDriver") or "local"
+    if driver != "local":
+        raise MountSpecError(f"volume driver {driver!r} is not supported (local only)")
     out = MountRequests()
     for raw in host_config.get("Binds") or []:
         out.mounts.append(parse_bind(raw))
