@@ -213,10 +213,15 @@ class Engine(NetworkOps, Output, VolumeOps):
             )
         except ValueError as e:
             raise InvalidParameter(str(e)) from e
-        name = self.containers.check_name(name) if name else self.containers.generate_name()
+        name = self.containers.check_name(name) if name else None
         container_id = self.containers.new_id()
         image_volumes = image_volume_paths(image_config)
         mount_points = await self._plan_mounts(mounts, list(image_volumes))
+        try:  # again: other creates ran while the mounts were planned
+            name = self.containers.check_name(name) if name else self.containers.generate_name()
+        except BaseException:
+            await self._remove_anonymous_volumes(mount_points)
+            raise
         merged = dict(config)
         merged.update(
             Image=image_ref,
@@ -457,7 +462,7 @@ class Engine(NetworkOps, Output, VolumeOps):
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
         self.containers.remove(c)
         if volumes:
-            await self._remove_anonymous_volumes(c)
+            await self._remove_anonymous_volumes(c.mounts)
         self._locks.pop(c.id, None)  # a waiter still holding it finds the container gone
         lifecycle = self._lifecycles.pop(c.id, None) or LifecycleEvents()
         lifecycle.removed = True  # waiters and attached streams hold it: they see this

@@ -238,9 +238,9 @@ class VolumeOps(EngineBase):
                 except OSError as e:
                     log.warning("volume %s: %s", m.name, e)
 
-    async def _remove_anonymous_volumes(self, c: Container) -> None:
-        """``rm -v``: the container's anonymous volumes no other container uses."""
-        for m in c.mounts:
+    async def _remove_anonymous_volumes(self, mounts: list[MountPoint]) -> None:
+        """``rm -v``: a container's anonymous volumes no other container uses."""
+        for m in mounts:
             if m.type == VOLUME and m.anonymous and not self.volume_users(m.name):
                 try:
                     await self.remove_volume(m.name, force=True)
