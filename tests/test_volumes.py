@@ -536,3 +536,21 @@ def test_tmpfs_volume_is_mounted_while_used(docker: DockerCli, names: Callable[[
     # The tmpfs goes when no container uses it (its content with it), as Docker's local driver.
     assert info["Mountpoint"] not in Path("/proc/mounts").read_text()
     docker("volume", "rm", vol, check=True)
+
+
+def test_bind_volume_of_the_local_driver(
+    docker: DockerCli, names: Callable[[str], str], tmp_path: Path
+) -> None:
+    vol = names("bindvol")
+    opts = ["-o", "type=none", "-o", "o=bind", "-o", f"device={tmp_path}"]
+    docker("volume", "create", *opts, vol, check=True)
+    docker("run", "--rm", "-v", f"{vol}:/d", "busybox", "sh", "-c", "echo b > /d/f", check=True)
+    assert (tmp_path / "f").read_text() == "b\n"
+    mountpoint = docker.daemon.data_root / "volumes" / vol / "_data"
+    assert str(mountpoint) not in Path("/proc/mounts").read_text()
+    docker("volume", "rm", vol, check=True)
+    assert (tmp_path / "f").exists()  # removing the volume never deletes the bound directory
+    bad = docker(
+        "volume", "create", "-o", "type=none", "-o", "o=bind", "-o", "device=rel", names("b2")
+    )
+    assert "absolute host path" in _error(bad)
