@@ -1,8 +1,8 @@
 """pyengine: the command-line client (Docker's verbs), talking to pyengined over its socket.
 
 This module is the command group: the global options, the one-line report of a connection that
-breaks, and the commands of ``client.containers``, ``client.images``, ``client.networks`` and
-``client.system`` added to it."""
+breaks, and the commands of ``client.containers``, ``client.images``, ``client.networks``,
+``client.volumes`` and ``client.system`` added to it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from client import containers, images, networks, system
+from client import containers, images, networks, system, volumes
 from client.command import fail
 from client.http import CONNECTION_ERRORS, Client, DaemonUnreachable
 
@@ -52,7 +52,13 @@ def main(ctx: click.Context, host: str) -> None:
         raise click.ClickException(str(e)) from e
 
 
-for _command in (*containers.COMMANDS, *images.COMMANDS, networks.network, *system.COMMANDS):
+for _command in (
+    *containers.COMMANDS,
+    *images.COMMANDS,
+    networks.network,
+    volumes.volume,
+    *system.COMMANDS,
+):
     main.add_command(_command)
 
 

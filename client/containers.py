@@ -51,14 +51,14 @@ def run(
     except DaemonError:
         if auto_remove:
             with contextlib.suppress(DaemonError):  # the daemon may have removed it already
-                client.remove(container_id, force=True)
+                client.remove(container_id, force=True, volumes=True)
         raise
     if detach:
         click.echo(container_id)
         return
     code = _follow_until_exit(client, container_id)
     if auto_remove:
-        client.remove(container_id, force=True)
+        client.remove(container_id, force=True, volumes=True)
     sys.exit(code)
 
 
@@ -180,12 +180,13 @@ def stop(ctx: click.Context, timeout: int | None, containers: tuple[str, ...]) -
 
 @click.command()
 @click.option("-f", "--force", is_flag=True, help="Kill and remove a running container.")
+@click.option("-v", "--volumes", is_flag=True, help="Remove its anonymous volumes too.")
 @click.argument("containers", nargs=-1, required=True)
 @click.pass_context
 @daemon_errors()
-def rm(ctx: click.Context, force: bool, containers: tuple[str, ...]) -> None:
+def rm(ctx: click.Context, force: bool, volumes: bool, containers: tuple[str, ...]) -> None:
     """Remove containers."""
-    _each(ctx, containers, lambda ref: daemon_client(ctx).remove(ref, force))
+    _each(ctx, containers, lambda ref: daemon_client(ctx).remove(ref, force, volumes))
 
 
 @click.command()

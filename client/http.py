@@ -64,8 +64,9 @@ class Client:
         stream: BinaryIO | None = None,
         timeout: float | None = 120,
         headers: dict[str, str] | None = None,
+        api_version: str | None = None,  # a call whose meaning changed after API_PREFIX's
     ) -> http.client.HTTPResponse:
-        url = API_PREFIX + path
+        url = (f"/v{api_version}" if api_version else API_PREFIX) + path
         if query:
             url += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         conn = UnixHTTPConnection(self.socket_path, timeout)
@@ -153,10 +154,9 @@ class Client:
             "POST", f"/containers/{quote(ref)}/stop", query={"t": timeout}, timeout=None
         ).read()
 
-    def remove(self, ref: str, force: bool = False) -> None:
-        self.request(
-            "DELETE", f"/containers/{quote(ref)}", query={"force": int(force)}, timeout=None
-        ).read()
+    def remove(self, ref: str, force: bool = False, volumes: bool = False) -> None:
+        query = {"force": int(force), "v": int(volumes)}
+        self.request("DELETE", f"/containers/{quote(ref)}", query=query, timeout=None).read()
 
     def inspect(self, ref: str) -> dict[str, Any]:
         return self.json("GET", f"/containers/{quote(ref)}/json")

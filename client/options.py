@@ -13,6 +13,7 @@ import click
 
 from client.command import fail
 from client.local_files import read_seccomp_profile
+from client.mountopts import mount_fields
 from common.ports import parse_publish, to_docker_port_bindings
 
 
@@ -98,6 +99,16 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 multiple=True,
                 help="A file of KEY=VALUE lines (# comments; a bare KEY takes its value here).",
             ),
+            click.option(
+                "-v",
+                "--volume",
+                "volumes",
+                multiple=True,
+                help="[NAME|/HOST/PATH:]/CONTAINER/PATH[:ro|rw|nocopy|...]",
+            ),
+            click.option("--mount", "mounts", multiple=True, help="type=bind|volume|tmpfs,..."),
+            click.option("--tmpfs", multiple=True, help="/CONTAINER/PATH[:size=64k,mode=1777]"),
+            click.option("--volumes-from", multiple=True, help="CONTAINER[:ro|rw]"),
         ]
     ):
         fn = option(fn)
@@ -131,6 +142,10 @@ class ContainerOptions:
     user: str | None = None
     env_files: tuple[str, ...] = ()
     mac_address: str | None = None
+    volumes: tuple[str, ...] = ()
+    mounts: tuple[str, ...] = ()
+    tmpfs: tuple[str, ...] = ()
+    volumes_from: tuple[str, ...] = ()
 
 
 def container_config(
@@ -146,7 +161,11 @@ def container_config(
         log_config[key] = value
     env_list = [e for path in opts.env_files for e in read_env_file(path)]
     env_list += [e if "=" in e else f"{e}={os.environ.get(e, '')}" for e in opts.env]
+    mount_config, mount_host_config = mount_fields(
+        opts.volumes, opts.mounts, opts.tmpfs, opts.volumes_from
+    )
     return {
+        **mount_config,
         "Image": image,
         # The client speaks API 1.41: the MAC is the container-wide field, which the daemon
         # puts on the NetworkMode network's endpoint (and checks).
@@ -171,6 +190,7 @@ def container_config(
             "DnsSearch": list(opts.dns_search),
             "DnsOptions": list(opts.dns_options),
             "ExtraHosts": [extra_host(h) for h in opts.add_hosts],
+            **mount_host_config,
         },
         "NetworkingConfig": networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
     }

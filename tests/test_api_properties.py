@@ -205,7 +205,6 @@ UNSUPPORTED_HOST_CONFIG = st.fixed_dictionaries(
     optional={
         "Privileged": st.booleans(),
         "CapAdd": strings(),
-        "Binds": strings(),
         "Memory": HUGE_INTS,
         "Init": st.booleans(),
     },

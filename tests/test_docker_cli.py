@@ -961,7 +961,6 @@ def test_traffic_between_containers_follows_their_networks(
     "args, needle",
     [
         (["-t"], "TTY"),
-        (["-v", "/tmp:/pyetest"], "bind mounts"),
         (["--network", "container:pyetest-nosuch"], "No such container: pyetest-nosuch"),
         (["--network", "pyetest-none"], "network pyetest-none not found"),
         (["--restart", "always"], "restart policy 'always'"),

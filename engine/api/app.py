@@ -19,7 +19,6 @@ from engine.api.common import (
     MAX_JSON_BODY,
     NotImplementedByEngine,
     error_response,
-    json_response,
     log,
 )
 from engine.api.containers import ContainersApi
@@ -27,6 +26,7 @@ from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
 from engine.api.system import SystemApi
 from engine.api.version import API_VERSION, MIN_API_VERSION, ApiVersion, set_api_version
+from engine.api.volumes import VolumesApi
 from engine.lifecycle.engine import Engine
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,8 +59,6 @@ NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("POST", "/images/{name:.+}/push", "push"),
     ("GET", "/events", "events"),
     ("GET", "/system/df", "system df"),
-    ("POST", "/volumes/create", "volumes"),
-    ("POST", "/volumes/prune", "volumes"),
 ]
 
 
@@ -69,14 +67,6 @@ def _not_implemented(what: str) -> Handler:
         raise NotImplementedByEngine(f"{what} is not supported by pyengined")
 
     return handler
-
-
-async def _no_volumes(request: web.Request) -> web.Response:
-    return json_response({"Volumes": [], "Warnings": []})
-
-
-async def _no_such_volume(request: web.Request) -> web.Response:
-    raise NotFound(f"get {request.match_info['name']}: no such volume")
 
 
 # Exception → status, first match wins: common.errors' family (every component's errors derive
@@ -147,8 +137,7 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
         *ContainersApi(engine, networks).routes(),
         *ImagesApi(engine).routes(),
         *networks.routes(),
-        ("GET", "/volumes", _no_volumes),
-        ("GET", "/volumes/{name}", _no_such_volume),
+        *VolumesApi(engine).routes(),
     ]
     table += [(method, path, _not_implemented(what)) for method, path, what in NOT_IMPLEMENTED]
     return table

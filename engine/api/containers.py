@@ -64,6 +64,7 @@ CONTAINER_FILTERS = {
     "since",
     "publish",
     "expose",
+    "volume",
 }
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
@@ -193,7 +194,7 @@ class ContainersApi:
             "Status": self._status_text(c),
             "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
             "NetworkSettings": {"Networks": self.networks.container_networks(c, version)},
-            "Mounts": [],
+            "Mounts": self.engine.mounts_json(c),
         }
         if version.at_least(V1_46) and c.host_config.get("Annotations"):
             out["HostConfig"]["Annotations"] = c.host_config["Annotations"]
@@ -252,7 +253,7 @@ class ContainersApi:
             "Env": c.config.get("Env") or [],
             "Cmd": c.config.get("Cmd"),
             "Image": c.image,
-            "Volumes": None,
+            "Volumes": c.config.get("Volumes") or None,
             "WorkingDir": c.config.get("WorkingDir", ""),
             "Entrypoint": c.config.get("Entrypoint"),
             "OnBuild": None,
@@ -304,7 +305,7 @@ class ContainersApi:
                     "MergedDir": str(cdir / "bundle" / "rootfs"),
                 },
             },
-            "Mounts": [],
+            "Mounts": self.engine.mounts_json(c),
             "Config": config,
             "NetworkSettings": {
                 "Bridge": "",
@@ -380,6 +381,7 @@ class ContainersApi:
             "since": lambda c, v: all(c.created > t for t in since),
             "publish": lambda c, v: has_port(c, v, True),
             "expose": lambda c, v: has_port(c, v, False),
+            "volume": lambda c, v: any(v in (m.name, m.source, m.destination) for m in c.mounts),
         }
 
         def keep(c: Container) -> bool:
@@ -416,9 +418,8 @@ class ContainersApi:
         if platform:
             self._check_platform(create.config.get("Image") or "", platform)
         name = request.query.get("name") or None
-        c = await self.engine.create(
-            name, create.config, create.host_config, create.endpoints, create.port_bindings
-        )
+        args = (create.config, create.host_config, create.endpoints, create.port_bindings)
+        c = await self.engine.create(name, *args, mounts=create.mounts)
         warnings = [*create.warnings, *create_warnings(create.host_config)]
         return json_response({"Id": c.id, "Warnings": warnings}, status=201)
 
@@ -476,7 +477,8 @@ class ContainersApi:
     async def remove(self, request: web.Request) -> web.Response:
         if flag(request, "link"):
             raise NotImplementedByEngine("links are not supported by pyengined")
-        await self.engine.remove(request.match_info["id"], force=flag(request, "force"))
+        force, volumes = flag(request, "force"), flag(request, "v")
+        await self.engine.remove(request.match_info["id"], force=force, volumes=volumes)
         return web.Response(status=204)
 
     # ---- output ----------------------------------------------------------------------------

@@ -19,14 +19,11 @@ from engine.lifecycle.netmodes import check_mode_conflicts
 from engine.lifecycle.networking import NetworkRequestError
 from engine.runtime.jsonlog import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
+from engine.volumes.parse import MountRequests, parse_mount_requests
 
 # Container settings pyengined cannot honour yet. Set to anything but their empty value, the
 # create answers 501 rather than run a container that silently lacks them.
 UNSUPPORTED_HOST_CONFIG = {
-    "Binds": "bind mounts (-v)",
-    "Mounts": "mounts (--mount)",
-    "VolumesFrom": "--volumes-from",
-    "VolumeDriver": "volume drivers",
     "Links": "links (--link)",
     "Privileged": "privileged containers",
     "CapAdd": "--cap-add",
@@ -36,7 +33,6 @@ UNSUPPORTED_HOST_CONFIG = {
     "DeviceCgroupRules": "--device-cgroup-rule",
     "GroupAdd": "--group-add",
     "ReadonlyRootfs": "--read-only",
-    "Tmpfs": "--tmpfs",
     "Sysctls": "--sysctl",
     "Ulimits": "--ulimit",
     "Memory": "memory limits (-m)",
@@ -64,7 +60,6 @@ HOST_CONFIG_MODES = {
 UNSUPPORTED_CONFIG = {
     "Tty": "a TTY (-t)",
     "OpenStdin": "interactive stdin (-i)",
-    "Volumes": "volumes",
 }
 MAC_DEPRECATED = (
     "The container-wide MacAddress field is now deprecated. It should be specified in "
@@ -216,6 +211,7 @@ class CreateRequest:
     endpoints: dict[str, Any] | None
     port_bindings: list[PortBinding]  # HostConfig.PortBindings, parsed
     warnings: list[str]
+    mounts: MountRequests  # Binds, Mounts, Tmpfs, VolumesFrom and Config.Volumes, parsed
 
 
 def parse_create_body(body: dict[str, Any], version: ApiVersion = API_VERSION) -> CreateRequest:
@@ -228,6 +224,7 @@ def parse_create_body(body: dict[str, Any], version: ApiVersion = API_VERSION) -
         port_bindings = parse_port_bindings(host_config.get("PortBindings"))
     except ValueError as e:
         raise BadParameter(str(e)) from None
+    mounts = parse_mount_requests(body, host_config)
     return CreateRequest(
-        body, host_config, networking.get("EndpointsConfig"), port_bindings, warnings
+        body, host_config, networking.get("EndpointsConfig"), port_bindings, warnings, mounts
     )

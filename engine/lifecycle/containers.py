@@ -16,6 +16,7 @@ from common.jsonstate import FILE_MODE, CorruptRecord, read_record, set_aside, w
 from common.ports import PortBinding, PortMapping, parse_port_bindings
 from common.timefmt import ZERO_TIME
 from engine.lifecycle.namesgen import random_name
+from engine.volumes.mounts import MountPoint
 
 # moby daemon/names: validContainerNamePattern. Checked with fullmatch: Python's ``$`` also
 # matches before a trailing newline.
@@ -87,6 +88,7 @@ class Container:
     state: ContainerState = field(default_factory=ContainerState)
     network: NetworkRecord = field(default_factory=NetworkRecord)  # its first endpoint, running
     networks: list[NetworkAttachment] = field(default_factory=list)  # [] = the default network
+    mounts: list[MountPoint] = field(default_factory=list)  # volumes, binds, tmpfs
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Container:
@@ -96,13 +98,14 @@ class Container:
             bindings = [PortBinding.from_json(b) for b in data["port_bindings"]]
         else:  # a record from before the bindings were kept parsed
             bindings = parse_port_bindings((data.get("host_config") or {}).get("PortBindings"))
-        skip = ("state", "network", "networks", "port_bindings")
+        skip = ("state", "network", "networks", "port_bindings", "mounts")
         return cls(
             **{k: v for k, v in data.items() if k not in skip},
             port_bindings=bindings,
             state=ContainerState(**data.get("state", {})),
             network=NetworkRecord(**net),
             networks=[NetworkAttachment(**a) for a in data.get("networks", [])],
+            mounts=[MountPoint(**m) for m in data.get("mounts", [])],
         )
 
 

@@ -44,9 +44,11 @@ from engine.lifecycle.networking import (
     plan_attachments,
 )
 from engine.lifecycle.output import Output
+from engine.lifecycle.volumeops import VolumeOps
 from engine.runtime import bundle, rootfs, seccomp, userdb
 from engine.runtime.jsonlog import LogEntry, LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError
+from engine.volumes.parse import MountRequests, image_volume_paths
 from netd import (
     NetdError,
 )
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 
-class Engine(NetworkOps, Output):
+class Engine(NetworkOps, Output, VolumeOps):
     # ---- daemon start and stop -------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -82,6 +84,7 @@ class Engine(NetworkOps, Output):
         * without live restore (or when it was being removed), a live one is killed, as
           Docker does with containers it will not restore.
         """
+        await asyncio.to_thread(lambda: self.volume_store)  # loaded (and tidied) off the loop
         for c in self.containers.all():
             if c.state.status not in ("running", "removing"):
                 continue
@@ -177,6 +180,7 @@ class Engine(NetworkOps, Output):
         host_config: dict[str, Any],
         endpoints_config: dict[str, Any] | None = None,
         port_bindings: list[PortBinding] | None = None,
+        mounts: MountRequests | None = None,
     ) -> Container:
         image_ref = config.get("Image") or ""
         if not image_ref:
@@ -209,8 +213,15 @@ class Engine(NetworkOps, Output):
             )
         except ValueError as e:
             raise InvalidParameter(str(e)) from e
-        name = self.containers.check_name(name) if name else self.containers.generate_name()
+        name = self.containers.check_name(name) if name else None
         container_id = self.containers.new_id()
+        image_volumes = image_volume_paths(image_config)
+        mount_points = await self._plan_mounts(mounts, list(image_volumes))
+        try:  # again: other creates ran while the mounts were planned
+            name = self.containers.check_name(name) if name else self.containers.generate_name()
+        except BaseException:
+            await self._remove_anonymous_volumes(mount_points)
+            raise
         merged = dict(config)
         merged.update(
             Image=image_ref,
@@ -223,6 +234,7 @@ class Engine(NetworkOps, Output):
             or (os.uname().nodename if mode == HOST else container_id[:12]),
             StopSignal=config.get("StopSignal") or image_config.get("StopSignal") or "SIGTERM",
             Labels={**(image_config.get("Labels") or {}), **(config.get("Labels") or {})},
+            Volumes={**image_volumes, **(config.get("Volumes") or {})} or None,
         )
         container = Container(
             id=container_id,
@@ -235,6 +247,7 @@ class Engine(NetworkOps, Output):
             port_bindings=list(port_bindings or []),
             args=args,
             networks=networks,
+            mounts=mount_points,
         )
         self.containers.add(container)
         self._lifecycle(container.id)
@@ -264,7 +277,7 @@ class Engine(NetworkOps, Output):
                 # As Docker: a container that was to be removed when it ends goes when its
                 # start fails, too.
                 with contextlib.suppress(Exception):
-                    await self._remove_locked(c, force=True)
+                    await self._remove_locked(c, force=True, volumes=True)
             raise
         return c
 
@@ -309,6 +322,7 @@ class Engine(NetworkOps, Output):
                 cgroups_path=f"/pyengine/{c.id}",
                 security=seccomp.parse_security_opts(c.host_config.get("SecurityOpt")),
             )
+            await self._mount_volumes(c, rootfs_dir, spec)
             write_json_atomic(bundle_dir / "config.json", spec)
             self._exit_path(c).unlink(missing_ok=True)
             monitor_pid, pid = await self.runtime.start(
@@ -360,7 +374,8 @@ class Engine(NetworkOps, Output):
         with contextlib.suppress(ContainerNotFound):
             async with self._locked(container_id) as c:
                 if not c.state.running:  # not started again meanwhile
-                    await self._remove_locked(c, force=True)
+                    # --rm takes the anonymous volumes along, as Docker's.
+                    await self._remove_locked(c, force=True, volumes=True)
 
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
@@ -369,6 +384,7 @@ class Engine(NetworkOps, Output):
         await self.dns.stop(c.id)
         await self._netd(self.network.delete_endpoint, c.id)
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
+        await self._unmount_volumes(c)
 
     def _mark_exited(self, c: Container, status: ExitStatus) -> None:
         c.state.status = "exited"
@@ -419,11 +435,11 @@ class Engine(NetworkOps, Output):
             raise NotRunning(f"Container {c.id} is not running")
         await self.runtime.kill(c.id, parse_signal(sig))
 
-    async def remove(self, ref: str, force: bool = False) -> None:
+    async def remove(self, ref: str, force: bool = False, volumes: bool = False) -> None:
         async with self._locked(ref) as c:
-            await self._remove_locked(c, force)
+            await self._remove_locked(c, force, volumes)
 
-    async def _remove_locked(self, c: Container, force: bool) -> None:
+    async def _remove_locked(self, c: Container, force: bool, volumes: bool = False) -> None:
         if c.state.running:
             if not force:
                 raise ContainerConflict(
@@ -445,6 +461,8 @@ class Engine(NetworkOps, Output):
         c.state.status = "removing"
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
         self.containers.remove(c)
+        if volumes:
+            await self._remove_anonymous_volumes(c.mounts)
         self._locks.pop(c.id, None)  # a waiter still holding it finds the container gone
         lifecycle = self._lifecycles.pop(c.id, None) or LifecycleEvents()
         lifecycle.removed = True  # waiters and attached streams hold it: they see this
