@@ -23,6 +23,7 @@ from engine.api.common import (
     log,
 )
 from engine.api.containers import ContainersApi
+from engine.api.execs import ExecsApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
 from engine.api.system import SystemApi
@@ -33,10 +34,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Docker calls pyengined does not have (yet), answered 501 with what they are.
 NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
-    ("POST", "/containers/{id}/exec", "exec"),
-    ("POST", "/exec/{id}/start", "exec"),
-    ("POST", "/exec/{id}/resize", "exec"),
-    ("GET", "/exec/{id}/json", "exec"),
     ("POST", "/containers/{id}/pause", "pause"),
     ("POST", "/containers/{id}/unpause", "unpause"),
     ("POST", "/containers/{id}/update", "update"),
@@ -145,6 +142,7 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
     table: list[tuple[str, str, Handler]] = [
         *SystemApi(engine).routes(),
         *ContainersApi(engine, networks).routes(),
+        *ExecsApi(engine).routes(),
         *ImagesApi(engine).routes(),
         *networks.routes(),
         ("GET", "/volumes", _no_volumes),
