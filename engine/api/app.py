@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from common.errors import Conflict, Forbidden, InvalidParameter, NotFound
+from engine.api.attach import AttachApi
 from engine.api.common import (
     MAX_JSON_BODY,
     NotImplementedByEngine,
@@ -37,7 +38,6 @@ NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("POST", "/containers/{id}/pause", "pause"),
     ("POST", "/containers/{id}/unpause", "unpause"),
     ("POST", "/containers/{id}/update", "update"),
-    ("POST", "/containers/{id}/resize", "TTY resizing (pyengined has no TTYs)"),
     ("GET", "/containers/{id}/export", "export"),
     ("GET", "/containers/{id}/archive", "copying files (docker cp)"),
     ("HEAD", "/containers/{id}/archive", "copying files (docker cp)"),
@@ -139,9 +139,14 @@ async def version_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
     networks = NetworksApi(engine)
+    containers = ContainersApi(engine, networks)
+    # Attach with stdin or a TTY is engine.api.attach's; it hands the rest to containers'.
+    attach = AttachApi(engine, containers.attach)
+    replaced = {(method, path) for method, path, _ in attach.routes()}
     table: list[tuple[str, str, Handler]] = [
         *SystemApi(engine).routes(),
-        *ContainersApi(engine, networks).routes(),
+        *((m, p, h) for m, p, h in containers.routes() if (m, p) not in replaced),
+        *attach.routes(),
         *ExecsApi(engine).routes(),
         *ImagesApi(engine).routes(),
         *networks.routes(),

@@ -62,8 +62,6 @@ HOST_CONFIG_MODES = {
     "Isolation": ("", "default"),
 }
 UNSUPPORTED_CONFIG = {
-    "Tty": "a TTY (-t)",
-    "OpenStdin": "interactive stdin (-i)",
     "Volumes": "volumes",
 }
 MAC_DEPRECATED = (
