@@ -23,7 +23,7 @@ import docker as docker_py
 import pytest
 from docker.models.containers import Container as PyContainer
 
-from tests.conftest import Daemon, assert_nothing_left, require, start_daemon, stop_daemon
+from tests.conftest import BIN, Daemon, assert_nothing_left, require, start_daemon, stop_daemon
 
 DOCKER = Path("/usr/local/bin/docker")
 NAME, BIP = "pyex0", "10.190.0.1/24"
@@ -199,10 +199,15 @@ def test_hostile_exec_bodies_are_400(cli: Cli) -> None:
 class Terminal:
     """The docker CLI on the slave side of a pty we hold the master of."""
 
-    def __init__(self, cli: Cli, *args: str, rows: int = 24, cols: int = 80) -> None:
+    def __init__(
+        self, cli: Cli, *args: str, rows: int = 24, cols: int = 80, binary: Path = DOCKER
+    ) -> None:
+        argv = [str(binary), *args]
+        if binary != DOCKER:
+            argv[1:1] = ["-H", cli.daemon.host]
         pid, fd = pty.fork()
         if pid == 0:  # the child: exec the CLI on the pty
-            os.execve(str(DOCKER), [str(DOCKER), *args], cli.env())
+            os.execve(argv[0], argv, cli.env())
         self.pid, self.fd = pid, fd
         self.seen = b""
         self.resize(rows, cols)
@@ -359,3 +364,37 @@ def test_client_that_never_reads_does_not_grow_daemon_memory(cli: Cli) -> None:
     # The client left: the exec goes on (as Docker's does), its output read and dropped.
     assert raw(cli, "GET", f"/exec/{exec_id}/json", None)[1]["Running"] is True
     cli("exec", CTR, "pkill", "yes")
+
+
+# ---- pyengine's own client -------------------------------------------------------------------
+
+
+def test_pyengine_exec(cli: Cli) -> None:
+    pyengine = [str(BIN / "pyengine"), "-H", cli.daemon.host]
+    result = subprocess.run(
+        [*pyengine, "exec", "-e", "Y=2", CTR, "sh", "-c", "echo $X$Y; echo e >&2; exit 3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (3, "from-run2\n", "e\n")
+    result = subprocess.run(
+        [*pyengine, "exec", "-i", CTR, "cat"],
+        input="piped\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode, result.stdout) == (0, "piped\n")
+    missing = subprocess.run(
+        [*pyengine, "exec", "pyetest-none", "true"], capture_output=True, text=True, timeout=30
+    )
+    assert missing.returncode != 0 and "No such container" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    term = Terminal(cli, "exec", "-it", CTR, "sh", binary=BIN / "pyengine", rows=20, cols=70)
+    term.send(b"stty size; echo hi-$((40+2))\r")
+    term.expect(b"20 70")
+    term.expect(b"hi-42")
+    term.send(b"exit 2\r")
+    assert term.wait() == 2

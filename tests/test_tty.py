@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_nothing_left, require, start_daemon, stop_daemon
+from tests.conftest import BIN, assert_nothing_left, require, start_daemon, stop_daemon
 from tests.test_exec import DOCKER, Cli, Terminal
 
 NAME, BIP = "pyex1", "10.190.1.1/24"
@@ -114,3 +114,14 @@ def test_live_restore_keeps_a_tty_container_attachable(cli: Cli) -> None:
         wait_status(cli, name, "running")
     finally:
         cli("rm", "-f", name)
+
+
+def test_pyengine_run_it(cli: Cli) -> None:
+    term = Terminal(
+        cli, "run", "-it", "--rm", "busybox", "sh", binary=BIN / "pyengine", rows=22, cols=77
+    )
+    term.send(b"stty size; echo run-$((3*3))\r")
+    term.expect(b"22 77")
+    term.expect(b"run-9")
+    term.send(b"exit 4\r")
+    assert term.wait() == 4

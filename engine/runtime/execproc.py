@@ -215,6 +215,14 @@ class ExecProcess:
         if self.tty_fd is None:
             raise ValueError("not a TTY")
         set_winsize(self.tty_fd, height, width)
+        self._winch()
+        # runc ignores a SIGWINCH until it holds the container's pty: a resize right after the
+        # start is told again a little later.
+        loop = asyncio.get_running_loop()
+        for delay in (0.2, 1.0):
+            loop.call_later(delay, self._winch)
+
+    def _winch(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGWINCH)
