@@ -398,3 +398,9 @@ def test_pyengine_exec(cli: Cli) -> None:
     term.expect(b"hi-42")
     term.send(b"exit 2\r")
     assert term.wait() == 2
+
+
+def test_exec_missing_executable(cli: Cli) -> None:
+    result = cli("exec", CTR, "pyetest-nosuch")
+    assert result.returncode == 127, (result.returncode, result.stderr)
+    assert "executable file not found" in result.stderr

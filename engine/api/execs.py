@@ -219,6 +219,12 @@ class ExecsApi:
             stdin_task.cancel()
         if ended:
             await self.execs.finish(rec)
+            if rec.error:  # told in the stream, on stdout, as Docker does
+                message = f"{rec.error}\r\n".encode()
+                with contextlib.suppress(Exception):
+                    await resp.write(
+                        message if process.tty_fd is not None else stream_frame("stdout", message)
+                    )
         else:
             # Detached or the client left: the process goes on, as Docker's exec does, with
             # its output read and dropped.

@@ -66,6 +66,7 @@ class ExecRecord:
     pid: int = 0
     ended_at: float = 0.0
     process: ExecProcess | None = None
+    error: str = ""  # why runc could not start the process (Docker's "OCI runtime exec failed")
 
 
 class Execs:
@@ -209,6 +210,11 @@ class Execs:
             code = await process.wait()
         finally:
             process.close()
+        if code != 0 and (error := await asyncio.to_thread(process.runc_error)):
+            # moby translateContainerdStartErr: 127 for a command not found, else 126.
+            missing = "executable file not found" in error or "no such file or directory" in error
+            code = 127 if missing else 126
+            rec.error = f"OCI runtime exec failed: {error}: unknown"
         rec.exit_code, rec.running, rec.ended_at = code, False, time.monotonic()
         self.engine.events.emit(
             "container",
@@ -219,7 +225,7 @@ class Execs:
         with contextlib.suppress(OSError, errors.NotFound):
             c = self.engine.containers.get(rec.container_id)
             work = self.engine.containers.dir(c) / "execs" / rec.id[:16]
-            for name in ("process.json", "exec.pid"):
+            for name in ("process.json", "exec.pid", "runc.log"):
                 (work / name).unlink(missing_ok=True)
             work.rmdir()
         return code

@@ -37,6 +37,7 @@ from common.jsonstate import write_json_atomic
 
 READ_SIZE = 32 * 1024
 PID_FILE_WAIT = 5.0
+RUNC_LOG_MAX = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,7 @@ class ExecProcess:
         self.stdin = stdin
         self.tty_fd = outputs["stdout"] if "stderr" not in outputs else None
         self.pid = 0
+        self.runc_log: Path | None = None
 
     @classmethod
     async def start(
@@ -148,7 +150,10 @@ class ExecProcess:
         write_json_atomic(process_path, process_spec(base_process, spec))
         pid_path = work_dir / "exec.pid"
         pid_path.unlink(missing_ok=True)
-        argv = [runc, "--root", str(state_root), "exec", "--process", str(process_path)]
+        runc_log = work_dir / "runc.log"
+        runc_log.unlink(missing_ok=True)
+        argv = [runc, "--root", str(state_root), "--log", str(runc_log), "--log-format", "json"]
+        argv += ["exec", "--process", str(process_path)]
         argv += ["--pid-file", str(pid_path), container_id]
         ours: list[int] = []  # fds the daemon keeps
         theirs: list[int] = []  # fds handed to runc, closed here once it runs
@@ -195,6 +200,7 @@ class ExecProcess:
         for fd in theirs:
             os.close(fd)
         self = cls(proc, outputs, stdin)
+        self.runc_log = runc_log
         self.pid = await _read_pid(pid_path, proc)
         return self
 
@@ -230,6 +236,23 @@ class ExecProcess:
     async def wait(self) -> int:
         code = await self.proc.wait()
         return 128 - code if code < 0 else code
+
+    def runc_error(self) -> str:
+        """runc's own last error (it could not start the process), "" if none."""
+        if self.runc_log is None:
+            return ""
+        try:
+            with open(self.runc_log, "rb") as f:
+                lines = f.read(RUNC_LOG_MAX).splitlines()
+        except OSError:
+            return ""
+        message = ""
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("level") in ("error", "fatal"):
+                    message = " ".join(str(record.get("msg", "")).split())
+        return message
 
     def close(self) -> None:
         """Drop our ends: a process still writing gets EPIPE/SIGPIPE (or SIGHUP on a TTY)."""
