@@ -272,6 +272,22 @@ def test_exec_it_shell_through_a_pty(cli: Cli) -> None:
     assert term.wait() == 5
 
 
+def test_exec_it_detach_keys_leave_the_process_running(cli: Cli) -> None:
+    term = Terminal(cli, "exec", "-it", CTR, "sh")
+    term.send(b"exec sleep 1234\r")
+    time.sleep(0.5)
+    term.send(b"\x10\x11")  # ctrl-p ctrl-q
+    term.wait()
+    time.sleep(0.5)  # a process the detach had hung up would be gone by now
+    try:
+        deadline = time.monotonic() + 5
+        while "sleep 1234" not in cli("exec", CTR, "ps").stdout:
+            assert time.monotonic() < deadline, "the detached exec did not keep running"
+            time.sleep(0.1)
+    finally:
+        cli("exec", CTR, "pkill", "-f", "sleep 1234")
+
+
 # ---- docker-py --------------------------------------------------------------------------------
 
 
