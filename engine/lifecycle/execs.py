@@ -225,9 +225,7 @@ class Execs:
         with contextlib.suppress(OSError, errors.NotFound):
             c = self.engine.containers.get(rec.container_id)
             work = self.engine.containers.dir(c) / "execs" / rec.id[:16]
-            for name in ("process.json", "exec.pid", "runc.log"):
-                (work / name).unlink(missing_ok=True)
-            work.rmdir()
+            await asyncio.to_thread(execproc.remove_work_dir, work)
         return code
 
     def resize(self, exec_id: str, height: int, width: int) -> None:

@@ -145,13 +145,9 @@ class ExecProcess:
         work_dir: Path,
         console_size: tuple[int, int] | None = None,
     ) -> ExecProcess:
-        work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        process_path = work_dir / "process.json"
-        write_json_atomic(process_path, process_spec(base_process, spec))
-        pid_path = work_dir / "exec.pid"
-        pid_path.unlink(missing_ok=True)
-        runc_log = work_dir / "runc.log"
-        runc_log.unlink(missing_ok=True)
+        process_path, pid_path, runc_log = await asyncio.to_thread(
+            _prepare, work_dir, process_spec(base_process, spec)
+        )
         argv = [runc, "--root", str(state_root), "--log", str(runc_log), "--log-format", "json"]
         argv += ["exec", "--process", str(process_path)]
         argv += ["--pid-file", str(pid_path), container_id]
@@ -263,6 +259,23 @@ class ExecProcess:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _prepare(work_dir: Path, process: dict[str, Any]) -> tuple[Path, Path, Path]:
+    """The exec's files: its process.json, and where runc's pid file and log go."""
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    process_path = work_dir / "process.json"
+    write_json_atomic(process_path, process)
+    pid_path, runc_log = work_dir / "exec.pid", work_dir / "runc.log"
+    pid_path.unlink(missing_ok=True)
+    runc_log.unlink(missing_ok=True)
+    return process_path, pid_path, runc_log
+
+
+def remove_work_dir(work_dir: Path) -> None:
+    for name in ("process.json", "exec.pid", "runc.log"):
+        (work_dir / name).unlink(missing_ok=True)
+    work_dir.rmdir()
 
 
 async def _read_pid(path: Path, proc: asyncio.subprocess.Process) -> int:
