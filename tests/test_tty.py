@@ -125,3 +125,35 @@ def test_pyengine_run_it(cli: Cli) -> None:
     term.expect(b"run-9")
     term.send(b"exit 4\r")
     assert term.wait() == 4
+
+
+def test_hostile_attach_channel_frames_are_dropped(cli: Cli) -> None:
+    """A bad frame on the monitor's attach socket drops that connection only."""
+    import socket
+
+    from engine.runtime import attachproto
+
+    name = "pyetest-tty-hostile"
+    cid = cli("run", "-dit", "--name", name, "busybox", "sh", check=True).stdout.strip()
+    try:
+        directory = cli.daemon.data_root / "containers" / cid
+        for garbage in (
+            b"\x09\x00\x00\x00\x01x",
+            b"\x00\xff\xff\xff\xff",
+            b"\x02\x00\x00\x00\x01z",
+        ):
+            with attachproto.socket_path(directory) as path, socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(path)
+                s.sendall(garbage)
+                if garbage[0] != 2:
+                    assert s.recv(1) == b""  # the monitor hung up
+        wait_status(cli, name, "running")
+        term = Terminal(cli, "attach", name)
+        term.send(b"echo still-$((5+5))\r")
+        term.expect(b"still-10")
+        term.send(b"exit\r")
+        term.wait()
+        wait_status(cli, name, "exited")
+    finally:
+        cli("rm", "-f", name)
