@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from client import containers, images, networks, system, volumes
+from client import containers, images, interactive, networks, system, volumes
 from client.command import fail
 from client.http import CONNECTION_ERRORS, Client, DaemonUnreachable
 
@@ -54,6 +54,7 @@ def main(ctx: click.Context, host: str) -> None:
 
 for _command in (
     *containers.COMMANDS,
+    *interactive.COMMANDS,
     *images.COMMANDS,
     networks.network,
     volumes.volume,

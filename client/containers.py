@@ -14,6 +14,7 @@ import click
 
 from client.command import daemon_client, daemon_errors, fail
 from client.http import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
+from client.interactive import interactive_config, run_attached
 from client.options import ContainerOptions, container_config, container_options
 from client.output import ago, format_ports, join_host_port, print_table
 
@@ -30,13 +31,21 @@ def _create(client: Client, name: str | None, image: str, config: dict[str, Any]
 # -h is --hostname here, as the docker CLI's run and create.
 @click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["--help"]})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background and print the ID.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open.")
+@click.option("-t", "--tty", "tty_mode", is_flag=True, help="Allocate a pseudo-TTY.")
 @container_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 @daemon_errors(exit_code=125)
 def run(
-    ctx: click.Context, detach: bool, image: str, command: tuple[str, ...], **options: Any
+    ctx: click.Context,
+    detach: bool,
+    interactive: bool,
+    tty_mode: bool,
+    image: str,
+    command: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Create and start a container."""
     client = daemon_client(ctx)
@@ -45,7 +54,13 @@ def run(
     # In the foreground the client removes the container itself after the exit code is read,
     # so nothing races the log stream (the docker CLI did this before API 1.25).
     config = container_config(image, command, opts, auto_remove and detach)
+    config.update(interactive_config(interactive, tty_mode, detach))
     container_id = _create(client, opts.name, image, config)
+    if not detach and (interactive or tty_mode):
+        code = run_attached(client, container_id, tty_mode, interactive)
+        if auto_remove:
+            client.remove(container_id, force=True)
+        sys.exit(code)
     try:
         client.start(container_id)
     except DaemonError:

@@ -175,9 +175,9 @@ def test_errors_are_docker_py_exceptions(client: Any) -> None:
         client.containers.get("pyetest-dpy-none")
     with pytest.raises(docker.errors.ImageNotFound):
         client.containers.create("pyetest-dpy-none")
-    with pytest.raises(docker.errors.APIError) as tty:
-        client.containers.create("busybox", "true", tty=True)
-    assert tty.value.status_code == 501 and "TTY" in tty.value.explanation
+    with pytest.raises(docker.errors.APIError) as exec_error:
+        client.api.exec_create("pyetest-dpy-none", ["true"])
+    assert exec_error.value.status_code == 404
     with pytest.raises(docker.errors.NotFound):
         client.networks.get("pyetest-dpy-none")
     builtin = client.networks.list(filters={"type": "builtin"})

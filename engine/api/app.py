@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from common.errors import Conflict, Forbidden, InvalidParameter, NotFound
+from engine.api.attach import AttachApi
 from engine.api.common import (
     MAX_JSON_BODY,
     NotImplementedByEngine,
@@ -22,6 +23,7 @@ from engine.api.common import (
     log,
 )
 from engine.api.containers import ContainersApi
+from engine.api.execs import ExecsApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
 from engine.api.system import SystemApi
@@ -33,14 +35,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Docker calls pyengined does not have (yet), answered 501 with what they are.
 NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
-    ("POST", "/containers/{id}/exec", "exec"),
-    ("POST", "/exec/{id}/start", "exec"),
-    ("POST", "/exec/{id}/resize", "exec"),
-    ("GET", "/exec/{id}/json", "exec"),
     ("POST", "/containers/{id}/pause", "pause"),
     ("POST", "/containers/{id}/unpause", "unpause"),
     ("POST", "/containers/{id}/update", "update"),
-    ("POST", "/containers/{id}/resize", "TTY resizing (pyengined has no TTYs)"),
     ("GET", "/containers/{id}/export", "export"),
     ("GET", "/containers/{id}/archive", "copying files (docker cp)"),
     ("HEAD", "/containers/{id}/archive", "copying files (docker cp)"),
@@ -132,9 +129,15 @@ async def version_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
     networks = NetworksApi(engine)
+    containers = ContainersApi(engine, networks)
+    # Attach with stdin or a TTY is engine.api.attach's; it hands the rest to containers'.
+    attach = AttachApi(engine, containers.attach)
+    replaced = {(method, path) for method, path, _ in attach.routes()}
     table: list[tuple[str, str, Handler]] = [
         *SystemApi(engine).routes(),
-        *ContainersApi(engine, networks).routes(),
+        *((m, p, h) for m, p, h in containers.routes() if (m, p) not in replaced),
+        *attach.routes(),
+        *ExecsApi(engine).routes(),
         *ImagesApi(engine).routes(),
         *networks.routes(),
         *VolumesApi(engine).routes(),

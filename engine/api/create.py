@@ -57,10 +57,6 @@ HOST_CONFIG_MODES = {
     "Runtime": ("", "runc"),
     "Isolation": ("", "default"),
 }
-UNSUPPORTED_CONFIG = {
-    "Tty": "a TTY (-t)",
-    "OpenStdin": "interactive stdin (-i)",
-}
 MAC_DEPRECATED = (
     "The container-wide MacAddress field is now deprecated. It should be specified in "
     "EndpointsConfig instead."
@@ -144,9 +140,6 @@ def check_create_body(
         check_mode_conflicts(config, host_config, (networking or {}).get("EndpointsConfig"))
     except NetworkRequestError as e:
         raise BadParameter(str(e)) from None
-    for key, what in UNSUPPORTED_CONFIG.items():
-        if not _is_empty(config.get(key)):
-            raise NotImplementedByEngine(f"{what} is not supported by pyengined")
     if config.get("ExposedPorts"):
         config["ExposedPorts"] = {str(port_key(k)): {} for k in config["ExposedPorts"]}
 

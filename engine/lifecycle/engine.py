@@ -44,6 +44,7 @@ from engine.lifecycle.networking import (
     plan_attachments,
 )
 from engine.lifecycle.output import Output
+from engine.lifecycle.stdio import stdio_options, tty_env
 from engine.lifecycle.volumeops import VolumeOps
 from engine.runtime import bundle, rootfs, seccomp, userdb
 from engine.runtime.jsonlog import LogEntry, LogOptions, parse_log_config
@@ -311,7 +312,7 @@ class Engine(NetworkOps, Output, VolumeOps):
             spec = bundle.runtime_spec(
                 rootfs=rootfs_dir,
                 args=c.args,
-                env=c.config.get("Env") or [],
+                env=tty_env(c.config),
                 cwd=c.config.get("WorkingDir") or "/",
                 user=user,
                 hostname=c.config["Hostname"],
@@ -321,6 +322,7 @@ class Engine(NetworkOps, Output, VolumeOps):
                 bind_files=net.files,
                 cgroups_path=f"/pyengine/{c.id}",
                 security=seccomp.parse_security_opts(c.host_config.get("SecurityOpt")),
+                terminal=bool(c.config.get("Tty")),
             )
             await self._mount_volumes(c, rootfs_dir, spec)
             write_json_atomic(bundle_dir / "config.json", spec)
@@ -331,6 +333,7 @@ class Engine(NetworkOps, Output, VolumeOps):
                 self.log_path(c),
                 self._exit_path(c),
                 self._log_options(c.host_config),
+                stdio_options(c.config, cdir),
             )
         except BaseException as e:
             for step in reversed(undo):

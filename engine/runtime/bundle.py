@@ -155,6 +155,7 @@ def runtime_spec(
     security: SecurityOptions | None = None,
     domainname: str = "",
     host_network: bool = False,
+    terminal: bool = False,
 ) -> dict[str, Any]:
     """An OCI runtime-spec config with Docker's default security profile: its capabilities,
     masked paths and seccomp filter (unless ``security`` says otherwise).
@@ -191,7 +192,7 @@ def runtime_spec(
     return {
         "ociVersion": OCI_VERSION,
         "process": {
-            "terminal": False,
+            "terminal": terminal,
             "user": process_user,
             "args": list(args),
             "env": list(env),

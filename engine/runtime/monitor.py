@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import selectors
@@ -32,6 +33,7 @@ from typing import Any
 
 from common.jsonstate import write_json_atomic
 from common.timefmt import utc_rfc3339
+from engine.runtime.console import AttachServer, console_socket, receive_master
 from engine.runtime.jsonlog import JsonFileLog, LogOptions
 
 # prctl(2): PR_SET_CHILD_SUBREAPER makes orphaned descendants (the container's init once
@@ -40,6 +42,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 # After init exits, keep copying output until EOF, but no longer than this (a descendant that
 # escaped the container's PID namespace could hold the pipes open forever).
 DRAIN_TIMEOUT = 5.0
+PENDING_RETRY = 0.05  # seconds between retries of terminal input the pty did not take
 PID_FILE_NAME = "init.pid"
 RUNC_LOG_NAME = "runc.log"
 READ_SIZE = 64 * 1024
@@ -68,6 +71,11 @@ class MonitorConfig:
     status_fd: int
     runc: str = "runc"
     log_options: LogOptions = field(default_factory=LogOptions)
+    # Docker's Tty and OpenStdin; the attach channel (engine.runtime.attachproto) listens in
+    # attach_dir when either is set.
+    tty: bool = False
+    open_stdin: bool = False
+    attach_dir: Path | None = None
 
 
 class StartFailed(Exception):
@@ -83,6 +91,8 @@ class ContainerMonitor:
         self.exit_code: int | None = None
         self.finished_at = ""
         self.status_sent = False
+        self.stdin_fd: int | None = None  # the pty master with a TTY, else the stdin pipe
+        self.attach: AttachServer | None = None
 
     # -- runc ------------------------------------------------------------------------------
 
@@ -121,12 +131,18 @@ class ContainerMonitor:
             pass
         return one_line(message) or one_line(fallback) or "runc failed without a message"
 
-    def _run_runc(self, *args: str, stdout: int | None = None, stderr: int | None = None) -> None:
+    def _run_runc(
+        self,
+        *args: str,
+        stdout: int | None = None,
+        stderr: int | None = None,
+        stdin: int = subprocess.DEVNULL,
+    ) -> None:
         since = self._runc_log_size()
         capture = stdout is None
         result = subprocess.run(
             self._runc_argv(*args),
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=subprocess.PIPE if capture else stdout,
             stderr=subprocess.PIPE if capture else stderr,
             check=False,
@@ -177,17 +193,27 @@ class ContainerMonitor:
 
     def _create_and_start(self, stdout_w: int, stderr_w: int) -> None:
         self.pid_file.unlink(missing_ok=True)
-        # In non-terminal mode runc hands its own stdio to the container's process.
-        self._run_runc(
-            "create",
-            "--bundle",
-            str(self.config.bundle),
-            "--pid-file",
-            str(self.pid_file),
-            self.config.container_id,
-            stdout=stdout_w,
-            stderr=stderr_w,
-        )
+        create = ["create", "--bundle", str(self.config.bundle), "--pid-file", str(self.pid_file)]
+        if self.config.tty:
+            # runc makes the pty and sends us its master (engine.runtime.console).
+            with console_socket() as (path, listener):
+                self._run_runc(*create, "--console-socket", path, self.config.container_id)
+                self.stdin_fd = receive_master(listener)
+        elif self.config.open_stdin:
+            # In non-terminal mode runc hands its own stdio to the container's process.
+            stdin_r, self.stdin_fd = os.pipe2(os.O_CLOEXEC)
+            try:
+                self._run_runc(
+                    *create,
+                    self.config.container_id,
+                    stdout=stdout_w,
+                    stderr=stderr_w,
+                    stdin=stdin_r,
+                )
+            finally:
+                os.close(stdin_r)
+        else:
+            self._run_runc(*create, self.config.container_id, stdout=stdout_w, stderr=stderr_w)
         self.init_pid = int(self.pid_file.read_text().strip())
         self._run_runc("start", self.config.container_id)
 
@@ -197,6 +223,10 @@ class ContainerMonitor:
         for fd in pipes:
             os.set_blocking(fd, False)
             selector.register(fd, selectors.EVENT_READ)
+        if self.config.attach_dir is not None and (self.config.tty or self.config.open_stdin):
+            self.attach = AttachServer(
+                self.config.attach_dir, selector, self.stdin_fd, self.config.tty
+            )
         drain_deadline: float | None = None
         self._reap()
         while pipes or self.exit_code is None:
@@ -207,7 +237,13 @@ class ContainerMonitor:
                 timeout = drain_deadline - time.monotonic()
                 if timeout <= 0:
                     break
-            for key, _ in selector.select(timeout):
+            if self.attach is not None and self.attach.pending:
+                timeout = min(timeout or PENDING_RETRY, PENDING_RETRY)
+                self.attach.tick()
+            for key, mask in selector.select(timeout):
+                if callable(key.data):  # the attach channel's sockets and stdin pipe
+                    key.data(key.fd, mask)
+                    continue
                 if key.fd == wakeup_r:
                     try:
                         while os.read(wakeup_r, 4096):
@@ -220,12 +256,20 @@ class ContainerMonitor:
                     data = os.read(key.fd, READ_SIZE)
                 except BlockingIOError:
                     continue
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    data = b""  # a pty master whose slave side is all closed: the end
                 if data:
                     log.write(pipes[key.fd], data)
                 else:
+                    if self.attach is not None and key.fd == self.attach.tty_fd:
+                        self.attach.stdin_fd = self.attach.tty_fd = None
                     log.finish(pipes.pop(key.fd))
                     selector.unregister(key.fd)
                     os.close(key.fd)
+        if self.attach is not None:
+            self.attach.close()
         for fd in pipes:
             os.close(fd)
         selector.close()
@@ -254,8 +298,14 @@ class ContainerMonitor:
         self._send_status({"ok": True, "pid": self.init_pid})
 
         error = ""
+        pipes = {stdout_r: "stdout", stderr_r: "stderr"}
+        if self.config.tty and self.stdin_fd is not None:
+            # With a TTY everything the container writes is its stdout (as in Docker's log).
+            os.close(stdout_r)
+            os.close(stderr_r)
+            pipes = {self.stdin_fd: "stdout"}
         try:
-            self._copy_output({stdout_r: "stdout", stderr_r: "stderr"}, wakeup_r, log)
+            self._copy_output(pipes, wakeup_r, log)
         except Exception as exc:  # still remove the container and record how it ended
             error = f"monitor: {one_line(str(exc)) or type(exc).__name__}"
             print(f"monitor {cfg.container_id}: {exc!r}", file=sys.stderr)
@@ -284,6 +334,9 @@ def parse_args(argv: list[str] | None) -> MonitorConfig:
     parser.add_argument("--runc", default="runc")
     parser.add_argument("--log-max-size", type=int, default=0)
     parser.add_argument("--log-max-file", type=int, default=1)
+    parser.add_argument("--tty", action="store_true")
+    parser.add_argument("--open-stdin", action="store_true")
+    parser.add_argument("--attach-dir", type=Path, default=None)
     ns = parser.parse_args(argv)
     return MonitorConfig(
         container_id=ns.id,
@@ -294,6 +347,9 @@ def parse_args(argv: list[str] | None) -> MonitorConfig:
         status_fd=ns.status_fd,
         runc=ns.runc,
         log_options=LogOptions(max_size=max(0, ns.log_max_size), max_files=max(1, ns.log_max_file)),
+        tty=ns.tty,
+        open_stdin=ns.open_stdin,
+        attach_dir=ns.attach_dir.absolute() if ns.attach_dir else None,
     )
 
 

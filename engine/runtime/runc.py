@@ -38,6 +38,22 @@ class RuncError(Exception):
     """A runc command (other than create/start) failed; the message is runc's error."""
 
 
+@dataclass(frozen=True)
+class StdioOptions:
+    """Docker's ``Tty`` and ``OpenStdin`` for a container's main process; the monitor listens
+    for the attach channel (engine.runtime.attachproto) in ``attach_dir``."""
+
+    tty: bool
+    open_stdin: bool
+    attach_dir: Path
+
+    def monitor_args(self) -> list[str]:
+        if not (self.tty or self.open_stdin):
+            return []
+        args = ["--attach-dir", str(Path(self.attach_dir).absolute())]
+        return args + ["--tty"] * self.tty + ["--open-stdin"] * self.open_stdin
+
+
 @dataclass
 class ExitStatus:
     exit_code: int
@@ -181,9 +197,11 @@ class Runtime:
         log_path: Path,
         exit_path: Path,
         log_options: LogOptions | None = None,
+        stdio: StdioOptions | None = None,
     ) -> tuple[int, int]:
         """Create and start the container; returns (monitor pid, container init pid).
-        ``log_options``: the json-file rotation the monitor applies (none by default)."""
+        ``log_options``: the json-file rotation the monitor applies (none by default);
+        ``stdio``: a TTY and/or an open stdin, with the monitor's attach channel."""
         log_options = log_options or LogOptions()
         bundle, log_path, exit_path = (Path(p).absolute() for p in (bundle, log_path, exit_path))
         self.state_root.mkdir(parents=True, exist_ok=True)
@@ -212,6 +230,8 @@ class Runtime:
             "--log-max-file",
             str(log_options.max_files),
         ]
+        if stdio is not None:
+            argv += stdio.monitor_args()
         try:
             with open(bundle / MONITOR_LOG_NAME, "ab") as monitor_log:
                 monitor = subprocess.Popen(
