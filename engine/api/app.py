@@ -23,6 +23,7 @@ from engine.api.common import (
     log,
 )
 from engine.api.containers import ContainersApi
+from engine.api.events import EventsApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
 from engine.api.system import SystemApi
@@ -57,7 +58,6 @@ NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("GET", "/images/{name:.+}/history", "history"),
     ("GET", "/images/{name:.+}/get", "save"),
     ("POST", "/images/{name:.+}/push", "push"),
-    ("GET", "/events", "events"),
     ("GET", "/system/df", "system df"),
     ("POST", "/volumes/create", "volumes"),
     ("POST", "/volumes/prune", "volumes"),
@@ -147,6 +147,7 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
         *ContainersApi(engine, networks).routes(),
         *ImagesApi(engine).routes(),
         *networks.routes(),
+        *EventsApi(engine).routes(),
         ("GET", "/volumes", _no_volumes),
         ("GET", "/volumes/{name}", _no_such_volume),
     ]

@@ -39,6 +39,7 @@ from engine.api.common import (
 )
 from engine.api.create import parse_create_body, port_key
 from engine.api.networks import NetworksApi
+from engine.api.stateview import health_suffix, state_json
 from engine.api.version import API_VERSION, V1_44, V1_46, ApiVersion, api_version
 from engine.images.store import ImageNotFound
 from engine.lifecycle.containers import Container
@@ -166,7 +167,9 @@ class ContainersApi:
         s = c.state
         now = time.time()
         if s.status == "running":
-            return f"Up {_ago(now - unix_seconds(s.started_at))}"
+            return f"Up {_ago(now - unix_seconds(s.started_at))}{health_suffix(s.health)}"
+        if s.restarting:
+            return f"Restarting ({s.exit_code}) {_ago(now - unix_seconds(s.finished_at))} ago"
         if s.status == "exited":
             return f"Exited ({s.exit_code}) {_ago(now - unix_seconds(s.finished_at))} ago"
         if s.status == "removing":
@@ -185,7 +188,7 @@ class ContainersApi:
             "Created": unix_seconds(c.created),
             "Ports": self._ports_list(c),
             "Labels": c.config.get("Labels") or {},
-            "State": c.state.status,
+            "State": "restarting" if c.state.restarting else c.state.status,
             "Status": self._status_text(c),
             "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
             "NetworkSettings": {"Networks": self.networks.container_networks(c, version)},
@@ -253,6 +256,7 @@ class ContainersApi:
             "OnBuild": None,
             "Labels": c.config.get("Labels") or {},
             "StopSignal": c.config.get("StopSignal"),
+            **({"Healthcheck": c.config["Healthcheck"]} if c.config.get("Healthcheck") else {}),
         }
         if c.config.get("StopTimeout") is not None:
             config["StopTimeout"] = c.config["StopTimeout"]
@@ -265,10 +269,8 @@ class ContainersApi:
             "Path": c.args[0] if c.args else "",
             "Args": c.args[1:],
             "State": {
-                "Status": s.status,
-                "Running": s.running,
+                **state_json(s),
                 "Paused": False,
-                "Restarting": False,
                 "OOMKilled": False,
                 "Dead": False,
                 "Pid": s.pid,
@@ -276,6 +278,7 @@ class ContainersApi:
                 "Error": s.error,
                 "StartedAt": s.started_at,
                 "FinishedAt": s.finished_at,
+                **({"Health": s.health} if s.health else {}),
             },
             "Image": c.image_id,
             "ResolvConfPath": str(cdir / "resolv.conf"),
@@ -283,7 +286,7 @@ class ContainersApi:
             "HostsPath": str(cdir / "hosts"),
             "LogPath": str(self.engine.log_path(c)),
             "Name": f"/{c.name}",
-            "RestartCount": 0,
+            "RestartCount": s.restart_count,
             "Driver": "overlay2",
             "Platform": "linux",
             "MountLabel": "",
