@@ -123,6 +123,7 @@ class EngineBase:
         self._backoffs: dict[str, Backoff] = {}
         self._restart_tasks: dict[str, asyncio.Task[None]] = {}
         self._health_tasks: dict[str, asyncio.Task[None]] = {}
+        self._recovering = False  # recover() decides what to start by policy itself
 
     def _event(self, c: Container, action: str, **extra: str) -> None:
         """A container event with Docker's attributes: its labels, image and name (moby

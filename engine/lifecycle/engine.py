@@ -86,6 +86,7 @@ class Engine(NetworkOps, Output, Restarts, Health):
         * without live restore (or when it was being removed), a live one is killed, as
           Docker does with containers it will not restore.
         """
+        self._recovering = True
         for c in self.containers.all():
             if c.state.status not in ("running", "removing"):
                 continue
@@ -115,6 +116,7 @@ class Engine(NetworkOps, Output, Restarts, Health):
         for container_id in list(self.network.endpoints()):
             if container_id not in live:
                 await self._netd(self.network.delete_endpoint, container_id)
+        self._recovering = False
         await self._start_by_policy()
 
     async def _adopt(self, c: Container) -> None:
@@ -345,7 +347,12 @@ class Engine(NetworkOps, Output, Restarts, Health):
             raise
         self._network_started(c, pid)
         c.state = ContainerState(
-            status="running", pid=pid, monitor_pid=monitor_pid, started_at=utc_rfc3339(digits=6)
+            status="running",
+            pid=pid,
+            monitor_pid=monitor_pid,
+            started_at=utc_rfc3339(digits=6),
+            restart_count=c.state.restart_count,
+            manually_stopped=c.state.manually_stopped,
         )
         self.containers.save(c)
         self._lifecycle(c.id).pulse()

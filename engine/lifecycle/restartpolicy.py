@@ -72,9 +72,15 @@ class RestartPolicy:
             return exit_code != 0 and (limit == 0 or restarts < limit)
         return False
 
-    def on_daemon_start(self, manually_stopped: bool) -> bool:
-        """Whether a container that is not running is started when the daemon starts."""
-        return self.name == "always" or (self.name == "unless-stopped" and not manually_stopped)
+    def on_daemon_start(self, manually_stopped: bool, exit_code: int) -> bool:
+        """Whether a container that is not running is started when the daemon starts:
+        ``always`` ones even after a stop by a client (Docker's difference between
+        ``always`` and ``unless-stopped``); ``on-failure`` ones that failed by themselves."""
+        if self.name == "always":
+            return True
+        if manually_stopped:
+            return False
+        return self.name == "unless-stopped" or (self.name == "on-failure" and exit_code != 0)
 
 
 def check_host_config(host_config: dict[str, Any]) -> None:

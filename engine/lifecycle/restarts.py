@@ -51,7 +51,7 @@ class Restarts(EngineBase):
 
     def _after_exit(self, c: Container) -> None:
         """The run of ``c`` ended (its exit is recorded): restart it if its policy says so."""
-        if self._closing:
+        if self._closing or self._recovering:
             return
         policy = RestartPolicy.of(c.host_config)
         backoff = self._backoff(c.id)
@@ -86,8 +86,9 @@ class Restarts(EngineBase):
                     self.containers.save(c)
 
     async def _start_by_policy(self) -> None:
-        """At daemon start: containers whose policy wants them running (``always``, and
-        ``unless-stopped`` unless a client stopped them) and that do not run are started."""
+        """At daemon start: containers whose policy wants them running and that do not run
+        (because they ended while no daemon ran, or this daemon stopped them without live
+        restore) are started (moby daemon.restore's restartContainers)."""
         for c in self.containers.all():
             if c.state.running or c.id in self._restart_tasks:
                 continue
@@ -95,9 +96,9 @@ class Restarts(EngineBase):
                 continue
             restarting, c.state.restarting = c.state.restarting, False
             policy = RestartPolicy.of(c.host_config)
-            if not (restarting or policy.on_daemon_start(c.state.manually_stopped)):
-                continue
-            if policy.none:
+            if policy.none or not (
+                restarting or policy.on_daemon_start(c.state.manually_stopped, c.state.exit_code)
+            ):
                 continue
             try:
                 async with self._locked(c.id) as locked:

@@ -37,6 +37,21 @@ class ProbeResult:
     timed_out: bool = False
 
 
+def go_duration_text(seconds: float) -> str:
+    """Seconds as Go prints a time.Duration: ``500ms``, ``1s``, ``1m30s``, ``1.5s``."""
+    ms = round(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    text = f"{rest / 1000:g}s"
+    if minutes or hours:
+        text = f"{minutes}m" + text
+    if hours:
+        text = f"{hours}h" + text
+    return text
+
+
 def process_spec(bundle_config: dict[str, Any], argv: list[str]) -> dict[str, Any]:
     """The container's ``process`` from its OCI config with ``argv`` and no terminal."""
     process = dict(bundle_config.get("process") or {})
@@ -121,6 +136,10 @@ async def run_in_container(
     text = output.decode(errors="replace")
     if timed_out:
         return ProbeResult(
-            -1, f"Health check exceeded timeout ({timeout:g}s)", started, ended, timed_out=True
+            -1,
+            f"Health check exceeded timeout ({go_duration_text(timeout)})",
+            started,
+            ended,
+            timed_out=True,
         )
     return ProbeResult(proc.returncode if proc.returncode is not None else -1, text, started, ended)
