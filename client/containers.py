@@ -16,6 +16,7 @@ from client.command import daemon_client, daemon_errors, fail
 from client.http import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachable
 from client.options import ContainerOptions, container_config, container_options
 from client.output import ago, format_ports, join_host_port, print_table
+from client.policyopts import apply_policy_options, policy_options, pop_policy_options
 
 
 def _create(client: Client, name: str | None, image: str, config: dict[str, Any]) -> str:
@@ -31,6 +32,7 @@ def _create(client: Client, name: str | None, image: str, config: dict[str, Any]
 @click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["--help"]})
 @click.option("-d", "--detach", is_flag=True, help="Run in the background and print the ID.")
 @container_options
+@policy_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -40,11 +42,13 @@ def run(
 ) -> None:
     """Create and start a container."""
     client = daemon_client(ctx)
+    policy = pop_policy_options(options)
     opts = ContainerOptions(**options)
     auto_remove = opts.auto_remove
     # In the foreground the client removes the container itself after the exit code is read,
     # so nothing races the log stream (the docker CLI did this before API 1.25).
     config = container_config(image, command, opts, auto_remove and detach)
+    apply_policy_options(config, {**policy, "auto_remove": auto_remove})
     container_id = _create(client, opts.name, image, config)
     try:
         client.start(container_id)
@@ -65,14 +69,17 @@ def run(
 # -h is --hostname here, as the docker CLI's run and create.
 @click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["--help"]})
 @container_options
+@policy_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 @daemon_errors(exit_code=125)
 def create(ctx: click.Context, image: str, command: tuple[str, ...], **options: Any) -> None:
     """Create a container without starting it; print its ID."""
+    policy = pop_policy_options(options)
     opts = ContainerOptions(**options)
     config = container_config(image, command, opts, opts.auto_remove)
+    apply_policy_options(config, policy)
     click.echo(_create(daemon_client(ctx), opts.name, image, config))
 
 
