@@ -470,7 +470,7 @@ class Engine(NetworkOps, Output, Restarts, Health):
             await self._remove_locked(c, force)
 
     async def _remove_locked(self, c: Container, force: bool) -> None:
-        self._cancel_restart(c)
+        self._stopped_by_client(c)  # a forced removal's kill restarts nothing
         if c.state.running:
             if not force:
                 raise ContainerConflict(
