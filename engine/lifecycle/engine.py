@@ -470,13 +470,14 @@ class Engine(NetworkOps, Output, Restarts, Health):
             await self._remove_locked(c, force)
 
     async def _remove_locked(self, c: Container, force: bool) -> None:
+        if (c.state.running or c.state.restarting) and not force:
+            what = "running" if c.state.running else "restarting"
+            raise ContainerConflict(
+                f"You cannot remove a {what} container {c.id}. Stop the container before "
+                "attempting removal or force remove"
+            )
         self._stopped_by_client(c)  # a forced removal's kill restarts nothing
         if c.state.running:
-            if not force:
-                raise ContainerConflict(
-                    f"You cannot remove a running container {c.id}. Stop the container before "
-                    "attempting removal or force remove"
-                )
             try:
                 await self.runtime.kill(c.id, "SIGKILL")
             except RuncError:
