@@ -58,6 +58,11 @@ def test_a_run_replayed_between_since_and_until(docker: Docker) -> None:
     ).stdout
     die = [line for line in text.splitlines() if f" container die {cid} (" in line]
     assert len(die) == 1 and "exitCode=3, " in die[0], text
+    # Its endpoint on the default network came and went with the run.
+    network = docker.events(since, time.time() + 0.5, "--filter", "type=network")
+    mine = [e for e in network if e["Actor"]["Attributes"].get("container") == cid]
+    assert [e["Action"] for e in mine] == ["connect", "disconnect"], network
+    assert mine[0]["Actor"]["Attributes"]["name"] == "bridge"
 
 
 def test_filters(docker: Docker) -> None:
@@ -76,7 +81,11 @@ def test_filters(docker: Docker) -> None:
     assert names("--filter", "event=die") == [("pyek-ev-f1", "die"), ("pyek-ev-f2", "die")]
     assert names("--filter", "label=role=b", "--filter", "event=start") == [("pyek-ev-f2", "start")]
     assert [a for n, a in names("--filter", "label=role")].count("destroy") == 2
-    assert names("--filter", "type=network") == []
+    assert names("--filter", "type=volume") == []
+    assert set(names("--filter", "type=network")) == {
+        ("bridge", "connect"),
+        ("bridge", "disconnect"),
+    }
     assert {n for n, _ in names("--filter", "type=container", "--filter", "image=busybox")} == {
         "pyek-ev-f1",
         "pyek-ev-f2",

@@ -357,6 +357,7 @@ class Engine(NetworkOps, Output, Restarts, Health):
         self.containers.save(c)
         self._lifecycle(c.id).pulse()
         self._watchers[c.id] = asyncio.create_task(self._watch(c))
+        self._attachment_events(c, "connect")
         self._event(c, "start")
         self._start_health(c)
 
@@ -364,6 +365,7 @@ class Engine(NetworkOps, Output, Restarts, Health):
         status = await self.runtime.wait(c.state.monitor_pid, self._exit_path(c))
         await self._release(c)
         self._mark_exited(c, status)
+        self._attachment_events(c, "disconnect")
         self._watchers.pop(c.id, None)
         self._after_exit(c)
         if c.host_config.get("AutoRemove"):

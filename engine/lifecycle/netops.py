@@ -207,6 +207,14 @@ class NetworkOps(EngineBase):
         await self._netd(self.network.remove_network, network.id)
         self._network_event(network, "destroy")
 
+    def _attachment_events(self, c: Container, action: str) -> None:
+        """``connect`` when ``c`` starts and ``disconnect`` when it ends, per network, as
+        Docker reports a container's endpoints coming and going."""
+        for a in self.attachments(c):
+            kind = {HOST: "host", NONE: "null"}.get(a.name, "bridge")
+            attributes = {"container": c.id, "name": a.name, "type": kind}
+            self.events.emit("network", action, a.network_id, attributes)
+
     def _network_event(self, network: Network, action: str, container_id: str = "") -> None:
         attributes = {"name": network.name, "type": "bridge"}
         if container_id:
