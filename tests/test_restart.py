@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from common.timefmt import unix_time
 from tests.conftest import start_daemon, stop_daemon
 from tests.policy_helpers import Docker, docker_daemon, wait_for
 
@@ -123,6 +124,7 @@ def test_daemon_restart(tmp_path_factory: pytest.TempPathFactory, busybox_archiv
         ):
             docker(
                 "run", "-d", "--name", name, "--restart", policy, "--stop-signal", "KILL",
+                "--health-cmd", "true", "--health-interval", "500ms",
                 "busybox", "sleep", "600",
                 check=True,
             )  # fmt: skip
@@ -151,8 +153,18 @@ def test_daemon_restart(tmp_path_factory: pytest.TempPathFactory, busybox_archiv
         pid = docker.inspect("pyek-dr-always")["State"]["Pid"]
         stop_daemon(docker.daemon)
         docker.daemon = start_daemon(tmp, RESTART_NAME, RESTART_BIP, True)
+        adopted_at = time.time()
         info = docker.inspect("pyek-dr-always")
         assert info["State"]["Running"] and info["State"]["Pid"] == pid
+        # Its healthcheck goes on under the new daemon.
+        assert info["State"]["Health"]["Status"] in ("starting", "healthy")
+
+        def probed_again() -> bool:
+            health = docker.inspect("pyek-dr-always")["State"]["Health"]
+            log = health["Log"]
+            return bool(log) and unix_time(log[-1]["Start"]) > adopted_at
+
+        wait_for("a probe by the new daemon", probed_again, timeout=10)
     finally:
         docker.cleanup()
         # The generator stops (and checks) the daemon it holds: the latest one.
