@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from client.http import Client, DaemonError
 from tests.conftest import BIN
 from tests.policy_helpers import Docker, docker_daemon, wait_for
 
@@ -129,6 +130,23 @@ def test_image_events(docker: Docker) -> None:
     events = docker.events(since, time.time() + 0.5, "--filter", "type=image")
     assert [e["Action"] for e in events] == ["tag", "untag"], events
     assert events[0]["Actor"]["Attributes"]["name"] == "pyek-ev-image:one"
+    # The fixture's load is in the history: replayed from the daemon's start.
+    loads = docker.events(0, time.time(), "--filter", "type=image", "--filter", "event=load")
+    assert [e["Actor"]["Attributes"]["name"] for e in loads][:1] == ["busybox:latest"]
+
+
+def test_bad_queries_are_400s(docker: Docker) -> None:
+    client = Client(docker.daemon.host)
+    for query in (
+        {"since": "yesterday"},
+        {"until": "soon"},
+        {"filters": "{not json"},
+        {"filters": json.dumps({"event": "die"})},
+        {"filters": json.dumps({"colour": ["red"]})},
+    ):
+        with pytest.raises(DaemonError) as refused:
+            client.request("GET", "/events", query=query, timeout=10)
+        assert refused.value.status == 400, query
 
 
 def test_live_stream_with_docker_py(docker: Docker) -> None:
