@@ -154,6 +154,13 @@ def test_image_healthcheck_and_no_healthcheck(docker: Docker) -> None:
     assert result.returncode == 0, result.stderr
     wait_for("pyengine's healthcheck", lambda: _status(docker, "pyek-hc-cli") == "healthy")
     assert "(healthy)" in docker.daemon.cli("ps").stdout
+    healthy = docker("ps", "--filter", "health=healthy", "--format", "{{.Names}}", check=True)
+    assert {"pyek-hc-image", "pyek-hc-cli"} <= set(healthy.stdout.split())
+    assert "pyek-hc-image" not in healthy.stdout.replace("pyek-hc-image", "", 1)
+    none = docker("ps", "--filter", "health=none", "--format", "{{.Names}}", check=True)
+    assert "pyek-hc-none" in none.stdout.split() and "pyek-hc-cli" not in none.stdout
+    bad = docker("ps", "--filter", "health=fine")
+    assert bad.returncode != 0 and "Unrecognised filter value for health: fine" in bad.stderr
 
 
 def test_bad_healthchecks_are_refused(docker: Docker) -> None:

@@ -39,7 +39,7 @@ from engine.api.common import (
 )
 from engine.api.create import parse_create_body, port_key
 from engine.api.networks import NetworksApi
-from engine.api.stateview import health_suffix, state_json
+from engine.api.stateview import check_health_filter, health_suffix, state_json
 from engine.api.version import API_VERSION, V1_44, V1_46, ApiVersion, api_version
 from engine.images.store import ImageNotFound
 from engine.lifecycle.containers import Container
@@ -65,6 +65,7 @@ CONTAINER_FILTERS = {
     "since",
     "publish",
     "expose",
+    "health",
 }
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
@@ -330,6 +331,7 @@ class ContainersApi:
     # ---- listing -------------------------------------------------------------------------
 
     def _filter(self, filters: dict[str, list[str]]) -> Callable[[Container], bool]:
+        check_health_filter(filters.get("health", []))
         for value in filters.get("status", []):
             if value not in STATUSES:
                 raise BadParameter(f"invalid filter 'status={value}'")
@@ -367,7 +369,8 @@ class ContainersApi:
         checks: dict[str, Callable[[Container, str], bool]] = {
             "id": lambda c, v: c.id.startswith(v),
             "name": lambda c, v: re.search(v, f"/{c.name}") is not None,
-            "status": lambda c, v: c.state.status == v,
+            "status": lambda c, v: state_json(c.state)["Status"] == v,
+            "health": lambda c, v: (c.state.health.get("Status") or "none") == v,
             "exited": lambda c, v: c.state.status == "exited" and c.state.exit_code == int(v),
             "label": label,
             "ancestor": lambda c, v: c.image_id in ancestors,
@@ -391,7 +394,9 @@ class ContainersApi:
         show_all = flag(request, "all") or limit > 0 or "status" in filters or "exited" in filters
         keep = self._filter(filters)
         chosen = [
-            c for c in self.engine.containers.all() if (show_all or c.state.running) and keep(c)
+            c
+            for c in self.engine.containers.all()
+            if (show_all or state_json(c.state)["Running"]) and keep(c)
         ]
         if limit > 0:
             chosen = chosen[:limit]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.api.common import BadParameter
 from engine.lifecycle.containers import ContainerState
 
 
@@ -25,3 +26,13 @@ def health_suffix(health: dict[str, Any]) -> str:
     if status in ("healthy", "unhealthy"):
         return f" ({status})"
     return ""
+
+
+HEALTH_FILTER_VALUES = ("starting", "healthy", "unhealthy", "none")
+
+
+def check_health_filter(values: list[str]) -> None:
+    """``docker ps --filter health=...``: Docker's values only (a 400 otherwise)."""
+    for value in values:
+        if value not in HEALTH_FILTER_VALUES:
+            raise BadParameter(f"Unrecognised filter value for health: {value}")
