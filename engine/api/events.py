@@ -152,21 +152,36 @@ class EventsApi:
         with sub:
             resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
             await resp.prepare(request)
-            until_ns = _ns(until) if until is not None else None
-            if since is not None or until is not None:
-                since_ns = _ns(since) if since is not None else 0
-                for event in history:
-                    if event.time_nano < since_ns:
-                        continue
-                    if until_ns is not None and event.time_nano > until_ns:
-                        break
-                    if wanted.includes(event):
-                        await self._send(resp, event)
-            if until is not None and until <= time.time():
-                await resp.write_eof()
-                return resp
-            await self._follow(request, resp, sub, wanted, until)
+            try:
+                await self._replay(resp, history, wanted, since, until)
+                if until is not None and until <= time.time():
+                    await resp.write_eof()
+                    return resp
+                await self._follow(request, resp, sub, wanted, until)
+            except ConnectionError:  # the client went away: nothing to answer
+                pass
         return resp
+
+    async def _replay(
+        self,
+        resp: web.StreamResponse,
+        history: list[Event],
+        wanted: EventFilter,
+        since: float | None,
+        until: float | None,
+    ) -> None:
+        """The kept events between ``since`` and ``until``; none when neither is given."""
+        if since is None and until is None:
+            return
+        since_ns = _ns(since) if since is not None else 0
+        until_ns = _ns(until) if until is not None else None
+        for event in history:
+            if event.time_nano < since_ns:
+                continue
+            if until_ns is not None and event.time_nano > until_ns:
+                break
+            if wanted.includes(event):
+                await self._send(resp, event)
 
     async def _follow(
         self,
