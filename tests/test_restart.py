@@ -172,3 +172,28 @@ def test_daemon_restart(tmp_path_factory: pytest.TempPathFactory, busybox_archiv
         with pytest.raises(StopIteration):
             next(gen)
         assert gen_daemon.process.poll() is not None
+
+
+def test_restarting_between_runs(docker: Docker) -> None:
+    """A container that keeps failing waits longer each time (100 ms doubling): while it
+    waits it is ``restarting``; a stop ends the policy, a removal needs force meanwhile."""
+    docker(
+        "run", "-d", "--name", "pyek-rs-loop", "--restart", "always", "busybox",
+        "sh", "-c", "exit 5",
+        check=True,
+    )  # fmt: skip
+
+    def restarting() -> bool:
+        state = docker.inspect("pyek-rs-loop")["State"]
+        return state["Restarting"] and state["Status"] == "restarting" and state["Running"]
+
+    wait_for("the restarting state", restarting, timeout=20, interval=0.05)
+    listed = docker("ps", "--filter", "name=pyek-rs-loop", "--format", "{{.Status}}", check=True)
+    assert listed.stdout.startswith("Restarting (5)"), listed.stdout
+    refused = docker("rm", "pyek-rs-loop")
+    assert refused.returncode != 0 and "cannot remove a restarting container" in refused.stderr
+    docker("stop", "pyek-rs-loop", check=True)
+    count = docker.inspect("pyek-rs-loop")["RestartCount"]
+    time.sleep(2.0)
+    info = docker.inspect("pyek-rs-loop")
+    assert (info["State"]["Status"], info["RestartCount"]) == ("exited", count)
