@@ -427,12 +427,13 @@ class Engine(NetworkOps, Output, Restarts, Health):
             return await self._stop_locked(c, timeout)
 
     async def _stop_locked(self, c: Container, timeout: float | None) -> bool:
-        restarting = c.state.restarting
-        self._stopped_by_client(c)
         if not c.state.running:
-            if restarting:
-                self._event(c, "stop")
-            return restarting
+            if not c.state.restarting:
+                return False
+            self._stopped_by_client(c)  # the pending restart is cancelled
+            self._event(c, "stop")
+            return True
+        self._stopped_by_client(c)
         stop_signal = c.config.get("StopSignal") or "SIGTERM"
         with contextlib.suppress(InvalidParameter):
             self._event(c, "kill", signal=_signal_number(stop_signal))
@@ -461,7 +462,10 @@ class Engine(NetworkOps, Output, Restarts, Health):
         if not c.state.running:
             raise NotRunning(f"Container {c.id} is not running")
         name = parse_signal(sig)
-        if name in ("SIGKILL", parse_signal(c.config.get("StopSignal") or "SIGTERM")):
+        stop_signal = c.config.get("StopSignal") or "SIGTERM"
+        with contextlib.suppress(InvalidParameter):
+            stop_signal = parse_signal(stop_signal)
+        if name in ("SIGKILL", stop_signal):
             self._stopped_by_client(c)  # moby daemon/kill.go: no restart by the policy
             self.containers.save(c)
         self._event(c, "kill", signal=_signal_number(name))

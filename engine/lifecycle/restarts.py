@@ -92,8 +92,8 @@ class Restarts(EngineBase):
         for c in self.containers.all():
             if c.state.running or c.id in self._restart_tasks:
                 continue
-            if c.state.status not in ("created", "exited"):
-                continue
+            if c.state.status != "exited":
+                continue  # never started: not by the daemon either (moby HasBeenStartedBefore)
             restarting, c.state.restarting = c.state.restarting, False
             policy = RestartPolicy.of(c.host_config)
             if policy.none or not (
