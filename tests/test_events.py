@@ -211,3 +211,42 @@ def test_pyengine_events(docker: Docker) -> None:
     bad = docker.daemon.cli("events", "--filter", "nope=1", "--until", "0s")
     assert bad.returncode != 0 and "invalid filter 'nope'" in bad.stderr
     assert BIN.exists()
+
+
+def test_compose_v1_label_filter(docker: Docker) -> None:
+    """docker-compose 1.29's ``up`` reads the project's events with two label filters, both of
+    which must match."""
+    if docker_py is None:
+        pytest.fail("needs docker-py")
+    client = docker_py.APIClient(base_url=docker.daemon.host, version="1.47", timeout=30)
+    since = time.time()
+    project = {"com.docker.compose.project": "pyek", "com.docker.compose.oneoff": "False"}
+    try:
+        docker(
+            "create", "--name", "pyek-ev-compose",
+            *(f"--label={k}={v}" for k, v in project.items()),
+            "busybox", "true",
+            check=True,
+        )  # fmt: skip
+        docker(
+            "create", "--name", "pyek-ev-oneoff", "--label=com.docker.compose.project=pyek",
+            "--label=com.docker.compose.oneoff=True", "busybox", "true",
+            check=True,
+        )  # fmt: skip
+        events = list(
+            client.events(
+                since=int(since),
+                until=int(time.time()) + 1,
+                filters={"label": [f"{k}={v}" for k, v in project.items()]},
+                decode=True,
+            )
+        )
+    finally:
+        docker("rm", "-f", "pyek-ev-compose", "pyek-ev-oneoff")
+        client.close()
+    assert [(e["Actor"]["Attributes"]["name"], e["status"]) for e in events] == [
+        ("pyek-ev-compose", "create")
+    ]
+    assert (
+        isinstance(events[0]["time"], int) and events[0]["timeNano"] // 10**9 == events[0]["time"]
+    )
