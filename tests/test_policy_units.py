@@ -3,9 +3,13 @@ filters, the policy checks and back-off, the healthcheck merge and checks."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from engine.api.create import parse_create_body
 from engine.api.events import EventFilter
+from engine.api.version import ApiVersion
 from engine.events import Event
 from engine.lifecycle.healthcheck import Healthcheck, check, merge
 from engine.lifecycle.restartpolicy import (
@@ -109,3 +113,11 @@ def test_healthcheck_checks_and_merge() -> None:
     assert Healthcheck.of({"Healthcheck": {"Test": ["NONE"]}}) is None
     assert Healthcheck.of({}) is None
     assert [go_duration_text(s) for s in (0.5, 30, 90)] == ["500ms", "30s", "1m30s"]
+
+
+def test_start_interval_is_1_44s() -> None:
+    body = {"Image": "busybox", "Healthcheck": {"Test": ["CMD", "true"], "StartInterval": 10**7}}
+    old = parse_create_body(json.loads(json.dumps(body)), ApiVersion.parse("1.43"))
+    assert "StartInterval" not in old.config["Healthcheck"]
+    new = parse_create_body(json.loads(json.dumps(body)), ApiVersion.parse("1.44"))
+    assert new.config["Healthcheck"]["StartInterval"] == 10**7

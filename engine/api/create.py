@@ -172,6 +172,8 @@ def check_create_body(
     pids_limit = host_config.get("PidsLimit")
     if pids_limit not in (None, 0, -1):
         raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
+    if version.below(V1_44) and isinstance(config.get("Healthcheck"), dict):
+        config["Healthcheck"].pop("StartInterval", None)  # 1.44's field, ignored before
     try:
         check_restart_policy(host_config)
         check_healthcheck(config.get("Healthcheck"))
