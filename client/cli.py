@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from client import containers, images, interactive, networks, system, volumes
+from client import containers, events, images, interactive, networks, system, volumes
 from client.command import fail
 from client.http import CONNECTION_ERRORS, Client, DaemonUnreachable
 
@@ -59,6 +59,7 @@ for _command in (
     networks.network,
     volumes.volume,
     *system.COMMANDS,
+    *events.COMMANDS,
 ):
     main.add_command(_command)
 

@@ -17,6 +17,7 @@ from client.http import CONNECTION_ERRORS, Client, DaemonError, DaemonUnreachabl
 from client.interactive import interactive_config, run_attached
 from client.options import ContainerOptions, container_config, container_options
 from client.output import ago, format_ports, join_host_port, print_table
+from client.policyopts import apply_policy_options, policy_options, pop_policy_options
 
 
 def _create(client: Client, name: str | None, image: str, config: dict[str, Any]) -> str:
@@ -34,6 +35,7 @@ def _create(client: Client, name: str | None, image: str, config: dict[str, Any]
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open.")
 @click.option("-t", "--tty", "tty_mode", is_flag=True, help="Allocate a pseudo-TTY.")
 @container_options
+@policy_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
@@ -49,12 +51,14 @@ def run(
 ) -> None:
     """Create and start a container."""
     client = daemon_client(ctx)
+    policy = pop_policy_options(options)
     opts = ContainerOptions(**options)
     auto_remove = opts.auto_remove
     # In the foreground the client removes the container itself after the exit code is read,
     # so nothing races the log stream (the docker CLI did this before API 1.25).
     config = container_config(image, command, opts, auto_remove and detach)
     config.update(interactive_config(interactive, tty_mode, detach))
+    apply_policy_options(config, {**policy, "auto_remove": auto_remove})
     container_id = _create(client, opts.name, image, config)
     if not detach and (interactive or tty_mode):
         code = run_attached(client, container_id, tty_mode, interactive)
@@ -80,14 +84,17 @@ def run(
 # -h is --hostname here, as the docker CLI's run and create.
 @click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["--help"]})
 @container_options
+@policy_options
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
 @daemon_errors(exit_code=125)
 def create(ctx: click.Context, image: str, command: tuple[str, ...], **options: Any) -> None:
     """Create a container without starting it; print its ID."""
+    policy = pop_policy_options(options)
     opts = ContainerOptions(**options)
     config = container_config(image, command, opts, opts.auto_remove)
+    apply_policy_options(config, policy)
     click.echo(_create(daemon_client(ctx), opts.name, image, config))
 
 

@@ -962,7 +962,7 @@ def test_traffic_between_containers_follows_their_networks(
     [
         (["--network", "container:pyetest-nosuch"], "No such container: pyetest-nosuch"),
         (["--network", "pyetest-none"], "network pyetest-none not found"),
-        (["--restart", "always"], "restart policy 'always'"),
+        (["--restart", "sometimes"], "invalid restart policy: unknown policy 'sometimes'"),
         (["--network", "bridge", "--ip", "10.61.0.77"], "user defined networks only"),
         (["--memory", "64m"], "memory limits"),
     ],

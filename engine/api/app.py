@@ -23,6 +23,7 @@ from engine.api.common import (
     log,
 )
 from engine.api.containers import ContainersApi
+from engine.api.events import EventsApi
 from engine.api.execs import ExecsApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
@@ -54,7 +55,6 @@ NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("GET", "/images/{name:.+}/history", "history"),
     ("GET", "/images/{name:.+}/get", "save"),
     ("POST", "/images/{name:.+}/push", "push"),
-    ("GET", "/events", "events"),
     ("GET", "/system/df", "system df"),
 ]
 
@@ -141,6 +141,7 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
         *ImagesApi(engine).routes(),
         *networks.routes(),
         *VolumesApi(engine).routes(),
+        *EventsApi(engine).routes(),
     ]
     table += [(method, path, _not_implemented(what)) for method, path, what in NOT_IMPLEMENTED]
     return table

@@ -39,6 +39,7 @@ from engine.api.common import (
 )
 from engine.api.create import parse_create_body, port_key
 from engine.api.networks import NetworksApi
+from engine.api.stateview import check_health_filter, health_suffix, state_json
 from engine.api.version import API_VERSION, V1_44, V1_46, ApiVersion, api_version
 from engine.images.store import ImageNotFound
 from engine.lifecycle.containers import Container
@@ -65,6 +66,7 @@ CONTAINER_FILTERS = {
     "publish",
     "expose",
     "volume",
+    "health",
 }
 STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
@@ -171,7 +173,9 @@ class ContainersApi:
         s = c.state
         now = time.time()
         if s.status == "running":
-            return f"Up {_ago(now - unix_seconds(s.started_at))}"
+            return f"Up {_ago(now - unix_seconds(s.started_at))}{health_suffix(s.health)}"
+        if s.restarting:
+            return f"Restarting ({s.exit_code}) {_ago(now - unix_seconds(s.finished_at))} ago"
         if s.status == "exited":
             return f"Exited ({s.exit_code}) {_ago(now - unix_seconds(s.finished_at))} ago"
         if s.status == "removing":
@@ -190,7 +194,7 @@ class ContainersApi:
             "Created": unix_seconds(c.created),
             "Ports": self._ports_list(c),
             "Labels": c.config.get("Labels") or {},
-            "State": c.state.status,
+            "State": "restarting" if c.state.restarting else c.state.status,
             "Status": self._status_text(c),
             "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
             "NetworkSettings": {"Networks": self.networks.container_networks(c, version)},
@@ -259,6 +263,7 @@ class ContainersApi:
             "OnBuild": None,
             "Labels": c.config.get("Labels") or {},
             "StopSignal": c.config.get("StopSignal"),
+            **({"Healthcheck": c.config["Healthcheck"]} if c.config.get("Healthcheck") else {}),
         }
         if c.config.get("StopTimeout") is not None:
             config["StopTimeout"] = c.config["StopTimeout"]
@@ -271,10 +276,8 @@ class ContainersApi:
             "Path": c.args[0] if c.args else "",
             "Args": c.args[1:],
             "State": {
-                "Status": s.status,
-                "Running": s.running,
+                **state_json(s),
                 "Paused": False,
-                "Restarting": False,
                 "OOMKilled": False,
                 "Dead": False,
                 "Pid": s.pid,
@@ -282,6 +285,7 @@ class ContainersApi:
                 "Error": s.error,
                 "StartedAt": s.started_at,
                 "FinishedAt": s.finished_at,
+                **({"Health": s.health} if s.health else {}),
             },
             "Image": c.image_id,
             "ResolvConfPath": str(files / "resolv.conf"),
@@ -289,7 +293,7 @@ class ContainersApi:
             "HostsPath": str(files / "hosts"),
             "LogPath": str(self.engine.log_path(c)),
             "Name": f"/{c.name}",
-            "RestartCount": 0,
+            "RestartCount": s.restart_count,
             "Driver": "overlay2",
             "Platform": "linux",
             "MountLabel": "",
@@ -333,6 +337,7 @@ class ContainersApi:
     # ---- listing -------------------------------------------------------------------------
 
     def _filter(self, filters: dict[str, list[str]]) -> Callable[[Container], bool]:
+        check_health_filter(filters.get("health", []))
         for value in filters.get("status", []):
             if value not in STATUSES:
                 raise BadParameter(f"invalid filter 'status={value}'")
@@ -370,7 +375,8 @@ class ContainersApi:
         checks: dict[str, Callable[[Container, str], bool]] = {
             "id": lambda c, v: c.id.startswith(v),
             "name": lambda c, v: re.search(v, f"/{c.name}") is not None,
-            "status": lambda c, v: c.state.status == v,
+            "status": lambda c, v: state_json(c.state)["Status"] == v,
+            "health": lambda c, v: (c.state.health.get("Status") or "none") == v,
             "exited": lambda c, v: c.state.status == "exited" and c.state.exit_code == int(v),
             "label": label,
             "ancestor": lambda c, v: c.image_id in ancestors,
@@ -395,7 +401,9 @@ class ContainersApi:
         show_all = flag(request, "all") or limit > 0 or "status" in filters or "exited" in filters
         keep = self._filter(filters)
         chosen = [
-            c for c in self.engine.containers.all() if (show_all or c.state.running) and keep(c)
+            c
+            for c in self.engine.containers.all()
+            if (show_all or state_json(c.state)["Running"]) and keep(c)
         ]
         if limit > 0:
             chosen = chosen[:limit]

@@ -15,8 +15,10 @@ from engine.api.bodies import CONTAINER_CREATE, check
 from engine.api.common import BadParameter, NotImplementedByEngine
 from engine.api.networks import check_endpoint_config
 from engine.api.version import API_VERSION, V1_44, ApiVersion
+from engine.lifecycle.healthcheck import check as check_healthcheck
 from engine.lifecycle.netmodes import check_mode_conflicts
 from engine.lifecycle.networking import NetworkRequestError
+from engine.lifecycle.restartpolicy import check_host_config as check_restart_policy
 from engine.runtime.jsonlog import parse_log_config
 from engine.runtime.seccomp import parse_security_opts
 from engine.volumes.parse import MountRequests, parse_mount_requests
@@ -158,11 +160,13 @@ def check_create_body(
     pids_limit = host_config.get("PidsLimit")
     if pids_limit not in (None, 0, -1):
         raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
-    restart = host_config.get("RestartPolicy") or {}
-    if (restart.get("Name") or "no") != "no":
-        raise NotImplementedByEngine(
-            f"restart policy {restart['Name']!r} is not supported by pyengined"
-        )
+    if version.below(V1_44) and isinstance(config.get("Healthcheck"), dict):
+        config["Healthcheck"].pop("StartInterval", None)  # 1.44's field, ignored before
+    try:
+        check_restart_policy(host_config)
+        check_healthcheck(config.get("Healthcheck"))
+    except ValueError as e:
+        raise BadParameter(str(e)) from e
     log_config = host_config.get("LogConfig") or {}
     if (log_config.get("Type") or "json-file") != "json-file":
         raise NotImplementedByEngine(

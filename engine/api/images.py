@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from common.reference import Reference, familiar
+from common.reference import Reference, familiar, normalize
 from common.timefmt import ZERO_TIME, unix_seconds
 from engine.api.common import (
     BadParameter,
@@ -254,6 +254,7 @@ class ImagesApi:
                 f"Loaded image ID: {ref}" if ref.startswith("sha256:") else f"Loaded image: {ref}"
             )
             await resp.send({"stream": line + "\n"})
+            self._event("load", ref, ref)
         await resp.write_eof()
         return resp
 
@@ -266,6 +267,9 @@ class ImagesApi:
         if tag and Reference.parse(repo).tag is not None:
             raise BadParameter(f"refusing to create an ambiguous tag: {repo} already has a tag")
         await asyncio.to_thread(self.engine.images.tag, request.match_info["name"], new_ref)
+        with contextlib.suppress(Exception):
+            image_id = self.engine.images.get(new_ref).id
+            self._event("tag", image_id, familiar(normalize(new_ref)))
         return web.Response(status=201)
 
     async def remove(self, request: web.Request) -> web.Response:
@@ -274,6 +278,8 @@ class ImagesApi:
         for line in lines:
             kind, _, what = line.partition(": ")
             out.append({kind: what})
+            if kind in ("Untagged", "Deleted"):
+                self._event("untag" if kind == "Untagged" else "delete", what, what)
         return json_response(out)
 
     async def create(self, request: web.Request) -> web.StreamResponse:
@@ -325,8 +331,12 @@ class ImagesApi:
             with contextlib.suppress(ConnectionError):
                 await resp.send_error(message)
             return resp
+        self._event("pull", parsed.familiar(), parsed.familiar())
         await resp.write_eof()
         return resp
+
+    def _event(self, action: str, actor_id: str, name: str) -> None:
+        self.engine.events.emit("image", action, actor_id, {"name": name})
 
     async def auth(self, request: web.Request) -> web.Response:
         """``docker login``: check the credentials against the registry; nothing is stored."""

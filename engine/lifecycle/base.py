@@ -19,6 +19,7 @@ from engine.lifecycle.containers import (
     ContainerNotFound,
     ContainerStore,
 )
+from engine.lifecycle.restartpolicy import Backoff
 from engine.runtime.runc import Runtime
 from netd import (
     NetworkController,
@@ -118,6 +119,19 @@ class EngineBase:
         # One lock per container id, held by every lifecycle operation (see _locked()).
         self._locks: dict[str, asyncio.Lock] = {}
         self._auto_removals: set[asyncio.Task[None]] = set()
+        # Restart policies (restarts.py) and healthchecks (health.py), per container id.
+        self._backoffs: dict[str, Backoff] = {}
+        self._restart_tasks: dict[str, asyncio.Task[None]] = {}
+        self._health_tasks: dict[str, asyncio.Task[None]] = {}
+        self._recovering = False  # recover() decides what to start by policy itself
+
+    def _event(self, c: Container, action: str, **extra: str) -> None:
+        """A container event with Docker's attributes: its labels, image and name (moby
+        daemon/events.go LogContainerEventWithAttributes), then ``extra``."""
+        labels = c.config.get("Labels") or {}
+        attributes = {str(k): str(v) for k, v in labels.items()}
+        attributes.update(image=c.image, name=c.name, **extra)
+        self.events.emit("container", action, c.id, attributes)
 
     def _lifecycle(self, container_id: str) -> LifecycleEvents:
         return self._lifecycles.setdefault(container_id, LifecycleEvents())

@@ -44,6 +44,11 @@ class ContainerState:
     started_at: str = ZERO_TIME
     finished_at: str = ZERO_TIME
     error: str = ""
+    restarting: bool = False  # waiting to run again by its restart policy
+    restart_count: int = 0  # Docker's RestartCount: restarts by the policy
+    manually_stopped: bool = False  # stopped or killed through the API: no restart
+    # Docker's State.Health ({} without a healthcheck): Status, FailingStreak, Log.
+    health: dict[str, Any] = field(default_factory=dict)
 
     @property
     def running(self) -> bool:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from common import errors
 from common.jsonstate import write_json_atomic
 from common.ports import PortBinding
 from common.reference import normalize
-from common.timefmt import utc_rfc3339
+from common.timefmt import unix_time, utc_rfc3339
 from engine.images.store import ImageConflict
 from engine.lifecycle.base import (
     ATTACH_DRAIN_TIMEOUT,
@@ -37,6 +38,8 @@ from engine.lifecycle.containers import (
     ContainerState,
     NetworkRecord,
 )
+from engine.lifecycle.health import Health
+from engine.lifecycle.healthcheck import merge as merge_healthcheck
 from engine.lifecycle.netmodes import BRIDGE, HOST, check_mode_conflicts, mode_of
 from engine.lifecycle.netops import NetworkOps, exposed_ports, proxy_key
 from engine.lifecycle.networking import (
@@ -44,6 +47,7 @@ from engine.lifecycle.networking import (
     plan_attachments,
 )
 from engine.lifecycle.output import Output
+from engine.lifecycle.restarts import Restarts
 from engine.lifecycle.stdio import stdio_options, tty_env
 from engine.lifecycle.volumeops import VolumeOps
 from engine.runtime import bundle, rootfs, seccomp, userdb
@@ -70,7 +74,7 @@ __all__ = [
 ]
 
 
-class Engine(NetworkOps, Output, VolumeOps):
+class Engine(NetworkOps, Output, VolumeOps, Restarts, Health):
     # ---- daemon start and stop -------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -86,6 +90,7 @@ class Engine(NetworkOps, Output, VolumeOps):
           Docker does with containers it will not restore.
         """
         await asyncio.to_thread(lambda: self.volume_store)  # loaded (and tidied) off the loop
+        self._recovering = True
         for c in self.containers.all():
             if c.state.status not in ("running", "removing"):
                 continue
@@ -115,6 +120,8 @@ class Engine(NetworkOps, Output, VolumeOps):
         for container_id in list(self.network.endpoints()):
             if container_id not in live:
                 await self._netd(self.network.delete_endpoint, container_id)
+        self._recovering = False
+        await self._start_by_policy()
 
     async def _adopt(self, c: Container) -> None:
         """Take a container a previous daemon left running under this daemon's care again."""
@@ -142,6 +149,7 @@ class Engine(NetworkOps, Output, VolumeOps):
         self.containers.save(c)
         self._lifecycle(c.id)
         self._watchers[c.id] = asyncio.create_task(self._watch(c))
+        self._start_health(c, resume=True)
 
     def end_streams(self) -> None:
         """The API server is stopping: end every log follow, attach and wait now, so that it
@@ -155,6 +163,9 @@ class Engine(NetworkOps, Output, VolumeOps):
         """With live restore, leave running containers (and their monitors and proxies) alone
         and only stop watching them; otherwise stop them all, then their proxies. True when
         containers were left running: their network must stay up for them."""
+        self._closing = True  # no restart by policy from here on
+        self._cancel_all_restarts()
+        self._stop_all_health()
         running = [c for c in self.containers.all() if c.state.running]
         if self.cfg.live_restore and running:
             log.info("live restore: leaving %d container(s) running", len(running))
@@ -236,6 +247,9 @@ class Engine(NetworkOps, Output, VolumeOps):
             StopSignal=config.get("StopSignal") or image_config.get("StopSignal") or "SIGTERM",
             Labels={**(image_config.get("Labels") or {}), **(config.get("Labels") or {})},
             Volumes={**image_volumes, **(config.get("Volumes") or {})} or None,
+            Healthcheck=merge_healthcheck(
+                config.get("Healthcheck"), image_config.get("Healthcheck")
+            ),
         )
         container = Container(
             id=container_id,
@@ -252,6 +266,7 @@ class Engine(NetworkOps, Output, VolumeOps):
         )
         self.containers.add(container)
         self._lifecycle(container.id)
+        self._event(container, "create")
         return container
 
     @staticmethod
@@ -263,6 +278,8 @@ class Engine(NetworkOps, Output, VolumeOps):
 
     async def start(self, ref: str) -> Container:
         async with self._locked(ref) as c:
+            if not c.state.running:
+                self._started_by_client(c)
             return await self._start_locked(c)
 
     async def _start_locked(self, c: Container) -> Container:
@@ -347,17 +364,27 @@ class Engine(NetworkOps, Output, VolumeOps):
             raise
         self._network_started(c, pid)
         c.state = ContainerState(
-            status="running", pid=pid, monitor_pid=monitor_pid, started_at=utc_rfc3339(digits=6)
+            status="running",
+            pid=pid,
+            monitor_pid=monitor_pid,
+            started_at=utc_rfc3339(digits=6),
+            restart_count=c.state.restart_count,
+            manually_stopped=c.state.manually_stopped,
         )
         self.containers.save(c)
         self._lifecycle(c.id).pulse()
         self._watchers[c.id] = asyncio.create_task(self._watch(c))
+        self._attachment_events(c, "connect")
+        self._event(c, "start")
+        self._start_health(c)
 
     async def _watch(self, c: Container) -> None:
         status = await self.runtime.wait(c.state.monitor_pid, self._exit_path(c))
         await self._release(c)
         self._mark_exited(c, status)
+        self._attachment_events(c, "disconnect")
         self._watchers.pop(c.id, None)
+        self._after_exit(c)
         if c.host_config.get("AutoRemove"):
             # A task of its own: the removal takes the container's lock, whose holder (an
             # rm -f, say) may be waiting for this watcher to end.
@@ -397,6 +424,11 @@ class Engine(NetworkOps, Output, VolumeOps):
         c.state.pid = 0
         c.network = NetworkRecord()
         self.containers.save(c)
+        self._stop_health(c.id)
+        ran = 0.0
+        with contextlib.suppress(ValueError):
+            ran = unix_time(c.state.finished_at) - unix_time(c.state.started_at)
+        self._event(c, "die", exitCode=str(status.exit_code), execDuration=str(max(int(ran), 0)))
         lifecycle = self._lifecycle(c.id)
         lifecycle.exits += 1
         lifecycle.pulse()
@@ -415,7 +447,15 @@ class Engine(NetworkOps, Output, VolumeOps):
 
     async def _stop_locked(self, c: Container, timeout: float | None) -> bool:
         if not c.state.running:
-            return False
+            if not c.state.restarting:
+                return False
+            self._stopped_by_client(c)  # the pending restart is cancelled
+            self._event(c, "stop")
+            return True
+        self._stopped_by_client(c)
+        stop_signal = c.config.get("StopSignal") or "SIGTERM"
+        with contextlib.suppress(InvalidParameter):
+            self._event(c, "kill", signal=_signal_number(stop_signal))
         await self.runtime.stop(
             c.id,
             c.state.monitor_pid,
@@ -424,31 +464,45 @@ class Engine(NetworkOps, Output, VolumeOps):
             timeout=self.stop_timeout(c, timeout),
         )
         await self._lifecycle(c.id).until(lambda: not c.state.running)
+        self._event(c, "stop")
         return True
 
     async def restart(self, ref: str, timeout: float | None = None) -> Container:
         """Stop (when running), then start again: Docker's ``restart``."""
         async with self._locked(ref) as c:
             await self._stop_locked(c, timeout)
-            return await self._start_locked(c)
+            self._started_by_client(c)
+            await self._start_locked(c)
+            self._event(c, "restart")
+            return c
 
     async def kill(self, ref: str, sig: str = "SIGKILL") -> None:
         c = self.containers.get(ref)
         if not c.state.running:
             raise NotRunning(f"Container {c.id} is not running")
-        await self.runtime.kill(c.id, parse_signal(sig))
+        name = parse_signal(sig)
+        stop_signal = c.config.get("StopSignal") or "SIGTERM"
+        with contextlib.suppress(InvalidParameter):
+            stop_signal = parse_signal(stop_signal)
+        if name in ("SIGKILL", stop_signal):
+            self._stopped_by_client(c)  # moby daemon/kill.go: no restart by the policy
+            self.containers.save(c)
+        self._event(c, "kill", signal=_signal_number(name))
+        await self.runtime.kill(c.id, name)
 
     async def remove(self, ref: str, force: bool = False, volumes: bool = False) -> None:
         async with self._locked(ref) as c:
             await self._remove_locked(c, force, volumes)
 
     async def _remove_locked(self, c: Container, force: bool, volumes: bool = False) -> None:
+        if (c.state.running or c.state.restarting) and not force:
+            what = "running" if c.state.running else "restarting"
+            raise ContainerConflict(
+                f"You cannot remove a {what} container {c.id}. Stop the container before "
+                "attempting removal or force remove"
+            )
+        self._stopped_by_client(c)  # a forced removal's kill restarts nothing
         if c.state.running:
-            if not force:
-                raise ContainerConflict(
-                    f"You cannot remove a running container {c.id}. Stop the container before "
-                    "attempting removal or force remove"
-                )
             try:
                 await self.runtime.kill(c.id, "SIGKILL")
             except RuncError:
@@ -466,6 +520,8 @@ class Engine(NetworkOps, Output, VolumeOps):
         self.containers.remove(c)
         if volumes:
             await self._remove_anonymous_volumes(c.mounts)
+        self._event(c, "destroy")
+        self._backoffs.pop(c.id, None)
         self._locks.pop(c.id, None)  # a waiter still holding it finds the container gone
         lifecycle = self._lifecycles.pop(c.id, None) or LifecycleEvents()
         lifecycle.removed = True  # waiters and attached streams hold it: they see this
@@ -530,3 +586,8 @@ class Engine(NetworkOps, Output, VolumeOps):
                     f"used by stopped container {users[0].id[:12]}"
                 )
         return await asyncio.to_thread(self.images.remove, ref, force)
+
+
+def _signal_number(name: str) -> str:
+    """Docker's ``signal`` attribute: the number."""
+    return str(int(signal.Signals[parse_signal(name)]))

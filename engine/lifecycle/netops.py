@@ -234,11 +234,27 @@ class NetworkOps(EngineBase):
     async def create_network(self, **request: Any) -> Network:
         """A user-defined bridge network (netd's ``create_network`` arguments)."""
         network: Network = await self._netd(lambda: self.network.create_network(**request))
+        self._network_event(network, "create")
         return network
 
     async def remove_network(self, ref: str) -> None:
         network = self.find_network(ref)
         await self._netd(self.network.remove_network, network.id)
+        self._network_event(network, "destroy")
+
+    def _attachment_events(self, c: Container, action: str) -> None:
+        """``connect`` when ``c`` starts and ``disconnect`` when it ends, per network, as
+        Docker reports a container's endpoints coming and going."""
+        for a in self.attachments(c):
+            kind = {HOST: "host", NONE: "null"}.get(a.name, "bridge")
+            attributes = {"container": c.id, "name": a.name, "type": kind}
+            self.events.emit("network", action, a.network_id, attributes)
+
+    def _network_event(self, network: Network, action: str, container_id: str = "") -> None:
+        attributes = {"name": network.name, "type": "bridge"}
+        if container_id:
+            attributes["container"] = container_id
+        self.events.emit("network", action, network.id, attributes)
 
     async def _start_network(self, c: Container, cdir: Path, undo: list[Any]) -> StartNetwork:
         """The starting container's network by its mode: endpoints, names, published ports and
@@ -447,6 +463,7 @@ class NetworkOps(EngineBase):
             else:
                 c.networks = [*self.attachments(c), attachment]
             self.containers.save(c)
+            self._network_event(network, "connect", c.id)
 
     async def disconnect(self, container_ref: str, network_ref: str, force: bool = False) -> None:
         """Docker's ``network disconnect``: the interface goes now (and the ports published
@@ -478,6 +495,8 @@ class NetworkOps(EngineBase):
                 await self._rewrite_hosts(c)
             c.networks = kept
             self.containers.save(c)
+            if network_id:
+                self._network_event(network, "disconnect", c.id)
 
     def _check_mode_allows(self, c: Container, network: Network, connect: bool) -> None:
         """Docker's refusals of a connect or disconnect that involves a non-bridge mode (moby
@@ -514,10 +533,12 @@ class NetworkOps(EngineBase):
                 raise InvalidParameter(
                     "Renaming a container with the same name as its current name"
                 )
+            old_name = c.name
             try:
                 c.name = self.containers.check_name(new_name)
             except ValueError as e:
                 raise InvalidParameter(str(e)) from e
             self.containers.save(c)
+            self._event(c, "rename", oldName=f"/{old_name}")
             for ep in self.endpoints(c):
                 self._register_names(c, ep)

@@ -85,6 +85,7 @@ class Output(EngineBase):
         ``follow`` what the container writes until its current (or, when it is not running,
         its next) run ends. An auto-removal waits for attached clients to read it all."""
         c = self.containers.get(ref)
+        self._event(c, "attach")
         lifecycle = self._lifecycle(c.id)
         exits = lifecycle.exits
         path = self.log_path(c)
