@@ -533,6 +533,26 @@ def test_none_and_host_networks_are_listed_and_kept(
     assert listed["Containers"] == {}
 
 
+def test_a_container_disconnected_from_every_network(
+    docker: Cli, names: Callable[[str], str]
+) -> None:
+    """Disconnected from its only network, a container starts with loopback alone; connected
+    again (what compose v1 does before every start, to set aliases), it has its interface."""
+    c = names("detached")
+    docker("create", "--name", c, "busybox", "sleep", "60", check=True)
+    docker("network", "disconnect", "bridge", c, check=True)
+    assert docker.inspect(c)["NetworkSettings"]["Networks"] == {}
+    docker("start", c, check=True)
+    assert docker.interfaces(c) == ["lo"]
+    out = docker("network", "connect", "bridge", c)
+    assert out.returncode != 0 and "without a network" in out.stderr
+    docker("stop", "-t", "0", c, check=True)
+    docker("network", "connect", "bridge", c, check=True)
+    docker("start", c, check=True)
+    assert docker.interfaces(c) == ["eth0", "lo"]
+    assert list(docker.inspect(c)["NetworkSettings"]["Networks"]) == ["bridge"]
+
+
 def test_pyengine_client_takes_the_modes(docker: Cli, names: Callable[[str], str]) -> None:
     d = docker.daemon
     out = d.cli("run", "--rm", "--network", "none", "busybox", "ls", "/sys/class/net")

@@ -65,5 +65,14 @@ def test_symlinked_paths_resolve_inside(rootfs: Path, tmp_path: Path) -> None:
     assert (rootfs / "new" / "dir").is_dir() and not Path("/new").exists()
     assert prepare_destination(rootfs, "/srv/up/etc/motd", False) == "/etc/motd"
     assert (rootfs / "etc" / "motd").is_file()
-    with pytest.raises(MountPathError, match="not a file"):
-        prepare_destination(rootfs, "/srv/abs", False)
+    # A file bind onto a symlink follows it inside the rootfs (runc's securejoin): the host's
+    # /etc/shadow is never the mount point.
+    host_shadow = os.stat("/etc/shadow")
+    assert prepare_destination(rootfs, "/srv/abs", False) == "/etc/shadow"
+    assert (rootfs / "etc" / "shadow").is_file()
+    after = os.stat("/etc/shadow")
+    assert (after.st_ino, after.st_mtime_ns) == (host_shadow.st_ino, host_shadow.st_mtime_ns)
+    os.symlink("../etc", rootfs / "srv" / "todir")
+    for path in ("/srv/todir", "/srv/up"):
+        with pytest.raises(MountPathError, match="not a file"):
+            prepare_destination(rootfs, path, False)

@@ -391,7 +391,12 @@ class ContainersApi:
         }
 
         def keep(c: Container) -> bool:
-            return all(any(checks[k](c, v) for v in vs) for k, vs in filters.items() if vs)
+            # Labels must all match (moby filters.MatchKVList); other keys match any value.
+            return all(
+                (all if k == "label" else any)(checks[k](c, v) for v in vs)
+                for k, vs in filters.items()
+                if vs
+            )
 
         return keep
 

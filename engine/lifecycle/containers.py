@@ -93,6 +93,9 @@ class Container:
     state: ContainerState = field(default_factory=ContainerState)
     network: NetworkRecord = field(default_factory=NetworkRecord)  # its first endpoint, running
     networks: list[NetworkAttachment] = field(default_factory=list)  # [] = the default network
+    # Disconnected from every network (compose v1 does so before it reconnects with aliases):
+    # [] then means none at all, and a start gives it loopback only, as Docker does.
+    detached: bool = False
     mounts: list[MountPoint] = field(default_factory=list)  # volumes, binds, tmpfs
 
     @classmethod

@@ -181,7 +181,7 @@ class NetworkOps(EngineBase):
         attachment each (to show in inspect); ``container:`` mode has none."""
         if mode_of(c.host_config).kind == CONTAINER:
             return []
-        if c.networks:
+        if c.networks or c.detached:
             return c.networks
         default = self.network.default_network
         return [NetworkAttachment(default.id, default.name)]
@@ -260,9 +260,9 @@ class NetworkOps(EngineBase):
         """The starting container's network by its mode: endpoints, names, published ports and
         proxies on bridge networks; only the files and the namespace to use otherwise."""
         mode = mode_of(c.host_config)
-        if mode.kind == BRIDGE:
+        if mode.kind == BRIDGE and self.attachments(c):
             return await self._start_bridge(c, cdir, undo)
-        if mode.kind == NONE:
+        if mode.kind in (NONE, BRIDGE):  # bridge: disconnected from all, loopback only
             request = self._dns_request(c.config, c.host_config)
             resolv_conf = await asyncio.to_thread(self.dns.resolv_conf, False, request.overrides)
             hosts = self.dns.hosts(request, [])
@@ -323,7 +323,8 @@ class NetworkOps(EngineBase):
 
     def _network_started(self, c: Container, pid: int) -> None:
         """After runc made the namespace of a ``none`` container: where it is."""
-        if mode_of(c.host_config).kind == NONE:
+        kind = mode_of(c.host_config).kind
+        if kind == NONE or (kind == BRIDGE and not self.attachments(c)):
             c.network = NetworkRecord(netns_path=f"/proc/{pid}/ns/net")
 
     async def _start_bridge(self, c: Container, cdir: Path, undo: list[Any]) -> StartNetwork:
@@ -443,10 +444,16 @@ class NetworkOps(EngineBase):
                 attachment = attachment_for(network, endpoint_config)
             except NetworkRequestError as e:
                 raise InvalidParameter(str(e)) from e
-            if any(a.network_id == network.id for a in self.attachments(c)):
+            current = self.attachments(c)
+            if any(a.network_id == network.id for a in current):
                 raise errors.Forbidden(
                     f"endpoint with name {c.name} already exists in network {network.name}"
                 )
+            if c.state.running and not current:
+                raise errors.Conflict(
+                    f"container {c.name} runs without a network: start it again to connect it"
+                )
+            c.detached = False
             if c.state.running:
                 ep = await self._netd(
                     self.network.connect,
@@ -457,11 +464,11 @@ class NetworkOps(EngineBase):
                     attachment.ip6 or None,
                     attachment.mac or None,
                 )
-                c.networks = [*self.attachments(c), attachment]
+                c.networks = [*current, attachment]
                 self._register_names(c, ep)
                 await self._rewrite_hosts(c)
             else:
-                c.networks = [*self.attachments(c), attachment]
+                c.networks = [*current, attachment]
             self.containers.save(c)
             self._network_event(network, "connect", c.id)
 
@@ -494,6 +501,7 @@ class NetworkOps(EngineBase):
                 self._refresh_network_record(c)
                 await self._rewrite_hosts(c)
             c.networks = kept
+            c.detached = not kept
             self.containers.save(c)
             if network_id:
                 self._network_event(network, "disconnect", c.id)

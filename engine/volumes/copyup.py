@@ -40,6 +40,38 @@ def _open_root(rootfs: Path) -> int:
     return os.open(rootfs, inroot.DIR_FLAGS)
 
 
+def _prepare_file(root_fd: int, parts: list[str], destination: str) -> list[str]:
+    """The mount point of a file bind: an existing file, or a new empty one. A symlink there
+    is followed inside the rootfs, as runc's securejoin does (Debian's nginx has
+    /etc/nginx/sites-enabled/default -> /etc/nginx/sites-available/default); a directory is
+    refused."""
+    for _ in range(inroot.MAX_SYMLINK_HOPS):
+        fd, resolved = inroot.open_dir(root_fd, parts[:-1], create=True)
+        try:
+            name = parts[-1]
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(name, flags, 0o644, dir_fd=fd))
+                return [*resolved, name]
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(name, dir_fd=fd)
+                base = [] if target.startswith("/") else resolved
+                parts = [*base, *inroot.split(target)]
+                if not parts:
+                    break  # a link to the root: a directory
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                break
+            return [*resolved, name]
+        finally:
+            os.close(fd)
+    else:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), destination)
+    raise MountPathError(f"cannot mount a file on {destination}: it is not a file")
+
+
 def prepare_destination(rootfs: Path, destination: str, is_dir: bool) -> str:
     """Make the mount point ``destination`` beneath ``rootfs`` (a directory, or an empty file
     for a file bind) and return its path with every symlink resolved inside the rootfs: the
@@ -52,22 +84,7 @@ def prepare_destination(rootfs: Path, destination: str, is_dir: bool) -> str:
                 fd, resolved = inroot.open_dir(root_fd, parts, create=True)
                 os.close(fd)
             else:
-                fd, resolved = inroot.open_dir(root_fd, parts[:-1], create=True)
-                try:
-                    name = parts[-1]
-                    try:
-                        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                        if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
-                            raise MountPathError(
-                                f"cannot mount a file on {destination}: it is not a file"
-                            )
-                    except FileNotFoundError:
-                        os.close(
-                            os.open(name, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd)
-                        )
-                    resolved = [*resolved, name]
-                finally:
-                    os.close(fd)
+                resolved = _prepare_file(root_fd, parts, destination)
         except MountPathError:
             raise
         except OSError as e:
