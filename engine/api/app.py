@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from common.errors import Conflict, Forbidden, InvalidParameter, NotFound
+from engine.api.archive import ArchiveApi
 from engine.api.common import (
     MAX_JSON_BODY,
     NotImplementedByEngine,
@@ -25,6 +26,7 @@ from engine.api.common import (
 from engine.api.containers import ContainersApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
+from engine.api.resources import ResourcesApi
 from engine.api.system import SystemApi
 from engine.api.version import API_VERSION, MIN_API_VERSION, ApiVersion, set_api_version
 from engine.lifecycle.engine import Engine
@@ -39,15 +41,9 @@ NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("GET", "/exec/{id}/json", "exec"),
     ("POST", "/containers/{id}/pause", "pause"),
     ("POST", "/containers/{id}/unpause", "unpause"),
-    ("POST", "/containers/{id}/update", "update"),
     ("POST", "/containers/{id}/resize", "TTY resizing (pyengined has no TTYs)"),
     ("GET", "/containers/{id}/export", "export"),
-    ("GET", "/containers/{id}/archive", "copying files (docker cp)"),
-    ("HEAD", "/containers/{id}/archive", "copying files (docker cp)"),
-    ("PUT", "/containers/{id}/archive", "copying files (docker cp)"),
     ("GET", "/containers/{id}/changes", "diff"),
-    ("GET", "/containers/{id}/top", "top"),
-    ("GET", "/containers/{id}/stats", "stats"),
     ("POST", "/containers/prune", "container prune"),
     ("POST", "/build", "build"),
     ("POST", "/commit", "commit"),
@@ -147,6 +143,8 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
         *ContainersApi(engine, networks).routes(),
         *ImagesApi(engine).routes(),
         *networks.routes(),
+        *ResourcesApi(engine).routes(),
+        *ArchiveApi(engine).routes(),
         ("GET", "/volumes", _no_volumes),
         ("GET", "/volumes/{name}", _no_such_volume),
     ]

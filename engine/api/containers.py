@@ -269,7 +269,7 @@ class ContainersApi:
                 "Running": s.running,
                 "Paused": False,
                 "Restarting": False,
-                "OOMKilled": False,
+                "OOMKilled": s.oom_killed,
                 "Dead": False,
                 "Pid": s.pid,
                 "ExitCode": s.exit_code,

@@ -18,6 +18,9 @@ from engine.api.version import API_VERSION, V1_44, ApiVersion
 from engine.lifecycle.netmodes import check_mode_conflicts
 from engine.lifecycle.networking import NetworkRequestError
 from engine.runtime.jsonlog import parse_log_config
+from engine.runtime.resources import ResourceError, Resources
+from engine.runtime.resources import check as check_resources
+from engine.runtime.resources import normalize as normalize_resources
 from engine.runtime.seccomp import parse_security_opts
 
 # Container settings pyengined cannot honour yet. Set to anything but their empty value, the
@@ -39,16 +42,8 @@ UNSUPPORTED_HOST_CONFIG = {
     "Tmpfs": "--tmpfs",
     "Sysctls": "--sysctl",
     "Ulimits": "--ulimit",
-    "Memory": "memory limits (-m)",
-    "MemoryReservation": "--memory-reservation",
-    "NanoCpus": "--cpus",
-    "CpuShares": "--cpu-shares",
-    "CpuQuota": "--cpu-quota",
-    "CpuPeriod": "--cpu-period",
-    "CpusetCpus": "--cpuset-cpus",
     "CpusetMems": "--cpuset-mems",
     "BlkioWeight": "--blkio-weight",
-    "OomKillDisable": "--oom-kill-disable",
     "Init": "--init",
 }
 # These default to a mode name; only their default is supported.
@@ -167,9 +162,12 @@ def check_create_body(
         parse_security_opts(host_config.get("SecurityOpt"))
     except ValueError as e:
         raise BadParameter(str(e)) from e
-    pids_limit = host_config.get("PidsLimit")
-    if pids_limit not in (None, 0, -1):
-        raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
+    try:
+        limits = Resources.from_host_config(host_config)
+        check_resources(limits)
+    except ResourceError as e:
+        raise BadParameter(str(e)) from None
+    host_config.update(normalize_resources(limits).host_config())
     restart = host_config.get("RestartPolicy") or {}
     if (restart.get("Name") or "no") != "no":
         raise NotImplementedByEngine(

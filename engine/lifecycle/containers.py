@@ -43,6 +43,7 @@ class ContainerState:
     started_at: str = ZERO_TIME
     finished_at: str = ZERO_TIME
     error: str = ""
+    oom_killed: bool = False  # the kernel's OOM killer ended its last run
 
     @property
     def running(self) -> bool:

@@ -19,6 +19,7 @@ from common.ports import PortBinding
 from common.reference import normalize
 from common.timefmt import utc_rfc3339
 from engine.images.store import ImageConflict
+from engine.lifecycle.archive import Archive
 from engine.lifecycle.base import (
     ATTACH_DRAIN_TIMEOUT,
     WAIT_CONDITIONS,
@@ -37,6 +38,7 @@ from engine.lifecycle.containers import (
     ContainerState,
     NetworkRecord,
 )
+from engine.lifecycle.limits import Limits, limits_of
 from engine.lifecycle.netmodes import BRIDGE, HOST, check_mode_conflicts, mode_of
 from engine.lifecycle.netops import NetworkOps, exposed_ports, proxy_key
 from engine.lifecycle.networking import (
@@ -44,7 +46,7 @@ from engine.lifecycle.networking import (
     plan_attachments,
 )
 from engine.lifecycle.output import Output
-from engine.runtime import bundle, rootfs, seccomp, userdb
+from engine.runtime import bundle, cgroups, rootfs, seccomp, userdb
 from engine.runtime.jsonlog import LogEntry, LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError
 from netd import (
@@ -67,7 +69,7 @@ __all__ = [
 ]
 
 
-class Engine(NetworkOps, Output):
+class Engine(NetworkOps, Output, Limits, Archive):
     # ---- daemon start and stop -------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -306,8 +308,9 @@ class Engine(NetworkOps, Output):
                 netns_path=net.netns_path,
                 host_network=net.host,
                 bind_files=net.files,
-                cgroups_path=f"/pyengine/{c.id}",
+                cgroups_path=cgroups.cgroups_path(c.id),
                 security=seccomp.parse_security_opts(c.host_config.get("SecurityOpt")),
+                resources=limits_of(c),
             )
             write_json_atomic(bundle_dir / "config.json", spec)
             self._exit_path(c).unlink(missing_ok=True)
@@ -375,6 +378,7 @@ class Engine(NetworkOps, Output):
         c.state.exit_code = status.exit_code
         c.state.finished_at = status.finished_at or utc_rfc3339(digits=6)
         c.state.error = status.error
+        c.state.oom_killed = status.oom_killed
         c.state.pid = 0
         c.network = NetworkRecord()
         self.containers.save(c)

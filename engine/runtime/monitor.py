@@ -32,6 +32,7 @@ from typing import Any
 
 from common.jsonstate import write_json_atomic
 from common.timefmt import utc_rfc3339
+from engine.runtime.cgroups import ContainerCgroup
 from engine.runtime.jsonlog import JsonFileLog, LogOptions
 
 # prctl(2): PR_SET_CHILD_SUBREAPER makes orphaned descendants (the container's init once
@@ -260,6 +261,8 @@ class ContainerMonitor:
             error = f"monitor: {one_line(str(exc)) or type(exc).__name__}"
             print(f"monitor {cfg.container_id}: {exc!r}", file=sys.stderr)
         log.close()
+        # Read before runc delete removes the cgroup: did the kernel OOM-kill in it?
+        oom_killed = ContainerCgroup.of(cfg.container_id).oom_kills() > 0
         self._delete()
         self._reap()
         if self.exit_code is None:
@@ -268,7 +271,12 @@ class ContainerMonitor:
             self.exit_code, self.finished_at = 255, utc_rfc3339()
         write_json_atomic(
             cfg.exit_path,
-            {"ExitCode": self.exit_code, "FinishedAt": self.finished_at, "Error": error},
+            {
+                "ExitCode": self.exit_code,
+                "FinishedAt": self.finished_at,
+                "Error": error,
+                "OOMKilled": oom_killed,
+            },
         )
         return 0
 
