@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from client import containers, images, networks, system
+from client import containers, copy, images, limits, networks, system
 from client.command import fail
 from client.http import CONNECTION_ERRORS, Client, DaemonUnreachable
 
@@ -52,7 +52,14 @@ def main(ctx: click.Context, host: str) -> None:
         raise click.ClickException(str(e)) from e
 
 
-for _command in (*containers.COMMANDS, *images.COMMANDS, networks.network, *system.COMMANDS):
+for _command in (
+    *containers.COMMANDS,
+    *limits.COMMANDS,
+    *copy.COMMANDS,
+    *images.COMMANDS,
+    networks.network,
+    *system.COMMANDS,
+):
     main.add_command(_command)
 
 

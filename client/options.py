@@ -3,6 +3,7 @@ Docker's request bodies (also for ``network create`` and ``network connect``).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import click
 
 from client.command import fail
+from client.limits import LIMIT_OPTIONS, limits_host_config
 from client.local_files import read_seccomp_profile
 from common.ports import parse_publish, to_docker_port_bindings
 
@@ -98,6 +100,7 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 multiple=True,
                 help="A file of KEY=VALUE lines (# comments; a bare KEY takes its value here).",
             ),
+            *LIMIT_OPTIONS,
         ]
     ):
         fn = option(fn)
@@ -131,6 +134,16 @@ class ContainerOptions:
     user: str | None = None
     env_files: tuple[str, ...] = ()
     mac_address: str | None = None
+    # Resource limits (client.limits), as typed.
+    memory: str | None = None
+    memory_swap: str | None = None
+    memory_reservation: str | None = None
+    cpus: str | None = None
+    cpu_shares: int | None = None
+    cpu_period: int | None = None
+    cpu_quota: int | None = None
+    cpuset_cpus: str | None = None
+    pids_limit: int | None = None
 
 
 def container_config(
@@ -171,6 +184,7 @@ def container_config(
             "DnsSearch": list(opts.dns_search),
             "DnsOptions": list(opts.dns_options),
             "ExtraHosts": [extra_host(h) for h in opts.add_hosts],
+            **limits_host_config(dataclasses.asdict(opts)),
         },
         "NetworkingConfig": networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
     }
