@@ -37,8 +37,8 @@ def _stat(client: Client, container: str, path: str) -> dict[str, Any] | None:
     try:
         resp = client.request("HEAD", f"/containers/{container}/archive", query={"path": path})
     except DaemonError as e:
-        if e.status == 404 and "Could not find" in str(e) or e.status == 404 and not str(e):
-            return None
+        if e.status == 404 and "No such container" not in str(e):
+            return None  # a HEAD's answer has no body: the path does not exist
         raise
     resp.read()
     header = resp.headers.get("X-Docker-Container-Path-Stat") or ""

@@ -235,3 +235,30 @@ def test_docker_py_hostile_archives(docker: Docker, host_marker: Path) -> None:
     finally:
         container.remove(force=True)
         client.close()
+
+
+def test_pyengine_cp(docker: Docker, tmp_path: Path) -> None:
+    d = docker.daemon
+    name = PREFIX + "client"
+    d.cli("run", "-d", "--name", name, "busybox", "sleep", "300", check=True)
+    try:
+        src = tmp_path / "file.txt"
+        src.write_text("via pyengine\n")
+        d.cli("cp", str(src), f"{name}:/tmp/", check=True)
+        d.cli("cp", str(src), f"{name}:/tmp/renamed.txt", check=True)
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "sub" / "x").write_text("x\n")
+        d.cli("cp", str(tree), f"{name}:/tmp/", check=True)
+        out = tmp_path / "out"
+        out.mkdir()
+        d.cli("cp", f"{name}:/tmp/file.txt", str(out), check=True)
+        d.cli("cp", f"{name}:/tmp/renamed.txt", str(out / "again.txt"), check=True)
+        d.cli("cp", f"{name}:/tmp/tree", str(out / "tree2"), check=True)
+        assert (out / "file.txt").read_text() == "via pyengine\n"
+        assert (out / "again.txt").read_text() == "via pyengine\n"
+        assert (out / "tree2" / "sub" / "x").read_text() == "x\n"
+        missing = d.cli("cp", f"{name}:/no/such", str(out))
+        assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    finally:
+        d.cli("rm", "-f", name)

@@ -256,3 +256,32 @@ def test_docker_py_stats_and_top(docker: Docker) -> None:
     finally:
         container.remove(force=True)
         client.close()
+
+
+def test_pyengine_client(docker: Docker) -> None:
+    d = docker.daemon
+    name = PREFIX + "client"
+    d.cli(
+        "run", "-d", "--name", name, "--memory", "48m", "--cpus", "0.25", "--cpu-shares", "256",
+        "--pids-limit", "30", "busybox", "sleep", "300", check=True,
+    )  # fmt: skip
+    try:
+        cg = cgroup_of(docker, name)
+        assert memory_limit(cg) == 48 << 20
+        assert cpu_quota(cg) == (25_000, 100_000)
+        assert cg.read_int("pids", "pids.max") == 30
+        assert d.cli("update", "--memory", "64m", "--memory-swap", "128m", name, check=True)
+        assert memory_limit(cg) == 64 << 20
+        out = d.cli("stats", "--no-stream", name, check=True).stdout.splitlines()
+        assert out[0].split()[:2] == ["CONTAINER", "ID"]
+        assert "64MiB" in out[1] and name in out[1]
+        top = d.cli("top", name, check=True).stdout.splitlines()
+        assert "PID" in top[0] and any("sleep" in line for line in top[1:])
+        bad = d.cli("top", name, "-o", "user=PID")
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+    finally:
+        d.cli("rm", "-f", name)
+    for args in (["--memory", "1k"], ["--cpus", "-1"], ["--memory", "lots"]):
+        result = d.cli("create", *args, "busybox", "true")
+        assert result.returncode != 0, args
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
