@@ -82,6 +82,7 @@ class Limits(EngineBase):
             if request.restart_policy is not None:
                 c.host_config["RestartPolicy"] = request.restart_policy
             self.containers.save(c)
+            self.events.emit("container", "update", c.id, {"image": c.image, "name": c.name})
         return []
 
     def _cgroup(self, c: Container) -> ContainerCgroup:
