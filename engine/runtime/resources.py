@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 MIN_MEMORY = 6 * 1024 * 1024  # moby linuxMinMemory
+INT64_MAX = (1 << 63) - 1
 CFS_PERIOD = 100_000  # the kernel's default cfs period (µs): what --cpus scales
 MIN_CPU_SHARES, MAX_CPU_SHARES = 2, 262144  # the cgroup v1 bounds runc clamps to
 
@@ -151,7 +152,7 @@ def normalize(r: Resources) -> Resources:
     limit allows as much swap again; a PidsLimit of 0 or less means unlimited."""
     out = Resources(**{f.name: getattr(r, f.name) for f in fields(r)})
     if out.memory > 0 and out.memory_swap == 0 and swap_accounting():
-        out.memory_swap = out.memory * 2
+        out.memory_swap = out.memory * 2 if out.memory <= INT64_MAX // 2 else -1
     if out.pids_limit < 0:
         out.pids_limit = 0
     return out
