@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from common.errors import NotFound
 from common.timefmt import ZERO_TIME, utc_rfc3339
 from engine.api.bodies import HOST_CONFIG, check, fields
 from engine.api.common import BadParameter, NotImplementedByEngine, flag, json_body, json_response
@@ -88,15 +89,13 @@ class ResourcesApi:
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
         try:
-            while True:
+            while not self.engine.streams_closing:
                 await resp.write(json.dumps(entry).encode() + b"\n")
                 await asyncio.sleep(STATS_INTERVAL)
                 c, sample = await self.engine.stats_sample(c.id)
                 entry = self._entry(c.id, c.name, sample, entry)
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception:  # the container was removed meanwhile: the stream ends
-            pass
+        except (ConnectionError, NotFound):
+            pass  # the client went away, or the container was removed: the stream ends
         return resp
 
     @staticmethod

@@ -85,6 +85,11 @@ class Limits(EngineBase):
             self.events.emit("container", "update", c.id, {"image": c.image, "name": c.name})
         return []
 
+    @property
+    def streams_closing(self) -> bool:
+        """The API server is stopping: a stats stream ends now."""
+        return self._closing
+
     def _cgroup(self, c: Container) -> ContainerCgroup:
         return ContainerCgroup.of(c.id)
 
