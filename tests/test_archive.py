@@ -227,6 +227,12 @@ def test_docker_py_hostile_archives(docker: Docker, host_marker: Path) -> None:
         with pytest.raises(docker_py.errors.APIError) as e:
             container.put_archive("/tmp", b"this is not a tar archive" * 40)
         assert e.value.status_code == 400
+        # A pax header that claims 10 GB (tarfile would read it whole): refused at once.
+        pax = tarfile.TarInfo("././@PaxHeader")
+        pax.type, pax.size = tarfile.XHDTYPE, 10**10
+        with pytest.raises(docker_py.errors.APIError) as e:
+            container.put_archive("/tmp", pax.tobuf(tarfile.GNU_FORMAT) + b"\0" * 65536)
+        assert e.value.status_code == 400
         with pytest.raises(docker_py.errors.APIError) as e:
             container.put_archive("/etc/passwd", _tar([(_file("x"), b"x")]))
         assert e.value.status_code == 400

@@ -316,6 +316,26 @@ class _Extractor:
             os.close(fd)
 
 
+MAX_HEADER_BYTES = 1 << 20  # a pax or GNU long-name header, which tarfile reads whole
+_LONG_HEADERS = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header's data into memory, whatever size the
+    header claims: refuse one larger than MAX_HEADER_BYTES before it is read."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _LONG_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise tarfile.HeaderError(f"extended header of {self.size} bytes")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 def extract_tar(root_fd: int, path: str, src: BinaryIO, options: ExtractOptions) -> None:
     """Extract the tar stream ``src`` into the directory ``path`` names in the root."""
     parts = inroot.split(path)
@@ -328,7 +348,7 @@ def extract_tar(root_fd: int, path: str, src: BinaryIO, options: ExtractOptions)
     os.close(dir_fd)
     extractor = _Extractor(root_fd, dest, options)
     try:
-        with tarfile.open(fileobj=src, mode="r|*") as tar:
+        with tarfile.open(fileobj=src, mode="r|*", tarinfo=_BoundedTarInfo) as tar:
             for count, member in enumerate(tar):
                 if count >= MAX_MEMBERS:
                     raise CopyError(f"archive has more than {MAX_MEMBERS} entries")
