@@ -188,8 +188,9 @@ def linux_resources(r: Resources) -> dict[str, Any]:
         cpu["cpus"] = r.cpuset_cpus
     if cpu:
         out["cpu"] = cpu
-    if r.pids_limit > 0:
-        out["pids"] = {"limit": r.pids_limit}
+    if r.pids_limit:
+        # -1: "max" (an update that lifts the limit; 0 would leave it as it is).
+        out["pids"] = {"limit": r.pids_limit if r.pids_limit > 0 else -1}
     return out
 
 
