@@ -175,6 +175,20 @@ def test_stats_and_top(docker: Docker) -> None:
         assert row["PIDs"] in ("1", "2"), row
         assert "B" in row["NetIO"], row
 
+        # Streaming: a row a second until the client goes.
+        try:
+            subprocess.run(
+                [str(DOCKER), "stats", "--format", "{{.Name}} {{.CPUPerc}}", name],
+                capture_output=True,
+                timeout=3.5,
+                env=docker.env,
+                stdin=subprocess.DEVNULL,
+            )
+            raise AssertionError("docker stats ended by itself")
+        except subprocess.TimeoutExpired as e:
+            streamed = (e.stdout or b"").decode(errors="replace")
+        assert streamed.count(name) >= 2, streamed
+
         top = docker("top", name, check=True).stdout.splitlines()
         assert "PID" in top[0].split()
         assert any("while" in line or "sh" in line for line in top[1:])
@@ -285,3 +299,71 @@ def test_pyengine_client(docker: Docker) -> None:
         result = d.cli("create", *args, "busybox", "true")
         assert result.returncode != 0, args
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_junk_never_a_500(docker: Docker) -> None:
+    """Update bodies, ps_args, archive paths and stats queries of every shape: a 4xx (or 501
+    for a limit pyengined lacks), never a 500; the daemon logs no internal error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from tests.api_helpers import RawApi
+    from tests.test_api_properties import JUNK, TEXT
+
+    api = RawApi(docker.daemon.host)
+    name = PREFIX + "junk"
+    docker("run", "-d", "--name", name, "--memory", "64m", "busybox", "sleep", "300", check=True)
+    fields = st.sampled_from(
+        ["Memory", "MemorySwap", "NanoCpus", "CpuShares", "CpuQuota", "CpuPeriod",
+         "CpusetCpus", "PidsLimit", "RestartPolicy", "MemoryReservation", "BlkioWeight"]
+    )  # fmt: skip
+    values = st.one_of(
+        JUNK, st.integers(-(1 << 64), 1 << 64), st.sampled_from([-1, 0, 1, 1 << 62, 6 << 20])
+    )
+    request = st.one_of(
+        st.tuples(st.just("POST"), st.just("update"), st.just({}), st.dictionaries(fields, values)),
+        st.tuples(st.just("POST"), st.just("update"), st.just({}), JUNK),
+        st.tuples(
+            st.just("GET"), st.just("top"), st.fixed_dictionaries({"ps_args": TEXT}), st.none()
+        ),
+        st.tuples(
+            st.sampled_from(["GET", "HEAD"]),
+            st.just("archive"),
+            st.fixed_dictionaries({"path": TEXT}),
+            st.none(),
+        ),
+        st.tuples(
+            st.just("PUT"),
+            st.just("archive"),
+            st.fixed_dictionaries({"path": TEXT}),
+            st.binary(max_size=600),
+        ),
+        st.tuples(
+            st.just("GET"),
+            st.just("stats"),
+            st.fixed_dictionaries({"stream": st.just("0")}, optional={"one-shot": TEXT}),
+            st.none(),
+        ),
+    )
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(req=request)
+    def check(req: tuple[str, str, dict[str, str], Any]) -> None:
+        method, what, query, body = req
+        if what == "stats":
+            query = {**query, "one-shot": "1"}  # an answer at once
+        answer = api.request(method, f"/containers/{name}/{what}", query, body)
+        assert answer.status < 500 or answer.status == 501, (answer.status, answer.body, req)
+
+    try:
+        check()
+        assert "internal error" not in docker.daemon.log()
+        # Whatever the updates did, the container still has a memory limit and runs.
+        assert docker.inspect(name)["State"]["Running"]
+    finally:
+        docker("rm", "-f", name)
