@@ -129,6 +129,8 @@ def test_limits_reach_the_cgroup_and_inspect(docker: Docker) -> None:
         docker("update", "--restart", "on-failure:3", name, check=True)
         policy = docker.inspect(name)["HostConfig"]["RestartPolicy"]
         assert policy == {"Name": "on-failure", "MaximumRetryCount": 3}
+        docker("update", "--cpu-shares", "512", name, check=True)  # keeps the policy
+        assert docker.inspect(name)["HostConfig"]["RestartPolicy"] == policy
         # ... and a new start applies the updated limits.
         docker("restart", "-t", "0", name, check=True)
         assert memory_limit(cgroup_of(docker, name)) == 96 << 20

@@ -48,8 +48,10 @@ def parse_update_body(body: dict[str, Any]) -> UpdateRequest:
         check_resources(r, update=True)
     except ResourceError as e:
         raise BadParameter(str(e)) from None
-    policy = body.get("RestartPolicy")
-    restart = check_restart_policy(policy) if policy is not None else None
+    # The docker CLI always sends a RestartPolicy; an empty Name leaves the container's as it
+    # is (moby container.UpdateContainer).
+    policy = body.get("RestartPolicy") or {}
+    restart = check_restart_policy(policy) if policy.get("Name") else None
     return UpdateRequest(r, restart)
 
 
