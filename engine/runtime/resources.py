@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from engine.runtime.cgroups import unified
+
 MIN_MEMORY = 6 * 1024 * 1024  # moby linuxMinMemory
 INT64_MAX = (1 << 63) - 1
 CFS_PERIOD = 100_000  # the kernel's default cfs period (µs): what --cpus scales
@@ -169,7 +171,8 @@ def linux_resources(r: Resources) -> dict[str, Any]:
         memory["swap"] = r.memory_swap
     if r.memory_reservation > 0:
         memory["reservation"] = r.memory_reservation
-    if r.oom_kill_disable:
+    if r.oom_kill_disable and not unified():
+        # cgroup v2 has no switch for it: Docker discards the setting there too.
         memory["disableOOMKiller"] = True
     if memory:
         out["memory"] = memory
