@@ -150,6 +150,10 @@ def test_extract_errors(layout: tuple[Path, Path, int]) -> None:
         containerfs.extract_tar(fd, "/etc/passwd", _tar(("file", "x", b"x")), ExtractOptions())
     with pytest.raises(PathNotFound):
         containerfs.extract_tar(fd, "/nope", _tar(("file", "x", b"x")), ExtractOptions())
+    with pytest.raises(CopyError, match="too long"):
+        containerfs.stat_path(fd, "9" * 5000)
+    with pytest.raises(CopyError, match="too long"):
+        containerfs.extract_tar(fd, "9" * 5000, _tar(("file", "x", b"x")), ExtractOptions())
     with pytest.raises(CopyError, match="invalid tar"):
         containerfs.extract_tar(fd, "/tmp", io.BytesIO(b"junk" * 300), ExtractOptions())
     (root / "tmp" / "dir").mkdir()

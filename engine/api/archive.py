@@ -53,6 +53,8 @@ class ArchiveApi:
             st = await asyncio.to_thread(containerfs.stat_path, root_fd, path)
         except PathNotFound:
             raise _not_found(path, c) from None
+        except CopyError as e:
+            raise BadParameter(str(e)) from None
         return base64.b64encode(json.dumps(st.json()).encode()).decode()
 
     async def head(self, request: web.Request) -> web.Response:

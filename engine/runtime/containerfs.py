@@ -105,6 +105,8 @@ def _entry(root_fd: int, path: str) -> Any:
             resolved = [*resolved, name]
     except (FileNotFoundError, NotADirectoryError):
         raise PathNotFound(errno.ENOENT, "no such file or directory", path) from None
+    except OSError as e:  # ELOOP, ENAMETOOLONG, EACCES...
+        raise CopyError(f"{path}: {os.strerror(e.errno or errno.EINVAL)}") from None
     try:
         yield dir_fd, name, resolved
     finally:
@@ -345,6 +347,8 @@ def extract_tar(root_fd: int, path: str, src: BinaryIO, options: ExtractOptions)
         raise PathNotFound(errno.ENOENT, "no such file or directory", path) from None
     except NotADirectoryError:
         raise CopyError("extraction point is not a directory") from None
+    except OSError as e:
+        raise CopyError(f"{path}: {os.strerror(e.errno or errno.EINVAL)}") from None
     os.close(dir_fd)
     extractor = _Extractor(root_fd, dest, options)
     try:
