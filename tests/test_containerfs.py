@@ -5,9 +5,12 @@ read or written outside it), Docker's limit checks and the spec they make, ps ou
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -203,3 +206,63 @@ def test_ps_args_and_output() -> None:
     assert result.processes == [["root", "10", "1", "sleep 300"]]
     with pytest.raises(top.TopError, match="PID field"):
         top.parse_ps_output("UID CMD\nroot x\n", {1})
+
+
+def _snapshot(path: Path) -> list[tuple[str, int, bytes]]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            st = p.lstat()
+            data = p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+            out.append((str(p), st.st_mode, data))
+    return sorted(out)
+
+
+def test_random_archives_stay_inside(tmp_path: Path) -> None:
+    """Archives of links, ``..`` and absolute names in any order: whatever they do inside the
+    root, nothing outside it changes."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("host secret\n")
+    names = st.lists(
+        st.sampled_from(["a", "b", "..", ".", "tmp", "l", "m", str(outside).lstrip("/")]),
+        min_size=1,
+        max_size=4,
+    ).map("/".join)
+    targets = st.sampled_from(
+        ["/", "..", "../..", "../../../../..", str(outside), f"{outside}/secret", "a", "/tmp"]
+    )
+    member = st.one_of(
+        st.tuples(st.just("file"), names, st.just(b"data")),
+        st.tuples(st.just("dir"), names, st.just("")),
+        st.tuples(st.just("sym"), names, targets),
+        st.tuples(st.just("hard"), names, names),
+    )
+    before = _snapshot(outside)
+    parent_before = sorted(p.name for p in tmp_path.iterdir())
+
+    @settings(
+        max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(members=st.lists(member, min_size=1, max_size=8), absolute=st.booleans())
+    def check(members: list[tuple[str, str, bytes | str]], absolute: bool) -> None:
+        root = Path(tempfile.mkdtemp(dir=tmp_path, prefix="root"))
+        (root / "tmp").mkdir()
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            named = [(k, ("/" if absolute else "") + n, p) for k, n, p in members]
+            with contextlib.suppress(CopyError, OSError):
+                containerfs.extract_tar(fd, "/tmp", _tar(*named), ExtractOptions())
+            with contextlib.suppress(CopyError, OSError):
+                containerfs.write_tar(fd, "/tmp", io.BytesIO())
+        finally:
+            os.close(fd)
+            shutil.rmtree(root)
+        assert _snapshot(outside) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == parent_before
+
+    check()
