@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from client import containers, events, images, interactive, networks, system, volumes
+from client import containers, copy, events, images, interactive, limits, networks, system, volumes
 from client.command import fail
 from client.http import CONNECTION_ERRORS, Client, DaemonUnreachable
 
@@ -55,6 +55,8 @@ def main(ctx: click.Context, host: str) -> None:
 for _command in (
     *containers.COMMANDS,
     *interactive.COMMANDS,
+    *limits.COMMANDS,
+    *copy.COMMANDS,
     *images.COMMANDS,
     networks.network,
     volumes.volume,

@@ -3,6 +3,7 @@ Docker's request bodies (also for ``network create`` and ``network connect``).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 import click
 
 from client.command import fail
+from client.limits import LIMIT_OPTIONS, limits_host_config
 from client.local_files import read_seccomp_profile
 from client.mountopts import mount_fields
 from common.ports import parse_publish, to_docker_port_bindings
@@ -109,6 +111,7 @@ def container_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.option("--mount", "mounts", multiple=True, help="type=bind|volume|tmpfs,..."),
             click.option("--tmpfs", multiple=True, help="/CONTAINER/PATH[:size=64k,mode=1777]"),
             click.option("--volumes-from", multiple=True, help="CONTAINER[:ro|rw]"),
+            *LIMIT_OPTIONS,
         ]
     ):
         fn = option(fn)
@@ -146,6 +149,16 @@ class ContainerOptions:
     mounts: tuple[str, ...] = ()
     tmpfs: tuple[str, ...] = ()
     volumes_from: tuple[str, ...] = ()
+    # Resource limits (client.limits), as typed.
+    memory: str | None = None
+    memory_swap: str | None = None
+    memory_reservation: str | None = None
+    cpus: str | None = None
+    cpu_shares: int | None = None
+    cpu_period: int | None = None
+    cpu_quota: int | None = None
+    cpuset_cpus: str | None = None
+    pids_limit: int | None = None
 
 
 def container_config(
@@ -191,6 +204,7 @@ def container_config(
             "DnsOptions": list(opts.dns_options),
             "ExtraHosts": [extra_host(h) for h in opts.add_hosts],
             **mount_host_config,
+            **limits_host_config(dataclasses.asdict(opts)),
         },
         "NetworkingConfig": networking_config(opts.network, opts.ip, opts.aliases, opts.ip6),
     }

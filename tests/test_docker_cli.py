@@ -964,7 +964,7 @@ def test_traffic_between_containers_follows_their_networks(
         (["--network", "pyetest-none"], "network pyetest-none not found"),
         (["--restart", "sometimes"], "invalid restart policy: unknown policy 'sometimes'"),
         (["--network", "bridge", "--ip", "10.61.0.77"], "user defined networks only"),
-        (["--memory", "64m"], "memory limits"),
+        (["--blkio-weight", "300"], "--blkio-weight"),
     ],
 )
 def test_unsupported_run_options_are_refused(

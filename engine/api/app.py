@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from common.errors import Conflict, Forbidden, InvalidParameter, NotFound
+from engine.api.archive import ArchiveApi
 from engine.api.attach import AttachApi
 from engine.api.common import (
     MAX_JSON_BODY,
@@ -27,6 +28,7 @@ from engine.api.events import EventsApi
 from engine.api.execs import ExecsApi
 from engine.api.images import ImagesApi
 from engine.api.networks import NetworksApi
+from engine.api.resources import ResourcesApi
 from engine.api.system import SystemApi
 from engine.api.version import API_VERSION, MIN_API_VERSION, ApiVersion, set_api_version
 from engine.api.volumes import VolumesApi
@@ -38,14 +40,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NOT_IMPLEMENTED: list[tuple[str, str, str]] = [
     ("POST", "/containers/{id}/pause", "pause"),
     ("POST", "/containers/{id}/unpause", "unpause"),
-    ("POST", "/containers/{id}/update", "update"),
     ("GET", "/containers/{id}/export", "export"),
-    ("GET", "/containers/{id}/archive", "copying files (docker cp)"),
-    ("HEAD", "/containers/{id}/archive", "copying files (docker cp)"),
-    ("PUT", "/containers/{id}/archive", "copying files (docker cp)"),
     ("GET", "/containers/{id}/changes", "diff"),
-    ("GET", "/containers/{id}/top", "top"),
-    ("GET", "/containers/{id}/stats", "stats"),
     ("POST", "/containers/prune", "container prune"),
     ("POST", "/build", "build"),
     ("POST", "/commit", "commit"),
@@ -142,6 +138,8 @@ def routes(engine: Engine) -> list[tuple[str, str, Handler]]:
         *networks.routes(),
         *VolumesApi(engine).routes(),
         *EventsApi(engine).routes(),
+        *ResourcesApi(engine).routes(),
+        *ArchiveApi(engine).routes(),
     ]
     table += [(method, path, _not_implemented(what)) for method, path, what in NOT_IMPLEMENTED]
     return table

@@ -14,9 +14,8 @@ import asyncio
 import builtins
 import contextlib
 import os
-import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -37,9 +36,10 @@ from engine.api.common import (
     parse_filters,
     stream_frame,
 )
-from engine.api.create import parse_create_body, port_key
+from engine.api.containerfilters import CONTAINER_FILTERS, container_filter
+from engine.api.create import parse_create_body
 from engine.api.networks import NetworksApi
-from engine.api.stateview import check_health_filter, health_suffix, state_json
+from engine.api.stateview import health_suffix, state_json
 from engine.api.version import API_VERSION, V1_44, V1_46, ApiVersion, api_version
 from engine.images.store import ImageNotFound
 from engine.lifecycle.containers import Container
@@ -53,22 +53,6 @@ from engine.lifecycle.engine import (
 from engine.lifecycle.netmodes import create_warnings
 from engine.lifecycle.networking import DEFAULT_NETWORK
 
-CONTAINER_FILTERS = {
-    "id",
-    "name",
-    "status",
-    "exited",
-    "label",
-    "ancestor",
-    "network",
-    "before",
-    "since",
-    "publish",
-    "expose",
-    "volume",
-    "health",
-}
-STATUSES = ("created", "restarting", "running", "removing", "paused", "exited", "dead")
 DISCONNECT_POLL_INTERVAL = 1.0
 T = TypeVar("T")
 
@@ -278,7 +262,7 @@ class ContainersApi:
             "State": {
                 **state_json(s),
                 "Paused": False,
-                "OOMKilled": False,
+                "OOMKilled": s.oom_killed,
                 "Dead": False,
                 "Pid": s.pid,
                 "ExitCode": s.exit_code,
@@ -336,75 +320,11 @@ class ContainersApi:
 
     # ---- listing -------------------------------------------------------------------------
 
-    def _filter(self, filters: dict[str, list[str]]) -> Callable[[Container], bool]:
-        check_health_filter(filters.get("health", []))
-        for value in filters.get("status", []):
-            if value not in STATUSES:
-                raise BadParameter(f"invalid filter 'status={value}'")
-        exited: list[int] = []
-        for value in filters.get("exited", []):
-            try:
-                exited.append(int(value))
-            except ValueError:
-                raise BadParameter(f"invalid filter 'exited={value}'") from None
-        ancestors: set[str] = set()
-        for value in filters.get("ancestor", []):
-            try:
-                ancestors.add(self.engine.images.get(value).id)
-            except (ImageNotFound, ValueError):
-                continue
-        before = {self.engine.containers.get(v).created for v in filters.get("before", [])}
-        since = {self.engine.containers.get(v).created for v in filters.get("since", [])}
-        for value in filters.get("name", []):
-            try:
-                re.compile(value)
-            except re.error as e:
-                raise BadParameter(f"invalid filter 'name={value}': {e}") from None
-
-        def has_port(c: Container, value: str, published: bool) -> bool:
-            key = port_key(value)
-            if published:
-                return any(PortKey(p.host_port, p.proto) == key for p in c.network.ports)
-            return key in exposed_ports(c, self._image_config(c))
-
-        def label(c: Container, value: str) -> bool:
-            key, eq, want = value.partition("=")
-            labels = c.config.get("Labels") or {}
-            return key in labels and (not eq or labels[key] == want)
-
-        checks: dict[str, Callable[[Container, str], bool]] = {
-            "id": lambda c, v: c.id.startswith(v),
-            "name": lambda c, v: re.search(v, f"/{c.name}") is not None,
-            "status": lambda c, v: state_json(c.state)["Status"] == v,
-            "health": lambda c, v: (c.state.health.get("Status") or "none") == v,
-            "exited": lambda c, v: c.state.status == "exited" and c.state.exit_code == int(v),
-            "label": label,
-            "ancestor": lambda c, v: c.image_id in ancestors,
-            "network": lambda c, v: any(
-                a.name == v or a.network_id.startswith(v) for a in self.engine.attachments(c)
-            ),
-            "before": lambda c, v: all(c.created < t for t in before),
-            "since": lambda c, v: all(c.created > t for t in since),
-            "publish": lambda c, v: has_port(c, v, True),
-            "expose": lambda c, v: has_port(c, v, False),
-            "volume": lambda c, v: any(v in (m.name, m.source, m.destination) for m in c.mounts),
-        }
-
-        def keep(c: Container) -> bool:
-            # Labels must all match (moby filters.MatchKVList); other keys match any value.
-            return all(
-                (all if k == "label" else any)(checks[k](c, v) for v in vs)
-                for k, vs in filters.items()
-                if vs
-            )
-
-        return keep
-
     async def list(self, request: web.Request) -> web.Response:
         filters = parse_filters(request, CONTAINER_FILTERS)
         limit = int_query(request, "limit", 0) or 0
         show_all = flag(request, "all") or limit > 0 or "status" in filters or "exited" in filters
-        keep = self._filter(filters)
+        keep = container_filter(self.engine, filters, self._image_config)
         chosen = [
             c
             for c in self.engine.containers.all()

@@ -20,6 +20,9 @@ from engine.lifecycle.netmodes import check_mode_conflicts
 from engine.lifecycle.networking import NetworkRequestError
 from engine.lifecycle.restartpolicy import check_host_config as check_restart_policy
 from engine.runtime.jsonlog import parse_log_config
+from engine.runtime.resources import ResourceError, Resources
+from engine.runtime.resources import check as check_resources
+from engine.runtime.resources import normalize as normalize_resources
 from engine.runtime.seccomp import parse_security_opts
 from engine.volumes.parse import MountRequests, parse_mount_requests
 
@@ -37,16 +40,8 @@ UNSUPPORTED_HOST_CONFIG = {
     "ReadonlyRootfs": "--read-only",
     "Sysctls": "--sysctl",
     "Ulimits": "--ulimit",
-    "Memory": "memory limits (-m)",
-    "MemoryReservation": "--memory-reservation",
-    "NanoCpus": "--cpus",
-    "CpuShares": "--cpu-shares",
-    "CpuQuota": "--cpu-quota",
-    "CpuPeriod": "--cpu-period",
-    "CpusetCpus": "--cpuset-cpus",
     "CpusetMems": "--cpuset-mems",
     "BlkioWeight": "--blkio-weight",
-    "OomKillDisable": "--oom-kill-disable",
     "Init": "--init",
 }
 # These default to a mode name; only their default is supported.
@@ -157,9 +152,12 @@ def check_create_body(
         parse_security_opts(host_config.get("SecurityOpt"))
     except ValueError as e:
         raise BadParameter(str(e)) from e
-    pids_limit = host_config.get("PidsLimit")
-    if pids_limit not in (None, 0, -1):
-        raise NotImplementedByEngine("--pids-limit is not supported by pyengined")
+    try:
+        limits = Resources.from_host_config(host_config)
+        check_resources(limits)
+    except ResourceError as e:
+        raise BadParameter(str(e)) from None
+    host_config.update(normalize_resources(limits).host_config())
     if version.below(V1_44) and isinstance(config.get("Healthcheck"), dict):
         config["Healthcheck"].pop("StartInterval", None)  # 1.44's field, ignored before
     try:

@@ -21,6 +21,7 @@ from common.timefmt import local_rfc3339
 from engine.api.common import json_response
 from engine.api.version import API_VERSION, MIN_API_VERSION, V1_42, V1_44, api_version
 from engine.lifecycle.engine import Engine
+from engine.runtime.resources import swap_accounting
 
 ENGINE_VERSION = "0.1.0"
 INSECURE_REGISTRY_CIDRS = ["127.0.0.0/8"]
@@ -146,18 +147,17 @@ class SystemApi:
                 "Authorization": None,
                 "Log": ["json-file"],
             },
-            # pyengined enforces no resource limits (yet): say so, as Docker does on
-            # kernels without the controllers.
-            "MemoryLimit": False,
-            "SwapLimit": False,
+            # The limits pyengined enforces (engine/runtime/resources.py).
+            "MemoryLimit": True,
+            "SwapLimit": swap_accounting(),
             "KernelMemory": False,
             "KernelMemoryTCP": False,
-            "CpuCfsPeriod": False,
-            "CpuCfsQuota": False,
-            "CPUShares": False,
-            "CPUSet": False,
-            "PidsLimit": False,
-            "OomKillDisable": False,
+            "CpuCfsPeriod": True,
+            "CpuCfsQuota": True,
+            "CPUShares": True,
+            "CPUSet": True,
+            "PidsLimit": True,
+            "OomKillDisable": not cgroup_v2,
             "IPv4Forwarding": _read("/proc/sys/net/ipv4/ip_forward") == "1",
             "BridgeNfIptables": _read("/proc/sys/net/bridge/bridge-nf-call-iptables") == "1",
             "BridgeNfIp6tables": _read("/proc/sys/net/bridge/bridge-nf-call-ip6tables") == "1",

@@ -49,6 +49,7 @@ class ContainerState:
     manually_stopped: bool = False  # stopped or killed through the API: no restart
     # Docker's State.Health ({} without a healthcheck): Status, FailingStreak, Log.
     health: dict[str, Any] = field(default_factory=dict)
+    oom_killed: bool = False  # the kernel's OOM killer ended its last run
 
     @property
     def running(self) -> bool:

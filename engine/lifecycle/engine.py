@@ -20,6 +20,7 @@ from common.ports import PortBinding
 from common.reference import normalize
 from common.timefmt import unix_time, utc_rfc3339
 from engine.images.store import ImageConflict
+from engine.lifecycle.archive import Archive
 from engine.lifecycle.base import (
     ATTACH_DRAIN_TIMEOUT,
     WAIT_CONDITIONS,
@@ -40,6 +41,7 @@ from engine.lifecycle.containers import (
 )
 from engine.lifecycle.health import Health
 from engine.lifecycle.healthcheck import merge as merge_healthcheck
+from engine.lifecycle.limits import Limits, limits_of
 from engine.lifecycle.netmodes import BRIDGE, HOST, check_mode_conflicts, mode_of
 from engine.lifecycle.netops import NetworkOps, exposed_ports, proxy_key
 from engine.lifecycle.networking import (
@@ -50,7 +52,7 @@ from engine.lifecycle.output import Output
 from engine.lifecycle.restarts import Restarts
 from engine.lifecycle.stdio import stdio_options, tty_env
 from engine.lifecycle.volumeops import VolumeOps
-from engine.runtime import bundle, rootfs, seccomp, userdb
+from engine.runtime import bundle, cgroups, rootfs, seccomp, userdb
 from engine.runtime.jsonlog import LogEntry, LogOptions, parse_log_config
 from engine.runtime.runc import ExitStatus, RuncError
 from engine.volumes.parse import MountRequests, image_volume_paths
@@ -74,7 +76,7 @@ __all__ = [
 ]
 
 
-class Engine(NetworkOps, Output, VolumeOps, Restarts, Health):
+class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
     # ---- daemon start and stop -------------------------------------------------------------
 
     async def recover(self) -> None:
@@ -337,9 +339,10 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health):
                 netns_path=net.netns_path,
                 host_network=net.host,
                 bind_files=net.files,
-                cgroups_path=f"/pyengine/{c.id}",
+                cgroups_path=cgroups.cgroups_path(c.id),
                 security=seccomp.parse_security_opts(c.host_config.get("SecurityOpt")),
                 terminal=bool(c.config.get("Tty")),
+                resources=limits_of(c),
             )
             await self._mount_volumes(c, rootfs_dir, spec)
             write_json_atomic(bundle_dir / "config.json", spec)
@@ -421,6 +424,7 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health):
         c.state.exit_code = status.exit_code
         c.state.finished_at = status.finished_at or utc_rfc3339(digits=6)
         c.state.error = status.error
+        c.state.oom_killed = status.oom_killed
         c.state.pid = 0
         c.network = NetworkRecord()
         self.containers.save(c)

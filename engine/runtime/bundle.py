@@ -156,12 +156,15 @@ def runtime_spec(
     domainname: str = "",
     host_network: bool = False,
     terminal: bool = False,
+    resources: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An OCI runtime-spec config with Docker's default security profile: its capabilities,
     masked paths and seccomp filter (unless ``security`` says otherwise).
 
     The network namespace: ``netns_path`` joins an existing one; None makes a new one (runc
-    brings its ``lo`` up); ``host_network`` leaves the namespace out: the host's."""
+    brings its ``lo`` up); ``host_network`` leaves the namespace out: the host's.
+    ``resources``: the memory/cpu/pids entries of ``linux.resources``
+    (engine.runtime.resources)."""
     if not args:
         raise ValueError("no command specified")
     security = security or SecurityOptions()
@@ -215,7 +218,7 @@ def runtime_spec(
             "cgroupsPath": cgroups_path,
             # Deny every device; runc appends its default allow list (null, zero, full, tty,
             # random, urandom, ptmx...) and creates those nodes in /dev.
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "resources": {"devices": [{"allow": False, "access": "rwm"}], **(resources or {})},
             "namespaces": [
                 {"type": "pid"},
                 {"type": "ipc"},

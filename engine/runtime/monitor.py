@@ -33,6 +33,7 @@ from typing import Any
 
 from common.jsonstate import write_json_atomic
 from common.timefmt import utc_rfc3339
+from engine.runtime.cgroups import ContainerCgroup
 from engine.runtime.console import AttachServer, console_socket, receive_master
 from engine.runtime.jsonlog import JsonFileLog, LogOptions
 
@@ -310,6 +311,8 @@ class ContainerMonitor:
             error = f"monitor: {one_line(str(exc)) or type(exc).__name__}"
             print(f"monitor {cfg.container_id}: {exc!r}", file=sys.stderr)
         log.close()
+        # Read before runc delete removes the cgroup: did the kernel OOM-kill in it?
+        oom_killed = ContainerCgroup.of(cfg.container_id).oom_kills() > 0
         self._delete()
         self._reap()
         if self.exit_code is None:
@@ -318,7 +321,12 @@ class ContainerMonitor:
             self.exit_code, self.finished_at = 255, utc_rfc3339()
         write_json_atomic(
             cfg.exit_path,
-            {"ExitCode": self.exit_code, "FinishedAt": self.finished_at, "Error": error},
+            {
+                "ExitCode": self.exit_code,
+                "FinishedAt": self.finished_at,
+                "Error": error,
+                "OOMKilled": oom_killed,
+            },
         )
         return 0
 

@@ -59,6 +59,7 @@ class ExitStatus:
     exit_code: int
     finished_at: str
     error: str = ""
+    oom_killed: bool = False
 
 
 def _read_proc(pid: int, name: str) -> bytes | None:
@@ -302,6 +303,7 @@ class Runtime:
             exit_code=recorded["ExitCode"],
             finished_at=str(recorded.get("FinishedAt", "")),
             error=str(recorded.get("Error", "")),
+            oom_killed=recorded.get("OOMKilled") is True,
         )
 
     async def kill(self, container_id: str, sig: int | str) -> None:
@@ -311,6 +313,13 @@ class Runtime:
         returncode, message = await self._runc("kill", container_id, signal_arg)
         if returncode != 0 and "not running" not in message and "does not exist" not in message:
             raise RuncError(f"kill {container_id}: {message}")
+
+    async def update(self, container_id: str, resources_file: Path) -> None:
+        """``runc update -r``: apply the linux.resources JSON in ``resources_file`` to a
+        running container's cgroup."""
+        returncode, message = await self._runc("update", "-r", str(resources_file), container_id)
+        if returncode != 0:
+            raise RuncError(f"update {container_id}: {message}")
 
     async def delete(self, container_id: str) -> None:
         """Forcibly remove runc's record (and cgroup) of a container; a no-op when absent."""
