@@ -140,6 +140,7 @@ def test_limits_reach_the_cgroup_and_inspect(docker: Docker) -> None:
 
 def test_oom_killed(docker: Docker) -> None:
     name = PREFIX + "oom"
+    since = time.time()
     # tail holds the whole line of zeros in memory: far more than the limit allows.
     docker(
         "run", "-d", "--name", name, "--memory", "16m", "--memory-swap", "16m", "busybox",
@@ -149,6 +150,12 @@ def test_oom_killed(docker: Docker) -> None:
         state = wait_exit(docker, name)
         assert state["ExitCode"] == 137
         assert state["OOMKilled"] is True
+        events = docker(
+            "events", "--since", f"{since:.3f}", "--until", f"{time.time() + 0.5:.3f}",
+            "--filter", f"container={name}",
+            "--format", "{{.Action}}", check=True,
+        ).stdout.split()  # fmt: skip
+        assert events[-2:] == ["oom", "die"], events
     finally:
         docker("rm", "-f", name)
     name = PREFIX + "no-oom"

@@ -403,8 +403,11 @@ class ContainersApi:
             resp.force_close()  # the client sees the connection end without a status
             return resp
         if code is not None:
-            await resp.write(f'{{"Error":null,"StatusCode":{code}}}\n'.encode())
-            await resp.write_eof()
+            try:
+                await resp.write(f'{{"Error":null,"StatusCode":{code}}}\n'.encode())
+                await resp.write_eof()
+            except ConnectionError:
+                pass  # the client left between the exit and this write (docker run -d does)
         return resp
 
     async def remove(self, request: web.Request) -> web.Response:

@@ -432,6 +432,8 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
         ran = 0.0
         with contextlib.suppress(ValueError):
             ran = unix_time(c.state.finished_at) - unix_time(c.state.started_at)
+        if status.oom_killed:
+            self._event(c, "oom")  # before "die", as moby's monitor sends them
         self._event(c, "die", exitCode=str(status.exit_code), execDuration=str(max(int(ran), 0)))
         lifecycle = self._lifecycle(c.id)
         lifecycle.exits += 1

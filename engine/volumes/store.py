@@ -31,7 +31,7 @@ ANONYMOUS_LABEL = "com.docker.volume.anonymous"
 LOCAL = "local"
 RECORD = "volume.json"
 DATA = "_data"
-STORE_DIR_MODE = 0o701  # Docker's /var/lib/docker/volumes
+STORE_DIR_MODE = 0o700  # the data root is 0710: nothing beneath it is open to others
 VOLUME_OPTIONS = ("type", "device", "o")
 MS_BIND = 0x1000
 
@@ -168,7 +168,7 @@ class VolumeStore:
             labels, options = dict(labels or {}), dict(options or {})
             volume = Volume(name, utc_rfc3339(digits=0), LOCAL, labels, options)
             directory = self.root / name
-            directory.mkdir(mode=0o701, exist_ok=True)
+            directory.mkdir(mode=STORE_DIR_MODE, exist_ok=True)
             (directory / DATA).mkdir(mode=0o755, exist_ok=True)
             write_json_atomic(directory / RECORD, asdict(volume))
             self._volumes[name] = volume
