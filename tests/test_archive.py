@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import assert_nothing_left, require, start_daemon, stop_daemon
-from tests.test_limits import DOCKER, Docker, wait_exit
+from tests.dockercli import docker_daemon
+from tests.test_limits import Docker, wait_exit
 
 NAME, BIP = "pyer1", "10.192.1.1/24"
 PREFIX = "pyer-cp-"
@@ -30,18 +30,8 @@ PREFIX = "pyer-cp-"
 
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> Iterator[Docker]:
-    require(DOCKER.exists(), f"needs the docker CLI at {DOCKER}")
     tmp = tmp_path_factory.mktemp(NAME)
-    daemon = start_daemon(tmp, NAME, BIP, userland_proxy=True)
-    cli = Docker(daemon, tmp / "docker-config")
-    try:
-        cli("load", "-i", str(busybox_archive), check=True)
-        yield cli
-    finally:
-        for cid in daemon.cli("ps", "-a", "-q").stdout.split():
-            daemon.cli("rm", "-f", cid)
-        stop_daemon(daemon)
-    assert_nothing_left(daemon)
+    yield from docker_daemon(tmp, NAME, BIP, [busybox_archive], Docker)
 
 
 @pytest.fixture

@@ -17,70 +17,35 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import docker as docker_py
 import pytest
 from docker.models.containers import Container as PyContainer
 
-from tests.conftest import BIN, Daemon, assert_nothing_left, require, start_daemon, stop_daemon
+from tests.conftest import BIN
+from tests.dockercli import DOCKER, DockerCli, docker_daemon
 
-DOCKER = Path("/usr/local/bin/docker")
 NAME, BIP = "pyex0", "10.190.0.1/24"
 CTR = "pyetest-exec-main"
 
 
-class Cli:
-    def __init__(self, daemon: Daemon, config_dir: Path) -> None:
-        self.daemon = daemon
-        self.config_dir = config_dir
+@dataclass
+class Cli(DockerCli):
+    extra_env: dict[str, str] = field(default_factory=lambda: {"TERM": "xterm"})
 
     @property
     def socket_path(self) -> str:
         return self.daemon.host.removeprefix("unix://")
 
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        env.update(
-            DOCKER_HOST=self.daemon.host,
-            DOCKER_CONFIG=str(self.config_dir),
-            DOCKER_API_VERSION="1.47",
-            TERM="xterm",
-        )
-        return env
-
-    def __call__(
-        self, *args: str, input: str | None = None, timeout: float = 60, check: bool = False
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(DOCKER), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            env=self.env(),
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)}: {result.returncode} {result.stderr}")
-        return result
-
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> Iterator[Cli]:
-    require(DOCKER.exists(), f"needs the docker CLI at {DOCKER}")
     tmp = tmp_path_factory.mktemp(NAME)
-    daemon = start_daemon(tmp, NAME, BIP, userland_proxy=True)
-    c = Cli(daemon, tmp / "docker-config")
-    try:
-        c("load", "-i", str(busybox_archive), check=True)
+    for c in docker_daemon(tmp, NAME, BIP, [busybox_archive], Cli):
         c("run", "-d", "--name", CTR, "-e", "X=from-run", "busybox", "sleep", "3600", check=True)
         yield c
-    finally:
-        for cid in daemon.cli("ps", "-a", "-q").stdout.split():
-            daemon.cli("rm", "-f", cid)
-        stop_daemon(daemon)
-    assert_nothing_left(daemon)
 
 
 @pytest.fixture(scope="module")

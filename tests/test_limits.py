@@ -19,54 +19,17 @@ from typing import Any
 import pytest
 
 from engine.runtime.cgroups import ContainerCgroup
-from tests.conftest import Daemon, assert_nothing_left, require, start_daemon, stop_daemon
+from tests.dockercli import DOCKER, docker_daemon
+from tests.dockercli import DockerCli as Docker
 
-DOCKER = Path("/usr/local/bin/docker")
 NAME, BIP = "pyer0", "10.192.0.1/24"
 PREFIX = "pyer-lim-"
 
 
-class Docker:
-    def __init__(self, daemon: Daemon, config_dir: Path) -> None:
-        self.daemon = daemon
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        self.env.update(
-            DOCKER_HOST=daemon.host, DOCKER_CONFIG=str(config_dir), DOCKER_API_VERSION="1.47"
-        )
-
-    def __call__(
-        self, *args: str, check: bool = False, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [str(DOCKER), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)}: {result.stderr.strip()}")
-        return result
-
-    def inspect(self, ref: str) -> dict[str, Any]:
-        return json.loads(self("inspect", ref, check=True).stdout)[0]
-
-
 @pytest.fixture(scope="module")
 def docker(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> Iterator[Docker]:
-    require(DOCKER.exists(), f"needs the docker CLI at {DOCKER}")
     tmp = tmp_path_factory.mktemp(NAME)
-    daemon = start_daemon(tmp, NAME, BIP, userland_proxy=True)
-    cli = Docker(daemon, tmp / "docker-config")
-    try:
-        cli("load", "-i", str(busybox_archive), check=True)
-        yield cli
-    finally:
-        for cid in daemon.cli("ps", "-a", "-q").stdout.split():
-            daemon.cli("rm", "-f", cid)
-        stop_daemon(daemon)
-    assert_nothing_left(daemon)
+    yield from docker_daemon(tmp, NAME, BIP, [busybox_archive], Docker)
 
 
 def cgroup_of(docker: Docker, name: str) -> ContainerCgroup:
@@ -190,7 +153,7 @@ def test_stats_and_top(docker: Docker) -> None:
                 [str(DOCKER), "stats", "--format", "{{.Name}} {{.CPUPerc}}", name],
                 capture_output=True,
                 timeout=3.5,
-                env=docker.env,
+                env=docker.env(),
                 stdin=subprocess.DEVNULL,
             )
             raise AssertionError("docker stats ended by itself")

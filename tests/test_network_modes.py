@@ -20,6 +20,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import docker as dockerpy
@@ -33,8 +34,8 @@ from tests.conftest import (
     start_daemon,
     stop_daemon,
 )
+from tests.dockercli import DOCKER, DockerCli
 
-DOCKER = Path("/usr/local/bin/docker")  # docker CLI 28, told to speak API 1.41
 MODES = {
     True: ("pyem0", "10.184.0.1/24"),
     False: ("pyem1", "10.184.1.1/24"),
@@ -43,34 +44,9 @@ RESTART = ("pyem2", "10.184.2.1/24")
 HOST_PORTS_WARNING = "Published ports are discarded when using host network mode"
 
 
-class Cli:
-    def __init__(self, daemon: Daemon, config_dir: Path) -> None:
-        self.daemon = daemon
-        self.config_dir = config_dir
-
-    def __call__(
-        self, *args: str, check: bool = False, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        env.update(
-            DOCKER_HOST=self.daemon.host,
-            DOCKER_API_VERSION="1.41",
-            DOCKER_CONFIG=str(self.config_dir),
-        )
-        result = subprocess.run(
-            [str(DOCKER), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)}: {result.stderr.strip()}")
-        return result
-
-    def inspect(self, ref: str) -> dict:
-        return json.loads(self("inspect", ref, check=True).stdout)[0]
+@dataclass
+class Cli(DockerCli):
+    api_version: str = "1.41"
 
     def pid(self, ref: str) -> int:
         pid = self.inspect(ref)["State"]["Pid"]

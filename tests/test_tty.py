@@ -13,26 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, assert_nothing_left, require, start_daemon, stop_daemon
-from tests.test_exec import DOCKER, Cli, Terminal
+from tests.conftest import BIN, stop_daemon
+from tests.dockercli import docker_daemon
+from tests.test_exec import Cli, Terminal
 
 NAME, BIP = "pyex1", "10.190.1.1/24"
 
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory, busybox_archive: Path) -> Iterator[Cli]:
-    require(DOCKER.exists(), f"needs the docker CLI at {DOCKER}")
-    tmp = tmp_path_factory.mktemp(NAME)
-    daemon = start_daemon(tmp, NAME, BIP, userland_proxy=True)
-    c = Cli(daemon, tmp / "docker-config")
-    try:
-        c("load", "-i", str(busybox_archive), check=True)
-        yield c
-    finally:
-        for cid in daemon.cli("ps", "-a", "-q").stdout.split():
-            daemon.cli("rm", "-f", cid)
-        stop_daemon(daemon)
-    assert_nothing_left(daemon)
+    yield from docker_daemon(tmp_path_factory.mktemp(NAME), NAME, BIP, [busybox_archive], Cli)
 
 
 def wait_status(cli: Cli, name: str, status: str, timeout: float = 10) -> None:

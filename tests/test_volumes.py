@@ -20,6 +20,8 @@ import pytest
 
 from client.http import Client, DaemonError
 from tests.conftest import Daemon, assert_nothing_left, require, start_daemon, stop_daemon
+from tests.dockercli import DOCKER
+from tests.dockercli import DockerCli as BaseCli
 from tests.test_images import (
     Entry,
     oci_members,
@@ -32,41 +34,12 @@ from tests.test_images import (
 
 pytestmark = pytest.mark.privileged
 
-DOCKER = Path("/usr/local/bin/docker")  # the docker CLI 28
 API_VERSION = "1.47"
 BRIDGE, BIP = "pyeo0", "10.189.0.1/24"
 ANONYMOUS = "com.docker.volume.anonymous"
 
 
-class DockerCli:
-    def __init__(self, daemon: Daemon, config_dir: Path) -> None:
-        self.daemon = daemon
-        self.config_dir = config_dir
-
-    def __call__(
-        self, *args: str, check: bool = False, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
-        env.update(
-            DOCKER_HOST=self.daemon.host,
-            DOCKER_CONFIG=str(self.config_dir),
-            DOCKER_API_VERSION=API_VERSION,
-        )
-        result = subprocess.run(
-            [str(DOCKER), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)}: {result.stderr.strip()}")
-        return result
-
-    def json(self, *args: str) -> object:
-        return json.loads(self(*args, check=True).stdout)
-
+class DockerCli(BaseCli):
     def volumes(self) -> set[str]:
         return set(self("volume", "ls", "-q", check=True).stdout.split())
 
