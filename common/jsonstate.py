@@ -22,8 +22,12 @@ class CorruptRecord(ValueError):
     """A state file that exists but cannot be read as the JSON it should hold."""
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON; readers see the old or the new file, never half."""
+def write_json_atomic(path: Path, data: Any, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` as JSON; readers see the old or the new file, never half.
+
+    ``durable=False`` leaves out the fsyncs: the rename alone is atomic for every process
+    (rename(2)), only a crash of the whole host may lose the write. For state that describes
+    processes, which a host crash ends anyway."""
     path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
@@ -32,8 +36,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.rename(tmp, path)
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
