@@ -37,15 +37,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy import strays
+from proxy import hostlimits, strays
 from proxy.childprocess import ChildProcess, describe_exit, watch_process
+from proxy.hostlimits import HostLimitError
 from proxy.launch import ProxyError, ProxyLauncher, terminate
 from proxy.listencheck import dup_socket, same_socket
 from proxy.pidfd import ProcessIdentity
 from proxy.records import ProxyRecord, RecordDirectory, Survivor, recognise
 from proxy.spec import PortAddress, ProxySpec
 
-__all__ = ["PortAddress", "ProxyError", "ProxySpec", "ProxySupervisor"]
+__all__ = ["HostLimitError", "PortAddress", "ProxyError", "ProxySpec", "ProxySupervisor"]
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -122,12 +123,15 @@ class ProxySupervisor:
         """:meth:`start` for many ports at once, all or nothing: the requests go to the fork
         server back to back (up to START_WINDOW in flight), and the records are written in
         one pass at the end. If one proxy cannot start, the others of the batch are stopped
-        again and ProxyError says why the first failed. Returns the pids by key."""
+        again and ProxyError says why the first failed; HostLimitError (one) when the host or
+        this process cannot hold that many more proxies, before any starts. Returns the pids
+        by key."""
         seen: set[str] = set()
         for key, _, _ in proxies:
             if key in seen or key in self._proxies or key in self._survivors:
                 raise ProxyError(f"a proxy for {key} is already running")
             seen.add(key)
+        hostlimits.check_room(len(proxies), START_WINDOW)
         batch: list[_SupervisedProxy] = []
         try:
             for key, spec, listen_sock in proxies:

@@ -53,7 +53,7 @@ from netd import (
     Network,
     PublishedPort,
 )
-from proxy.supervisor import ProxySpec
+from proxy.supervisor import HostLimitError, ProxySpec
 
 log = logging.getLogger("pyengined.engine")
 
@@ -342,7 +342,10 @@ class NetworkOps(EngineBase):
                 if p.host_port
             ]
             undo.append(lambda: self.proxies.stop_many(key for key, _, _ in batch))
-            await self.proxies.start_many(batch)
+            try:
+                await self.proxies.start_many(batch)
+            except HostLimitError as e:  # nothing started: the request asks too much of the host
+                raise InvalidParameter(str(e)) from None
         c.network = network_record(endpoint, published)
         files = bundle.write_network_files(
             cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
