@@ -102,15 +102,16 @@ class RecordDirectory:
         touched: dict[str, dict[str, ProxyRecord]] = {}
         for key, record in changes.items():
             name = record_name(key)
+            written = self._written.get(name, {})
+            if written.get(key) == record and name not in self._stale:
+                continue  # e.g. a survivor adopted as it was recorded
             if name not in touched:
-                touched[name] = dict(self._written.get(name, {}))
+                touched[name] = dict(written)
             if record is None:
                 touched[name].pop(key, None)
             else:
                 touched[name][key] = record
         for name, group in touched.items():
-            if group == self._written.get(name, {}) and name not in self._stale:
-                continue
             self._stale.discard(name)
             if group:
                 self._write(name, group)

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from common.jsonstate import write_json_atomic
 from proxy import hostlimits, strays
+from proxy.pidfd import ProcessIdentity
+from proxy.records import ProxyRecord, RecordDirectory, record_name
 from proxy.supervisor import HostLimitError, ProxyError, ProxySpec, ProxySupervisor
 from tests.conftest import require_root
 
@@ -259,3 +262,32 @@ def test_pids_cgroup_and_task_counts_are_read_from_proc(tmp_path: Path) -> None:
     v1.mkdir(parents=True)
     (v1 / "pids.max").write_text("max\n")
     assert hostlimits.pids_cgroup(proc, root) == v1
+
+
+def test_records_are_one_file_per_container_and_older_forms_are_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "proxies"
+    identity = ProcessIdentity(pid=4242, start_time=1, comm="pyengine-proxy", cmdline=("x",))
+
+    def record(container: str, port: int) -> ProxyRecord:
+        spec = ProxySpec("tcp", "127.0.0.1", port, "10.0.0.2", 80)
+        return ProxyRecord(f"{container}/tcp/127.0.0.1/{port}", spec, identity)
+
+    old = [record("c1", 1), record("c1", 2), record("c2", 3)]
+    path.mkdir()
+    for number, r in enumerate(old):  # the per-proxy form
+        write_json_atomic(path / f"proxy{number}.json", {"version": 1, **r.to_json()})
+    directory = RecordDirectory(path)
+    assert sorted(r.key for r in directory.load()) == sorted(r.key for r in old)
+    directory.save(old)
+    files = sorted(path.glob("*.json"))
+    assert [f.name for f in files] == sorted({record_name("c1/x"), record_name("c2/x")})
+    c1 = path / record_name("c1/x")
+    assert [p["key"] for p in json.loads(c1.read_text())["proxies"]] == [old[0].key, old[1].key]
+
+    inode = c1.stat().st_ino
+    directory.update({old[0].key: old[0]})  # unchanged: not written again
+    assert c1.stat().st_ino == inode
+    directory.update({old[0].key: None})
+    assert [p["key"] for p in json.loads(c1.read_text())["proxies"]] == [old[1].key]
+    directory.update({old[1].key: None, old[2].key: None})
+    assert not path.exists()
