@@ -5,6 +5,7 @@ limits checked before a batch starts. Real fork server, real proxies, 127.0.0.1 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import resource
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from common.jsonstate import write_json_atomic
+from netd.portmap import _bind_error
 from proxy import hostlimits, strays
 from proxy.pidfd import ProcessIdentity
 from proxy.records import ProxyRecord, RecordDirectory, record_name
@@ -291,3 +293,8 @@ def test_records_are_one_file_per_container_and_older_forms_are_replaced(tmp_pat
     assert [p["key"] for p in json.loads(c1.read_text())["proxies"]] == [old[1].key]
     directory.update({old[1].key: None, old[2].key: None})
     assert not path.exists()
+
+
+def test_running_out_of_open_files_while_reserving_ports_is_named() -> None:
+    error = _bind_error("tcp", "::", 31673, OSError(errno.EMFILE, "Too many open files"))
+    assert "RLIMIT_NOFILE" in str(error) and "\n" not in str(error)
