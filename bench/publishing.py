@@ -33,6 +33,7 @@ from bench.environment import (
     start_study_dockerd,
 )
 from bench.httpprobe import wait_for_200
+from bench.listening import count_listening
 from bench.loadgen import LoadError, Target, run_wrk
 from bench.progress import Progress
 from bench.results import Results, Sample
@@ -123,6 +124,11 @@ def _publish_ports(
         run_s = time.monotonic() - t0
         objects = kernel_objects(daemon)
         helpers_pss = helper_processes_pss_mib(daemon)
+        # Proxy mode: the ports whose proxies listen, on IPv4 and on IPv6.
+        listening = listening6 = None
+        if daemon.userland_proxy and count:
+            listening = float(count_listening(ports, ("tcp",)))
+            listening6 = float(count_listening(ports, ("tcp6",)))
         if count and not daemon.userland_proxy and env.cfg.connrate_duration_s:
             ip = daemon.client.inspect(container_id)["NetworkSettings"]["IPAddress"]
             results.add(_connection_rate(env, daemon, container_id, ip, ports[-1], count, rep))
@@ -135,6 +141,8 @@ def _publish_ports(
             "rm_s": rm_s,
             "kernel_objects": objects,
             "helpers_pss_mib": helpers_pss,
+            "listening": listening,
+            "listening6": listening6,
         }
     except (DaemonError, DaemonUnreachable, TimeoutError) as exc:
         sample.error = f"{daemon.program}: {exc or 'no answer'}"
@@ -278,6 +286,11 @@ def run_publishing(
             if v.get("kernel_objects") is not None:
                 text += f", {v['kernel_objects']:.0f} rules+elements"
             text += f", helpers' Pss {v['helpers_pss_mib']:,.1f} MiB"
+            if v.get("listening") is not None:
+                text += (
+                    f", {v['listening']:,.0f}/{count:,} ports listening"
+                    f" ({v.get('listening6') or 0:,.0f} on IPv6)"
+                )
             last = results.samples[-2] if len(results.samples) > 1 else None
             if last and last.study == "connrate" and last.params.get("ports") == count:
                 lv = last.values

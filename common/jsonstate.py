@@ -41,6 +41,19 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.close(dir_fd)
 
 
+def replace_json(path: Path, data: Any) -> None:
+    """:func:`write_json_atomic` without the fsyncs, on one line: the rename alone makes the
+    new file appear whole to every process (rename(2)); only a crash of the whole host can
+    lose it. For records of running processes, which such a crash ends too, written by the
+    thousand (an fsync each cost ~1 ms)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, FILE_MODE)
+    with open(fd, "w", encoding="utf-8") as f:
+        os.fchmod(fd, FILE_MODE)
+        f.write(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
+    os.rename(tmp, path)
+
+
 def read_json(path: Path, default: Any = None) -> Any:
     """The JSON in ``path``, or ``default`` when the file does not exist."""
     try:

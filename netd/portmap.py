@@ -16,6 +16,7 @@ import ctypes
 import errno
 import logging
 import os
+import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ def _describe(proto: str, host_ip: str, port: int | str) -> str:
 def _bind_error(proto: str, host_ip: str, port: int | str, exc: OSError) -> NetdError:
     if exc.errno == errno.EADDRINUSE:
         return NetdError(f"{_describe(proto, host_ip, port)} is already in use")
+    if exc.errno == errno.EMFILE:
+        # Each reserved port is a socket the daemon holds (and in proxy mode, more fds).
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return NetdError(
+            f"cannot bind {_describe(proto, host_ip, port)}: the daemon has used up its "
+            f"{soft} open files (RLIMIT_NOFILE): publish fewer ports or raise the limit"
+        )
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return NetdError(f"cannot bind {_describe(proto, host_ip, port)}: {reason}")
 

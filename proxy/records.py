@@ -1,13 +1,17 @@
 """The record of the proxies that can outlive the daemon (live restore), and the survivors the
 next daemon recognises from it.
 
-The record is a directory with one small JSON file per proxy, named after its key and written
-atomically when that proxy starts, restarts or stops: its key, its :class:`ProxySpec`, and the
-identity of its process (pid, start time, name, command line), which tells it from a process
-that later got the same pid. One file per proxy, so that a start or a stop writes or removes
-one file whatever the number of proxies (one file rewritten in full after every start made
-1,000 starts take 18 s instead of 3 s). The earlier form, a single file holding them all, is
-read once and replaced.
+The record is a directory with one small JSON file per container — per group of keys that
+share their first segment, ``<container id>/<proto>/<host ip>/<host port>`` — holding, for
+each of its proxies, the key, the :class:`ProxySpec`, and the identity of its process (pid,
+start time, name, command line), which tells it from a process that later got the same pid.
+A container's proxies start and stop as one batch, so a batch writes or removes one file,
+whatever the number of its ports and of the other containers' (a file per proxy cost 2,000
+file creations to publish 1,000 ports dual-stack; one file rewritten in full after every start
+made 1,000 starts take 18 s instead of 3 s). The files are replaced atomically without fsync
+(common.jsonstate.replace_json): a record only describes running processes, which a crash of
+the host that could lose the write ends too. The earlier forms — one file per proxy, or a
+single file holding them all — are read once and replaced.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import hashlib
 import logging
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.jsonstate import CorruptRecord, read_json, read_record, write_json_atomic
+from common.jsonstate import CorruptRecord, read_json, read_record, replace_json
 from proxy.handshake import LISTEN_FD
 from proxy.listencheck import listener_problem
 from proxy.pidfd import ProcessIdentity, open_pidfd, socket_of
@@ -29,11 +33,13 @@ from proxy.spec import ProxySpec
 
 log = logging.getLogger("proxy.supervisor")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: one file per proxy, each a record itself
 
 
 def record_name(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:24] + ".json"
+    """The file that holds the record of ``key``: that of its group (its container)."""
+    group = key.partition("/")[0]
+    return hashlib.sha256(group.encode()).hexdigest()[:24] + ".json"
 
 
 @dataclass(frozen=True)
@@ -63,75 +69,111 @@ class ProxyRecord:
 
 
 class RecordDirectory:
-    """The record directory at ``path``. It remembers what it wrote there, so that
-    :meth:`save` writes or removes only the files of the proxies that changed."""
+    """The record directory at ``path``. It remembers what it wrote there, so that a save
+    writes or removes only the files of the groups that changed."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # Record files on disk, by name: what each holds (None: to be replaced or removed).
-        self._written: dict[str, ProxyRecord | None] = {}
+        # Group files on disk, by name: the records each holds.
+        self._written: dict[str, dict[str, ProxyRecord]] = {}
+        # Files a previous daemon left (other forms, malformed): replaced or removed by save().
+        self._stale: set[str] = set()
 
     def save(self, records: Iterable[ProxyRecord]) -> None:
         """Bring the directory in line with ``records``, the proxies that can outlive this
         process (the last record of a key wins). Raises OSError."""
-        wanted = {record_name(record.key): record for record in records}
+        wanted: dict[str, dict[str, ProxyRecord]] = {}
+        for record in records:
+            wanted.setdefault(record_name(record.key), {})[record.key] = record
         if self.path.is_file():
             self.path.unlink()  # the single-file form, read once by load()
-        for name in [n for n in self._written if n not in wanted]:
+        for name in [n for n in [*self._written, *self._stale] if n not in wanted]:
             (self.path / name).unlink(missing_ok=True)
-            del self._written[name]
-        for name, record in wanted.items():
-            if self._written.get(name) == record:
-                continue
-            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            write_json_atomic(self.path / name, record.to_json())
-            self._written[name] = record
-        if not wanted:
-            try:
-                self.path.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                pass  # not empty: files that are not ours
+            self._written.pop(name, None)
+        stale, self._stale = self._stale, set()
+        for name, group in wanted.items():
+            if name in stale or self._written.get(name) != group:
+                self._write(name, group)
+        self._remove_if_empty()
+
+    def update(self, changes: Mapping[str, ProxyRecord | None]) -> None:
+        """Write the record of each changed key, or remove it (None): one file per group
+        touched, whatever the number of the others. Raises OSError."""
+        touched: dict[str, dict[str, ProxyRecord]] = {}
+        for key, record in changes.items():
+            name = record_name(key)
+            written = self._written.get(name, {})
+            if written.get(key) == record and name not in self._stale:
+                continue  # e.g. a survivor adopted as it was recorded
+            if name not in touched:
+                touched[name] = dict(written)
+            if record is None:
+                touched[name].pop(key, None)
+            else:
+                touched[name][key] = record
+        for name, group in touched.items():
+            self._stale.discard(name)
+            if group:
+                self._write(name, group)
+            else:
+                (self.path / name).unlink(missing_ok=True)
+                self._written.pop(name, None)
+        self._remove_if_empty()
+
+    def _write(self, name: str, group: dict[str, ProxyRecord]) -> None:
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        content = {"version": STATE_VERSION, "proxies": [r.to_json() for r in group.values()]}
+        replace_json(self.path / name, content)
+        self._written[name] = group
+
+    def _remove_if_empty(self) -> None:
+        if self._written or self._stale:
+            return
+        try:
+            self.path.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # not empty: files that are not ours
 
     def load(self) -> list[ProxyRecord]:
-        """The records a previous daemon left: a directory of one file per proxy (or the
-        earlier single file holding them all)."""
+        """The records a previous daemon left: a directory of one file per container (or per
+        proxy, or the earlier single file holding them all). Every file read is replaced or
+        removed by the next :meth:`save`."""
         path = self.path
-        entries: list[tuple[str, Any]] = []  # (record file name, content)
+        entries: list[Any] = []
         try:
             if path.is_file():
-                data = read_json(path, {})
-                found = data.get("proxies", []) if isinstance(data, dict) else []
-                entries = [("", e) for e in (found if isinstance(found, list) else [])]
+                entries = _entries(read_json(path, {}))
             elif path.is_dir():
                 for f in sorted(path.glob("*.json")):
+                    self._stale.add(f.name)
                     try:
-                        entries.append((f.name, read_record(f, {})))
+                        entries.extend(_entries(read_record(f, {})))
                     except CorruptRecord as err:
-                        # One unreadable record must not cost the others their proxy.
+                        # One unreadable file must not cost the other containers their proxies.
                         log.warning("ignoring a corrupt proxy record: %s", err)
-                        entries.append((f.name, {}))  # malformed: save() removes it
-                # Temporary files of writes a SIGKILL cut short (write_json_atomic's names).
+                # Temporary files of writes a SIGKILL cut short (replace_json's names).
                 for leftover in path.glob(".*.json.tmp*"):
                     leftover.unlink(missing_ok=True)
         except (OSError, ValueError) as err:
             log.warning("ignoring %s: %s", path, err)
             return []
         loaded = []
-        for name, entry in entries:
-            if name:
-                # On disk now: save() replaces or removes it (a malformed one too).
-                self._written[name] = None
+        for entry in entries:
             try:
-                record = ProxyRecord.from_json(entry)
+                loaded.append(ProxyRecord.from_json(entry))
             except (KeyError, TypeError, ValueError) as err:
                 log.warning("ignoring a malformed proxy record in %s: %r", path, err)
-                continue
-            loaded.append(record)
-            if name == record_name(record.key):
-                self._written[name] = record
         return loaded
+
+
+def _entries(content: Any) -> list[Any]:
+    """The records in one file's content: a group's ``proxies`` list, or one record (the
+    per-proxy form)."""
+    if isinstance(content, dict) and isinstance(content.get("proxies"), list):
+        return list(content["proxies"])
+    return [content] if isinstance(content, dict) and content else [{}]
 
 
 @dataclass(eq=False)

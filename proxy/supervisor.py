@@ -33,22 +33,27 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy import strays
+from proxy import hostlimits, strays
 from proxy.childprocess import ChildProcess, describe_exit, watch_process
+from proxy.hostlimits import HostLimitError
 from proxy.launch import ProxyError, ProxyLauncher, terminate
 from proxy.listencheck import dup_socket, same_socket
 from proxy.pidfd import ProcessIdentity
 from proxy.records import ProxyRecord, RecordDirectory, Survivor, recognise
 from proxy.spec import PortAddress, ProxySpec
 
-__all__ = ["PortAddress", "ProxyError", "ProxySpec", "ProxySupervisor"]
+__all__ = ["HostLimitError", "PortAddress", "ProxyError", "ProxySpec", "ProxySupervisor"]
 
 log = logging.getLogger("proxy.supervisor")
 
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+# Starts in flight at once in a batch: each holds a status pipe (2 fds) and its request holds
+# 2 fds queued to the fork server; the window keeps both bounded whatever the batch's size.
+START_WINDOW = 64
 # A proxy that dies again soon after a restart is restarted with growing delays.
 _STABLE_AFTER_SECONDS = 10.0
 _FIRST_BACKOFF_SECONDS = 0.5
@@ -99,6 +104,7 @@ class ProxySupervisor:
         self._outlive_daemon = outlive_daemon
         self._proxies: dict[str, _SupervisedProxy] = {}
         self._survivors: dict[str, Survivor] = {}
+        self._changed: set[str] = set()  # keys whose record is to be written or removed
 
     # ---- proxies of this supervisor's own ------------------------------------------------------
 
@@ -108,45 +114,101 @@ class ProxySupervisor:
         '1\\n<err>' or early exit. The supervisor keeps its own dup of listen_sock, so the
         caller may close its copy. If the proxy later dies unexpectedly, it is restarted on the
         same socket, with one log line."""
-        if key in self._proxies or key in self._survivors:
-            raise ProxyError(f"a proxy for {key} is already running")
+        pids = await self.start_many([(key, spec, listen_sock)])
+        return pids[key]
+
+    async def start_many(
+        self, proxies: Sequence[tuple[str, ProxySpec, socket.socket]]
+    ) -> dict[str, int]:
+        """:meth:`start` for many ports at once, all or nothing: the requests go to the fork
+        server back to back (up to START_WINDOW in flight), and the records are written in
+        one pass at the end. If one proxy cannot start, the others of the batch are stopped
+        again and ProxyError says why the first failed; HostLimitError (one) when the host or
+        this process cannot hold that many more proxies, before any starts. Returns the pids
+        by key."""
+        seen: set[str] = set()
+        for key, _, _ in proxies:
+            if key in seen or key in self._proxies or key in self._survivors:
+                raise ProxyError(f"a proxy for {key} is already running")
+            seen.add(key)
+        hostlimits.check_room(len(proxies), START_WINDOW)
+        batch: list[_SupervisedProxy] = []
         try:
-            own_socket = dup_socket(listen_sock)
-        except OSError as err:
-            raise ProxyError(f"cannot duplicate the socket for {key}: {err.strerror}") from None
-        supervised = _SupervisedProxy(key=key, spec=spec, listen_socket=own_socket)
-        self._proxies[key] = supervised
-        try:
-            child = await self._launch(supervised)
-            if supervised.stopping:
-                await terminate(child)
-                raise ProxyError(f"proxy for {key} was stopped while starting")
-        except BaseException:
-            if self._proxies.get(key) is supervised:
-                del self._proxies[key]
-            own_socket.close()
-            raise
-        self._watch(supervised, child)
-        try:
+            for key, spec, listen_sock in proxies:
+                try:
+                    own_socket = dup_socket(listen_sock)
+                except OSError as err:
+                    raise ProxyError(
+                        f"cannot duplicate the socket for {key}: {err.strerror}"
+                    ) from None
+                supervised = _SupervisedProxy(key=key, spec=spec, listen_socket=own_socket)
+                self._proxies[key] = supervised
+                batch.append(supervised)
+            window = asyncio.Semaphore(START_WINDOW)
+            results = await asyncio.gather(
+                *(self._start_one(supervised, window) for supervised in batch),
+                return_exceptions=True,
+            )
+            failure = next((r for r in results if isinstance(r, BaseException)), None)
+            if failure is not None:
+                raise failure
             self._save()
-        except OSError as err:
-            # Unrecorded, a proxy that outlives this daemon would be unknown to the next one.
-            await self.stop(key)
-            raise ProxyError(
-                f"cannot record the proxy for {key} in {self._state_path}: {err.strerror or err}"
-            ) from None
-        return child.pid
+        except BaseException as err:
+            await self._undo_batch(batch)
+            if isinstance(err, OSError):
+                # Unrecorded, a proxy that outlives this daemon would be unknown to the next.
+                raise ProxyError(
+                    f"cannot record the proxies in {self._state_path}: {err.strerror or err}"
+                ) from None
+            raise
+        return {s.key: s.child.pid for s in batch if s.child is not None}
+
+    async def _start_one(self, supervised: _SupervisedProxy, window: asyncio.Semaphore) -> None:
+        async with window:
+            if supervised.stopping:
+                raise ProxyError(f"proxy for {supervised.key} was stopped while starting")
+            child = await self._launch(supervised)
+        if supervised.stopping:
+            await terminate(child)
+            raise ProxyError(f"proxy for {supervised.key} was stopped while starting")
+        self._watch(supervised, child)
+
+    async def _undo_batch(self, batch: list[_SupervisedProxy]) -> None:
+        """Stop what a failed batch started and forget all of it."""
+        for supervised in batch:
+            supervised.stopping = True
+        await asyncio.gather(
+            *(terminate(s.child) for s in batch if s.child is not None), return_exceptions=True
+        )
+        for supervised in batch:
+            if self._proxies.get(supervised.key) is supervised:
+                del self._proxies[supervised.key]
+                self._changed.add(supervised.key)
+            supervised.listen_socket.close()
+        self._save_or_warn()
 
     async def stop(self, key: str) -> None:
         """SIGTERM the proxy (through its pidfd), wait up to 5 s, then SIGKILL; close the
         socket dup. A survivor not adopted yet is stopped the same way."""
+        await self.stop_many([key])
+
+    async def stop_many(self, keys: Iterable[str]) -> None:
+        """:meth:`stop` for many keys at once: every proxy is signalled at once, their exits
+        are awaited together, and the records are removed in one pass."""
+        try:
+            await asyncio.gather(*(self._stop_one(key) for key in set(keys)))
+        finally:
+            self._save_or_warn()
+
+    async def _stop_one(self, key: str) -> None:
         survivor = self._survivors.pop(key, None)
         if survivor is not None:
+            self._changed.add(key)
             await self._stop_survivor(survivor)
-            self._save_or_warn()
         supervised = self._proxies.pop(key, None)
         if supervised is None:
             return
+        self._changed.add(key)
         supervised.stopping = True
         try:
             if supervised.restart_task is not None:
@@ -156,13 +218,12 @@ class ProxySupervisor:
                 await terminate(supervised.child)
         finally:
             supervised.listen_socket.close()
-            self._save_or_warn()
 
     async def stop_all(self) -> None:
         """Stop every proxy (survivors included), then the fork server (started again if a
         proxy is started later)."""
         await self._launcher.cancel_warm_up()
-        await asyncio.gather(*(self.stop(key) for key in list(self._proxies)))
+        await self.stop_many(list(self._proxies))
         await self.stop_survivors()
         await self._launcher.close()
         self._save_or_warn()
@@ -248,7 +309,7 @@ class ProxySupervisor:
                 self._survivors[key] = survivor
         finally:
             await asyncio.gather(*(self._stop_survivor(s) for s in unwanted))
-            self._save_or_warn()
+            self._save_or_warn(everything=True)
         await self._stop_strays()
         if held:
             log.info("taking over %d proxies left running by the previous daemon", len(held))
@@ -285,6 +346,7 @@ class ProxySupervisor:
         )
         if mismatch is not None:
             log.warning("proxy %s of the previous daemon serves %s; replacing it", key, mismatch)
+            self._changed.add(key)
             await self._stop_survivor(survivor)
             self._save_or_warn()
             return None
@@ -315,6 +377,7 @@ class ProxySupervisor:
         survivors, self._survivors = list(self._survivors.values()), {}
         if not survivors:
             return
+        self._changed.update(s.record.key for s in survivors)
         await asyncio.gather(*(self._stop_survivor(s) for s in survivors))
         self._save_or_warn()
 
@@ -330,26 +393,36 @@ class ProxySupervisor:
 
     # ---- the record of the running proxies -----------------------------------------------------
 
-    def _recorded(self) -> list[ProxyRecord]:
-        """Each proxy that can outlive this process (started to, or adopted): the others die
-        with it (PR_SET_PDEATHSIG). Survivors of a previous daemon stay recorded until they
-        are stopped or adopted."""
-        recorded = [
-            ProxyRecord(p.key, p.spec, p.identity)
-            for p in self._proxies.values()
-            if p.identity is not None and p.outlives_supervisor
-        ]
-        return recorded + [s.record for s in self._survivors.values()]
+    def _record_of(self, key: str) -> ProxyRecord | None:
+        """The record of a proxy that can outlive this process (started to, or adopted): the
+        others die with it (PR_SET_PDEATHSIG). Survivors of a previous daemon stay recorded
+        until they are stopped or adopted."""
+        p = self._proxies.get(key)
+        if p is not None and p.identity is not None and p.outlives_supervisor:
+            return ProxyRecord(p.key, p.spec, p.identity)
+        survivor = self._survivors.get(key)
+        return survivor.record if survivor is not None else None
 
-    def _save(self) -> None:
-        """Bring the record directory in line with what runs (proxy/records.py). Raises
+    def _save(self, *, everything: bool = False) -> None:
+        """Write the records of the proxies that changed since the last save (proxy/records.py),
+        or with ``everything``, bring the whole directory in line with what runs. Raises
         OSError."""
-        if self._records is not None:
-            self._records.save(self._recorded())
-
-    def _save_or_warn(self) -> None:
+        changed, self._changed = self._changed, set()
+        if self._records is None:
+            return
         try:
-            self._save()
+            if everything:
+                keys = list(self._proxies) + list(self._survivors)
+                self._records.save(r for r in map(self._record_of, keys) if r is not None)
+            elif changed:
+                self._records.update({key: self._record_of(key) for key in changed})
+        except OSError:
+            self._changed |= changed  # tried again at the next save
+            raise
+
+    def _save_or_warn(self, *, everything: bool = False) -> None:
+        try:
+            self._save(everything=everything)
         except OSError as err:
             log.warning("cannot record the running proxies in %s: %s", self._state_path, err)
 
@@ -367,6 +440,7 @@ class ProxySupervisor:
         supervised.started_at = loop.time()
         supervised.identity = ProcessIdentity.of(child.pid) if child.running else None
         supervised.outlives_supervisor = self._outlive_daemon or child.foreign
+        self._changed.add(supervised.key)
         child.exited.add_done_callback(lambda _: self._on_exit(supervised, child))
 
     def _on_exit(self, supervised: _SupervisedProxy, child: ChildProcess) -> None:

@@ -576,8 +576,9 @@ def spawned_pids() -> Iterator[set[int]]:
 
 
 def recorded(state_dir: Path) -> list[dict]:
-    """The supervisor's records: one JSON file per proxy under ``state_dir``."""
-    return [read_json(f, {}) for f in sorted(state_dir.glob("*.json"))]
+    """The supervisor's records: a JSON file per container under ``state_dir``, listing its
+    proxies."""
+    return [r for f in sorted(state_dir.glob("*.json")) for r in read_json(f, {})["proxies"]]
 
 
 async def start_and_detach(

@@ -378,25 +378,27 @@ def _proxy_pids(d: Daemon) -> dict[int, int]:
     """Host port → pid of its proxy, from the daemon's proxy records."""
     pids = {}
     for path in (d.data_root / "proxies").glob("*.json"):
-        record = json.loads(path.read_text())
-        pids[record["spec"]["host_port"]] = record["process"]["pid"]
+        for record in json.loads(path.read_text())["proxies"]:
+            pids[record["spec"]["host_port"]] = record["process"]["pid"]
     return pids
 
 
 def test_corrupt_proxy_record_spares_the_others(holder: Holder) -> None:
-    """One proxy record unreadable: the proxies of the others are adopted as they run."""
+    """One container's proxy record unreadable: the proxies of the others are adopted as they
+    run."""
     d = holder.daemon
     broken, kept = free_port(), free_port()
-    cid = d.cli(
-        "run", "-d", "-p", f"127.0.0.1:{broken}:80", "-p", f"127.0.0.1:{kept}:81",
-        "busybox", "sleep", "120",
-        check=True,
-    ).stdout.strip()  # fmt: skip
+    cids = [
+        d.cli(
+            "run", "-d", "-p", f"127.0.0.1:{port}:80", "busybox", "sleep", "120", check=True
+        ).stdout.strip()  # fmt: skip
+        for port in (broken, kept)
+    ]
     before = _proxy_pids(d)
     assert set(before) == {broken, kept}
-    stop_daemon(d)  # live restore: the container and its proxies go on
+    stop_daemon(d)  # live restore: the containers and their proxies go on
     for path in (d.data_root / "proxies").glob("*.json"):
-        if json.loads(path.read_text())["spec"]["host_port"] == broken:
+        if json.loads(path.read_text())["proxies"][0]["spec"]["host_port"] == broken:
             path.write_text("{")
     d = holder.restart()
     try:
@@ -405,7 +407,7 @@ def test_corrupt_proxy_record_spares_the_others(holder: Holder) -> None:
         assert broken in after, "the port of the corrupt record is not published again"
         assert "ignoring a corrupt proxy record" in d.log()
     finally:
-        d.cli("rm", "-f", cid)
+        d.cli("rm", "-f", *cids)
 
 
 def test_corrupt_network_state_is_set_aside(holder: Holder) -> None:

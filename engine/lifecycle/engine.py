@@ -412,8 +412,9 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
 
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
-        for p in c.network.ports:
-            await self.proxies.stop(proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+        await self.proxies.stop_many(
+            proxy_key(c.id, p.proto, p.host_ip, p.host_port) for p in c.network.ports
+        )
         await self.dns.stop(c.id)
         await self._netd(self.network.delete_endpoint, c.id)
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")

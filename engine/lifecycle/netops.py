@@ -53,7 +53,7 @@ from netd import (
     Network,
     PublishedPort,
 )
-from proxy.supervisor import ProxySpec
+from proxy.supervisor import HostLimitError, ProxySpec
 
 log = logging.getLogger("pyengined.engine")
 
@@ -335,12 +335,17 @@ class NetworkOps(EngineBase):
             self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
         )
         if self.cfg.userland_proxy:
-            for p in published:
-                if not p.host_port:
-                    continue  # routed: the container's port itself, no host port to proxy
-                key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
-                undo.append(lambda key=key: self.proxies.stop(key))
-                await self.proxies.start(key, self._proxy_spec(c, p), p.sock)
+            # Routed ports (no host port) have nothing to proxy. One batch for all the others.
+            batch = [
+                (proxy_key(c.id, p.proto, p.host_ip, p.host_port), self._proxy_spec(c, p), p.sock)
+                for p in published
+                if p.host_port
+            ]
+            undo.append(lambda: self.proxies.stop_many(key for key, _, _ in batch))
+            try:
+                await self.proxies.start_many(batch)
+            except HostLimitError as e:  # nothing started: the request asks too much of the host
+                raise InvalidParameter(str(e)) from None
         c.network = network_record(endpoint, published)
         files = bundle.write_network_files(
             cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
