@@ -467,3 +467,38 @@ def bridge_ports(bridge: str) -> list[str]:
     """The interfaces enslaved to ``bridge`` (empty when it does not exist)."""
     path = f"/sys/class/net/{bridge}/brif"
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+@contextlib.contextmanager
+def loopback_echo_server(backlog: int = 128, timeout: float = 10.0) -> Iterator[tuple[str, int]]:
+    """A TCP echo server on 127.0.0.1 (a thread per connection) for as long as the block runs;
+    its (address, port)."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=backlog)
+    listener.settimeout(0.2)
+    stopping = threading.Event()
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(timeout)
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[:2]
+    finally:
+        stopping.set()
+        thread.join(timeout=10)
+        listener.close()

@@ -39,6 +39,7 @@ from tests.conftest import (
     start_daemon,
     stop_daemon,
 )
+from tests.netns_helpers import loopback_echo_server
 
 MODES = {
     True: ("pyelr0", "10.70.0.1/24"),
@@ -492,35 +493,8 @@ def test_proxies_follow_live_restore_off(
 
 @pytest.fixture
 def echo_server() -> Iterator[tuple[str, int]]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stopping = threading.Event()
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            try:
-                while data := conn.recv(4096):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def serve() -> None:
-        while not stopping.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[:2]
-    finally:
-        stopping.set()
-        thread.join(timeout=10)
-        listener.close()
+    with loopback_echo_server() as address:
+        yield address
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

@@ -12,7 +12,6 @@ import resource
 import signal
 import socket
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from proxy.pidfd import ProcessIdentity
 from proxy.records import ProxyRecord, RecordDirectory, record_name
 from proxy.supervisor import HostLimitError, ProxyError, ProxySpec, ProxySupervisor
 from tests.conftest import require_root
+from tests.netns_helpers import loopback_echo_server
 
 COUNT = 300
 IO_TIMEOUT = 10.0
@@ -33,35 +33,8 @@ IO_TIMEOUT = 10.0
 
 @pytest.fixture
 def echo_server() -> Iterator[tuple[str, int]]:
-    listener = socket.create_server(("127.0.0.1", 0), backlog=512)
-    listener.settimeout(0.2)
-    stopping = threading.Event()
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(IO_TIMEOUT)
-            try:
-                while data := conn.recv(4096):
-                    conn.sendall(data)
-            except OSError:
-                pass
-
-    def serve() -> None:
-        while not stopping.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[:2]
-    finally:
-        stopping.set()
-        thread.join(timeout=10)
-        listener.close()
+    with loopback_echo_server(backlog=512, timeout=IO_TIMEOUT) as address:
+        yield address
 
 
 @pytest.fixture
