@@ -434,32 +434,31 @@ def build_debian_image(
         )
 
 
-def build_nginx_image(
+# Images made of Debian packages: name -> (packages, image config, mmdebstrap customize hooks).
+DEBIAN_IMAGES: dict[str, tuple[list[str], dict[str, Any], tuple[str, ...]]] = {
+    "nginx": (["nginx"], NGINX_CONFIG, NGINX_LOG_HOOKS),  # logging to stdout/stderr
+    "redis": (["redis-server"], REDIS_CONFIG, REDIS_HOOKS),  # redis-server and redis-cli
+}
+
+
+def build_named_image(
+    name: str,
     out: Path,
-    ref: str = "nginx:latest",
+    ref: str | None = None,
     suite: str = DEFAULT_SUITE,
     mirror: str | None = None,
     epoch: int | None = None,
     verbose: bool = False,
 ) -> None:
-    """Write the nginx image archive to ``out``: Debian's nginx, logging to stdout/stderr."""
+    """Write the archive of one of DEBIAN_IMAGES to ``out`` (ref: ``NAME:latest``)."""
+    packages, config, hooks = DEBIAN_IMAGES[name]
     build_debian_image(
-        out, ["nginx"], NGINX_CONFIG, ref, suite, mirror, epoch, NGINX_LOG_HOOKS, verbose
+        out, packages, config, ref or f"{name}:latest", suite, mirror, epoch, hooks, verbose
     )
 
 
-def build_redis_image(
-    out: Path,
-    ref: str = "redis:latest",
-    suite: str = DEFAULT_SUITE,
-    mirror: str | None = None,
-    epoch: int | None = None,
-    verbose: bool = False,
-) -> None:
-    """Write the redis image archive to ``out``: Debian's redis-server and redis-cli."""
-    build_debian_image(
-        out, ["redis-server"], REDIS_CONFIG, ref, suite, mirror, epoch, REDIS_HOOKS, verbose
-    )
+def build_nginx_image(out: Path, ref: str = "nginx:latest", verbose: bool = False) -> None:
+    build_named_image("nginx", out, ref, verbose=verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,10 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ref = args.tag or f"{args.image}:latest"
     try:
-        if args.image == "nginx":
-            build_nginx_image(args.out, ref, args.suite, args.mirror, verbose=args.verbose)
-        elif args.image == "redis":
-            build_redis_image(args.out, ref, args.suite, args.mirror, verbose=args.verbose)
+        if args.image in DEBIAN_IMAGES:
+            build_named_image(
+                args.image, args.out, ref, args.suite, args.mirror, verbose=args.verbose
+            )
         else:
             build_busybox_image(args.out, ref)
     except (ImageBuildError, ValueError, OSError) as e:

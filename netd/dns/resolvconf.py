@@ -154,7 +154,12 @@ def host_mode_resolv_conf(host_text: str, overrides: DnsOverrides) -> str:
     filters them for a namespace of its own)."""
     if not (overrides.servers or overrides.search is not None or overrides.options):
         return host_text
-    lines = [f"nameserver {s}" for s in (overrides.servers or nameservers(host_text))]
+    return _replaced(host_text, list(overrides.servers or nameservers(host_text)), overrides)
+
+
+def _replaced(host_text: str, servers: list[str], overrides: DnsOverrides) -> str:
+    """``servers``, then the overrides' search domains and options, each else the host's."""
+    lines = [f"nameserver {s}" for s in servers]
     search = _search(host_text, overrides)
     if search:
         lines.append("search " + " ".join(search))
@@ -192,16 +197,7 @@ def bridge_resolv_conf(
         if not chosen:
             chosen = [s for s in nameservers(host_text) if not _is_loopback(s)]
             chosen = chosen or list(FALLBACK_NAMESERVERS)
-        lines = [f"nameserver {s}" for s in chosen]
-        search = _search(host_text, overrides)
-        if search:
-            lines.append("search " + " ".join(search))
-        options = list(overrides.options) or [
-            opt for args in _directives(host_text, "options") for opt in args
-        ]
-        if options:
-            lines.append("options " + " ".join(options))
-        return "\n".join(lines) + "\n"
+        return _replaced(host_text, chosen, overrides)
     lines = []
     servers = 0
     for line in host_text.splitlines():
