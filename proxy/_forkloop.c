@@ -10,8 +10,9 @@
  *
  * serve(control_fd) runs the loop (proxy/forkserver.py documents the protocol) and returns None
  * in the server when the supervisor closes its end. In a forked proxy it returns
- * (payload, ready): the request's JSON payload, and whether this code made the listener ready,
- * reported "0\n" on fd 3 and waited until the listener turned readable (the proxy then serves;
+ * (payload, ready): the request's JSON payload, and whether this code made the listener (fd 4,
+ * and fd 5 for a proxy of both families of a port) ready, reported "0\n" on fd 3 and waited
+ * until a listener turned readable (the proxy then serves;
  * SIGINT and SIGTERM are still blocked, for the proxy to unblock once it handles them). With
  * ready False, nothing was reported and the proxy starts the ordinary way (and reports errors).
  *
@@ -40,12 +41,14 @@
 #define MAX_FDS 8
 #define STATUS_FD 3
 #define LISTEN_FD 4
-#define FIRST_FREE_FD 5
+#define SECOND_LISTEN_FD 5
+#define FIRST_FREE_FD 6
 #define HEADER_MAGIC 0x50594631u /* "PYF1" */
 
 #define FLAG_OUTLIVE_PARENT 1u /* no PR_SET_PDEATHSIG: the proxy outlives the server */
 #define FLAG_IDLE_HERE 2u      /* fd 4 is the listener: get it ready and wait here */
 #define FLAG_UDP 4u            /* with FLAG_IDLE_HERE: a UDP listener (else TCP) */
+#define FLAG_SECOND_LISTENER 8u /* with FLAG_IDLE_HERE: fd 5 is a listener too */
 
 /* The fixed part of a request; the supervisor's JSON payload follows it. */
 struct request_header {
@@ -110,12 +113,12 @@ static void report_exits(int control)
     }
 }
 
-/* Give fds[i] the number targets[i] (3 or 4) and close every other fd above 2. */
+/* Give fds[i] the number targets[i] (3, 4 or 5) and close every other fd above 2. */
 static int place_fds(const int *fds, const uint8_t *targets, int count)
 {
     int staged[MAX_FDS];
     for (int i = 0; i < count; i++) {
-        /* A received fd at 3 or 4 is moved out of the way first, so that placing one never
+        /* A received fd at 3, 4 or 5 is moved out of the way first, so that placing one never
          * closes another. */
         staged[i] = fds[i] >= FIRST_FREE_FD ? fds[i] : fcntl(fds[i], F_DUPFD, FIRST_FREE_FD);
         if (staged[i] < 0)
@@ -129,7 +132,7 @@ static int place_fds(const int *fds, const uint8_t *targets, int count)
     }
     for (int fd = STATUS_FD; fd < FIRST_FREE_FD; fd++)
         if (!placed[fd])
-            close(fd); /* a proxy must not mistake a stray fd 3 or 4 for its parent's */
+            close(fd); /* a proxy must not mistake a stray fd 3, 4 or 5 for its parent's */
     if (syscall(SYS_close_range, FIRST_FREE_FD, ~0u, 0) < 0) {
         long max = sysconf(_SC_OPEN_MAX);
         for (long fd = FIRST_FREE_FD; fd < max; fd++)
@@ -153,32 +156,32 @@ static int is_wildcard(int fd)
 
 /* What proxy/listener.py and proxy/udp.py do to an adopted listener; -1 if anything is off,
  * and the proxy's own start-up then finds and reports it. */
-static int prepare_listener(int udp)
+static int prepare_listener(int fd, int udp)
 {
     int type, family;
     socklen_t length = sizeof(type);
-    if (getsockopt(LISTEN_FD, SOL_SOCKET, SO_TYPE, &type, &length) < 0)
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) < 0)
         return -1;
     length = sizeof(family);
-    if (getsockopt(LISTEN_FD, SOL_SOCKET, SO_DOMAIN, &family, &length) < 0)
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &family, &length) < 0)
         return -1;
     if ((family != AF_INET && family != AF_INET6) || type != (udp ? SOCK_DGRAM : SOCK_STREAM))
         return -1;
-    int flags = fcntl(LISTEN_FD, F_GETFL);
-    if (flags < 0 || fcntl(LISTEN_FD, F_SETFL, flags | O_NONBLOCK) < 0)
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return -1;
-    if (fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC) < 0)
+    if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
         return -1;
     if (!udp)
-        return listen(LISTEN_FD, SOMAXCONN);
-    int wildcard = is_wildcard(LISTEN_FD);
+        return listen(fd, SOMAXCONN);
+    int wildcard = is_wildcard(fd);
     if (wildcard <= 0)
         return wildcard;
     /* ip(7) IP_PKTINFO, ipv6(7) IPV6_RECVPKTINFO: set before the first datagram is queued. */
     int on = 1;
     if (family == AF_INET)
-        return setsockopt(LISTEN_FD, IPPROTO_IP, IP_PKTINFO, &on, sizeof(on));
-    return setsockopt(LISTEN_FD, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof(on));
+        return setsockopt(fd, IPPROTO_IP, IP_PKTINFO, &on, sizeof(on));
+    return setsockopt(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO, &on, sizeof(on));
 }
 
 static int report_ready(void)
@@ -192,9 +195,9 @@ static int report_ready(void)
     return written == 2 ? 0 : -1;
 }
 
-/* Block in poll(2) until the listener is readable (returns 0) or SIGINT/SIGTERM arrives (the
- * proxy exits 0, closing its listener, as docker-proxy does). */
-static int wait_for_traffic(void)
+/* Block in poll(2) until a listener is readable (returns 0) or SIGINT/SIGTERM arrives (the
+ * proxy exits 0, closing its listeners, as docker-proxy does). */
+static int wait_for_traffic(int listeners)
 {
     sigset_t stop;
     sigemptyset(&stop);
@@ -203,20 +206,21 @@ static int wait_for_traffic(void)
     int stop_fd = signalfd(-1, &stop, SFD_CLOEXEC);
     if (stop_fd < 0)
         return -1;
-    struct pollfd watched[2] = {
-        {.fd = LISTEN_FD, .events = POLLIN},
+    struct pollfd watched[3] = {
         {.fd = stop_fd, .events = POLLIN},
+        {.fd = LISTEN_FD, .events = POLLIN},
+        {.fd = SECOND_LISTEN_FD, .events = POLLIN},
     };
     for (;;) {
-        if (poll(watched, 2, -1) < 0) {
+        if (poll(watched, (nfds_t)(1 + listeners), -1) < 0) {
             if (errno == EINTR)
                 continue;
             close(stop_fd);
             return -1;
         }
-        if (watched[1].revents)
+        if (watched[0].revents)
             _exit(0);
-        if (watched[0].revents) {
+        if (watched[1].revents || (listeners > 1 && watched[2].revents)) {
             close(stop_fd);
             return 0;
         }
@@ -248,10 +252,13 @@ static PyObject *become_proxy(const struct request_header *header, const char *p
         sigaddset(&signals, SIGINT);
         sigaddset(&signals, SIGTERM);
         sigprocmask(SIG_BLOCK, &signals, NULL);
-        if (prepare_listener(header->flags & FLAG_UDP) == 0) {
+        int udp = header->flags & FLAG_UDP;
+        int listeners = header->flags & FLAG_SECOND_LISTENER ? 2 : 1;
+        if (prepare_listener(LISTEN_FD, udp) == 0 &&
+            (listeners == 1 || prepare_listener(SECOND_LISTEN_FD, udp) == 0)) {
             if (report_ready() < 0)
                 _exit(1); /* the supervisor went away before the proxy was ready */
-            if (wait_for_traffic() == 0)
+            if (wait_for_traffic(listeners) == 0)
                 ready = 1;
             else
                 _exit(1); /* reported ready, and cannot go on: exit as a failed proxy does */
@@ -287,7 +294,7 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
     int seen[FIRST_FREE_FD] = {0};
     for (int i = 0; valid && i < fd_count; i++) {
         uint8_t target = header.targets[i];
-        valid = (target == STATUS_FD || target == LISTEN_FD) && !seen[target];
+        valid = target >= STATUS_FD && target < FIRST_FREE_FD && !seen[target];
         if (valid)
             seen[target] = 1;
     }
@@ -394,7 +401,8 @@ PyMODINIT_FUNC PyInit__forkloop(void)
         PyModule_AddIntConstant(module, "MAX_FDS", MAX_FDS) < 0 ||
         PyModule_AddIntConstant(module, "FLAG_OUTLIVE_PARENT", FLAG_OUTLIVE_PARENT) < 0 ||
         PyModule_AddIntConstant(module, "FLAG_IDLE_HERE", FLAG_IDLE_HERE) < 0 ||
-        PyModule_AddIntConstant(module, "FLAG_UDP", FLAG_UDP) < 0) {
+        PyModule_AddIntConstant(module, "FLAG_UDP", FLAG_UDP) < 0 ||
+        PyModule_AddIntConstant(module, "FLAG_SECOND_LISTENER", FLAG_SECOND_LISTENER) < 0) {
         Py_DECREF(module);
         return NULL;
     }

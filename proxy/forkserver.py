@@ -52,7 +52,7 @@ import sys
 from typing import Any, NoReturn
 
 from proxy import _forkloop
-from proxy.handshake import LISTEN_FD, STATUS_FD, StartupStatus
+from proxy.handshake import LISTEN_FD, SECOND_LISTEN_FD, STATUS_FD, StartupStatus
 from proxy.options import ProxyOptions, UsageError, parse_command_line
 from proxy.prctl import outlive_parent, set_parent_death_signal
 
@@ -61,7 +61,7 @@ MAX_MESSAGE = 64 * 1024
 MAX_FDS = _forkloop.MAX_FDS  # fds per message, either way
 PROCESS_NAME = b"pyengine-proxy"
 REHEARSALS = 3
-ASSIGNED_FDS = (STATUS_FD, LISTEN_FD)  # the fd numbers a request can give a proxy
+ASSIGNED_FDS = (STATUS_FD, LISTEN_FD, SECOND_LISTEN_FD)  # the fd numbers a request can give
 # struct request_header in proxy/_forkloop.c: magic, id, flags, fd count, fd numbers, padding.
 _HEADER = struct.Struct(f"=IIIB{MAX_FDS}s3x")
 
@@ -85,17 +85,24 @@ def encode_request(
     request_id: int, argv: list[str], fds: list[int], *, outlive_parent: bool
 ) -> bytes:
     """A request for a proxy running ``pyengine-proxy argv`` with the attached fds at the
-    numbers ``fds`` (3: the status pipe, 4: the listener)."""
+    numbers ``fds`` (3: the status pipe, 4: the listener, 5: a second listener)."""
     if not set(fds) <= set(ASSIGNED_FDS) or len(set(fds)) < len(fds):
         raise ValueError(f"fds can only be passed as {ASSIGNED_FDS}")
     flags = _forkloop.FLAG_OUTLIVE_PARENT if outlive_parent else 0
     options = _parse_quietly(argv)
-    if set(fds) == set(ASSIGNED_FDS) and options is not None and options.use_listen_fd:
-        # The C loop can make the listener ready and wait for traffic; anything else (no
+    listeners = len(options.listeners()) if options is not None else 0
+    if (
+        options is not None
+        and options.use_listen_fd
+        and set(fds) == set(ASSIGNED_FDS[: 1 + listeners])
+    ):
+        # The C loop can make the listeners ready and wait for traffic; anything else (no
         # listener, or arguments to reject) goes the proxy's ordinary way, which reports it.
         flags |= _forkloop.FLAG_IDLE_HERE
         if options.proto == "udp":
             flags |= _forkloop.FLAG_UDP
+        if listeners == 2:
+            flags |= _forkloop.FLAG_SECOND_LISTENER
     header = _HEADER.pack(_forkloop.HEADER_MAGIC, request_id, flags, len(fds), bytes(fds))
     return header + encode({"argv": argv, "outlive_parent": outlive_parent})
 

@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 STATUS_FD = 3
 LISTEN_FD = 4
+SECOND_LISTEN_FD = 5  # a proxy of both families of a port: its other listener
+LISTEN_FDS = (LISTEN_FD, SECOND_LISTEN_FD)
 
 
 class StartupStatus:

@@ -4,8 +4,9 @@ of part-way through, with EMFILE or EAGAIN from deep inside a start.
 
 What N proxies cost the daemon and the host:
 
-- open files of the daemon: per proxy, its copy of the listening socket and a pidfd, and while
-  it starts, its status pipe (2 fds) and the 2 fds of its request queued to the fork server;
+- open files of the daemon: per proxy, its copy of each listening socket (one, or two for a
+  port on 0.0.0.0 and ::) and a pidfd, and while it starts, its status pipe (2 fds) and the
+  fds of its request queued to the fork server;
   the soft RLIMIT_NOFILE bounds them (pyengined raises it to the hard limit at start,
   engine/rlimits.py; only CAP_SYS_RESOURCE raises the hard limit, setrlimit(2));
 - one process each: every task on the host takes a pid below ``kernel.pid_max`` and counts
@@ -26,8 +27,7 @@ from proxy.launch import ProxyError
 
 # Open files a start needs while in flight (status pipe, request fds), and what the daemon
 # keeps free for everything else (API connections, the embedded DNS, netd, runc's pipes).
-FDS_IN_FLIGHT_PER_START = 4
-FDS_PER_PROXY = 2
+FDS_IN_FLIGHT_PER_START = 5
 FD_RESERVE = 256
 # Tasks left for everything else on the host (a runc start alone is a few).
 TASK_RESERVE = 512
@@ -87,15 +87,16 @@ def _cgroup_room(cgroup: Path) -> tuple[int, int] | None:
     return int(limit), int((cgroup / "pids.current").read_text())
 
 
-def check_room(count: int, window: int) -> None:
-    """Raise HostLimitError when starting ``count`` more proxies (``window`` at once) would
-    pass a limit of this process or of the host."""
+def check_room(count: int, sockets: int, window: int) -> None:
+    """Raise HostLimitError when starting ``count`` more proxies with ``sockets`` listening
+    sockets among them (``window`` at once) would pass a limit of this process or of the
+    host."""
     if count <= 0:
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY:
         held = open_fds()
-        need = FDS_PER_PROXY * count + FDS_IN_FLIGHT_PER_START * min(count, window)
+        need = sockets + count + FDS_IN_FLIGHT_PER_START * min(count, window)
         if held + need + FD_RESERVE > soft:
             raise HostLimitError(
                 f"{count} more proxies need about {need} open files and the daemon holds "

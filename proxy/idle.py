@@ -35,16 +35,17 @@ class IdleWait:
     def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop_requested = True
 
-    def until_traffic(self, listener: socket.socket) -> bool:
-        """Block until ``listener`` is readable (True) or a stop signal came (False)."""
+    def until_traffic(self, listeners: list[socket.socket]) -> bool:
+        """Block until one of ``listeners`` is readable (True) or a stop signal came (False)."""
         poller = select.poll()
-        poller.register(listener.fileno(), select.POLLIN)
+        for listener in listeners:
+            poller.register(listener.fileno(), select.POLLIN)
         poller.register(self._read_fd, select.POLLIN)
         while not self.stop_requested:
             # An interrupted poll runs the Python handler, then polls again (PEP 475); the
             # wakeup pipe is readable by then, so that poll returns at once.
             for fd, _ in poller.poll():
-                if fd == listener.fileno():
+                if fd != self._read_fd:
                     return True
                 self._drain()
         return False

@@ -1,7 +1,8 @@
 """Starting a proxy process and stopping it.
 
 A proxy is forked by the warm fork server (proxy/forkserver.py) or exec'd from ``argv``, with
-the write end of its status pipe as fd 3 and its listening socket as fd 4; it is started once
+the write end of its status pipe as fd 3 and its listening socket as fd 4 (and its second, for
+the other family of the port, as fd 5); it is started once
 it reports ``0`` on the pipe (proxy/handshake.py). It is stopped by SIGTERM through its pidfd,
 then SIGKILL.
 """
@@ -14,12 +15,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
-from proxy.handshake import LISTEN_FD, STATUS_FD, read_status
+from proxy.handshake import LISTEN_FDS, STATUS_FD, read_status
 from proxy.prctl import OUTLIVE_PARENT_ENV
 from proxy.spec import ProxySpec
 
@@ -60,7 +61,7 @@ class ProxyLauncher:
         return self._fork_server.server_pid if self._fork_server is not None else None
 
     async def launch(
-        self, key: str, spec: ProxySpec, listen_socket: socket.socket, timeout: float
+        self, key: str, spec: ProxySpec, listen_sockets: Sequence[socket.socket], timeout: float
     ) -> ChildProcess:
         """Spawn the proxy for ``spec`` and wait up to ``timeout`` for its handshake; on any
         failure it is killed again, and ProxyError says why."""
@@ -69,7 +70,9 @@ class ProxyLauncher:
         except OSError as err:
             raise ProxyError(f"cannot create the status pipe: {err.strerror}") from None
         try:
-            fds = {STATUS_FD: write_fd, LISTEN_FD: listen_socket.fileno()}
+            fds = {STATUS_FD: write_fd}
+            targets = LISTEN_FDS[: len(listen_sockets)]
+            fds.update((fd, s.fileno()) for fd, s in zip(targets, listen_sockets, strict=True))
             try:
                 child = await self._spawn(spec.command_line(), fds)
             finally:

@@ -20,19 +20,19 @@ def dup_socket(sock: socket.socket) -> socket.socket:
     return socket.socket(sock.family, sock.type, sock.proto, fileno=os.dup(sock.fileno()))
 
 
-def listener_problem(sock: socket.socket, spec: ProxySpec) -> str | None:
-    """Why ``sock``, taken from a proxy's fd 4, cannot be the listener of ``spec``; None if
+def listener_problem(sock: socket.socket, spec: ProxySpec, fd: int = LISTEN_FD) -> str | None:
+    """Why ``sock``, taken from a proxy's fd ``fd``, cannot be a listener of ``spec``; None if
     it can."""
     try:
         if sock.type != _SOCKET_TYPES.get(spec.proto):
-            return f"its fd {LISTEN_FD} is not a {spec.proto} socket"
+            return f"its fd {fd} is not a {spec.proto} socket"
         port = sock.getsockname()[1]
         if port != spec.host_port:
-            return f"its fd {LISTEN_FD} is bound to port {port}, not {spec.host_port}"
+            return f"its fd {fd} is bound to port {port}, not {spec.host_port}"
         if spec.proto == "tcp" and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            return f"its fd {LISTEN_FD} is not listening"
+            return f"its fd {fd} is not listening"
     except OSError as err:
-        return f"its fd {LISTEN_FD} is not a usable socket ({err.strerror or err})"
+        return f"its fd {fd} is not a usable socket ({err.strerror or err})"
     return None
 
 

@@ -1,10 +1,11 @@
-"""The proxy's listening socket: bound here, or handed over by the parent as fd 4."""
+"""The proxy's listening sockets: bound here, or handed over by the parent as fd 4 (and fd 5
+for the other family of the same port)."""
 
 from __future__ import annotations
 
 import socket
 
-from proxy.handshake import LISTEN_FD
+from proxy.handshake import LISTEN_FDS
 from proxy.options import ProxyOptions
 
 _SOCKET_TYPES = {"tcp": socket.SOCK_STREAM, "udp": socket.SOCK_DGRAM}
@@ -18,23 +19,32 @@ def address_family(ip: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in ip else socket.AF_INET
 
 
-def open_listener(options: ProxyOptions) -> socket.socket:
-    """A non-blocking socket ready to accept (TCP) or receive (UDP) for ``options``."""
-    if options.use_listen_fd:
-        return _adopt_listen_fd(options.proto)
-    return _bind_listener(options)
-
-
-def _adopt_listen_fd(proto: str) -> socket.socket:
+def open_listeners(options: ProxyOptions) -> list[socket.socket]:
+    """Non-blocking sockets ready to accept (TCP) or receive (UDP) for ``options``, one per
+    listener (:meth:`ProxyOptions.listeners`)."""
+    if not options.use_listen_fd:
+        return [_bind_listener(options)]
+    listeners: list[socket.socket] = []
     try:
-        sock = socket.socket(fileno=LISTEN_FD)
+        for fd in LISTEN_FDS[: len(options.listeners())]:
+            listeners.append(_adopt_listen_fd(options.proto, fd))
+    except ListenerError:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+def _adopt_listen_fd(proto: str, fd: int) -> socket.socket:
+    try:
+        sock = socket.socket(fileno=fd)
     except OSError as err:
-        raise ListenerError(f"fd {LISTEN_FD} is not a usable socket: {err.strerror}") from None
+        raise ListenerError(f"fd {fd} is not a usable socket: {err.strerror}") from None
     try:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            raise ListenerError(f"fd {LISTEN_FD} is not an IPv4 or IPv6 socket")
+            raise ListenerError(f"fd {fd} is not an IPv4 or IPv6 socket")
         if sock.type != _SOCKET_TYPES[proto]:
-            raise ListenerError(f"fd {LISTEN_FD} is not a {proto} socket")
+            raise ListenerError(f"fd {fd} is not a {proto} socket")
         sock.set_inheritable(False)
         sock.setblocking(False)
         if proto == "tcp":
@@ -46,7 +56,7 @@ def _adopt_listen_fd(proto: str) -> socket.socket:
         raise
     except OSError as err:
         sock.close()
-        raise ListenerError(f"cannot listen on fd {LISTEN_FD}: {err.strerror}") from None
+        raise ListenerError(f"cannot listen on fd {fd}: {err.strerror}") from None
     return sock
 
 

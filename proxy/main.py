@@ -16,9 +16,9 @@ import sys
 
 import uvloop
 
-from proxy.handshake import LISTEN_FD, StartupStatus
+from proxy.handshake import LISTEN_FDS, StartupStatus
 from proxy.idle import STOP_SIGNALS, IdleWait
-from proxy.listener import ListenerError, open_listener
+from proxy.listener import ListenerError, open_listeners
 from proxy.options import USAGE, ProxyOptions, UsageError, parse_command_line
 from proxy.prctl import set_parent_death_signal
 from proxy.tcp import TcpProxy
@@ -57,16 +57,17 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
         _exit_with_parent()
     raise_open_file_limit()
     try:
-        listener = open_listener(options)
+        listeners = open_listeners(options)
     except ListenerError as err:
         log.error("%s", err)
         status.report_failure(str(err))
         return 1
     if options.proto == "udp":
         try:
-            prepare_listener(listener)
+            for listener in listeners:
+                prepare_listener(listener)
         except OSError as err:
-            listener.close()
+            _close_all(listeners)
             message = f"cannot start proxying: {err.strerror or err}"
             log.error("%s", message)
             status.report_failure(message)
@@ -75,8 +76,8 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
     try:
         status.report_ready()
         log.debug("ready")
-        if idle is not None and not idle.until_traffic(listener):
-            listener.close()
+        if idle is not None and not idle.until_traffic(listeners):
+            _close_all(listeners)
             return 0
     finally:
         if idle is not None:
@@ -91,32 +92,39 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
     try:
         stopping = idle is None or idle.stop_requested
         return loop.run_until_complete(
-            _serve(options, listener, rehearsal=idle is None, stopping=stopping)
+            _serve(options, listeners, rehearsal=idle is None, stopping=stopping)
         )
     finally:
         loop.close()
 
 
 def serve_ready_listener(options: ProxyOptions) -> int:
-    """Proxy on fd 4, a listener already made ready, reported, and readable (a proxy that the
-    fork server's C loop forked and that has seen its first traffic); SIGINT and SIGTERM are
-    blocked until the event loop handles them. Returns the exit code."""
+    """Proxy on fd 4 (and fd 5), listeners already made ready and reported, one of them
+    readable (a proxy that the fork server's C loop forked and that has seen its first
+    traffic); SIGINT and SIGTERM are blocked until the event loop handles them. Returns the
+    exit code."""
     raise_open_file_limit()
-    listener = socket.socket(fileno=LISTEN_FD)
-    listener.setblocking(False)
+    listeners = [socket.socket(fileno=fd) for fd in LISTEN_FDS[: len(options.listeners())]]
+    for listener in listeners:
+        listener.setblocking(False)
     gc.enable()  # see run()
     loop = uvloop.new_event_loop()
     try:
         return loop.run_until_complete(
-            _serve(options, listener, rehearsal=False, stopping=False, unblock_signals=True)
+            _serve(options, listeners, rehearsal=False, stopping=False, unblock_signals=True)
         )
     finally:
         loop.close()
 
 
+def _close_all(listeners: list[socket.socket]) -> None:
+    for listener in listeners:
+        listener.close()
+
+
 async def _serve(
     options: ProxyOptions,
-    listener: socket.socket,
+    listeners: list[socket.socket],
     *,
     rehearsal: bool,
     stopping: bool,
@@ -134,31 +142,42 @@ async def _serve(
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if rehearsal or stopping:
         stop_requested.set()
-    proxy: TcpProxy | UdpProxy
-    if options.proto == "tcp":
-        proxy = TcpProxy(
-            loop,
-            listener,
-            options.container_ip,
-            options.container_port,
-            proxy_protocol=options.proxy_protocol,
-        )
-    else:
-        proxy = UdpProxy(
-            loop,
-            listener,
-            options.container_ip,
-            options.container_port,
-            idle_timeout=options.udp_idle_timeout,
-        )
+    proxies: list[TcpProxy | UdpProxy] = []
+    for listener, (_, container_ip) in zip(listeners, options.listeners(), strict=True):
+        if options.proto == "tcp":
+            proxies.append(
+                TcpProxy(
+                    loop,
+                    listener,
+                    container_ip,
+                    options.container_port,
+                    proxy_protocol=options.proxy_protocol,
+                )
+            )
+        else:
+            proxies.append(
+                UdpProxy(
+                    loop,
+                    listener,
+                    container_ip,
+                    options.container_port,
+                    idle_timeout=options.udp_idle_timeout,
+                )
+            )
+    started: list[TcpProxy | UdpProxy] = []
     try:
-        proxy.start()
+        for proxy in proxies:
+            proxy.start()
+            started.append(proxy)
     except OSError as err:
-        listener.close()
+        for proxy in started:
+            proxy.close()
+        _close_all(listeners)
         log.error("cannot start proxying: %s", err.strerror or err)
         return 1
     await stop_requested.wait()
-    proxy.close()
+    for proxy in proxies:
+        proxy.close()
     return 0
 
 

@@ -15,7 +15,7 @@ DEFAULT_UDP_IDLE_TIMEOUT = 90.0
 USAGE = (
     "usage: pyengine-proxy -proto tcp|udp -host-ip IP -host-port N "
     "-container-ip IP -container-port N [-use-listen-fd] [-udp-idle-timeout SECONDS] "
-    "[-proxy-protocol v1|v2] [-v]"
+    "[-proxy-protocol v1|v2] [-host-ip2 IP -container-ip2 IP] [-v]"
 )
 
 _BOOL_FLAGS = frozenset({"use-listen-fd", "v", "h", "help"})
@@ -28,6 +28,8 @@ _VALUE_FLAGS = frozenset(
         "container-port",
         "udp-idle-timeout",
         "proxy-protocol",
+        "host-ip2",
+        "container-ip2",
     }
 )
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
@@ -51,12 +53,24 @@ class ProxyOptions:
     udp_idle_timeout: float
     proxy_protocol: str | None = None
     """"v1" or "v2": send the container a PROXY protocol header first (TCP only)."""
+    host_ip2: str | None = None
+    """A second listener, fd 5, on this address and the same port (pyengine's own flags
+    -host-ip2 and -container-ip2, with -use-listen-fd): one proxy for both families."""
+    container_ip2: str | None = None
+
+    def listeners(self) -> list[tuple[str, str]]:
+        """(host address, container address) of each listener, in fd order (4, then 5)."""
+        first = (self.host_ip, self.container_ip)
+        if self.host_ip2 is None or self.container_ip2 is None:
+            return [first]
+        return [first, (self.host_ip2, self.container_ip2)]
 
     def describe(self) -> str:
         """``tcp 0.0.0.0:8080 -> 172.17.0.2:80``, used as the prefix of every log line."""
-        return (
-            f"{self.proto} {_join_host_port(self.host_ip, self.host_port)} -> "
-            f"{_join_host_port(self.container_ip, self.container_port)}"
+        return f"{self.proto} " + ", ".join(
+            f"{_join_host_port(host, self.host_port)} -> "
+            f"{_join_host_port(container, self.container_port)}"
+            for host, container in self.listeners()
         )
 
 
@@ -137,6 +151,14 @@ def _build_options(values: dict[str, str]) -> ProxyOptions:
         values.get("udp-idle-timeout", str(DEFAULT_UDP_IDLE_TIMEOUT)), "udp-idle-timeout"
     )
     proxy_protocol = _parse_proxy_protocol(values.get("proxy-protocol", ""), proto)
+    host_ip2 = container_ip2 = None
+    if "host-ip2" in values or "container-ip2" in values:
+        if "host-ip2" not in values or "container-ip2" not in values:
+            raise UsageError("flags -host-ip2 and -container-ip2 go together")
+        if not use_listen_fd:
+            raise UsageError("flag -host-ip2 needs -use-listen-fd (the listener is fd 5)")
+        host_ip2 = _parse_ip(values["host-ip2"], "host-ip2")
+        container_ip2 = _parse_ip(values["container-ip2"], "container-ip2")
     return ProxyOptions(
         proto=proto,
         host_ip=host_ip,
@@ -146,6 +168,8 @@ def _build_options(values: dict[str, str]) -> ProxyOptions:
         use_listen_fd=use_listen_fd,
         udp_idle_timeout=udp_idle_timeout,
         proxy_protocol=proxy_protocol,
+        host_ip2=host_ip2,
+        container_ip2=container_ip2,
     )
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.jsonstate import CorruptRecord, read_json, read_record, replace_json
-from proxy.handshake import LISTEN_FD
+from proxy.handshake import LISTEN_FDS
 from proxy.listencheck import listener_problem
 from proxy.pidfd import ProcessIdentity, open_pidfd, socket_of
 from proxy.spec import ProxySpec
@@ -182,28 +182,39 @@ class Survivor:
 
     record: ProxyRecord
     pidfd: int
-    listen_socket: socket.socket | None  # a copy of the proxy's fd 4
+    listen_sockets: tuple[socket.socket, ...]  # copies of the proxy's fd 4 (and fd 5)
     problem: str | None = None  # why it cannot be kept, though it is the recorded proxy
 
     def close(self) -> None:
-        """Let go of the process (it keeps running) and of the copy of its socket."""
+        """Let go of the process (it keeps running) and of the copies of its sockets."""
         os.close(self.pidfd)
-        if self.listen_socket is not None:
-            self.listen_socket.close()
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        for sock in self.listen_sockets:
+            sock.close()
 
 
 def recognise(record: ProxyRecord) -> Survivor | None:
-    """The recorded proxy, held by a pidfd, with a copy of its listening socket (or the
-    problem with it); None (and a log line) when it is gone or its pid names another process
-    now."""
+    """The recorded proxy, held by a pidfd, with a copy of each of its listening sockets (or
+    the problem with them); None (and a log line) when it is gone or its pid names another
+    process now."""
     pidfd = open_pidfd(record.identity)
     if pidfd is None:
         log.info(
             "proxy %s (pid %d) of the previous daemon is gone", record.key, record.identity.pid
         )
         return None
-    try:
-        sock = socket_of(pidfd, LISTEN_FD)
-    except OSError as err:
-        return Survivor(record, pidfd, None, f"its fd {LISTEN_FD} cannot be taken ({err})")
-    return Survivor(record, pidfd, sock, listener_problem(sock, record.spec))
+    sockets: list[socket.socket] = []
+    problem = None
+    for fd in LISTEN_FDS[: len(record.spec.addresses)]:
+        try:
+            sock = socket_of(pidfd, fd)
+        except OSError as err:
+            problem = f"its fd {fd} cannot be taken ({err})"
+            break
+        sockets.append(sock)
+        problem = listener_problem(sock, record.spec, fd)
+        if problem is not None:
+            break
+    return Survivor(record, pidfd, tuple(sockets), problem)

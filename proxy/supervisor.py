@@ -1,8 +1,10 @@
 """Runs one pyengine-proxy process per published port for the daemon, and keeps it running.
 
-The supervisor holds its own dup of each listening socket, so the port stays bound while a
-proxy restarts: connections and datagrams that arrive meanwhile wait in the socket's queue and
-are served by the next proxy, which receives the very same socket as its fd 4. How a proxy is
+A proxy serves one listening socket, or two: a port published on 0.0.0.0 and :: is one proxy
+with its IPv4 listener as fd 4 and its IPv6 one as fd 5 (proxy/spec.py). The supervisor holds
+its own dup of each listening socket, so the port stays bound while a proxy restarts:
+connections and datagrams that arrive meanwhile wait in the socket's queue and are served by
+the next proxy, which receives the very same sockets as its fds 4 and 5. How a proxy is
 started and stopped is proxy/launch.py; what a proxy is asked to serve, proxy/spec.py.
 
 Live restore (``outlive_daemon=True``): the proxies get no parent-death signal, so they outlive
@@ -15,8 +17,9 @@ line), which tells it from a process that later got the same pid. Handing the pr
 1. the old daemon's :meth:`detach` stops watching them and leaves them running (a SIGKILLed
    daemon leaves them running without being asked);
 2. the next daemon's :meth:`take_over`, before netd re-reserves host ports, recognises each
-   recorded proxy that still runs, holds it by a pidfd, and copies its listening socket out of
-   it (pidfd_getfd(2) of its fd 4): those copies become netd's reservations of the ports, so
+   recorded proxy that still runs, holds it by a pidfd, and copies its listening sockets out
+   of it (pidfd_getfd(2) of its fds 4 and 5): those copies become netd's reservations of the
+   ports, so
    the port is never re-bound and never closed;
 3. :meth:`adopt_survivor` then puts each one under supervision again, watched through its
    pidfd and restarted on the same socket if it dies, like a proxy of this supervisor's own;
@@ -34,7 +37,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy import hostlimits, strays
@@ -46,7 +49,17 @@ from proxy.pidfd import ProcessIdentity
 from proxy.records import ProxyRecord, RecordDirectory, Survivor, recognise
 from proxy.spec import PortAddress, ProxySpec
 
-__all__ = ["HostLimitError", "PortAddress", "ProxyError", "ProxySpec", "ProxySupervisor"]
+__all__ = [
+    "HostLimitError",
+    "Listeners",
+    "PortAddress",
+    "ProxyError",
+    "ProxySpec",
+    "ProxySupervisor",
+]
+
+Listeners = socket.socket | Sequence[socket.socket]
+"""A proxy's listening socket, or its sockets in fd order (one per address of its spec)."""
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -64,7 +77,7 @@ _MAX_BACKOFF_SECONDS = 30.0
 class _SupervisedProxy:
     key: str
     spec: ProxySpec
-    listen_socket: socket.socket
+    listen_sockets: tuple[socket.socket, ...] = field(default=())
     child: ChildProcess | None = None
     identity: ProcessIdentity | None = None  # of the process last started (or adopted)
     started_at: float = 0.0
@@ -108,17 +121,17 @@ class ProxySupervisor:
 
     # ---- proxies of this supervisor's own ------------------------------------------------------
 
-    async def start(self, key: str, spec: ProxySpec, listen_sock: socket.socket) -> int:
-        """Start one proxy for spec with listen_sock passed as fd 4 (-use-listen-fd) and a pipe
-        as fd 3; wait for the handshake (timeout 10 s) and return its pid; raise ProxyError on
-        '1\\n<err>' or early exit. The supervisor keeps its own dup of listen_sock, so the
-        caller may close its copy. If the proxy later dies unexpectedly, it is restarted on the
-        same socket, with one log line."""
+    async def start(self, key: str, spec: ProxySpec, listen_sock: Listeners) -> int:
+        """Start one proxy for spec with listen_sock passed as fd 4 (-use-listen-fd; a second
+        socket, for ``spec.host_ip2``, as fd 5) and a pipe as fd 3; wait for the handshake
+        (timeout 10 s) and return its pid; raise ProxyError on '1\\n<err>' or early exit. The
+        supervisor keeps its own dup of each socket, so the caller may close its copies. If the
+        proxy later dies unexpectedly, it is restarted on the same sockets, with one log line."""
         pids = await self.start_many([(key, spec, listen_sock)])
         return pids[key]
 
     async def start_many(
-        self, proxies: Sequence[tuple[str, ProxySpec, socket.socket]]
+        self, proxies: Sequence[tuple[str, ProxySpec, Listeners]]
     ) -> dict[str, int]:
         """:meth:`start` for many ports at once, all or nothing: the requests go to the fork
         server back to back (up to START_WINDOW in flight), and the records are written in
@@ -131,19 +144,15 @@ class ProxySupervisor:
             if key in seen or key in self._proxies or key in self._survivors:
                 raise ProxyError(f"a proxy for {key} is already running")
             seen.add(key)
-        hostlimits.check_room(len(proxies), START_WINDOW)
+        sockets = sum(len(spec.addresses) for _, spec, _ in proxies)
+        hostlimits.check_room(len(proxies), sockets, START_WINDOW)
         batch: list[_SupervisedProxy] = []
         try:
             for key, spec, listen_sock in proxies:
-                try:
-                    own_socket = dup_socket(listen_sock)
-                except OSError as err:
-                    raise ProxyError(
-                        f"cannot duplicate the socket for {key}: {err.strerror}"
-                    ) from None
-                supervised = _SupervisedProxy(key=key, spec=spec, listen_socket=own_socket)
+                supervised = _SupervisedProxy(key=key, spec=spec)
                 self._proxies[key] = supervised
                 batch.append(supervised)
+                supervised.listen_sockets = _own_copies(key, spec, listen_sock)
             window = asyncio.Semaphore(START_WINDOW)
             results = await asyncio.gather(
                 *(self._start_one(supervised, window) for supervised in batch),
@@ -184,7 +193,7 @@ class ProxySupervisor:
             if self._proxies.get(supervised.key) is supervised:
                 del self._proxies[supervised.key]
                 self._changed.add(supervised.key)
-            supervised.listen_socket.close()
+            _close_all(supervised.listen_sockets)
         self._save_or_warn()
 
     async def stop(self, key: str) -> None:
@@ -217,7 +226,7 @@ class ProxySupervisor:
             if supervised.child is not None:
                 await terminate(supervised.child)
         finally:
-            supervised.listen_socket.close()
+            _close_all(supervised.listen_sockets)
 
     async def stop_all(self) -> None:
         """Stop every proxy (survivors included), then the fork server (started again if a
@@ -250,7 +259,7 @@ class ProxySupervisor:
         for supervised in proxies:
             if supervised.child is not None:
                 supervised.child.release()
-            supervised.listen_socket.close()
+            _close_all(supervised.listen_sockets)
         for survivor in survivors:
             survivor.close()
         await self._launcher.close()
@@ -271,9 +280,10 @@ class ProxySupervisor:
 
     async def take_over(self, *, keep: bool = True) -> dict[PortAddress, socket.socket]:
         """Find the proxies recorded in the state file that still run (same pid, start time,
-        name and command line). ``keep``: hold each one (a pidfd, and a copy of its listening
-        socket taken from its fd 4) until :meth:`adopt_survivor` or :meth:`stop_survivors`,
-        and return another copy of each socket keyed (proto, host_ip, host_port), for netd's
+        name and command line). ``keep``: hold each one (a pidfd, and a copy of each listening
+        socket taken from its fds 4 and 5) until :meth:`adopt_survivor` or
+        :meth:`stop_survivors`, and return another copy of each socket keyed (proto, host_ip,
+        host_port), for netd's
         ``setup(held_sockets=...)``; the caller owns those. Otherwise stop them and return {}.
         Records of proxies that are gone, or whose pid now names another process, are
         dropped (that process is left alone). Then every other process carrying this record
@@ -292,20 +302,20 @@ class ProxySupervisor:
                 if survivor.problem is not None:
                     log.warning("proxy %s (pid %d): %s", key, record.identity.pid, survivor.problem)
                 if (
-                    survivor.listen_socket is None
-                    or survivor.problem is not None
+                    survivor.problem is not None
                     or not keep
                     or key in self._survivors
-                    or spec.address in held
+                    or any(address in held for address in spec.addresses)
                 ):
                     unwanted.append(survivor)
                     continue
                 try:
-                    held[spec.address] = dup_socket(survivor.listen_socket)
+                    copies = [dup_socket(sock) for sock in survivor.listen_sockets]
                 except OSError as err:
                     log.warning("cannot duplicate the socket of proxy %s: %s", key, err.strerror)
                     unwanted.append(survivor)
                     continue
+                held.update(zip(spec.addresses, copies, strict=True))
                 self._survivors[key] = survivor
         finally:
             await asyncio.gather(*(self._stop_survivor(s) for s in unwanted))
@@ -327,21 +337,25 @@ class ProxySupervisor:
             log.warning("stopped %d proxies no record accounted for", stopped)
 
     async def adopt_survivor(
-        self, key: str, spec: ProxySpec, reservation: socket.socket | None = None
+        self, key: str, spec: ProxySpec, reservation: Listeners | None = None
     ) -> int | None:
         """Supervise the survivor recorded under ``key`` (see :meth:`adopt`) and return its
-        pid; None when there is none. A survivor that does not serve ``spec`` on the socket
-        ``reservation`` (netd's reservation of the port, when given) is stopped instead, and
+        pid; None when there is none. A survivor that does not serve ``spec`` on the sockets
+        ``reservation`` (netd's reservations of the port, when given) is stopped instead, and
         None returned: the caller starts a new proxy."""
         survivor = self._survivors.pop(key, None)
         if survivor is None:
             return None
-        assert survivor.listen_socket is not None  # take_over() keeps only those with one
+        reserved = None if reservation is None else _as_tuple(reservation)
         mismatch = (
             "a different mapping"
             if survivor.record.spec != spec
             else "another socket"
-            if reservation is not None and not same_socket(reservation, survivor.listen_socket)
+            if reserved is not None
+            and (
+                len(reserved) != len(survivor.listen_sockets)
+                or not all(map(same_socket, reserved, survivor.listen_sockets))
+            )
             else None
         )
         if mismatch is not None:
@@ -351,20 +365,21 @@ class ProxySupervisor:
             self._save_or_warn()
             return None
         pid = survivor.record.identity.pid
-        self.adopt(key, spec, pid, survivor.pidfd, survivor.listen_socket)
+        self.adopt(key, spec, pid, survivor.pidfd, survivor.listen_sockets)
         return pid
 
-    def adopt(self, key: str, spec: ProxySpec, pid: int, pidfd: int, sock: socket.socket) -> None:
+    def adopt(self, key: str, spec: ProxySpec, pid: int, pidfd: int, sock: Listeners) -> None:
         """Supervise a running proxy this supervisor did not start (and whose parent it is
-        not): ``pidfd`` refers to it and ``sock`` is its listening socket; the supervisor owns
-        both from now on. It is watched through the pidfd (readable once it exits: no waitpid)
-        and, if it dies, restarted on ``sock`` like a proxy of its own; :meth:`stop`
-        terminates it through the pidfd."""
+        not): ``pidfd`` refers to it and ``sock`` is its listening socket (or sockets); the
+        supervisor owns them from now on. It is watched through the pidfd (readable once it
+        exits: no waitpid) and, if it dies, restarted on ``sock`` like a proxy of its own;
+        :meth:`stop` terminates it through the pidfd."""
+        sockets = _as_tuple(sock)
         if key in self._proxies:
             os.close(pidfd)
-            sock.close()
+            _close_all(sockets)
             raise ProxyError(f"a proxy for {key} is already running")
-        supervised = _SupervisedProxy(key=key, spec=spec, listen_socket=sock)
+        supervised = _SupervisedProxy(key=key, spec=spec, listen_sockets=sockets)
         self._proxies[key] = supervised
         child = watch_process(pid, pidfd, reaped_elsewhere=False, foreign=True)
         self._watch(supervised, child)
@@ -388,8 +403,7 @@ class ProxySupervisor:
         try:
             await terminate(child)
         finally:
-            if survivor.listen_socket is not None:
-                survivor.listen_socket.close()
+            survivor.close_sockets()
 
     # ---- the record of the running proxies -----------------------------------------------------
 
@@ -431,7 +445,7 @@ class ProxySupervisor:
     async def _launch(self, supervised: _SupervisedProxy) -> ChildProcess:
         """Spawn the proxy and wait for its handshake; on any failure it is killed again."""
         return await self._launcher.launch(
-            supervised.key, supervised.spec, supervised.listen_socket, HANDSHAKE_TIMEOUT_SECONDS
+            supervised.key, supervised.spec, supervised.listen_sockets, HANDSHAKE_TIMEOUT_SECONDS
         )
 
     def _watch(self, supervised: _SupervisedProxy, child: ChildProcess) -> None:
@@ -481,6 +495,33 @@ class ProxySupervisor:
             self._watch(supervised, child)
             self._save_or_warn()
             return
+
+
+def _as_tuple(listeners: Listeners) -> tuple[socket.socket, ...]:
+    return (listeners,) if isinstance(listeners, socket.socket) else tuple(listeners)
+
+
+def _own_copies(key: str, spec: ProxySpec, listeners: Listeners) -> tuple[socket.socket, ...]:
+    """The supervisor's own dup of each of a proxy's sockets, one per address of ``spec``."""
+    given = _as_tuple(listeners)
+    if len(given) != len(spec.addresses):
+        raise ProxyError(
+            f"proxy for {key} listens on {len(spec.addresses)} addresses, given {len(given)} "
+            "sockets"
+        )
+    copies: list[socket.socket] = []
+    try:
+        for sock in given:
+            copies.append(dup_socket(sock))
+    except OSError as err:
+        _close_all(copies)
+        raise ProxyError(f"cannot duplicate the socket for {key}: {err.strerror}") from None
+    return tuple(copies)
+
+
+def _close_all(sockets: Iterable[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def _backoff(attempt: int) -> float:

@@ -1,14 +1,20 @@
 """Proxy mode with many published ports through the real daemon: one container's proxies start
 as one batch and every port answers; ``rm -f`` frees them all in one pass; a publish the
-daemon's open files limit cannot hold is refused in one line with nothing left behind."""
+daemon's open files limit cannot hold is refused in one line with nothing left behind; a port
+on both families is one proxy process."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
+import re
 import resource
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +120,58 @@ def test_a_publish_past_the_open_files_limit_is_refused_in_one_line(
     finally:
         with contextlib.suppress(Exception):
             d.cli("rm", "-f", "pyeq-too-many")
+
+
+def listening_pids(port: int) -> dict[str, set[int]]:
+    """The pids holding each listening TCP socket on ``port``, by local address (ss(8))."""
+    out = subprocess.run(
+        ["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    found: dict[str, set[int]] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        address = fields[3].rsplit(":", 1)[0]
+        found.setdefault(address, set()).update(int(p) for p in re.findall(r"pid=(\d+)", line))
+    return found
+
+
+def answers(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_port_on_both_families_is_one_proxy_that_survives_a_crash(
+    proxy_daemon: Daemon,
+) -> None:
+    """``-p P:80`` listens on 0.0.0.0 and ::, one proxy process holding both (fds 4 and 5):
+    N ports cost N processes, and a killed proxy comes back on both sockets."""
+    d = proxy_daemon
+    ports = free_ports(3)
+    args = [a for port in ports for a in ("-p", f"{port}:80")]
+    cid = d.cli("run", "-d", *args, "nginx", check=True).stdout.strip()
+    try:
+        pids = []
+        for port in ports:
+            holders = listening_pids(port)
+            # The daemon holds its reservation too: the proxy is the pid that is not the daemon's.
+            proxy4 = holders["0.0.0.0"] - {d.process.pid}
+            proxy6 = holders["[::]"] - {d.process.pid}
+            assert len(proxy4) == 1 and proxy4 == proxy6, holders
+            pids.append(proxy4.pop())
+            assert answers("127.0.0.1", port) and answers("::1", port)
+        assert len(set(pids)) == len(ports)
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (listening_pids(ports[0])["0.0.0.0"] - {d.process.pid}) in (set(), {pids[0]}):
+            assert time.monotonic() < deadline, "the killed proxy was not restarted"
+            time.sleep(0.05)
+        holders = listening_pids(ports[0])
+        assert holders["0.0.0.0"] == holders["[::]"]
+        assert " 200 " in http_status(ports[0]) + " "
+        assert answers("::1", ports[0])
+    finally:
+        d.cli("rm", "-f", cid, check=True)
+    assert [p for p in ports if not port_is_free(p)] == []

@@ -43,12 +43,13 @@ from engine.lifecycle.health import Health
 from engine.lifecycle.healthcheck import merge as merge_healthcheck
 from engine.lifecycle.limits import Limits, limits_of
 from engine.lifecycle.netmodes import BRIDGE, HOST, check_mode_conflicts, mode_of
-from engine.lifecycle.netops import NetworkOps, exposed_ports, proxy_key
+from engine.lifecycle.netops import NetworkOps, exposed_ports
 from engine.lifecycle.networking import (
     NetworkRequestError,
     plan_attachments,
 )
 from engine.lifecycle.output import Output
+from engine.lifecycle.proxyplan import proxy_keys
 from engine.lifecycle.restarts import Restarts
 from engine.lifecycle.stdio import stdio_options, tty_env
 from engine.lifecycle.volumeops import VolumeOps
@@ -135,15 +136,11 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
             log.warning("live restore: container %s lost its network endpoint", c.id[:12])
         published = await self._netd(self.network.published, c.id)
         if self.cfg.userland_proxy:
-            for p in published:
-                if p.sock is None:
-                    continue
-                key = proxy_key(c.id, p.proto, p.host_ip, p.host_port)
-                spec = self._proxy_spec(c, p)
+            for key, spec, sockets in self._proxy_batch(c, [p for p in published if p.sock]):
                 try:
                     # The proxy that kept serving while no daemon ran, or else a new one.
-                    if await self.proxies.adopt_survivor(key, spec, p.sock) is None:
-                        await self.proxies.start(key, spec, p.sock)
+                    if await self.proxies.adopt_survivor(key, spec, sockets) is None:
+                        await self.proxies.start(key, spec, sockets)
                 except ProxyError as e:  # the container runs on; this one port is not served
                     log.warning("live restore: %s", e)
         # netd drops a mapping whose host port someone else took while no daemon held it.
@@ -412,9 +409,7 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
 
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
-        await self.proxies.stop_many(
-            proxy_key(c.id, p.proto, p.host_ip, p.host_port) for p in c.network.ports
-        )
+        await self.proxies.stop_many(proxy_keys(c.id, c.network.ports))
         await self.dns.stop(c.id)
         await self._netd(self.network.delete_endpoint, c.id)
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")

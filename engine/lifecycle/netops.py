@@ -7,6 +7,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from engine.lifecycle.networking import (
     proxy_protocol_for,
     proxy_protocol_labels,
 )
+from engine.lifecycle.proxyplan import proxy_groups, proxy_keys
 from engine.runtime import bundle
 from netd import (
     ContainerFiles,
@@ -53,7 +55,7 @@ from netd import (
     Network,
     PublishedPort,
 )
-from proxy.supervisor import HostLimitError, ProxySpec
+from proxy.supervisor import HostLimitError, Listeners, ProxySpec
 
 log = logging.getLogger("pyengined.engine")
 
@@ -109,10 +111,6 @@ def _mode_endpoint(c: Container, network: Network) -> Endpoint:
     )
 
 
-def proxy_key(container_id: str, proto: str, host_ip: str, host_port: int) -> str:
-    return f"{container_id}/{proto}/{host_ip}/{host_port}"
-
-
 def exposed_ports(container: Container, image_config: dict[str, Any]) -> list[PortKey]:
     """The image's ExposedPorts, the container's, and every published one."""
     keys = {PortKey.parse(k) for k in image_config.get("ExposedPorts") or {} if _port_key(k)}
@@ -157,11 +155,25 @@ class NetworkOps(EngineBase):
             return str(e)
         return None
 
-    def _proxy_spec(self, c: Container, p: PublishedPort) -> ProxySpec:
+    def _proxy_spec(self, c: Container, ports: Sequence[PublishedPort]) -> ProxySpec:
+        """The spec of the proxy serving ``ports`` (one, or the 0.0.0.0 and :: pair of one
+        port: engine/lifecycle/proxyplan.py)."""
         labels = c.config.get("Labels") or {}
+        p = ports[0]
         return ProxySpec.of(
-            p.mapping(), proxy_protocol_for(labels, p.container_port, p.proto) or None
+            p.mapping(),
+            proxy_protocol_for(labels, p.container_port, p.proto) or None,
+            ports[1].mapping() if len(ports) > 1 else None,
         )
+
+    def _proxy_batch(
+        self, c: Container, published: Iterable[PublishedPort]
+    ) -> list[tuple[str, ProxySpec, Listeners]]:
+        """The proxies ``published`` needs (routed ports, without a host port, need none)."""
+        return [
+            (key, self._proxy_spec(c, ports), tuple(p.sock for p in ports if p.sock is not None))
+            for key, ports in proxy_groups(c.id, published)
+        ]
 
     def _publish_all_bindings(self, container: Container) -> list[PortBinding]:
         bindings = list(container.port_bindings)
@@ -335,12 +347,7 @@ class NetworkOps(EngineBase):
             self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
         )
         if self.cfg.userland_proxy:
-            # Routed ports (no host port) have nothing to proxy. One batch for all the others.
-            batch = [
-                (proxy_key(c.id, p.proto, p.host_ip, p.host_port), self._proxy_spec(c, p), p.sock)
-                for p in published
-                if p.host_port
-            ]
+            batch = self._proxy_batch(c, published)
             undo.append(lambda: self.proxies.stop_many(key for key, _, _ in batch))
             try:
                 await self.proxies.start_many(batch)
@@ -498,9 +505,9 @@ class NetworkOps(EngineBase):
                 )
             if c.state.running:
                 published = await self._netd(self.network.published, c.id)
-                for p in published:
-                    if p.network_id == network_id:
-                        await self.proxies.stop(proxy_key(c.id, p.proto, p.host_ip, p.host_port))
+                await self.proxies.stop_many(
+                    proxy_keys(c.id, (p for p in published if p.network_id == network_id))
+                )
                 self.dns.unregister(network_id, c.id)
                 await self._netd(self.network.disconnect, c.id, network_id)
                 self._refresh_network_record(c)
