@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--proxy-publish-max",
         type=int,
-        help="largest N published in proxy mode (one process per port; default 1000)",
+        help="largest N published in pyengine's proxy mode (one process per port; default 10000)",
     )
     p.add_argument("--connrate-duration", type=int, help="seconds per connection-rate sample")
     p.add_argument(

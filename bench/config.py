@@ -38,8 +38,9 @@ class BenchConfig:
     wrk_connections: int = 50
     publish_counts: tuple[int, ...] = (0, 1, 100, 1000, 10000)
     publish_repeat: int = 2
-    # One pyengine-proxy process per port: 10,000 of them would need gigabytes and minutes.
-    proxy_publish_max: int = 1000
+    # One pyengine-proxy process per port (both families): 10,000 of them fit on this kind of
+    # machine; docker-proxy's (two per port) stop at docker_publish_max.
+    proxy_publish_max: int = 10000
     connrate_duration_s: int = 3
     connect_probe_s: float = 2.0  # connect() latency, one at a time, before each wrk run
     # The publishing study also against Debian's dockerd (when it is installed and the host's

@@ -2,7 +2,9 @@
 
 - Publishing: ``create`` + ``start`` of an nginx container with N host ports published to its
   port 80 (N = 0, 1, 100, 1,000, 10,000), and ``rm -f`` of it, per proxy mode and firewall
-  backend, with the kernel objects the daemon's firewall holds while they are published.
+  backend, with the kernel objects the daemon's firewall holds while they are published, the
+  total PSS of the daemon's helper processes, how many ports answer a SYN (every one, without
+  waking its proxy: ``bench.synprobe``) and how many of a sample of 20 serve an HTTP 200.
 - Connection rate: with N ports published in DNAT mode, wrk opens a new connection per request
   from the external client to the last of them (how the lookup scales with N); before it, the
   first-packet latency: connect() timed one connection at a time (``bench.connectprobe``).
@@ -17,7 +19,7 @@ import json
 import subprocess
 import time
 
-from bench import procfs
+from bench import procfs, synprobe
 from bench.accounting import CpuSnapshot, usage_between
 from bench.cleanup import Cleanup
 from bench.connectprobe import ProbeError, measure_connect_latency
@@ -32,7 +34,7 @@ from bench.environment import (
     Environment,
     start_study_dockerd,
 )
-from bench.httpprobe import wait_for_200
+from bench.httpprobe import probe, wait_for_200
 from bench.listening import count_listening
 from bench.loadgen import LoadError, Target, run_wrk
 from bench.progress import Progress
@@ -41,6 +43,9 @@ from client.http import DaemonError, DaemonUnreachable
 
 # Upper bound for one create + start (dockerd needs minutes for 10,000 ports).
 PUBLISH_TIMEOUT_SECONDS = 1800
+# Ports of each sample that also serve a full HTTP request (spread over the range).
+HTTP_SAMPLE = 20
+HTTP_TIMEOUT_SECONDS = 10.0
 
 
 def kernel_objects(daemon: BenchDaemon) -> float | None:
@@ -125,10 +130,21 @@ def _publish_ports(
         objects = kernel_objects(daemon)
         helpers_pss = helper_processes_pss_mib(daemon)
         # Proxy mode: the ports whose proxies listen, on IPv4 and on IPv6.
-        listening = listening6 = None
+        listening = listening6 = answering = answering6 = http_ok = None
         if daemon.userland_proxy and count:
             listening = float(count_listening(ports, ("tcp",)))
             listening6 = float(count_listening(ports, ("tcp6",)))
+        if count:
+            # Every port, without waking its proxy (bench/synprobe.py); then the relay itself
+            # on a few ports spread over the range (each wakes its proxy).
+            answering = float(len(synprobe.answering("127.0.0.1", ports)))
+            if daemon.userland_proxy and not isinstance(daemon, DockerDaemon):
+                answering6 = float(len(synprobe.answering("::1", ports)))
+            sample_ports = ports[:: max(1, count // HTTP_SAMPLE)]
+            http_ok = float(
+                sum(probe("127.0.0.1", port, HTTP_TIMEOUT_SECONDS) == "ok" for port in sample_ports)
+            )
+            sample.params["http_sample"] = len(sample_ports)
         if count and not daemon.userland_proxy and env.cfg.connrate_duration_s:
             ip = daemon.client.inspect(container_id)["NetworkSettings"]["IPAddress"]
             results.add(_connection_rate(env, daemon, container_id, ip, ports[-1], count, rep))
@@ -143,6 +159,9 @@ def _publish_ports(
             "helpers_pss_mib": helpers_pss,
             "listening": listening,
             "listening6": listening6,
+            "answering": answering,
+            "answering6": answering6,
+            "http_ok": http_ok,
         }
     except (DaemonError, DaemonUnreachable, TimeoutError) as exc:
         sample.error = f"{daemon.program}: {exc or 'no answer'}"
@@ -291,6 +310,11 @@ def run_publishing(
                     f", {v['listening']:,.0f}/{count:,} ports listening"
                     f" ({v.get('listening6') or 0:,.0f} on IPv6)"
                 )
+            if v.get("answering") is not None:
+                text += f", {v['answering']:,.0f}/{count:,} answer a SYN on 127.0.0.1"
+                if v.get("answering6") is not None:
+                    text += f" ({v['answering6']:,.0f} on ::1)"
+                text += f", HTTP 200 from {v['http_ok']:.0f}/{sample.params['http_sample']}"
             last = results.samples[-2] if len(results.samples) > 1 else None
             if last and last.study == "connrate" and last.params.get("ports") == count:
                 lv = last.values

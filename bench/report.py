@@ -194,6 +194,15 @@ def _publish_table(results: Results) -> str:
             samples = results.select("publish", "run", label, ports=count)
             objects = summarize(s.values.get("kernel_objects") for s in samples)
             helpers = summarize(s.values.get("helpers_pss_mib") for s in samples)
+            answering = summarize(s.values.get("answering") for s in samples)
+            answering6 = summarize(s.values.get("answering6") for s in samples)
+            http_ok = summarize(s.values.get("http_ok") for s in samples)
+            answers = "" if answering is None else f"{answering.low:,.0f}"
+            if answering6 is not None:
+                answers += f" / {answering6.low:,.0f}"
+            http = ""
+            if http_ok is not None and samples:
+                http = f"{http_ok.low:.0f}/{samples[0].params.get('http_sample', '?')}"
             rows.append(
                 [
                     label,
@@ -202,10 +211,20 @@ def _publish_table(results: Results) -> str:
                     spread(summarize(s.values["rm_s"] for s in samples), 3),
                     number(objects.median if objects else None, 0),
                     number(helpers.median if helpers else None, 1),
+                    answers,
+                    http,
                 ]
             )
     headers = ["mode/backend", "ports", "create+start s", "rm -f s", "rules + elements"]
-    return markdown_table([*headers, "daemon's helper processes, total Pss MiB"], rows)
+    return markdown_table(
+        [
+            *headers,
+            "daemon's helper processes, total Pss MiB",
+            "ports answering a SYN, fewest (127.0.0.1 / ::1)",
+            "HTTP 200, fewest",
+        ],
+        rows,
+    )
 
 
 BACKEND_ORDER = ("nftables", "iptables", "dockerd")
