@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import time
 
@@ -46,6 +47,7 @@ PUBLISH_TIMEOUT_SECONDS = 1800
 # Ports of each sample that also serve a full HTTP request (spread over the range).
 HTTP_SAMPLE = 20
 HTTP_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 2.0
 
 
 def kernel_objects(daemon: BenchDaemon) -> float | None:
@@ -135,11 +137,14 @@ def _publish_ports(
             listening = float(count_listening(ports, ("tcp",)))
             listening6 = float(count_listening(ports, ("tcp6",)))
         if count:
-            # Every port, without waking its proxy (bench/synprobe.py); then the relay itself
-            # on a few ports spread over the range (each wakes its proxy).
-            answering = float(len(synprobe.answering("127.0.0.1", ports)))
+            # Every port: pyengine's idle proxies by a SYN, which does not wake them
+            # (bench/synprobe.py); other ports by a connect(). Then the relay itself on a few
+            # ports spread over the range (each wakes its proxy).
             if daemon.userland_proxy and not isinstance(daemon, DockerDaemon):
+                answering = float(len(synprobe.answering("127.0.0.1", ports)))
                 answering6 = float(len(synprobe.answering("::1", ports)))
+            else:
+                answering = float(count_connecting("127.0.0.1", ports))
             sample_ports = ports[:: max(1, count // HTTP_SAMPLE)]
             http_ok = float(
                 sum(probe("127.0.0.1", port, HTTP_TIMEOUT_SECONDS) == "ok" for port in sample_ports)
@@ -171,6 +176,16 @@ def _publish_ports(
                 daemon.remove(container_id)
     sample.wall_s = round(time.monotonic() - t0, 3)
     return sample
+
+
+def count_connecting(host: str, ports: list[int]) -> int:
+    """How many of ``ports`` accept a TCP connection on ``host`` (closed at once)."""
+    accepted = 0
+    for port in ports:
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS).close()
+            accepted += 1
+    return accepted
 
 
 def _connection_rate(
@@ -311,7 +326,7 @@ def run_publishing(
                     f" ({v.get('listening6') or 0:,.0f} on IPv6)"
                 )
             if v.get("answering") is not None:
-                text += f", {v['answering']:,.0f}/{count:,} answer a SYN on 127.0.0.1"
+                text += f", {v['answering']:,.0f}/{count:,} answer on 127.0.0.1"
                 if v.get("answering6") is not None:
                     text += f" ({v['answering6']:,.0f} on ::1)"
                 text += f", HTTP 200 from {v['http_ok']:.0f}/{sample.params['http_sample']}"

@@ -220,7 +220,7 @@ def _publish_table(results: Results) -> str:
         [
             *headers,
             "daemon's helper processes, total Pss MiB",
-            "ports answering a SYN, fewest (127.0.0.1 / ::1)",
+            "ports answering, fewest (127.0.0.1 / ::1; a SYN to pyengine-proxy, else connect)",
             "HTTP 200, fewest",
         ],
         rows,

@@ -359,6 +359,15 @@ def test_quick_run_writes_well_formed_json(quick_run: QuickRun) -> None:
     assert all(s.values["kernel_objects"] is not None for s in published)
     proxied = [s for s in published if s.params["mode"] == "proxy" and s.params["ports"]]
     assert proxied and all(s.values["helpers_pss_mib"] > 0 for s in proxied)
+    for s in published:
+        if s.params["ports"]:
+            # Every published port answers (a SYN to pyengine's idle proxies, else connect()),
+            # and the sampled ones serve HTTP.
+            assert s.values["answering"] == s.params["ports"], (s.variant, s.values)
+            assert s.values["http_ok"] == s.params["http_sample"] > 0, (s.variant, s.values)
+    assert all(
+        s.values["answering6"] == s.params["ports"] for s in proxied if s.variant != "proxy/dockerd"
+    )
     rates = results.select("connrate")
     assert {s.params["ports"] for s in rates} == {1, 10}
     assert all(s.params["mode"] == "dnat" for s in rates)
