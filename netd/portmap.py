@@ -232,13 +232,15 @@ def reserve_dual_stack_port(
     host_port: int,
     host_port_end: int,
     is_taken: Callable[[str, str, int], bool],
+    ipv6: bool | None = None,
 ) -> list[PortReservation]:
     """Reserve one port number on 0.0.0.0 *and* on :: (Docker 28 publishes a port without a
     host address on both families): a fixed port must be free on both, and an ephemeral pick or
-    a range takes the first port free on both. Without IPv6 on this host (``host_has_ipv6``, or
-    :: refusing to bind) only the 0.0.0.0 reservation is made, as Docker does.
+    a range takes the first port free on both. Without IPv6 on this host (``host_has_ipv6``,
+    or ``ipv6`` False when the caller asked already, or :: refusing to bind) only the 0.0.0.0
+    reservation is made, as Docker does.
     """
-    if not host_has_ipv6():
+    if not (host_has_ipv6() if ipv6 is None else ipv6):
         log.info("no IPv6 on this host: %s ports are published on IPv4 only", proto)
         return [reserve_host_port(proto, ANY_IPV4, host_port, host_port_end, is_taken)]
     both = f"{ANY_IPV4} and {ANY_IPV6}"

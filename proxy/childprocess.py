@@ -39,6 +39,9 @@ class ChildProcess:
     """True for a process that is not our child and whose status nobody reports (one that
     outlived the daemon that started it): its exit is known from the pidfd alone, and it is
     never waited for (waitpid on its pid could reap an unrelated child that reused it)."""
+    cmdline: tuple[str, ...] | None = None
+    """Its command line when known without reading /proc (a fork server's child has the
+    server's)."""
     _grace_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
     _released: bool = field(default=False, repr=False)
 

@@ -27,6 +27,8 @@ from proxy.forkserver import (
     decode,
     encode_request,
 )
+from proxy.options import ProxyOptions
+from proxy.pidfd import ProcessIdentity
 
 log = logging.getLogger("proxy.forkserver")
 
@@ -54,6 +56,9 @@ class ForkServerClient:
         self._children: dict[int, ChildProcess] = {}
         self._early_exits: dict[int, int | None] = {}
         self._ready: asyncio.Future[dict[str, Any]] | None = None
+        # A forked proxy's command line is the server's (fork(2) copies the memory that
+        # /proc/<pid>/cmdline reads): read once per server.
+        self._child_cmdline: tuple[str, ...] | None = None
 
     @property
     def server_pid(self) -> int | None:
@@ -64,11 +69,17 @@ class ForkServerClient:
         await self._ensure_started()
 
     async def spawn(
-        self, argv: list[str], fds: dict[int, int], *, outlive_parent: bool = False
+        self,
+        argv: list[str],
+        fds: dict[int, int],
+        *,
+        outlive_parent: bool = False,
+        options: ProxyOptions | None = None,
     ) -> ChildProcess:
         """Fork a proxy running ``pyengine-proxy argv`` with ``fds[n]`` as its fd ``n``.
         ``outlive_parent``: the proxy keeps running when the fork server dies (and so when
-        the daemon dies) instead of getting SIGTERM."""
+        the daemon dies) instead of getting SIGTERM. ``options``: what ``argv`` says, when the
+        caller has it parsed already."""
         control = await self._ensure_started()
         request_id = next(self._request_ids)
         loop = asyncio.get_running_loop()
@@ -77,7 +88,9 @@ class ForkServerClient:
         targets = list(fds)
         try:
             try:
-                payload = encode_request(request_id, argv, targets, outlive_parent=outlive_parent)
+                payload = encode_request(
+                    request_id, argv, targets, outlive_parent=outlive_parent, options=options
+                )
             except ValueError as err:
                 raise ForkServerError(str(err)) from None
             try:
@@ -100,6 +113,7 @@ class ForkServerClient:
             raise ForkServerError("the fork server answered without a pid and its pidfd")
         pid: int = message["pid"]
         child = watch_process(pid, received[0], reaped_elsewhere=True)
+        child.cmdline = self._child_cmdline
         early = self._early_exits.pop(pid, None)
         if early is not None:
             child.report_exit(early)
@@ -158,6 +172,8 @@ class ForkServerClient:
             reason = "it did not start in time" if isinstance(err, TimeoutError) else str(err)
             raise ForkServerError(f"fork server failed: {reason}") from None
         self._server, self._control = server, ours
+        identity = ProcessIdentity.of(server.pid)
+        self._child_cmdline = identity.cmdline if identity is not None else None
         log.debug("fork server ready (pid %d)", server.pid)
         return ours
 

@@ -82,14 +82,20 @@ def decode(data: bytes) -> dict[str, Any]:
 
 
 def encode_request(
-    request_id: int, argv: list[str], fds: list[int], *, outlive_parent: bool
+    request_id: int,
+    argv: list[str],
+    fds: list[int],
+    *,
+    outlive_parent: bool,
+    options: ProxyOptions | None = None,
 ) -> bytes:
     """A request for a proxy running ``pyengine-proxy argv`` with the attached fds at the
     numbers ``fds`` (3: the status pipe, 4: the listener, 5: a second listener)."""
     if not set(fds) <= set(ASSIGNED_FDS) or len(set(fds)) < len(fds):
         raise ValueError(f"fds can only be passed as {ASSIGNED_FDS}")
     flags = _forkloop.FLAG_OUTLIVE_PARENT if outlive_parent else 0
-    options = _parse_quietly(argv)
+    if options is None:
+        options = _parse_quietly(argv)
     listeners = len(options.listeners()) if options is not None else 0
     if (
         options is not None

@@ -21,6 +21,7 @@ from proxy.childprocess import ChildProcess, describe_exit, spawn_with_fds
 from proxy.forkclient import ForkServerClient
 from proxy.forkserver import ForkServerError
 from proxy.handshake import LISTEN_FDS, STATUS_FD, read_status
+from proxy.options import ProxyOptions
 from proxy.prctl import OUTLIVE_PARENT_ENV
 from proxy.spec import ProxySpec
 
@@ -74,7 +75,7 @@ class ProxyLauncher:
             targets = LISTEN_FDS[: len(listen_sockets)]
             fds.update((fd, s.fileno()) for fd, s in zip(targets, listen_sockets, strict=True))
             try:
-                child = await self._spawn(spec.command_line(), fds)
+                child = await self._spawn(spec.command_line(), fds, spec.options())
             finally:
                 os.close(write_fd)
             try:
@@ -97,10 +98,14 @@ class ProxyLauncher:
         finally:
             os.close(read_fd)
 
-    async def _spawn(self, args: list[str], fds: dict[int, int]) -> ChildProcess:
+    async def _spawn(
+        self, args: list[str], fds: dict[int, int], options: ProxyOptions | None = None
+    ) -> ChildProcess:
         if self._fork_server is not None:
             try:
-                return await self._fork_server.spawn(args, fds, outlive_parent=self._outlive_parent)
+                return await self._fork_server.spawn(
+                    args, fds, outlive_parent=self._outlive_parent, options=options
+                )
             except ForkServerError as err:
                 raise ProxyError(str(err)) from None
         argv = self._argv + args

@@ -66,14 +66,16 @@ class ProcessIdentity:
     cmdline: tuple[str, ...]
 
     @classmethod
-    def of(cls, pid: int) -> ProcessIdentity | None:
+    def of(cls, pid: int, cmdline_known: tuple[str, ...] | None = None) -> ProcessIdentity | None:
         """The identity of the process that has ``pid`` now; None if there is none (or it is a
-        zombie: its cmdline is empty then)."""
+        zombie: its cmdline is empty then). ``cmdline_known``: its command line, when the
+        caller knows it (reading it costs the kernel a walk of the process's memory)."""
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
+            if cmdline_known is None:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
         except (FileNotFoundError, ProcessLookupError):
             return None
         # The comm field is in parentheses and may itself contain ") ": split at the last one.
@@ -82,6 +84,10 @@ class ProcessIdentity:
         fields = rest.split()
         # fields[0] is field 3 (state).
         start_time = int(fields[_STAT_STARTTIME_FIELD - 3])
+        if cmdline_known is not None:
+            if fields[0] == b"Z":
+                return None
+            return cls(pid, start_time, comm.decode("utf-8", "replace"), cmdline_known)
         if not cmdline:
             return None
         args = tuple(arg.decode("utf-8", "replace") for arg in cmdline.rstrip(b"\0").split(b"\0"))

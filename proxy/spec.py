@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.ports import PortMapping
+from proxy.options import DEFAULT_UDP_IDLE_TIMEOUT, ProxyOptions
 
 PortAddress = tuple[str, str, int]
 """(proto, host_ip, host_port): how netd names a port reservation."""
@@ -61,6 +62,21 @@ class ProxySpec(PortMapping):
         if not self.host_ip2:
             return (self.address,)
         return (self.address, (self.proto, self.host_ip2, self.host_port))
+
+    def options(self) -> ProxyOptions:
+        """What :meth:`command_line` tells the proxy, without parsing it back."""
+        return ProxyOptions(
+            self.proto,
+            self.host_ip,
+            self.host_port,
+            self.container_ip,
+            self.container_port,
+            True,
+            DEFAULT_UDP_IDLE_TIMEOUT,
+            self.proxy_protocol,
+            self.host_ip2 or None,
+            self.container_ip2 or None,
+        )
 
     def command_line(self) -> list[str]:
         extra = ["-proxy-protocol", self.proxy_protocol] if self.proxy_protocol else []

@@ -452,8 +452,12 @@ class ProxySupervisor:
         loop = asyncio.get_running_loop()
         supervised.child = child
         supervised.started_at = loop.time()
-        supervised.identity = ProcessIdentity.of(child.pid) if child.running else None
         supervised.outlives_supervisor = self._outlive_daemon or child.foreign
+        # Only a proxy that can outlive this process is recorded (with its identity).
+        outlives = supervised.outlives_supervisor and self._records is not None
+        supervised.identity = (
+            ProcessIdentity.of(child.pid, child.cmdline) if outlives and child.running else None
+        )
         self._changed.add(supervised.key)
         child.exited.add_done_callback(lambda _: self._on_exit(supervised, child))
 

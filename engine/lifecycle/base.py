@@ -151,6 +151,12 @@ class EngineBase:
                 raise ContainerNotFound(ref) from None
             yield c
 
+    async def _kill_started(self, c: Container, monitor_pid: int) -> None:
+        """Undo a runc start that a later step of the start failed: SIGKILL, wait for the
+        monitor to record the exit, and remove runc's record."""
+        await self.runtime.stop(c.id, monitor_pid, self._exit_path(c), "SIGKILL", 0)
+        await self.runtime.delete(c.id)
+
     def _exit_path(self, c: Container) -> Path:
         return self.containers.dir(c) / "exit.json"
 

@@ -60,7 +60,6 @@ from engine.volumes.parse import MountRequests, image_volume_paths
 from netd import (
     NetdError,
 )
-from proxy.supervisor import ProxyError
 
 log = logging.getLogger("pyengined.engine")
 
@@ -136,13 +135,7 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
             log.warning("live restore: container %s lost its network endpoint", c.id[:12])
         published = await self._netd(self.network.published, c.id)
         if self.cfg.userland_proxy:
-            for key, spec, sockets in self._proxy_batch(c, [p for p in published if p.sock]):
-                try:
-                    # The proxy that kept serving while no daemon ran, or else a new one.
-                    if await self.proxies.adopt_survivor(key, spec, sockets) is None:
-                        await self.proxies.start(key, spec, sockets)
-                except ProxyError as e:  # the container runs on; this one port is not served
-                    log.warning("live restore: %s", e)
+            await self._adopt_proxies(c, published)
         # netd drops a mapping whose host port someone else took while no daemon held it.
         c.network.ports = [p.mapping() for p in published]
         self.containers.save(c)
@@ -352,6 +345,8 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
                 self._log_options(c.host_config),
                 stdio_options(c.config, cdir),
             )
+            undo.append(lambda: self._kill_started(c, monitor_pid))
+            await self._proxies_started(net)
         except BaseException as e:
             for step in reversed(undo):
                 with contextlib.suppress(Exception):

@@ -55,7 +55,7 @@ from netd import (
     Network,
     PublishedPort,
 )
-from proxy.supervisor import HostLimitError, Listeners, ProxySpec
+from proxy.supervisor import HostLimitError, Listeners, ProxyError, ProxySpec
 
 log = logging.getLogger("pyengined.engine")
 
@@ -79,6 +79,9 @@ class StartNetwork:
     netns_path: str | None  # the namespace to join; None: its own (runc makes it) or the host's
     host: bool  # no network namespace: the host's
     files: dict[str, Path]  # /etc/hosts, /etc/hostname, /etc/resolv.conf -> the file bound there
+    # The published ports' proxies, starting while runc starts the container (they need its
+    # address only): awaited before the start is reported, a failure undoes the start.
+    proxies: asyncio.Future[Any] | None = None
 
 
 HOST_HOSTS = Path("/etc/hosts")
@@ -346,18 +349,42 @@ class NetworkOps(EngineBase):
         published = await self._netd(
             self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
         )
+        proxies = None
         if self.cfg.userland_proxy:
             batch = self._proxy_batch(c, published)
-            undo.append(lambda: self.proxies.stop_many(key for key, _, _ in batch))
-            try:
-                await self.proxies.start_many(batch)
-            except HostLimitError as e:  # nothing started: the request asks too much of the host
-                raise InvalidParameter(str(e)) from None
+            proxies = asyncio.ensure_future(self.proxies.start_many(batch))
+            undo.append(lambda: self._undo_proxies(proxies, [key for key, _, _ in batch]))
         c.network = network_record(endpoint, published)
         files = bundle.write_network_files(
             cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
         )
-        return StartNetwork(endpoint.netns_path, False, files)
+        return StartNetwork(endpoint.netns_path, False, files, proxies)
+
+    @staticmethod
+    async def _proxies_started(net: StartNetwork) -> None:
+        """Wait for the proxies a start began (see StartNetwork.proxies)."""
+        if net.proxies is None:
+            return
+        try:
+            await net.proxies
+        except HostLimitError as e:  # nothing started: the request asks too much of the host
+            raise InvalidParameter(str(e)) from None
+
+    async def _undo_proxies(self, proxies: asyncio.Future[Any], keys: list[str]) -> None:
+        if not proxies.done():
+            proxies.cancel()
+        await asyncio.gather(proxies, return_exceptions=True)
+        await self.proxies.stop_many(keys)
+
+    async def _adopt_proxies(self, c: Container, published: list[PublishedPort]) -> None:
+        """Live restore: the proxies of ``c``'s ports that kept serving while no daemon ran are
+        supervised again; a port whose proxy is gone (or serves something else) gets a new one."""
+        for key, spec, sockets in self._proxy_batch(c, [p for p in published if p.sock]):
+            try:
+                if await self.proxies.adopt_survivor(key, spec, sockets) is None:
+                    await self.proxies.start(key, spec, sockets)
+            except ProxyError as e:  # the container runs on; this one port is not served
+                log.warning("live restore: %s", e)
 
     async def _connect_all(self, c: Container, undo: list[Any]) -> list[Endpoint]:
         """Connect a starting container to each of its networks, ``eth0`` first."""
