@@ -66,6 +66,7 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\b(seq|ack|win|val|ecr|length) \d+(:\d+)?", r"\1 N"),
         # sizes and loads
         (r"\b\d+(\.\d+)? ?([kKMG]i?B|B|kb|bytes)\b", "SIZE"),
+        (r"(Content-Length: )\d+", r"\1N"),  # a body that holds pids
         (r"(Requests per second:\s+)[\d.]+.*", r"\1N"),
         (r"(Complete requests:\s+)\d+", r"\1N"),
         (r"(Failed requests:\s+)\d+", r"\1N"),
