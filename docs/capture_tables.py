@@ -71,14 +71,14 @@ def cli_commands() -> str:
 
 def options(command: click.Command, program: str) -> str:
     """The options of ``program --help``, one row each, as click prints them."""
-    ctx = click.Context(command, info_name=program)
+    ctx = click.Context(command, info_name=program, **command.context_settings)
     rows = ["| option | what it does |", "|---|---|"]
     for param in command.get_params(ctx):
         record = param.get_help_record(ctx)
         if record is None:
             continue
         flags, text = record
-        rows.append(f"| `{flags}` | {_cell(text)} |")
+        rows.append(f"| `{_cell(flags)}` | {_cell(text)} |")
     return f"Generated from `{program} --help`.\n\n" + "\n".join(rows) + "\n"
 
 
