@@ -45,10 +45,11 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"\bpid \d+", "pid N"),
         (r"-p \d+(,\d+)+", "-p PIDS"),  # ps's list, not a published port
         (r'"\d+"', '"N"'),  # the process table of GET /containers/ID/top
-        (r"^(\s*)\d+(\s+)\d+(\s+)\d+(\s+)", r"\1PID\2PPID\3SID\4"),  # ps -o pid,ppid,sid
+        # ps -o pid,ppid,sid / pid,comm: right-aligned, so the width follows the pids
+        (r"^\s*\d+\s+\d+\s+\d+(?=\s)", "PID  PPID  SID"),
         (r"^([a-z][\w-]*\s+)\d+(\s+)\d+(\s+)\d+(?=\s)", r"\1PID\2PPID\3C"),  # docker top
         (r"^ID(\s+)\d+(?=\s)", r"ID\1PID"),  # runc list
-        (r"^(\s*)\d+(\s+)(?=[a-z])", r"\1PID\2"),  # ps -o pid,comm
+        (r"^\s*\d+\s+(?=[a-z])", "PID  "),
         # counters: nft, iptables-save, iptables -v
         (r"packets \d+ bytes \d+", "packets N bytes N"),
         (r"\[\d+:\d+\]", "[N:N]"),

@@ -56,16 +56,18 @@ def test_normalising_hides_what_differs_between_runs() -> None:
         "LISTEN 0 4096 [::]:8081 [::]:* "
         'users:(("pyengine-proxy",pid=813,fd=3))\n'
         "        counter packets 12 bytes 720 jump raw_drop\n"
+        " 9999  9998  9999 .venv/bin/python3 .venv/bin/pyengined\n"
         f"ID   6172   running   /var/lib/x/containers/{'3f4e5d6c' * 8}/bundle\n"
     )
-    # the other run: other pids, counters and ids, the sockets listed in another order and
-    # held by one process instead of two
+    # the other run: other pids (of another width), counters and ids, the sockets listed in
+    # another order and held by one process instead of two
     two = (
         "LISTEN 0 4096 [::]:8081 [::]:* "
         'users:(("pyengine-proxy",pid=90,fd=4))\n'
         "LISTEN 0 4096 0.0.0.0:8081 0.0.0.0:* "
         'users:(("pyengine-proxy",pid=90,fd=3))\n'
         "        counter packets 3 bytes 180 jump raw_drop\n"
+        "10000  9998 10000 .venv/bin/python3 .venv/bin/pyengined\n"
         f"ID   7407   running   /var/lib/x/containers/{'0a1b2c3d' * 8}/bundle\n"
     )
     assert capture_check.normalise(one) == capture_check.normalise(two)
