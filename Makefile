@@ -14,7 +14,7 @@ DEMO_NAME := pyengine-demo
 DEMO_PORT := 8080
 export PYENGINE_HOST := unix://$(SOCK)
 
-.PHONY: setup deps venv images demo daemon stop test lint clean
+.PHONY: setup deps venv images demo daemon stop test lint clean figures captures
 
 setup: deps venv images
 
@@ -72,6 +72,16 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The pictures of docs/: docs/figures/*.dot (graphviz) rendered to the SVG beside each.
+FIGURES := $(patsubst %.dot,%.svg,$(wildcard docs/figures/*.dot))
+figures: $(FIGURES)
+docs/figures/%.svg: docs/figures/%.dot
+	dot -Tsvg $< -o $@
+
+# The captured listings of docs/*.md, regenerated from a real run (the lab: needs root).
+captures: setup
+	$(BIN)/python docs/capture.py
 
 clean: stop
 	rm -rf build $(VENV)

@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -33,7 +31,10 @@ import click
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(DOCS)]
+
+import capture_tables  # noqa: E402
+from capture_check import MARKER, drift  # noqa: E402
 
 from lab.exercises import EXERCISES  # noqa: E402
 from lab.lifecycle import down, status_text, up  # noqa: E402
@@ -46,10 +47,6 @@ from lab.runner import (  # noqa: E402
     run_shell,
 )
 
-MARKER = re.compile(
-    r"(?P<open><!-- capture: (?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(?P<close><!-- /capture -->)",
-    re.S,
-)
 BACKENDS = ("nftables", "iptables")
 HELD_PORT = 8083  # a port this script holds itself, to show what a conflict looks like
 
@@ -231,7 +228,8 @@ def arch_processes(cap: Capture) -> str:
     p = cap.daemon("proxy")
     pids = ",".join(str(pid) for pid in _descendants(p.pid))
     return shell(
-        f"ps -o pid,ppid,sid,args --forest -p {pids} | cut -c1-120",
+        # paths relative to the checkout (the working directory), wherever it was cloned
+        f'ps -o pid,ppid,sid,args --forest -p {pids} | sed "s|$PWD/||g" | cut -c1-120',
         f"ps -o pid,comm -p {pids}",
     )
 
@@ -261,55 +259,22 @@ def arch_runc(cap: Capture) -> str:
 
 @recipe("api-routes")
 def api_routes(_cap: Capture) -> str:
-    from engine.api.app import NOT_IMPLEMENTED, routes
-
-    unsupported = {(m, p): what for m, p, what in NOT_IMPLEMENTED}
-    rows = ["| method | path | pyengined |", "|---|---|---|"]
-    for method, path, handler in routes(None):  # type: ignore[arg-type]
-        what = unsupported.get((method, path))
-        if what:
-            answer = f"501: {what}"
-        else:
-            module = getattr(handler, "__module__", "engine.api.app").replace(".", "/")
-            answer = f"yes ({module}.py)"
-        rows.append(f"| {method} | `{path}` | {answer} |")
-    return (
-        "Generated from `engine.api.app.routes()`; every path is also served under "
-        "`/v1.NN/`.\n\n" + "\n".join(rows) + "\n"
-    )
+    return capture_tables.api_routes()
 
 
 @recipe("api-cli")
 def api_cli(_cap: Capture) -> str:
-    from client.cli import main as cli
-
-    rows = ["| command | what it does |", "|---|---|"]
-    for name, command in sorted(cli.commands.items()):
-        if isinstance(command, click.Group):
-            for sub_name, sub in sorted(command.commands.items()):
-                help_line = (sub.help or "").strip().splitlines()[0] if sub.help else ""
-                rows.append(f"| `pyengine {name} {sub_name}` | {help_line} |")
-            continue
-        help_line = (command.help or "").strip().splitlines()[0] if command.help else ""
-        rows.append(f"| `pyengine {name}` | {help_line} |")
-    missing = [verb for verb in DOCKER_VERBS if verb not in cli.commands]
-    return (
-        "Generated from the `pyengine` click group.\n\n"
-        + "\n".join(rows)
-        + "\n\nDocker commands `pyengine` does not have: "
-        + ", ".join(f"`{verb}`" for verb in missing)
-        + ".\n"
-    )
+    return capture_tables.cli_commands()
 
 
-# The docker CLI's commands (20.10, `docker --help` and its management commands).
-DOCKER_VERBS = (
-    "attach", "build", "commit", "cp", "create", "diff", "events", "exec", "export", "history",
-    "images", "import", "info", "inspect", "kill", "load", "login", "logout", "logs", "network",
-    "pause", "port", "ps", "pull", "push", "rename", "restart", "rm", "rmi", "run", "save",
-    "search", "start", "stats", "stop", "system", "tag", "top", "unpause", "update", "version",
-    "volume", "wait",
-)  # fmt: skip
+@recipe("api-pyengine-options")
+def api_pyengine_options(_cap: Capture) -> str:
+    return capture_tables.pyengine_options()
+
+
+@recipe("api-pyengined-options")
+def api_pyengined_options(_cap: Capture) -> str:
+    return capture_tables.pyengined_options()
 
 
 # What the Docker CLI does against pyengined: each command, and the part of its output shown
@@ -364,12 +329,29 @@ def api_errors(cap: Capture) -> str:
 
 @contextlib.contextmanager
 def held_port(port: int) -> Iterator[None]:
-    """Some other program listening on ``port``: this script."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))
-        sock.listen(1)
+    """Some other program listening on ``port``: a Python child of this script (ss shows it
+    as ``python3`` whoever runs the capture)."""
+    listen = (
+        "import socket, sys, time\n"
+        "s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        f"s.bind(('0.0.0.0', {port})); s.listen(1)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [Path(sys.executable).with_name("python3"), "-c", listen],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert holder.stdout is not None
+        if holder.stdout.readline() != b"ready\n":
+            raise click.ClickException(f"could not hold port {port} for the capture")
         yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def _remove_created(cap: Capture, role: str) -> None:
@@ -413,7 +395,6 @@ def trouble_run_errors(cap: Capture) -> str:
         f"{d} run -d -p '[::1]:8084:80' nginx",
         f"{d} rm web",
         f"{d} logs nosuch",
-        f"{d} exec web ls",
         f"{d} pull 127.0.0.1:9/library/nginx",
         errors=True,
     )
@@ -482,14 +463,8 @@ def _docs(paths: tuple[Path, ...]) -> list[Path]:
     return sorted(p for p in DOCS.glob("*.md") if MARKER.search(p.read_text()))
 
 
-@click.command()
-@click.argument("paths", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def main(paths: tuple[Path, ...]) -> None:
-    """Regenerate the captured listings of PATHS (default: every doc that has some)."""
-    if os.geteuid() != 0:
-        raise click.ClickException("capturing needs root (the lab and the daemons)")
-    os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    docs = _docs(paths)
+def collect(docs: list[Path]) -> dict[str, str]:
+    """Run the recipes the marked blocks of ``docs`` name; their listings by name."""
     names = {m["name"] for p in docs for m in MARKER.finditer(p.read_text())}
     known = set(RECIPES) | {"lab-down"}
     unknown = sorted(names - known)
@@ -501,12 +476,43 @@ def main(paths: tuple[Path, ...]) -> None:
         with_down = backend == BACKENDS[0] and "lab-down" in names
         if wanted or with_down:
             results.update(_capture_phase(backend, wanted, with_down))
+    return results
+
+
+def prepare() -> None:
+    """Root, and this Python's entry points (pyengine, pyengined) first on PATH."""
+    if os.geteuid() != 0:
+        raise click.ClickException("capturing needs root (the lab and the daemons)")
+    os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+
+
+@click.command()
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing: compare each listing with this run (normalised) and exit 1 on drift.",
+)
+@click.argument("paths", nargs=-1, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def main(check: bool, paths: tuple[Path, ...]) -> None:
+    """Regenerate the captured listings of PATHS (default: every doc that has some)."""
+    prepare()
+    docs = _docs(paths)
+    results = collect(docs)
+    drifted = []
     for path in docs:
         text = path.read_text()
+        if check:
+            drifted += drift(str(path.relative_to(REPO)), text, results)
+            continue
         new = MARKER.sub(lambda m: m["open"] + results[m["name"]] + m["close"], text)
         if new != text:
             path.write_text(new)
             click.echo(f"capture: wrote {path.relative_to(REPO)}", err=True)
+    for found in drifted:
+        click.echo(found.diff)
+    if drifted:
+        names = ", ".join(f"{d.page} [{d.name}]" for d in drifted)
+        raise click.ClickException(f"captures drifted: {names} (docs/capture.py rewrites them)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 # Install the Debian packages pyengine and its tests need. Only missing packages are installed.
 # (gcc and python3-dev build the fork server's C loop, proxy/_forkloop.c, at pip install.)
 # (dnsmasq-base: the binary alone, no service, for the DNS bench's anchor.)
+# (graphviz: `dot`, which renders the pictures of docs/figures/ -- make figures.)
 # Debian's docker.io is an anchor for tests and benchmarks (its docker CLI, docker-proxy and a
 # dockerd the tests start themselves); when this script installs it, it is kept dormant: its
 # services are not started, and on systemd hosts not enabled, since a running dockerd sets the
@@ -10,8 +11,10 @@ set -euo pipefail
 
 packages=(runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl socat procps
   python3-venv python3-dev gcc libc6-dev ca-certificates openssl docker-registry skopeo apache2-utils tcpdump wrk iperf3
-  dnsmasq-base docker-compose)
-anchors=(docker.io)
+  dnsmasq-base graphviz)
+# docker-compose is installed with the anchor: it recommends docker.io, which would otherwise
+# come in (and start) with the packages above.
+anchors=(docker.io docker-compose)
 
 missing() {
   for p in "$@"; do
@@ -25,6 +28,14 @@ apt_install() {
 
 need=$(missing "${packages[@]}")
 need_anchor=$(missing "${anchors[@]}")
+anchor_opts=()
+# docker.io conflicts with Docker's own packages (docker-ce's containerd.io): installing it
+# would remove them. Their docker CLI and dockerd serve as the anchor instead.
+if [ -n "$need_anchor" ] && { [ -z "$(missing docker-ce)" ] || [ -z "$(missing containerd.io)" ]; }; then
+  echo "install-deps: docker-ce/containerd.io installed; not installing Debian's docker.io" >&2
+  need_anchor=$(missing docker-compose)
+  anchor_opts=(--no-install-recommends)
+fi
 [ -z "$need$need_anchor" ] && exit 0
 apt-get update -q
 # shellcheck disable=SC2086
@@ -39,9 +50,9 @@ if [ -n "$need_anchor" ]; then
     made_policy=yes
   fi
   # shellcheck disable=SC2086
-  apt_install $need_anchor || { [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d; exit 1; }
+  apt_install "${anchor_opts[@]}" $need_anchor || { [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d; exit 1; }
   [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
-  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  if [ -z "${anchor_opts[*]}" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable docker.service docker.socket >/dev/null 2>&1 || true
   fi
 fi

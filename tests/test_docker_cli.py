@@ -965,6 +965,9 @@ def test_traffic_between_containers_follows_their_networks(
         (["--restart", "sometimes"], "invalid restart policy: unknown policy 'sometimes'"),
         (["--network", "bridge", "--ip", "10.61.0.77"], "user defined networks only"),
         (["--blkio-weight", "300"], "--blkio-weight"),
+        (["--shm-size", "128m"], "--shm-size is not supported"),
+        (["--oom-score-adj", "500"], "--oom-score-adj is not supported"),
+        (["--cgroup-parent", "/pyetest"], "--cgroup-parent is not supported"),
     ],
 )
 def test_unsupported_run_options_are_refused(

@@ -43,6 +43,11 @@ UNSUPPORTED_HOST_CONFIG = {
     "CpusetMems": "--cpuset-mems",
     "BlkioWeight": "--blkio-weight",
     "Init": "--init",
+    "ShmSize": "--shm-size",
+    "OomScoreAdj": "--oom-score-adj",
+    "CgroupParent": "--cgroup-parent",
+    "Cgroup": "HostConfig.Cgroup (another container's cgroup)",
+    "StorageOpt": "--storage-opt",
 }
 # These default to a mode name; only their default is supported.
 HOST_CONFIG_MODES = {
