@@ -38,11 +38,17 @@ from netd import bridge, forwarding, sandbox, sysctl
 from netd.cni.config import NetConf, PortMap
 from netd.controller import NETWORK_FILE, STATE_DIR, NetdConfig, NetworkController
 from netd.errors import Conflict, NetdError
-from netd.naming import host_veth_name, mac_for_ip
+from netd.naming import mac_for_ip
 from netd.network import CREATING, READY
 from netd.state import Endpoint, PublishedPort, Sandbox, endpoint_key
 
 NETNS_PREFIX = "pyecni-"  # unused: the namespaces are the runtime's
+VETH_PREFIX = "pyecni"
+
+
+def veth_name(key: str) -> str:
+    """The host end of an attachment's veth: ``pyecni<9 hex of its key>`` (15 characters)."""
+    return f"{VETH_PREFIX}{key[:9]}"
 
 
 @dataclass(frozen=True)
@@ -196,7 +202,7 @@ class CniController(NetworkController):
         with self._lock:
             self._require_ready()
             st, net = self._st, self.default_network
-            veth = host_veth_name(key)
+            veth = veth_name(key)
             if sandbox.link_exists(veth):
                 raise Conflict(f"interface {veth} already exists")
             ipam, ipam6 = st.ipams[net.id], st.ipams6.get(net.id)

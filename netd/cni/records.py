@@ -2,7 +2,7 @@
 
 An attachment is identified by (CNI_CONTAINERID, CNI_IFNAME), as the spec says; netd knows it
 by :func:`attachment_key`, a hash of both, used as its container id (so its host veth name,
-``pye<10 hex>``, follows from it). The record keeps what netd's state does not: the runtime's
+``pyecni<9 hex>``, follows from it). The record keeps what netd's state does not: the runtime's
 ids, its namespace path and the proxies started for the attachment. It is written before netd
 is asked to do anything (the intent) and dropped last, so a crash leaves a record that the next
 DEL or GC of the attachment finishes.
