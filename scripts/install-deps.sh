@@ -2,6 +2,8 @@
 # Install the Debian packages pyengine and its tests need. Only missing packages are installed.
 # (gcc and python3-dev build the fork server's C loop, proxy/_forkloop.c, at pip install.)
 # (dnsmasq-base: the binary alone, no service, for the DNS bench's anchor.)
+# (podman, containernetworking-plugins: a CNI consumer and the reference plugins that
+# pyengine-cni is tested with and measured against; containerd comes with docker.io.)
 # Debian's docker.io is an anchor for tests and benchmarks (its docker CLI, docker-proxy and a
 # dockerd the tests start themselves); when this script installs it, it is kept dormant: its
 # services are not started, and on systemd hosts not enabled, since a running dockerd sets the
@@ -10,7 +12,7 @@ set -euo pipefail
 
 packages=(runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl socat procps
   python3-venv python3-dev gcc libc6-dev ca-certificates openssl docker-registry skopeo apache2-utils tcpdump wrk iperf3
-  dnsmasq-base docker-compose)
+  dnsmasq-base docker-compose podman containernetworking-plugins)
 anchors=(docker.io)
 
 missing() {
