@@ -23,6 +23,8 @@ Differences from pyengined's use of the same controller, each kept to this subcl
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import secrets
 import socket
 from dataclasses import dataclass
@@ -46,9 +48,11 @@ NETNS_PREFIX = "pyecni-"  # unused: the namespaces are the runtime's
 VETH_PREFIX = "pyecni"
 
 
-def veth_name(key: str) -> str:
-    """The host end of an attachment's veth: ``pyecni<9 hex of its key>`` (15 characters)."""
-    return f"{VETH_PREFIX}{key[:9]}"
+def veth_name(network: str, key: str) -> str:
+    """The host end of an attachment's veth: ``pyecni<9 hex>`` (15 characters), of the network
+    and the attachment's key: host link names are one namespace for every network."""
+    digest = hashlib.sha256(f"{network}/{key}".encode()).hexdigest()
+    return f"{VETH_PREFIX}{digest[:9]}"
 
 
 @dataclass(frozen=True)
@@ -146,11 +150,37 @@ class CniController(NetworkController):
                 sysctl.set_route_localnet(net.bridge, not self.cfg.userland_proxy)
             self._remove_previous_firewall()
             self._firewall.remember_forward_policy()
-            self._save_firewall_record()
+            # Each write is two fsyncs: only what changed is written (most commands: nothing).
+            record_current = self._record_is_current(previous)
+            if not record_current:
+                self._save_firewall_record()
             self._install_firewall()
-            self._save_firewall_record()
-            self._save()
+            if not record_current:
+                self._save_firewall_record()
+            if self._state_changed():
+                self._save()
             self._ready = True
+
+    def _record_is_current(self, previous: dict[str, object]) -> bool:
+        """Whether netd's firewall record says what ``_save_firewall_record`` would write (a
+        field this does not know makes it write, which is always safe)."""
+        net = self.default_network
+        return previous == {
+            "bridge": self.cfg.bridge,
+            "subnet": net.subnet,
+            "gateway": net.gateway,
+            "firewall_backend": self.cfg.firewall_backend,
+            "table": self.cfg.table,
+            "userland_proxy": self.cfg.userland_proxy,
+            "forward_policy_before": self._firewall.forward_policy_before,
+        }
+
+    def _state_changed(self) -> bool:
+        try:
+            on_disk = read_json(self._state_file, None)
+        except (OSError, ValueError):
+            return True
+        return bool(on_disk != json.loads(json.dumps(self._st.to_json())))
 
     def _recover(self) -> None:
         """Roll back what a command that crashed left: records not ``ready``, ports of
@@ -202,7 +232,7 @@ class CniController(NetworkController):
         with self._lock:
             self._require_ready()
             st, net = self._st, self.default_network
-            veth = veth_name(key)
+            veth = veth_name(self.conf.name, key)
             if sandbox.link_exists(veth):
                 raise Conflict(f"interface {veth} already exists")
             ipam, ipam6 = st.ipams[net.id], st.ipams6.get(net.id)

@@ -1,11 +1,11 @@
 """The plugin's record of its attachments, ``<dataDir>/attachments.json`` (atomic JSON, 0600).
 
 An attachment is identified by (CNI_CONTAINERID, CNI_IFNAME), as the spec says; netd knows it
-by :func:`attachment_key`, a hash of both, used as its container id (so its host veth name,
-``pyecni<9 hex>``, follows from it). The record keeps what netd's state does not: the runtime's
-ids, its namespace path and the proxies started for the attachment. It is written before netd
-is asked to do anything (the intent) and dropped last, so a crash leaves a record that the next
-DEL or GC of the attachment finishes.
+by :func:`attachment_key`, a hash of both, used as its container id (its host veth's name,
+``pyecni<9 hex>``, is a hash of the key and the network name). The record keeps what netd's
+state does not: the runtime's ids, its namespace path and the proxies started for the
+attachment. It is written before netd is asked to do anything (the intent) and dropped last, so
+a crash leaves a record that the next DEL or GC of the attachment finishes.
 """
 
 from __future__ import annotations
