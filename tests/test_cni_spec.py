@@ -6,7 +6,9 @@ namespace), GC, STATUS, VERSION and errors; concurrent ADDs; chained after the r
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -293,3 +295,45 @@ def _is_live(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
+
+def test_gateway_mode_for_hosts_that_route(data_dir: Path) -> None:
+    """A cluster routes a node's pod subnet to the node: in the default ``nat`` mode such
+    traffic is dropped (Docker 28's direct-routing protection), ``nat-unprotected`` lets it
+    reach the container with the client's own address."""
+    netns = new_netns("pyecni-route")
+    ext = create_external_host("pyecni-rext", "pyecni-rx0", "10.197.252.1/30", "10.197.252.2/30")
+    try:
+        run("ip", "-n", ext.netns, "route", "add", SUBNET, "via", ext.host_ip)
+        for mode, reachable in (("nat", False), ("nat-unprotected", True)):
+            conf = conf_for(data_dir, gatewayMode=mode)
+            result = ok(invoke("ADD", conf, "route", netns))
+            container_ip = result["ips"][0]["address"].split("/")[0]
+            try:
+                with start_whoami_server("pyecni-route", port=80):
+                    if reachable:
+                        assert tcp_whoami(ext.netns, container_ip, 80, timeout=5) == ext.ip
+                    else:
+                        with pytest.raises(OSError):
+                            tcp_whoami(ext.netns, container_ip, 80, timeout=1)
+            finally:
+                ok(invoke("DEL", conf, "route", netns))
+    finally:
+        delete_external_host(ext)
+        remove_netns("pyecni-route")
+
+
+def test_bench_cni_smoke(tmp_path: Path) -> None:
+    """``pyengine-bench cni`` runs end to end (a few samples, a few ports) and cleans up."""
+    require((REFERENCE_PLUGINS / "portmap").exists(), "needs containernetworking-plugins")
+    out = tmp_path / "cni.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "cni", "--repeat", "1", "--repeat-ports", "1",
+         "--ports", "5", "--json", str(out)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| bridge + portmap |" in result.stdout
+    doc = json.loads(out.read_text())
+    assert set(doc["results"]) == {"reference", "pyengine-nft", "pyengine-ipt", "chained"}
+    assert not [line for line in run("iptables-save", "-t", "nat").splitlines() if "pyecni" in line]

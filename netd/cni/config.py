@@ -14,6 +14,10 @@ The plugin's own keys, next to the spec's ``cniVersion``/``name``/``type``:
 * ``firewallBackend``: ``nftables`` (default) or ``iptables``; ``table``: its table / chain
   prefix (default ``pyecni_<8 hex of the name>``);
 * ``userlandProxy``: published ports are served by pyengine-proxy processes as well (false);
+* ``gatewayMode``: Docker 28's gateway mode of the network (netd/firewall/__init__.py):
+  ``nat`` (default: containers are reached through the bridge or published ports only),
+  ``nat-unprotected`` (also by hosts that route to their addresses: other nodes of a cluster)
+  or ``routed`` (no masquerade; routed traffic reaches published ports only);
 * ``dataDir``: where the network's state lives (default ``/var/lib/pyengine-cni/<name>``).
 """
 
@@ -41,6 +45,7 @@ COMMANDS = ("ADD", "DEL", "CHECK", "VERSION", "STATUS", "GC")
 MAX_CONFIG_BYTES = 4 << 20  # 1,000 port mappings are ~100 kB
 DEFAULT_DATA_ROOT = Path("/var/lib/pyengine-cni")
 BACKENDS = ("nftables", "iptables")
+GATEWAY_MODES = ("nat", "nat-unprotected", "routed")  # netd's, but "isolated" (internal only)
 VALID_ATTACHMENTS = "cni.dev/valid-attachments"
 
 # SPEC.md: the network name and the container id.
@@ -96,6 +101,7 @@ class NetConf:
     firewall_backend: str
     table: str
     userland_proxy: bool
+    gateway_mode: str
     data_dir: Path
     port_mappings: tuple[PortMap, ...]
     prev_result: dict[str, Any] | None
@@ -308,6 +314,9 @@ def parse_config(conf: dict[str, Any]) -> NetConf:
     table = _get(conf, "table", str, f"pyecni_{_short_hash(name)}")
     if not _TABLE.fullmatch(table):
         raise config_error(f'invalid table "{table}" ([A-Za-z][A-Za-z0-9_], 16 at most)')
+    gateway_mode = _get(conf, "gatewayMode", str, "nat")
+    if gateway_mode not in GATEWAY_MODES:
+        raise config_error(f'gatewayMode "{gateway_mode}" is not one of {", ".join(GATEWAY_MODES)}')
     mtu = _get(conf, "mtu", int, 0)
     if mtu and not 68 <= mtu <= 65535:
         raise config_error(f"invalid mtu {mtu}")
@@ -328,6 +337,7 @@ def parse_config(conf: dict[str, Any]) -> NetConf:
         firewall_backend=backend,
         table=table,
         userland_proxy=bool(_get(conf, "userlandProxy", bool, False)),
+        gateway_mode=gateway_mode,
         data_dir=data_dir,
         port_mappings=_port_mappings(conf),
         prev_result=prev,

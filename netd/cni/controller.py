@@ -118,6 +118,7 @@ class CniController(NetworkController):
         self.conf = conf
         net = self.default_network
         net.masquerade, net.mtu = conf.ip_masq, conf.mtu  # saved with the next change
+        net.gateway_mode4 = net.gateway_mode6 = conf.gateway_mode
 
     # -- overrides --------------------------------------------------------------------------
 
