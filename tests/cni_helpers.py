@@ -116,11 +116,12 @@ def sweep() -> None:
 
 
 def allocations(data_dir: Path) -> dict[str, str]:
-    """The addresses netd's state holds for the network (address -> owner)."""
+    """The addresses (both families) netd's state holds for the network (address -> owner)."""
     state = data_dir / "network" / "endpoints.json"
     if not state.exists():
         return {}
     found: dict[str, str] = {}
     for net in json.loads(state.read_text()).get("networks", {}).values():
-        found.update(net.get("ipam", {}).get("allocations", {}))
+        for family in ("ipam", "ipam6"):
+            found.update(net.get(family, {}).get("allocations", {}))
     return found

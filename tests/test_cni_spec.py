@@ -279,14 +279,25 @@ def test_userland_proxy(data_dir: Path) -> None:
             assert tcp_whoami(None, "127.0.0.1", PORT + 4) == GATEWAY
         ok(invoke("CHECK", conf, "proxy", netns))
         ok(invoke("DEL", conf, "proxy", netns))
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_gone(pids)
         assert not [p for p in pids if _is_live(p)], "DEL stops the proxies"
+        # GC stops the proxies of an attachment the runtime lost track of.
+        ok(invoke("ADD", conf, "proxy-leak", netns))
+        pids = proxies_of(data_dir)
+        assert pids
+        ok(invoke("GC", {**conf, "cniVersion": "1.1.0", "cni.dev/valid-attachments": []}))
+        _wait_gone(pids)
+        assert not [p for p in pids if _is_live(p)], "GC stops the proxies"
     finally:
         for pid in pids:
             subprocess.run(["kill", str(pid)], capture_output=True, timeout=10)
         remove_netns("pyecni-proxy")
+
+
+def _wait_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while any(_is_live(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _is_live(pid: int) -> bool:
@@ -295,6 +306,26 @@ def _is_live(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")
+
+
+def test_ipv6_and_another_ifname(data_dir: Path) -> None:
+    """An IPv4 and an IPv6 range set: an address of each, a default route of each, a port
+    mapped in both families; the interface is named as CNI_IFNAME says."""
+    ranges = [[{"subnet": "10.197.12.0/24"}], [{"subnet": "fd00:197:12::/64"}]]
+    conf = with_ports(conf_for(data_dir, ipam={"ranges": ranges}), (PORT + 5, 80))
+    netns = new_netns("pyecni-v6")
+    try:
+        result = ok(invoke("ADD", conf, "v6", netns, ifname="net1"))
+        assert [ip["address"] for ip in result["ips"]] == ["10.197.12.2/24", "fd00:197:12::2/64"]
+        assert "inet6 fd00:197:12::2/64" in addresses_in("pyecni-v6", "net1")
+        assert "default via fd00:197:12::1" in run("ip", "-n", "pyecni-v6", "-6", "route")
+        with start_whoami_server("pyecni-v6", port=80):
+            assert tcp_whoami(None, "127.0.0.1", PORT + 5)
+        ok(invoke("CHECK", conf, "v6", netns, ifname="net1"))
+        ok(invoke("DEL", conf, "v6", netns, ifname="net1"))
+        assert allocations(data_dir) == {}
+    finally:
+        remove_netns("pyecni-v6")
 
 
 def test_gateway_mode_for_hosts_that_route(data_dir: Path) -> None:

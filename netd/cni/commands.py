@@ -21,6 +21,7 @@ from netd.cni.errors import (
     CHECK_FAILED,
     INVALID_CONFIG,
     NOT_AVAILABLE,
+    OPERATION_FAILED,
     CniError,
 )
 from netd.cni.lock import network_lock
@@ -46,7 +47,7 @@ def add(inv: Invocation, conf: NetConf) -> dict[str, Any]:
         records = Records.load(conf.data_dir)
         if key in records.attachments:
             raise CniError(
-                INVALID_CONFIG,
+                OPERATION_FAILED,
                 f"container {inv.container_id} already has {inv.ifname} on network {conf.name}",
             )
         found = None
@@ -162,8 +163,8 @@ def gc(conf: NetConf) -> None:
         records = Records.load(conf.data_dir)
         ctl = _controller(conf, chained if isinstance(chained, ChainedNetwork) else None)
         for key in (set(records.attachments) | ctl.keys()) - valid:
-            record = records.attachments.get(key) or AttachmentRecord(key, "", "")
-            if key not in records.attachments:
+            record = records.attachments.get(key)
+            if record is None:
                 # netd holds something the records do not name: release it under its key.
                 ctl.detach(key)
                 continue
@@ -208,7 +209,5 @@ def run(inv: Invocation, conf: NetConf) -> dict[str, Any] | None:
         elif inv.command == "STATUS":
             status(conf)
     except NetdError as exc:
-        from netd.cni.errors import OPERATION_FAILED
-
         raise CniError(OPERATION_FAILED, str(exc)) from None
     return None
