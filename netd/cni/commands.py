@@ -8,15 +8,14 @@ import os
 import shutil
 from typing import Any
 
-from netd.cni.config import Invocation, NetConf
-from netd.cni.controller import (
+from netd.cni.chained import (
     ChainedNetwork,
-    CniController,
     chained_network,
-    link_mac,
     recorded_chained_network,
     state_record,
 )
+from netd.cni.config import Invocation, NetConf
+from netd.cni.controller import CniController, link_mac
 from netd.cni.errors import (
     CHECK_FAILED,
     INVALID_CONFIG,
