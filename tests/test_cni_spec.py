@@ -328,6 +328,32 @@ def test_ipv6_and_another_ifname(data_dir: Path) -> None:
         remove_netns("pyecni-v6")
 
 
+def test_networks_are_isolated(tmp_path: Path) -> None:
+    """Two networks of the plugin: a container of one cannot open a connection to a container
+    of the other (each network's table drops what is routed into its bridge)."""
+    one = conf_for(tmp_path / "one")
+    two = conf_for(
+        tmp_path / "two",
+        name="pyecni-two",
+        bridge="pyecni1",
+        table="pyecni_two",
+        ipam={"ranges": [[{"subnet": "10.197.13.0/24"}]]},
+    )
+    a, b = new_netns("pyecni-iso-a"), new_netns("pyecni-iso-b")
+    try:
+        ok(invoke("ADD", one, "iso-a", a))
+        target = ok(invoke("ADD", two, "iso-b", b))["ips"][0]["address"].split("/")[0]
+        with start_whoami_server("pyecni-iso-b", port=80):
+            assert tcp_whoami("pyecni-iso-b", target, 80) == target  # the server answers
+            with pytest.raises(OSError):
+                tcp_whoami("pyecni-iso-a", target, 80, timeout=1)
+        ok(invoke("DEL", one, "iso-a", a))
+        ok(invoke("DEL", two, "iso-b", b))
+    finally:
+        remove_netns("pyecni-iso-a")
+        remove_netns("pyecni-iso-b")
+
+
 def test_gateway_mode_for_hosts_that_route(data_dir: Path) -> None:
     """A cluster routes a node's pod subnet to the node: in the default ``nat`` mode such
     traffic is dropped (Docker 28's direct-routing protection), ``nat-unprotected`` lets it

@@ -7,5 +7,6 @@ data directory, so the bridge, veths, IPAM, firewall and port publishing are net
 Modules: config (parsing at the boundary), errors and results (the spec's JSON), lock (one
 flock per network), records (the attachments and their proxies), proxies (pyengine-proxy
 processes that outlive the plugin), controller (netd's controller for a runtime's
-namespace), chained (the network of a plugin chained after ``bridge``), commands (the commands), main (the entry point).
+namespace), chained (the network of a plugin chained after ``bridge``), commands (the
+commands), main (the entry point).
 """
