@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -326,6 +327,23 @@ def test_ipv6_and_another_ifname(data_dir: Path) -> None:
         assert allocations(data_dir) == {}
     finally:
         remove_netns("pyecni-v6")
+
+
+def test_failed_add_leaves_nothing(data_dir: Path) -> None:
+    """A host port someone else holds fails the ADD after the veth and address were made: the
+    plugin answers an error and rolls everything back, so a runtime's DEL finds nothing."""
+    netns = new_netns("pyecni-busy")
+    holder = socket.create_server(("0.0.0.0", PORT + 6))
+    try:
+        reply = invoke("ADD", with_ports(conf_for(data_dir), (PORT + 6, 80)), "busy", netns)
+        assert reply.rc == 1 and reply.out["code"] == 100
+        assert "already in use" in reply.out["msg"]
+        assert allocations(data_dir) == {}
+        assert "eth0" not in run("ip", "-n", "pyecni-busy", "link")
+        ok(invoke("DEL", conf_for(data_dir), "busy", netns))
+    finally:
+        holder.close()
+        remove_netns("pyecni-busy")
 
 
 def test_networks_are_isolated(tmp_path: Path) -> None:
