@@ -25,7 +25,7 @@ from netd.cni.errors import (
 )
 from netd.cni.lock import network_lock
 from netd.cni.proxies import start_proxy, stop_proxy
-from netd.cni.records import AttachmentRecord, Records, attachment_key
+from netd.cni.records import AttachmentRecord, ProxyRecord, Records, attachment_key
 from netd.cni.results import attachment_result
 from netd.cni.versions import convert_result
 from netd.errors import NetdError
@@ -67,10 +67,14 @@ def add(inv: Invocation, conf: NetConf) -> dict[str, Any]:
                 ep, routes = ctl.attach(key, inv.netns, inv.ifname)
             ports = ctl.publish_maps(ep, conf.port_mappings)
             if conf.userland_proxy:
+
+                def spawned(proxy: ProxyRecord) -> None:
+                    record.proxies.append(proxy)
+                    records.save()
+
                 for port in ports:
                     if port.sock is not None and port.host_port:
-                        record.proxies.append(start_proxy(port, conf.data_dir))
-                        records.save()
+                        start_proxy(port, conf.data_dir, spawned)
         except BaseException:
             close_ports(ports)
             _remove(ctl, records, record)

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from netd.cni.records import ProxyRecord
@@ -53,8 +54,12 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def start_proxy(port: PublishedPort, data_dir: Path) -> ProxyRecord:
-    """Start a proxy on ``port.sock`` and wait for its "0\\n"; NetdError when it fails."""
+def start_proxy(
+    port: PublishedPort, data_dir: Path, spawned: Callable[[ProxyRecord], None]
+) -> ProxyRecord:
+    """Start a proxy on ``port.sock`` and wait for its "0\\n"; NetdError when it fails.
+    ``spawned`` gets the proxy's record as soon as the process exists, before the wait, so the
+    caller can persist it: a plugin killed during the wait leaves no proxy nobody knows."""
     if port.sock is None:
         raise NetdError(f"port {port.host_port}/{port.proto} holds no socket")
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -79,15 +84,19 @@ def start_proxy(port: PublishedPort, data_dir: Path) -> ProxyRecord:
         os.close(write_end)
         os.close(log_fd)
     try:
+        proxy = ProxyRecord(pid, port.proto, port.host_ip, port.host_port, start_time(pid) or 0)
+        spawned(proxy)
         status = _read_status(read_end)
+    except BaseException:
+        _stop(pid)
+        raise
     finally:
         os.close(read_end)
     if not status.startswith(b"0\n"):
         _stop(pid)
         why = status[2:].decode("utf-8", "replace").strip() or "it exited before reporting"
         raise NetdError(f"cannot start pyengine-proxy for port {port.host_port}: {why}")
-    started = start_time(pid) or 0
-    return ProxyRecord(pid, port.proto, port.host_ip, port.host_port, started)
+    return proxy
 
 
 def _read_status(fd: int) -> bytes:
