@@ -4,6 +4,7 @@
     python -m bench --out bench-results                   # the reference run (~15 minutes)
     python -m bench --report-only bench-results/results.json --out bench-results
     pyengine-bench dns --json dns.json                    # the DNS responder vs dnsmasq
+    pyengine-bench cni --json cni.json                    # pyengine-cni vs bridge + portmap
 
 Writes OUT/results.json (raw samples), OUT/results.md (tables) and OUT/plots/*.png.
 """
@@ -283,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 
         program = "python -m bench dns" if sys.argv[0].endswith("__main__.py") else None
         return dns_main(argv[1:], prog=program or "pyengine-bench dns")
+    if argv[:1] == ["cni"]:
+        from bench.cni import main as cni_main
+
+        program = "python -m bench cni" if sys.argv[0].endswith("__main__.py") else None
+        return cni_main(argv[1:], prog=program or "pyengine-bench cni")
     args = parser().parse_args(argv)
     if args.report_only:
         stored = Results.read(args.report_only)

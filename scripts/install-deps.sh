@@ -3,6 +3,8 @@
 # (gcc and python3-dev build the fork server's C loop, proxy/_forkloop.c, at pip install.)
 # (dnsmasq-base: the binary alone, no service, for the DNS bench's anchor.)
 # (graphviz: `dot`, which renders the pictures of docs/figures/ -- make figures.)
+# (podman, containernetworking-plugins: a CNI consumer and the reference plugins that
+# pyengine-cni is tested with and measured against; containerd comes with docker.io.)
 # Debian's docker.io is an anchor for tests and benchmarks (its docker CLI, docker-proxy and a
 # dockerd the tests start themselves); when this script installs it, it is kept dormant: its
 # services are not started, and on systemd hosts not enabled, since a running dockerd sets the
@@ -11,7 +13,7 @@ set -euo pipefail
 
 packages=(runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl socat procps
   python3-venv python3-dev gcc libc6-dev ca-certificates openssl docker-registry skopeo apache2-utils tcpdump wrk iperf3
-  dnsmasq-base graphviz)
+  dnsmasq-base graphviz podman containernetworking-plugins)
 # docker-compose is installed with the anchor: it recommends docker.io, which would otherwise
 # come in (and start) with the packages above.
 anchors=(docker.io docker-compose)
