@@ -144,7 +144,10 @@ def _publish_ports(
                 answering = float(len(synprobe.answering("127.0.0.1", ports)))
                 answering6 = float(len(synprobe.answering("::1", ports)))
             else:
+                # Through DNAT a connect reaches nginx itself, which may not listen yet.
+                wait_for_200("127.0.0.1", ports[0], READY_TIMEOUT_SECONDS)
                 answering = float(count_connecting("127.0.0.1", ports))
+            wait_for_200("127.0.0.1", ports[0], READY_TIMEOUT_SECONDS)  # nginx listens
             sample_ports = ports[:: max(1, count // HTTP_SAMPLE)]
             http_ok = float(
                 sum(probe("127.0.0.1", port, HTTP_TIMEOUT_SECONDS) == "ok" for port in sample_ports)

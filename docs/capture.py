@@ -476,7 +476,8 @@ def collect(docs: list[Path]) -> dict[str, str]:
         with_down = backend == BACKENDS[0] and "lab-down" in names
         if wanted or with_down:
             results.update(_capture_phase(backend, wanted, with_down))
-    return results
+    # Paths inside this checkout as the reader's own clone has them: relative to it.
+    return {name: text.replace(f"{REPO}/", "") for name, text in results.items()}
 
 
 def prepare() -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -208,6 +209,19 @@ class ProxySupervisor:
             await asyncio.gather(*(self._stop_one(key) for key in set(keys)))
         finally:
             self._save_or_warn()
+
+    def begin_stop(self, keys: Iterable[str]) -> None:
+        """Ask the proxies of ``keys`` to stop now (SIGTERM through the pidfd) without waiting
+        for them: their exits (the kernel's teardown of each process) run while the caller
+        does other work, and a later :meth:`stop_many` of the same keys awaits them. A proxy
+        asked to stop is not restarted."""
+        for key in keys:
+            supervised = self._proxies.get(key)
+            if supervised is None:
+                continue
+            supervised.stopping = True
+            if supervised.child is not None:
+                supervised.child.send_signal(signal.SIGTERM)
 
     async def _stop_one(self, key: str) -> None:
         survivor = self._survivors.pop(key, None)

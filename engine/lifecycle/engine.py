@@ -500,6 +500,8 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
             )
         self._stopped_by_client(c)  # a forced removal's kill restarts nothing
         if c.state.running:
+            # The proxies exit while runc kills the container (_release awaits them).
+            self.proxies.begin_stop(proxy_keys(c.id, c.network.ports))
             try:
                 await self.runtime.kill(c.id, "SIGKILL")
             except RuncError:
