@@ -45,6 +45,13 @@ from engine.lifecycle.networking import (
     proxy_protocol_for,
     proxy_protocol_labels,
 )
+from engine.lifecycle.proxymode import (
+    TRANSPARENT,
+    check_proxy_mode_labels,
+    own_subnets,
+    proxy_mode_for,
+    transparent_keys,
+)
 from engine.lifecycle.proxyplan import proxy_groups, proxy_keys
 from engine.runtime import bundle
 from netd import (
@@ -142,6 +149,7 @@ class NetworkOps(EngineBase):
             chosen = proxy_protocol_labels({str(k): str(v) for k, v in labels.items()})
         except NetworkRequestError as e:
             raise InvalidParameter(str(e)) from e
+        check_proxy_mode_labels(labels, self.cfg.userland_proxy)
         if not self.cfg.userland_proxy and any(v != "off" for v in chosen.values()):
             raise InvalidParameter(
                 "PROXY protocol (label pyengine.proxy-protocol) needs the userland proxy: "
@@ -160,10 +168,13 @@ class NetworkOps(EngineBase):
         port: engine/lifecycle/proxyplan.py)."""
         labels = c.config.get("Labels") or {}
         p = ports[0]
+        mode = proxy_mode_for(labels, p.container_port, p.proto, self.cfg.userland_proxy_mode)
         return ProxySpec.of(
             p.mapping(),
             proxy_protocol_for(labels, p.container_port, p.proto) or None,
             ports[1].mapping() if len(ports) > 1 else None,
+            transparent=mode == TRANSPARENT,
+            transparent_skip=own_subnets(self.network.container_endpoints(c.id)),
         )
 
     def _proxy_batch(
@@ -343,9 +354,10 @@ class NetworkOps(EngineBase):
         endpoints = await self._connect_all(c, undo)
         endpoint = endpoints[0]
         net_files = await self._start_dns(c, endpoints, undo)
-        published = await self._netd(
-            self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
-        )
+        bindings = self._publish_all_bindings(c)
+        proxy_only = transparent_keys(c.config.get("Labels") or {}, bindings, self.cfg)
+        publish = functools.partial(self.network.publish, proxy_only=proxy_only)
+        published = await self._netd(publish, c.id, endpoint, bindings)
         if self.cfg.userland_proxy:
             batch = self._proxy_batch(c, published)
             undo.append(lambda: self.proxies.stop_many(key for key, _, _ in batch))
