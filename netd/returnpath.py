@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _FAMILIES = ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0"))
 _RTN_LOCAL = 2  # rtnetlink(7): route type "local"
+_RT_SCOPE_HOST = 254
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ReturnPath:
                             family=family,
                             dst=default,
                             type="local",
+                            scope=_RT_SCOPE_HOST,  # what a local route must have (IPv4)
                             oif=lo,
                             table=self.table,
                         )
@@ -144,4 +146,5 @@ class ReturnPath:
 def _route_key(route: object, table: int) -> dict[str, object]:
     oif = route.get_attr("RTA_OIF")  # type: ignore[attr-defined]
     default = "::/0" if route["family"] == socket.AF_INET6 else "0.0.0.0/0"  # type: ignore[index]
-    return {"dst": default, "type": "local", "oif": oif, "table": table}
+    scope = route["scope"]  # type: ignore[index]
+    return {"dst": default, "type": "local", "scope": scope, "oif": oif, "table": table}
