@@ -166,13 +166,24 @@ def udp_ask(netns: str | None, ip: str, port: int) -> str:
     raise TimeoutError(f"no UDP echo from {ip}:{port}")
 
 
-def logs_mention(d: Daemon, cid: str, needle: str, timeout: float = 5.0) -> bool:
+def logs_mention(d: Daemon, cid: str, needle: str, also: str = "", timeout: float = 5.0) -> bool:
+    """Whether a line of the container's log holds ``needle`` (and ``also``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if needle in d.cli("logs", cid).stdout:
-            return True
+        for line in d.cli("logs", cid).stdout.splitlines():
+            if needle in line and also in line:
+                return True
         time.sleep(0.1)
     return False
+
+
+def hairpin_get(ip: str, port: int) -> str:
+    """A perl one-liner (the nginx image has perl) asking ``ip:port`` for /hairpin."""
+    return (
+        "use IO::Socket::INET;"
+        f' my $s = IO::Socket::INET->new(PeerAddr => "{ip}:{port}", Timeout => 5) or die $!;'
+        ' print $s "GET /hairpin HTTP/1.0\\r\\n\\r\\n"; print scalar <$s>;'
+    )
 
 
 def return_path_rules(s: Setup) -> list[str]:
@@ -218,6 +229,13 @@ def test_nginx_logs_the_lan_client_over_ipv4_and_ipv6(
         assert http_get(None, "127.0.0.1", s.port).startswith("HTTP/1.1 200")
         assert logs_mention(d, cid, f"{s.gateway} - "), d.cli("logs", cid).stdout
         assert http_get(None, "::1", s.port).startswith("HTTP/1.1 200")
+        # One of the host's own addresses is routed back to the host: the container sees it.
+        assert http_get(None, lan.host_ip, s.port).startswith("HTTP/1.1 200")
+        assert logs_mention(d, cid, f"{lan.host_ip} - "), d.cli("logs", cid).stdout
+        # A container on the same bridge would be answered over the bridge: the gateway.
+        hairpin = d.cli("run", "--rm", "nginx", "perl", "-e", hairpin_get(s.gateway, s.port))
+        assert hairpin.stdout.startswith("HTTP/1.1 200"), hairpin.stderr
+        assert logs_mention(d, cid, f"{s.gateway} - - [", "GET /hairpin"), d.cli("logs", cid).stdout
     finally:
         d.cli("rm", "-f", cid, check=True)
     assert return_path_rules(s) == []
@@ -245,3 +263,40 @@ def test_nothing_left_after_the_daemon_stops(
     assert return_path_rules(s) == []
     records = d.data_root / "proxies"
     assert not (records.is_dir() and any(records.iterdir()))
+
+
+def test_live_restore_keeps_the_mode(
+    tmp_path: Path, nginx_archive: Path, lan: ExternalHost
+) -> None:
+    """Proxies outlive a daemon with live restore, and so does the return path; the next
+    daemon adopts both, and removes the return path with the last transparent port."""
+    bridge, bip, port = "pyetr2", "10.199.2.1/24", 48192
+    rp = ReturnPath(0x1D1B0000, 25921, 25921)
+    args = (
+        "--live-restore=true", "--userland-proxy-mode=transparent",
+        f"--userland-proxy-return-path={rp.mark:#x}:{rp.table}:{rp.priority}",
+    )  # fmt: skip
+    d = start_daemon(tmp_path, bridge, bip, True, *args)
+    try:
+        d.cli("load", "-i", str(nginx_archive), check=True)
+        cid = d.cli("run", "-d", "-p", f"{port}:80", "nginx", check=True).stdout.strip()
+        assert wait_http(lan.netns, lan.host_ip, port).startswith("HTTP/1.1 200")
+        stop_daemon(d)
+        assert rp.installed(), "the return path went with the daemon"
+        assert http_get(lan.netns, lan.host_ip, port).startswith("HTTP/1.1 200")
+        d = start_daemon(tmp_path, bridge, bip, True, *args)
+        assert http_get(lan.netns, lan.host_ip, port).startswith("HTTP/1.1 200")
+        logs = d.cli("logs", cid).stdout
+        assert logs.count(f"{lan.ip} - ") >= 3, logs
+        d.cli("rm", "-f", cid, check=True)
+        assert rp.installed() == []
+    finally:
+        for left in d.cli("ps", "-a", "-q").stdout.split():
+            d.cli("rm", "-f", left)
+        stop_daemon(d)
+        rp.remove()
+        if firewall_installed("nftables", bridge):
+            remove_firewall("nftables", bridge)
+        with IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=bridge):
+                ipr.link("del", index=index)
