@@ -281,11 +281,16 @@ class ControllerBase:
             if n.state != REMOVING and n.is_bridge  # macvlan/ipvlan: no rule at all
         ]
         transparent = any(p.proxy_only for ports in self._st.ports.values() for p in ports)
+        previous = self._firewall.transparent_mark
         self._firewall.transparent_mark = self.cfg.transparent_mark if transparent else None
-        if transparent:  # the route before the marks, so no marked packet is forwarded
-            self._return_path.install()
-            self._return_path_up = True
-        self._firewall.install(networks, self._firewall_mappings())
+        try:
+            if transparent:  # the route before the marks, so no marked packet is forwarded
+                self._return_path.install()
+                self._return_path_up = True
+            self._firewall.install(networks, self._firewall_mappings())
+        except BaseException:
+            self._firewall.transparent_mark = previous  # the kernel's ruleset is unchanged
+            raise
         if not transparent and self._return_path_up:
             self._remove_return_path()
 

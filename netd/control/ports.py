@@ -238,7 +238,15 @@ class Ports(Networks):
                     self._flush_udp_conntrack(port)
                 self._after_reserve(port)
             if any(p.proxy_only for p in new):
-                self._sync_return_path()
+                try:
+                    self._sync_return_path()
+                except BaseException:  # nothing half-applied: the ports go again
+                    kept = self._st.ports[container_id]
+                    self._st.ports[container_id] = [p for p in kept if all(p is not n for n in new)]
+                    self._save()
+                    self._firewall.remove_mappings(firewall_mappings(new))
+                    close_ports(new)
+                    raise
             return new
 
     @staticmethod
