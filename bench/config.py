@@ -17,10 +17,12 @@ VARIANTS: dict[str, str] = {
     "dnat-lo": "host -> 127.0.0.1:port, kernel DNAT in OUTPUT with route_localnet "
     "(pyengined --userland-proxy=false)",
     "pyengine-proxy": "host -> 127.0.0.1:port -> pyengine-proxy (pyengined --userland-proxy=true)",
+    "pyengine-proxy-transparent": "external client netns -> host veth address:port -> "
+    "pyengine-proxy from the client's address (label pyengine.proxy-mode=transparent)",
     "docker-proxy": "host -> 127.0.0.1:port -> Docker's docker-proxy, started by hand",
     "socat": "host -> 127.0.0.1:port -> socat fork, started by hand",
 }
-PROXY_VARIANTS = ("pyengine-proxy", "docker-proxy", "socat")
+PROXY_VARIANTS = ("pyengine-proxy", "pyengine-proxy-transparent", "docker-proxy", "socat")
 REFERENCES = ("dnat-lo", "docker-proxy")  # the headline ratios divide by these
 # The studies, in the order they run; "publish" includes the DNAT connection rate.
 STUDIES = ("memory", "datapath", "first-response", "publish")

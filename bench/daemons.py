@@ -131,11 +131,18 @@ class BenchDaemon:
         with open(archive, "rb") as f:
             self.client.load(f)
 
-    def create(self, image: str, publish: list[Publish], cmd: list[str] | None = None) -> str:
+    def create(
+        self,
+        image: str,
+        publish: list[Publish],
+        cmd: list[str] | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> str:
         bindings = port_bindings(publish)
         config: dict[str, Any] = {
             "Image": image,
             "Cmd": cmd,
+            "Labels": labels or {},
             "ExposedPorts": {key: {} for key in bindings},
             "HostConfig": {"PortBindings": bindings},
         }
@@ -149,9 +156,13 @@ class BenchDaemon:
         )
 
     def run(
-        self, image: str, publish: list[Publish], cmd: list[str] | None = None
+        self,
+        image: str,
+        publish: list[Publish],
+        cmd: list[str] | None = None,
+        labels: dict[str, str] | None = None,
     ) -> RunningContainer:
-        container_id = self.create(image, publish, cmd)
+        container_id = self.create(image, publish, cmd, labels)
         try:
             return self.start(container_id)
         except BaseException:

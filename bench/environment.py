@@ -193,15 +193,20 @@ def _wait_ready(servers: Servers) -> None:
         time.sleep(0.05)
 
 
-def start_servers(daemon: BenchDaemon, ports: PortPool, host_ip: str) -> Servers:
+def start_servers(
+    daemon: BenchDaemon, ports: PortPool, host_ip: str, labels: dict[str, str] | None = None
+) -> Servers:
     http_port, iperf_port = ports.one(), ports.one()
-    http = daemon.run("nginx", [Publish(http_port, HTTP_PORT, "tcp", host_ip)], cmd=NGINX_COMMAND)
+    http = daemon.run(
+        "nginx", [Publish(http_port, HTTP_PORT, "tcp", host_ip)], NGINX_COMMAND, labels
+    )
     iperf = daemon.run(
         "iperf3",
         [
             Publish(iperf_port, IPERF3_PORT, "tcp", host_ip),
             Publish(iperf_port, IPERF3_PORT, "udp", host_ip),
         ],
+        labels=labels,
     )
     servers = Servers(daemon, http, iperf, http_port, iperf_port)
     _wait_ready(servers)
@@ -272,6 +277,22 @@ def build_variants(
         list(roles.values()),
         roles,
     )
+    transparent = servers.get("transparent")
+    if transparent is not None:  # the same daemon, its proxies connecting from the client
+        on = ext.host_ip
+        roles = {
+            "http": daemon.proxy_pid("tcp", transparent.http_port, on),
+            "iperf-tcp": daemon.proxy_pid("tcp", transparent.iperf_port, on),
+            "iperf-udp": daemon.proxy_pid("udp", transparent.iperf_port, on),
+        }
+        built["pyengine-proxy-transparent"] = Variant(
+            "pyengine-proxy-transparent",
+            VARIANTS["pyengine-proxy-transparent"],
+            Target(ext.netns, on, transparent.http_port),
+            Target(ext.netns, on, transparent.iperf_port),
+            list(roles.values()),
+            roles,
+        )
     for kind, group in hand.items():
         by_role = dict(zip(("http", "iperf-tcp", "iperf-udp"), group, strict=True))
         built[kind] = Variant(
@@ -323,6 +344,9 @@ def build_environment(cfg: BenchConfig, cleanup: Cleanup, progress: Progress) ->
         "proxy": start_servers(daemons["proxy"], ports, "127.0.0.1"),
         "dnat": start_servers(daemons["dnat"], ports, ""),
     }
+    if "pyengine-proxy-transparent" in cfg.variants:
+        labels = {"pyengine.proxy-mode": "transparent"}
+        servers["transparent"] = start_servers(daemons["proxy"], ports, ext.host_ip, labels)
     progress.note("nginx and iperf3 containers answer in both daemons")
 
     hand: dict[str, list[HandStartedProxy]] = {}

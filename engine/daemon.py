@@ -136,6 +136,17 @@ async def serve(
             pidfile.unlink()
 
 
+def return_path(text: str) -> tuple[int, int, int]:
+    """``MARK:TABLE:PRIORITY`` (each decimal or 0x-hex): NetdConfig's transparent_* fields."""
+    try:
+        mark, table, priority = (int(part, 0) for part in text.split(":"))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not MARK:TABLE:PRIORITY", param_hint="--userland-proxy-return-path"
+        ) from None
+    return mark, table, priority
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-H",
@@ -156,6 +167,22 @@ async def serve(
     default="true",
     show_default=True,
     help="true: one pyengine-proxy per published port; false: kernel DNAT only.",
+)
+@click.option(
+    "--userland-proxy-mode",
+    type=click.Choice(["gateway", "transparent"]),
+    default="gateway",
+    show_default=True,
+    help="How the proxy connects to a container: from the bridge gateway (Docker's way), or "
+    "transparently, from the client's own address (docs/proxy.md). Label "
+    "pyengine.proxy-mode[.<port>/<proto>] chooses per container or port.",
+)
+@click.option(
+    "--userland-proxy-return-path",
+    default="0x1d190000:25919:25919",
+    show_default=True,
+    help="Transparent mode's return path: MARK:TABLE:PRIORITY, the firewall mark bits, the "
+    "routing table and the ip rule priority pyengined owns (netd/returnpath.py).",
 )
 @click.option(
     "--userland-proxy-path",
@@ -236,6 +263,8 @@ def main(
     host: str,
     data_root: Path,
     userland_proxy: str,
+    userland_proxy_mode: str,
+    userland_proxy_return_path: str,
     userland_proxy_path: str | None,
     firewall_backend: str,
     bridge: str,
@@ -275,6 +304,7 @@ def main(
     datadir.make_private(
         data_root, ("image", "runc", NETD_STATE_DIR, PROXIES_DIR), create=("image", "runc")
     )
+    mark, table, priority = return_path(userland_proxy_return_path)
     try:
         network = NetworkController(
             NetdConfig(
@@ -288,6 +318,9 @@ def main(
                 ip_forward_no_drop=ip_forward_no_drop,
                 ipv6=ipv6,
                 fixed_cidr_v6=fixed_cidr_v6,
+                transparent_mark=mark,
+                transparent_table=table,
+                transparent_priority=priority,
             )
         )
     except (NetdError, ValueError) as e:
@@ -299,6 +332,7 @@ def main(
         EngineConfig(
             data_root=data_root,
             userland_proxy=use_proxy,
+            userland_proxy_mode=userland_proxy_mode,
             runc=runc_path,
             live_restore=keep_running,
         ),

@@ -81,6 +81,9 @@ class PublishedPort:
     container_ip: str
     container_port: int
     network_id: str = ""  # the network whose endpoint address the port is DNATed to
+    # Served by the userland proxy alone, not DNATed: a port in transparent proxy mode, whose
+    # proxy connects from the client's address (netd/returnpath.py steers the replies back).
+    proxy_only: bool = False
     # The socket reserving the host port; never persisted. With the userland proxy the daemon
     # hands a dup of it to pyengine-proxy (-use-listen-fd); netd closes its copy on unpublish.
     sock: socket.socket | None = field(default=None, compare=False, repr=False)
@@ -91,7 +94,7 @@ class PublishedPort:
         one family. A port on an IPv6 host address of a container without an IPv6 address is
         the userland proxy's alone (nothing NATs IPv6 to IPv4); so is one on ``::1`` (the
         kernel does not DNAT a loopback source off the host)."""
-        if self.host_ip == "::1":
+        if self.host_ip == "::1" or self.proxy_only:
             return False
         return is_ipv6(self.host_ip) == is_ipv6(self.container_ip)
 
@@ -108,6 +111,7 @@ class PublishedPort:
             "container_ip": self.container_ip,
             "container_port": self.container_port,
             "network_id": self.network_id,
+            **({"proxy_only": True} if self.proxy_only else {}),
         }
 
 

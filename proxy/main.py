@@ -2,6 +2,7 @@
 
 pyengine-proxy -proto tcp|udp -host-ip IP -host-port N -container-ip IP -container-port N
                [-use-listen-fd] [-udp-idle-timeout SECONDS] [-proxy-protocol v1|v2]
+               [-transparent [-transparent-skip CIDR,...]]
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import uvloop
 
 from proxy.handshake import LISTEN_FDS, StartupStatus
 from proxy.idle import STOP_SIGNALS, IdleWait
-from proxy.listener import ListenerError, open_listeners
+from proxy.listener import ListenerError, address_family, open_listeners
 from proxy.options import USAGE, ProxyOptions, UsageError, parse_command_line
 from proxy.prctl import set_parent_death_signal
 from proxy.tcp import TcpProxy
+from proxy.transparent import TransparentSource, parse_skip
 from proxy.udp import UdpProxy, prepare_listener
 
 log = logging.getLogger("proxy")
@@ -152,6 +154,7 @@ async def _serve(
                     container_ip,
                     options.container_port,
                     proxy_protocol=options.proxy_protocol,
+                    transparent=_transparent(options, container_ip),
                 )
             )
         else:
@@ -162,6 +165,7 @@ async def _serve(
                     container_ip,
                     options.container_port,
                     idle_timeout=options.udp_idle_timeout,
+                    transparent=_transparent(options, container_ip),
                 )
             )
     started: list[TcpProxy | UdpProxy] = []
@@ -179,6 +183,12 @@ async def _serve(
     for proxy in proxies:
         proxy.close()
     return 0
+
+
+def _transparent(options: ProxyOptions, container_ip: str) -> TransparentSource | None:
+    if not options.transparent:
+        return None
+    return TransparentSource(address_family(container_ip), parse_skip(options.transparent_skip))
 
 
 class ProxyLogFormatter(logging.Formatter):

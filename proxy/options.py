@@ -10,15 +10,18 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from proxy.transparent import Prefix
+
 DEFAULT_UDP_IDLE_TIMEOUT = 90.0
 
 USAGE = (
     "usage: pyengine-proxy -proto tcp|udp -host-ip IP -host-port N "
     "-container-ip IP -container-port N [-use-listen-fd] [-udp-idle-timeout SECONDS] "
-    "[-proxy-protocol v1|v2] [-host-ip2 IP -container-ip2 IP] [-v]"
+    "[-proxy-protocol v1|v2] [-host-ip2 IP -container-ip2 IP] "
+    "[-transparent [-transparent-skip CIDR,...]] [-v]"
 )
 
-_BOOL_FLAGS = frozenset({"use-listen-fd", "v", "h", "help"})
+_BOOL_FLAGS = frozenset({"use-listen-fd", "transparent", "v", "h", "help"})
 _VALUE_FLAGS = frozenset(
     {
         "proto",
@@ -30,6 +33,7 @@ _VALUE_FLAGS = frozenset(
         "proxy-protocol",
         "host-ip2",
         "container-ip2",
+        "transparent-skip",
     }
 )
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
@@ -57,6 +61,11 @@ class ProxyOptions:
     """A second listener, fd 5, on this address and the same port (pyengine's own flags
     -host-ip2 and -container-ip2, with -use-listen-fd): one proxy for both families."""
     container_ip2: str | None = None
+    transparent: bool = False
+    """Connect to the container from the client's address (pyengine's own -transparent;
+    proxy/transparent.py)."""
+    transparent_skip: tuple[str, ...] = ()
+    """Clients in these networks (the container's own subnets) get the gateway behaviour."""
 
     def listeners(self) -> list[tuple[str, str]]:
         """(host address, container address) of each listener, in fd order (4, then 5)."""
@@ -159,6 +168,10 @@ def _build_options(values: dict[str, str]) -> ProxyOptions:
             raise UsageError("flag -host-ip2 needs -use-listen-fd (the listener is fd 5)")
         host_ip2 = _parse_ip(values["host-ip2"], "host-ip2")
         container_ip2 = _parse_ip(values["container-ip2"], "container-ip2")
+    transparent = _flag_is_true(values, "transparent")
+    transparent_skip = _parse_networks(values.get("transparent-skip", ""), "transparent-skip")
+    if transparent_skip and not transparent:
+        raise UsageError("flag -transparent-skip needs -transparent")
     return ProxyOptions(
         proto=proto,
         host_ip=host_ip,
@@ -170,7 +183,20 @@ def _build_options(values: dict[str, str]) -> ProxyOptions:
         proxy_protocol=proxy_protocol,
         host_ip2=host_ip2,
         container_ip2=container_ip2,
+        transparent=transparent,
+        transparent_skip=transparent_skip,
     )
+
+
+def _parse_networks(text: str, flag: str) -> tuple[str, ...]:
+    """A comma-separated list of networks (``10.0.0.0/24,fd00::/64``), canonical."""
+    networks = []
+    for item in filter(None, text.split(",")):
+        try:
+            networks.append(str(Prefix.parse(item)))
+        except (OSError, ValueError):
+            raise UsageError(f"invalid network {item!r} for flag -{flag}") from None
+    return tuple(networks)
 
 
 def _parse_proxy_protocol(text: str, proto: str) -> str | None:

@@ -26,6 +26,10 @@ class ProxySpec(PortMapping):
     proxy_protocol: str | None = None  # "v1" | "v2": a PROXY protocol header to the container
     host_ip2: str = ""  # a second listener (fd 5) on this address and the same port; "": none
     container_ip2: str = ""
+    # Connect to the container from the client's address (-transparent); clients in these
+    # networks (the container's own subnets) are connected from the gateway instead.
+    transparent: bool = False
+    transparent_skip: tuple[str, ...] = ()
 
     @classmethod
     def of(
@@ -33,6 +37,9 @@ class ProxySpec(PortMapping):
         port: PortMapping,
         proxy_protocol: str | None = None,
         second: PortMapping | None = None,
+        *,
+        transparent: bool = False,
+        transparent_skip: tuple[str, ...] = (),
     ) -> ProxySpec:
         """``second``: the same port on another host address, served by the same proxy."""
         if second is not None and (
@@ -50,6 +57,8 @@ class ProxySpec(PortMapping):
             proxy_protocol,
             second.host_ip if second is not None else "",
             second.container_ip if second is not None else "",
+            transparent,
+            transparent_skip if transparent else (),
         )
 
     @property
@@ -76,12 +85,18 @@ class ProxySpec(PortMapping):
             self.proxy_protocol,
             self.host_ip2 or None,
             self.container_ip2 or None,
+            self.transparent,
+            self.transparent_skip,
         )
 
     def command_line(self) -> list[str]:
         extra = ["-proxy-protocol", self.proxy_protocol] if self.proxy_protocol else []
         if self.host_ip2:
             extra += ["-host-ip2", self.host_ip2, "-container-ip2", self.container_ip2]
+        if self.transparent:
+            extra.append("-transparent")
+            if self.transparent_skip:
+                extra += ["-transparent-skip", ",".join(self.transparent_skip)]
         return [
             "-proto",
             self.proto,
@@ -110,4 +125,10 @@ class ProxySpec(PortMapping):
                 str(data.get("container_ip2") or ""),
                 port.container_port,
             )
-        return cls.of(port, None if proxy_protocol is None else str(proxy_protocol), second)
+        return cls.of(
+            port,
+            None if proxy_protocol is None else str(proxy_protocol),
+            second,
+            transparent=bool(data.get("transparent", False)),
+            transparent_skip=tuple(str(n) for n in data.get("transparent_skip") or ()),
+        )

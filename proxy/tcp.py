@@ -20,6 +20,7 @@ from proxy.listener import address_family
 from proxy.pipes import Pipe, PipePool
 from proxy.proxyprotocol import Address
 from proxy.readiness import Readiness
+from proxy.transparent import RETRY_ERRNOS, TransparentSource, bind_source
 
 log = logging.getLogger("proxy.tcp")
 
@@ -56,8 +57,10 @@ class TcpProxy:
         backend_port: int,
         pipe_pool: PipePool | None = None,
         proxy_protocol: str | None = None,
+        transparent: TransparentSource | None = None,
     ) -> None:
-        """proxy_protocol: "v1" or "v2" to send each backend a PROXY protocol header first."""
+        """proxy_protocol: "v1" or "v2" to send each backend a PROXY protocol header first;
+        transparent: connect from the client's address (proxy/transparent.py)."""
         self._loop = loop
         self._listener = listener
         self._backend_family = address_family(backend_ip)
@@ -65,6 +68,7 @@ class TcpProxy:
         self._pipe_pool = pipe_pool if pipe_pool is not None else PipePool()
         self.readiness = Readiness(loop)  # the connections' sockets; the listener is the loop's
         self.proxy_protocol = proxy_protocol
+        self.transparent = transparent
         self._connections: set[TcpConnection] = set()
         self._accepting = False
         self._closed = False
@@ -161,19 +165,32 @@ class TcpConnection:
         client.setblocking(False)
 
     def connect_backend(self, family: socket.AddressFamily, address: tuple[str, int]) -> None:
-        try:
-            # Non-blocking from the start (socket(2) SOCK_NONBLOCK): no ioctl to make it so.
-            backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        except OSError as err:
-            self.fail(f"cannot create backend socket: {err.strerror}")
-            return
-        self._backend = backend
-        for level, option in _INHERITED_OPTIONS:  # the client socket has them from the listener
+        transparent = self._proxy.transparent
+        source = None if transparent is None else transparent.source_for(self._client_address)
+        # Transparent mode: from the client's address and port, else its address alone.
+        for keep_port in (True, False) if source is not None else (False,):
             try:
-                backend.setsockopt(level, option, 1)
-            except OSError:
-                pass
-        status = backend.connect_ex(address)
+                # Non-blocking from the start (socket(2) SOCK_NONBLOCK): no ioctl to make it so.
+                backend = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            except OSError as err:
+                self.fail(f"cannot create backend socket: {err.strerror}")
+                return
+            for level, option in _INHERITED_OPTIONS:  # the client socket has them already
+                try:
+                    backend.setsockopt(level, option, 1)
+                except OSError:
+                    pass
+            try:
+                if source is not None:
+                    bind_source(backend, source, keep_port=keep_port)
+                status = backend.connect_ex(address)
+            except OSError as err:
+                status = err.errno or errno.EINVAL
+            if keep_port and status in RETRY_ERRNOS:
+                backend.close()
+                continue
+            break
+        self._backend = backend
         if status == 0:
             self._start_relaying()
         elif status == errno.EINPROGRESS and self._proxy.proxy_protocol is None:

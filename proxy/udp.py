@@ -23,6 +23,7 @@ from proxy.pktinfo import (
     is_wildcard,
     reply_source,
 )
+from proxy.transparent import RETRY_ERRNOS, TransparentSource, bind_source
 
 log = logging.getLogger("proxy.udp")
 
@@ -65,7 +66,9 @@ class UdpProxy:
         backend_port: int,
         idle_timeout: float,
         max_flows: int = DEFAULT_MAX_FLOWS,
+        transparent: TransparentSource | None = None,
     ) -> None:
+        self.transparent = transparent
         self._loop = loop
         self._listener = listener
         self._backend_family = address_family(backend_ip)
@@ -135,6 +138,19 @@ class UdpProxy:
             return None
         try:
             backend.setblocking(False)
+            source = None if self.transparent is None else self.transparent.source_for(client)
+            if source is not None:
+                # From the client's address and port (proxy/transparent.py): the container's
+                # replies to it are steered back to this socket by netd's return path.
+                try:
+                    bind_source(backend, source)
+                except OSError as err:
+                    if err.errno not in RETRY_ERRNOS:
+                        raise
+                    backend.close()
+                    backend = socket.socket(self._backend_family, socket.SOCK_DGRAM)
+                    backend.setblocking(False)
+                    bind_source(backend, source, keep_port=False)
             backend.connect(self._backend_address)
         except OSError as err:
             backend.close()

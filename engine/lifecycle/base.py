@@ -73,6 +73,7 @@ class LifecycleEvents:
 class EngineConfig:
     data_root: Path
     userland_proxy: bool = True
+    userland_proxy_mode: str = "gateway"  # or "transparent" (engine/lifecycle/proxymode.py)
     runc: str = "runc"
     # Docker's --live-restore: containers keep running across a daemon restart.
     live_restore: bool = True

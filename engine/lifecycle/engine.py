@@ -346,7 +346,7 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
                 stdio_options(c.config, cdir),
             )
             undo.append(lambda: self._kill_started(c, monitor_pid))
-            await self._proxies_started(net)
+            await self._proxies_started(net.proxies)
         except BaseException as e:
             for step in reversed(undo):
                 with contextlib.suppress(Exception):

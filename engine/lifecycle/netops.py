@@ -7,14 +7,13 @@ import asyncio
 import functools
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common import errors
 from common.ports import PortBinding, PortKey
-from engine.lifecycle.base import EngineBase, InvalidParameter
+from engine.lifecycle.base import InvalidParameter
 from engine.lifecycle.containers import (
     Container,
     ContainerConflict,
@@ -42,10 +41,12 @@ from engine.lifecycle.networking import (
     NetworkRequestError,
     attachment_for,
     dns_names,
-    proxy_protocol_for,
-    proxy_protocol_labels,
 )
-from engine.lifecycle.proxyplan import proxy_groups, proxy_keys
+from engine.lifecycle.proxymode import (
+    transparent_keys,
+)
+from engine.lifecycle.proxyops import ProxyOps
+from engine.lifecycle.proxyplan import proxy_keys
 from engine.runtime import bundle
 from netd import (
     ContainerFiles,
@@ -55,7 +56,6 @@ from netd import (
     Network,
     PublishedPort,
 )
-from proxy.supervisor import HostLimitError, Listeners, ProxyError, ProxySpec
 
 log = logging.getLogger("pyengined.engine")
 
@@ -132,51 +132,8 @@ def _port_key(text: str) -> bool:
     return True
 
 
-class NetworkOps(EngineBase):
+class NetworkOps(ProxyOps):
     """Networks, endpoints, published ports and the embedded DNS's names, for the lifecycle."""
-
-    def _check_proxy_protocol(self, labels: dict[str, Any]) -> None:
-        """PROXY protocol labels must be well-formed, and need the userland proxy (only the
-        proxy can add the header; kernel DNAT forwards packets as they are). Checked at
-        create, and again at every start and live-restore adoption: the daemon may have been
-        restarted with --userland-proxy=false since, and a backend that trusts PROXY headers
-        must never get a client's raw bytes instead."""
-        try:
-            chosen = proxy_protocol_labels({str(k): str(v) for k, v in labels.items()})
-        except NetworkRequestError as e:
-            raise InvalidParameter(str(e)) from e
-        if not self.cfg.userland_proxy and any(v != "off" for v in chosen.values()):
-            raise InvalidParameter(
-                "PROXY protocol (label pyengine.proxy-protocol) needs the userland proxy: "
-                "this daemon runs with --userland-proxy=false"
-            )
-
-    def _proxy_protocol_problem(self, c: Container) -> str | None:
-        try:
-            self._check_proxy_protocol(c.config.get("Labels") or {})
-        except InvalidParameter as e:
-            return str(e)
-        return None
-
-    def _proxy_spec(self, c: Container, ports: Sequence[PublishedPort]) -> ProxySpec:
-        """The spec of the proxy serving ``ports`` (one, or the 0.0.0.0 and :: pair of one
-        port: engine/lifecycle/proxyplan.py)."""
-        labels = c.config.get("Labels") or {}
-        p = ports[0]
-        return ProxySpec.of(
-            p.mapping(),
-            proxy_protocol_for(labels, p.container_port, p.proto) or None,
-            ports[1].mapping() if len(ports) > 1 else None,
-        )
-
-    def _proxy_batch(
-        self, c: Container, published: Iterable[PublishedPort]
-    ) -> list[tuple[str, ProxySpec, Listeners]]:
-        """The proxies ``published`` needs (routed ports, without a host port, need none)."""
-        return [
-            (key, self._proxy_spec(c, ports), tuple(p.sock for p in ports if p.sock is not None))
-            for key, ports in proxy_groups(c.id, published)
-        ]
 
     def _publish_all_bindings(self, container: Container) -> list[PortBinding]:
         bindings = list(container.port_bindings)
@@ -346,9 +303,10 @@ class NetworkOps(EngineBase):
         endpoints = await self._connect_all(c, undo)
         endpoint = endpoints[0]
         net_files = await self._start_dns(c, endpoints, undo)
-        published = await self._netd(
-            self.network.publish, c.id, endpoint, self._publish_all_bindings(c)
-        )
+        bindings = self._publish_all_bindings(c)
+        proxy_only = transparent_keys(c.config.get("Labels") or {}, bindings, self.cfg)
+        publish = functools.partial(self.network.publish, proxy_only=proxy_only)
+        published = await self._netd(publish, c.id, endpoint, bindings)
         proxies = None
         if self.cfg.userland_proxy:
             batch = self._proxy_batch(c, published)
@@ -359,32 +317,6 @@ class NetworkOps(EngineBase):
             cdir, c.config["Hostname"], net_files.hosts, net_files.resolv_conf
         )
         return StartNetwork(endpoint.netns_path, False, files, proxies)
-
-    @staticmethod
-    async def _proxies_started(net: StartNetwork) -> None:
-        """Wait for the proxies a start began (see StartNetwork.proxies)."""
-        if net.proxies is None:
-            return
-        try:
-            await net.proxies
-        except HostLimitError as e:  # nothing started: the request asks too much of the host
-            raise InvalidParameter(str(e)) from None
-
-    async def _undo_proxies(self, proxies: asyncio.Future[Any], keys: list[str]) -> None:
-        if not proxies.done():
-            proxies.cancel()
-        await asyncio.gather(proxies, return_exceptions=True)
-        await self.proxies.stop_many(keys)
-
-    async def _adopt_proxies(self, c: Container, published: list[PublishedPort]) -> None:
-        """Live restore: the proxies of ``c``'s ports that kept serving while no daemon ran are
-        supervised again; a port whose proxy is gone (or serves something else) gets a new one."""
-        for key, spec, sockets in self._proxy_batch(c, [p for p in published if p.sock]):
-            try:
-                if await self.proxies.adopt_survivor(key, spec, sockets) is None:
-                    await self.proxies.start(key, spec, sockets)
-            except ProxyError as e:  # the container runs on; this one port is not served
-                log.warning("live restore: %s", e)
 
     async def _connect_all(self, c: Container, undo: list[Any]) -> list[Endpoint]:
         """Connect a starting container to each of its networks, ``eth0`` first."""

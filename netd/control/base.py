@@ -28,6 +28,7 @@ from netd.network import (
     default_network_id,
     parse_subnet6,
 )
+from netd.returnpath import ReturnPath
 from netd.state import (
     NetdState,
     firewall_mappings,
@@ -66,6 +67,11 @@ class NetdConfig:
     # (its first address is the gateway); containers on it get an address of it and NAT66.
     ipv6: bool = False
     fixed_cidr_v6: str = ""
+    # The return path of transparent proxy mode (netd/returnpath.py): the firewall mark
+    # (bits set and matched with an equal mask), the routing table and the ip rule's priority.
+    transparent_mark: int = 0x1D190000
+    transparent_table: int = 25919
+    transparent_priority: int = 25919
 
 
 def default_ipv6(cfg: NetdConfig) -> tuple[str, str]:
@@ -107,6 +113,10 @@ class ControllerBase:
         self._firewall: Firewall = make_firewall(
             cfg.firewall_backend, cfg.table, cfg.userland_proxy
         )
+        self._return_path = ReturnPath(
+            cfg.transparent_mark, cfg.transparent_table, cfg.transparent_priority
+        )
+        self._return_path_up = False  # whether this daemon installed it
         default = Network(
             id=default_network_id(cfg.bridge, gateway),
             name=DEFAULT_NETWORK,
@@ -263,13 +273,36 @@ class ControllerBase:
         return firewall_mappings(p for ports in self._st.ports.values() for p in ports)
 
     def _install_firewall(self) -> None:
-        """Rebuild the whole ruleset from the state, in one transaction."""
+        """Rebuild the whole ruleset from the state, in one transaction; with the return path
+        of transparent proxying while any port is in that mode."""
         networks = [
             n.firewall_view()
             for n in self._st.networks.values()
             if n.state != REMOVING and n.is_bridge  # macvlan/ipvlan: no rule at all
         ]
-        self._firewall.install(networks, self._firewall_mappings())
+        transparent = any(p.proxy_only for ports in self._st.ports.values() for p in ports)
+        previous = self._firewall.transparent_mark
+        self._firewall.transparent_mark = self.cfg.transparent_mark if transparent else None
+        try:
+            if transparent:  # the route before the marks, so no marked packet is forwarded
+                self._return_path.install()
+                self._return_path_up = True
+            self._firewall.install(networks, self._firewall_mappings())
+        except BaseException:
+            self._firewall.transparent_mark = previous  # the kernel's ruleset is unchanged
+            raise
+        if not transparent and self._return_path_up:
+            self._remove_return_path()
+
+    def _sync_return_path(self) -> None:
+        """After the first transparent port came or the last one went."""
+        transparent = any(p.proxy_only for ports in self._st.ports.values() for p in ports)
+        if transparent != (self._firewall.transparent_mark is not None):
+            self._install_firewall()
+
+    def _remove_return_path(self) -> None:
+        self._return_path.remove()
+        self._return_path_up = False
 
     def _require_ready(self) -> None:
         if not self._ready:

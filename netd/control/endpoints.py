@@ -296,6 +296,8 @@ class Endpoints(Ports):
             st.ports.pop(ep.container_id, None)
         self._save()
         self._sync_default_route(ep.container_id)
+        if any(p.proxy_only for p in on_endpoint):
+            self._sync_return_path()
 
     def delete_endpoint(self, container_id: str) -> None:
         """Release everything of the container: its ports, every endpoint, its namespace.
@@ -332,6 +334,8 @@ class Endpoints(Ports):
                 sandbox.delete_netns(sb.netns_name)
                 del st.sandboxes[container_id]
             self._save()
+            if any(p.proxy_only for p in ports):
+                self._sync_return_path()
 
     def endpoints(self) -> dict[str, Endpoint]:
         """Each container's first endpoint (``eth0`` unless that one was disconnected)."""

@@ -137,14 +137,20 @@ class Ports(Networks):
             detach_drop_filter(port.sock)
 
     def publish(
-        self, container_id: str, endpoint: Endpoint, bindings: list[PortBinding]
+        self,
+        container_id: str,
+        endpoint: Endpoint,
+        bindings: list[PortBinding],
+        proxy_only: frozenset[tuple[int, str]] = frozenset(),
     ) -> list[PublishedPort]:
         """Reserve every host port, then map them all to ``endpoint``'s address in one
         firewall transaction. A binding without a host address is published on 0.0.0.0 and
         :: (see ``publish_addresses``): one PublishedPort per address, the same host port on
         both. Ports on IPv6 addresses are left to the proxy (``PublishedPort.in_firewall``).
         Internal networks publish nothing; nor do macvlan/ipvlan ones, silently, as Docker
-        ignores ``-p`` there (the container's own address on the LAN serves its ports)."""
+        ignores ``-p`` there (the container's own address on the LAN serves its ports).
+        ``proxy_only``: the (container port, proto) in transparent proxy mode, served by the
+        userland proxy alone (no DNAT; the return path is installed while any exists)."""
         with self._lock:
             self._require_ready()
             key = endpoint_key(container_id, endpoint.network_id or self.default_network.id)
@@ -208,6 +214,7 @@ class Ports(Networks):
                             current.ipv6 if has_ipv6 and is_ipv6(res.host_ip) else current.ip,
                             b.container_port,
                             net.id,
+                            (b.container_port, b.proto) in proxy_only,
                             res.sock,
                         )
                         for res in reserved
@@ -235,6 +242,16 @@ class Ports(Networks):
                 if port.proto == "udp":
                     self._flush_udp_conntrack(port)
                 self._after_reserve(port)
+            if any(p.proxy_only for p in new):
+                try:
+                    self._sync_return_path()
+                except BaseException:  # nothing half-applied: the ports go again
+                    kept = self._st.ports[container_id]
+                    self._st.ports[container_id] = [p for p in kept if all(p is not n for n in new)]
+                    self._save()
+                    self._firewall.remove_mappings(firewall_mappings(new))
+                    close_ports(new)
+                    raise
             return new
 
     @staticmethod
@@ -264,3 +281,5 @@ class Ports(Networks):
                 self._save()
                 raise
             close_ports(ports)
+            if any(p.proxy_only for p in ports):
+                self._sync_return_path()

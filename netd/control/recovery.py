@@ -267,6 +267,8 @@ class Recovery(Endpoints):
             for cid in list(st.ports):
                 self.unpublish(cid)
             self._firewall.uninstall()
+            if self._return_path_up:
+                self._remove_return_path()
             for net in st.networks.values():
                 if net.is_bridge:
                     bridge.delete_bridge(net.bridge)

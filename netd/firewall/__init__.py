@@ -132,6 +132,10 @@ class Firewall(ABC):
     # The iptables backend only: the filter FORWARD policy found before it set DROP, put back
     # by ``install`` without ``forward_drop`` and by ``uninstall`` (None: nothing to put back).
     forward_policy_before: str | None = None
+    # Set by the controller before ``install`` while a published port is in transparent proxy
+    # mode: packets from a bridge that belong to a transparent socket get these mark bits
+    # (netd/returnpath.py routes them to the local stack). None: no such rule.
+    transparent_mark: int | None = None
 
     def remember_forward_policy(self) -> None:
         """Fill ``forward_policy_before`` from the kernel when ``forward_drop`` is about to

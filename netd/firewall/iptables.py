@@ -79,6 +79,7 @@ from netd.firewall.iptables_specs import (
     routed_spec,
     with_forward_policy,
 )
+from netd.firewall.returnpath import iptables_state
 from netd.naming import valid_ifname
 
 # iptables chain names hold at most 28 characters (XT_EXTENSION_MAXNAMELEN - 1) and the longest
@@ -88,10 +89,9 @@ _TIMEOUT = 120  # seconds for one iptables-save / iptables-restore run
 _COUNTERS = re.compile(r"^\[\d+:\d+\] ")
 _FORWARD_POLICY = re.compile(r"^:FORWARD (\w+)", re.MULTILINE)
 
-# The order in which a change visits the tables: the DNAT rules before the raw drops that
-# protect them. A loopback-bound mapping is DNATed only in OUTPUT, so there is no window in
-# which the LAN could reach it.
-TABLES = ("nat", "raw", "filter")
+# The order a change visits the tables: DNAT rules before the raw drops that protect them. A
+# loopback-bound mapping is DNATed only in OUTPUT: no window in which the LAN could reach it.
+TABLES = ("nat", "raw", "filter", "mangle")  # mangle: netd/firewall/returnpath.py
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,13 @@ _JUMPS = (
     _Jump("filter", "FORWARD", "FORWARD", first=True),
     _Jump("filter", "INPUT", "INPUT", first=True),
     _Jump("filter", "OUTPUT", "OUTPUT", first=True),
+    _Jump("mangle", "PREROUTING", "PREROUTING", first=True),  # only with transparent_mark
 )
 _CHAIN_SUFFIXES = {
     "raw": ("PREROUTING",),
     "nat": ("PREROUTING", "OUTPUT", "POSTROUTING", "DNAT"),
     "filter": ("FORWARD", "ISOLATE", "INPUT", "OUTPUT", "ROUTED"),
+    "mangle": ("PREROUTING",),
 }
 
 
@@ -231,8 +233,7 @@ class IptablesFirewall(Firewall):
     def _target(
         self, networks: Sequence[BridgeNetwork], mappings: Sequence[PortMapping], family: int = 4
     ) -> Ruleset:
-        """The complete state of a fresh install of one family: chains, jumps, and one rule per
-        mapping of that family."""
+        """The complete state of a fresh install of one family: chains, jumps, a rule a mapping."""
         for net in networks:
             if not valid_ifname(net.bridge):
                 raise FirewallError(f'invalid bridge name "{net.bridge}"')
@@ -330,8 +331,9 @@ class IptablesFirewall(Firewall):
                     c("ROUTED"): [routed_spec(t) for t in routed_targets(networks, mappings)],
                 }
             ),
+            "mangle": iptables_state(networks, self.transparent_mark, c("PREROUTING"), self.tag),
         }
-        for jump in _JUMPS:
+        for jump in _JUMPS[:-1]:
             target[jump.table].jumps.append((jump.builtin, self._jump_spec(jump)))
         return target
 
@@ -585,8 +587,7 @@ class IptablesFirewall(Firewall):
         )
 
     def describe(self) -> str:
-        """Our chains and jumps per table and family, with ip(6)tables-save's [packets:bytes]
-        counters."""
+        """Our chains and jumps per table and family, with [packets:bytes] counters."""
         parts = []
         for tools in self._families():
             text = self._describe_family(tools)

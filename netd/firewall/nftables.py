@@ -65,6 +65,7 @@ from netd.firewall import (
     is_ipv6_mapping,
     routed_targets,
 )
+from netd.firewall.returnpath import nft_chain
 from netd.naming import BRIDGE_GROUP, valid_ifname
 
 # Keyed by the destination address: mappings bound to one host address.
@@ -271,6 +272,7 @@ class NftablesFirewall(Firewall):
                 ["type nat hook postrouting priority srcnat; policy accept;", *postrouting],
             )
             + chain(ISOLATE_CHAIN, isolate)
+            + nft_chain(networks, self.transparent_mark)
             + chain(
                 "filter_input",
                 ["type filter hook input priority filter; policy accept;", *input_],
