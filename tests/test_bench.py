@@ -415,6 +415,9 @@ def test_interrupt_removes_everything(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        # A suite started as a background job of a shell without job control inherits SIGINT
+        # ignored (POSIX), and Python keeps it so: the bench would never see the signal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(ln) for ln in process.stderr or []])
