@@ -66,11 +66,11 @@ class Setup:
 SETUPS = {
     "nftables": Setup(
         "nftables", "pyetr0", "10.199.0.1/24", "fd00:199:0::/64",
-        ReturnPath(0x1D190000, 25919, 25919), 48190, by_label=False,
+        ReturnPath(0x1D190000, 25919, 25919), 28190, by_label=False,
     ),
     "iptables": Setup(
         "iptables", "pyetr1", "10.199.1.1/24", "fd00:199:1::/64",
-        ReturnPath(0x1D1A0000, 25920, 25920), 48191, by_label=True,
+        ReturnPath(0x1D1A0000, 25920, 25920), 28191, by_label=True,
     ),
 }  # fmt: skip
 
@@ -270,7 +270,7 @@ def test_live_restore_keeps_the_mode(
 ) -> None:
     """Proxies outlive a daemon with live restore, and so does the return path; the next
     daemon adopts both, and removes the return path with the last transparent port."""
-    bridge, bip, port = "pyetr2", "10.199.2.1/24", 48192
+    bridge, bip, port = "pyetr2", "10.199.2.1/24", 28192
     rp = ReturnPath(0x1D1B0000, 25921, 25921)
     args = (
         "--live-restore=true", "--userland-proxy-mode=transparent",
