@@ -404,9 +404,13 @@ class Engine(NetworkOps, Output, VolumeOps, Restarts, Health, Limits, Archive):
 
     async def _release(self, c: Container) -> None:
         """Give back what a running container held: proxies, ports, veth, netns, rootfs mount."""
-        await self.proxies.stop_many(proxy_keys(c.id, c.network.ports))
-        await self.dns.stop(c.id)
-        await self._netd(self.network.delete_endpoint, c.id)
+        # The proxies' exits (the kernel's teardown of each) and netd's removal run side by side.
+        stopping = asyncio.ensure_future(self.proxies.stop_many(proxy_keys(c.id, c.network.ports)))
+        try:
+            await self.dns.stop(c.id)
+            await self._netd(self.network.delete_endpoint, c.id)
+        finally:
+            await stopping
         await asyncio.to_thread(rootfs.unmount, self.containers.dir(c) / "bundle" / "rootfs")
         await self._unmount_volumes(c)
 
