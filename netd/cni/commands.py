@@ -108,6 +108,16 @@ def _known_network(conf: NetConf) -> ChainedNetwork | None | bool:
     return found[0] if found else recorded_chained_network(conf) or False
 
 
+def _opened(conf: NetConf) -> tuple[Records, CniController] | None:
+    """For DEL and GC, under the network's lock: its records and a prepared controller; None
+    when this network never got an ADD (nothing to do)."""
+    chained = _known_network(conf)
+    if chained is False:
+        return None
+    records = Records.load(conf.data_dir)
+    return records, _controller(conf, chained if isinstance(chained, ChainedNetwork) else None)
+
+
 def delete(inv: Invocation, conf: NetConf) -> None:
     """Idempotent: an attachment that is gone, or never was, is not an error; nor is a
     namespace that is gone (its veth went with it)."""
@@ -115,11 +125,10 @@ def delete(inv: Invocation, conf: NetConf) -> None:
     if not conf.data_dir.exists():
         return
     with network_lock(conf.data_dir):
-        chained = _known_network(conf)
-        if chained is False:
+        opened = _opened(conf)
+        if opened is None:
             return
-        records = Records.load(conf.data_dir)
-        ctl = _controller(conf, chained if isinstance(chained, ChainedNetwork) else None)
+        records, ctl = opened
         record = records.attachments.get(key) or AttachmentRecord(
             inv.container_id, inv.ifname, inv.netns
         )
@@ -160,11 +169,10 @@ def gc(conf: NetConf) -> None:
         return
     valid = {attachment_key(a.container_id, a.ifname) for a in conf.valid_attachments}
     with network_lock(conf.data_dir):
-        chained = _known_network(conf)
-        if chained is False:
+        opened = _opened(conf)
+        if opened is None:
             return
-        records = Records.load(conf.data_dir)
-        ctl = _controller(conf, chained if isinstance(chained, ChainedNetwork) else None)
+        records, ctl = opened
         for key in (set(records.attachments) | ctl.keys()) - valid:
             record = records.attachments.get(key)
             if record is None:
