@@ -23,6 +23,8 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
+#include <time.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -42,13 +44,17 @@
 #define STATUS_FD 3
 #define LISTEN_FD 4
 #define SECOND_LISTEN_FD 5
-#define FIRST_FREE_FD 6
+#define LIFELINE_FD 6 /* a host server's proxy: its launcher's connection (proxy/hostserver.py) */
+#define FIRST_FREE_FD 7
 #define HEADER_MAGIC 0x50594631u /* "PYF1" */
 
 #define FLAG_OUTLIVE_PARENT 1u /* no PR_SET_PDEATHSIG: the proxy outlives the server */
 #define FLAG_IDLE_HERE 2u      /* fd 4 is the listener: get it ready and wait here */
 #define FLAG_UDP 4u            /* with FLAG_IDLE_HERE: a UDP listener (else TCP) */
 #define FLAG_SECOND_LISTENER 8u /* with FLAG_IDLE_HERE: fd 5 is a listener too */
+#define FLAG_LIFELINE 16u       /* set by the host server: the request's connection is fd 6 */
+#define MAX_PENDING 64          /* host server: accepted connections awaiting their request */
+#define PENDING_TIMEOUT_MS 5000
 
 /* The fixed part of a request; the supervisor's JSON payload follows it. */
 struct request_header {
@@ -195,9 +201,27 @@ static int report_ready(void)
     return written == 2 ? 0 : -1;
 }
 
+/* A host server's proxy tells its launcher how it ended, on the lifeline, just before it
+ * exits: the launcher is not its parent and cannot wait(2) for it. */
+static void report_exit_on_lifeline(int code)
+{
+    char text[32];
+    snprintf(text, sizeof(text), "{\"exited\":%d}", code);
+    while (send(LIFELINE_FD, text, strlen(text), MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && errno == EINTR)
+        ;
+}
+
+static void exit_proxy(int lifeline, int code)
+{
+    if (lifeline)
+        report_exit_on_lifeline(code);
+    _exit(code);
+}
+
 /* Block in poll(2) until a listener is readable (returns 0) or SIGINT/SIGTERM arrives (the
- * proxy exits 0, closing its listeners, as docker-proxy does). */
-static int wait_for_traffic(int listeners)
+ * proxy exits 0, closing its listeners, as docker-proxy does). With a lifeline, its launcher
+ * going away (EOF on the connection) stops the proxy too. */
+static int wait_for_traffic(int listeners, int lifeline)
 {
     sigset_t stop;
     sigemptyset(&stop);
@@ -206,21 +230,24 @@ static int wait_for_traffic(int listeners)
     int stop_fd = signalfd(-1, &stop, SFD_CLOEXEC);
     if (stop_fd < 0)
         return -1;
-    struct pollfd watched[3] = {
+    struct pollfd watched[4] = {
         {.fd = stop_fd, .events = POLLIN},
+        {.fd = lifeline ? LIFELINE_FD : -1, .events = POLLIN},
         {.fd = LISTEN_FD, .events = POLLIN},
-        {.fd = SECOND_LISTEN_FD, .events = POLLIN},
+        {.fd = listeners > 1 ? SECOND_LISTEN_FD : -1, .events = POLLIN},
     };
     for (;;) {
-        if (poll(watched, (nfds_t)(1 + listeners), -1) < 0) {
+        if (poll(watched, 4, -1) < 0) {
             if (errno == EINTR)
                 continue;
             close(stop_fd);
             return -1;
         }
         if (watched[0].revents)
-            _exit(0);
-        if (watched[1].revents || (listeners > 1 && watched[2].revents)) {
+            exit_proxy(lifeline, 0);
+        if (watched[1].revents)
+            _exit(0); /* the launcher has gone: nobody is left to tell */
+        if (watched[2].revents || watched[3].revents) {
             close(stop_fd);
             return 0;
         }
@@ -256,12 +283,13 @@ static PyObject *become_proxy(const struct request_header *header, const char *p
         int listeners = header->flags & FLAG_SECOND_LISTENER ? 2 : 1;
         if (prepare_listener(LISTEN_FD, udp) == 0 &&
             (listeners == 1 || prepare_listener(SECOND_LISTEN_FD, udp) == 0)) {
+            int lifeline = (header->flags & FLAG_LIFELINE) != 0;
             if (report_ready() < 0)
-                _exit(1); /* the supervisor went away before the proxy was ready */
-            if (wait_for_traffic(listeners) == 0)
+                exit_proxy(lifeline, 1); /* the parent went away before the proxy was ready */
+            if (wait_for_traffic(listeners, lifeline) == 0)
                 ready = 1;
             else
-                _exit(1); /* reported ready, and cannot go on: exit as a failed proxy does */
+                exit_proxy(lifeline, 1); /* reported ready, cannot go on: as a failed proxy */
         } else {
             sigprocmask(SIG_UNBLOCK, &signals, NULL);
         }
@@ -270,8 +298,11 @@ static PyObject *become_proxy(const struct request_header *header, const char *p
                          ready ? Py_True : Py_False);
 }
 
-/* One request: returns NULL in the server (go on), the child's result in the child. */
-static PyObject *handle_request(int control, ssize_t length, struct msghdr *message)
+/* One request: returns NULL in the server (go on), the child's result in the child. A host
+ * server passes the connection the request came on as ``control``, with ``lifeline`` set: it
+ * becomes the proxy's fd 6, and the proxy outlives the server. */
+static PyObject *handle_request(int control, ssize_t length, struct msghdr *message,
+                                int lifeline)
 {
     int fds[MAX_FDS];
     int fd_count = 0;
@@ -294,7 +325,7 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
     int seen[FIRST_FREE_FD] = {0};
     for (int i = 0; valid && i < fd_count; i++) {
         uint8_t target = header.targets[i];
-        valid = target >= STATUS_FD && target < FIRST_FREE_FD && !seen[target];
+        valid = target >= STATUS_FD && target < LIFELINE_FD && !seen[target];
         if (valid)
             seen[target] = 1;
     }
@@ -303,12 +334,22 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
         send_error(control, header.id, 1, "bad request", EINVAL);
         return NULL;
     }
+    int received = fd_count;
+    if (lifeline) {
+        header.flags |= FLAG_OUTLIVE_PARENT | FLAG_LIFELINE;
+        fds[fd_count] = control;
+        header.targets[fd_count++] = LIFELINE_FD;
+    } else {
+        header.flags &= ~FLAG_LIFELINE;
+    }
     pid_t server = getpid();
     pid_t pid = fork();
-    if (pid == 0)
+    if (pid == 0) {
+        header.fd_count = (uint8_t)fd_count;
         return become_proxy(&header, request_buffer + sizeof(header),
                             (size_t)length - sizeof(header), fds, server);
-    close_fds(fds, fd_count);
+    }
+    close_fds(fds, received);
     if (pid < 0) {
         send_error(control, header.id, 1, "fork", errno);
         return NULL;
@@ -373,9 +414,143 @@ static PyObject *forkloop_serve(PyObject *module, PyObject *args)
                 continue;
             if (length <= 0)
                 break; /* the supervisor has gone */
-            PyObject *in_child = handle_request(control, length, &message);
+            PyObject *in_child = handle_request(control, length, &message, 0);
             if (in_child != NULL)
                 return in_child; /* its fds, this loop's among them, are closed or replaced */
+        }
+    }
+    close(exits);
+    Py_RETURN_NONE;
+}
+
+/* recvmsg(2) one request into request_buffer, its fds received close-on-exec. */
+static ssize_t receive_request(int fd, struct msghdr *message, void *control_space,
+                               size_t control_size, struct iovec *iov, int flags)
+{
+    iov->iov_base = request_buffer;
+    iov->iov_len = sizeof(request_buffer);
+    memset(message, 0, sizeof(*message));
+    message->msg_iov = iov;
+    message->msg_iovlen = 1;
+    message->msg_control = control_space;
+    message->msg_controllen = control_size;
+    return recvmsg(fd, message, MSG_CMSG_CLOEXEC | flags);
+}
+
+static long now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec * 1000L + now.tv_nsec / 1000000L;
+}
+
+/* A host server: launchers (proxy/launcher.c) connect to ``listener``, each sends one request
+ * and gets the reply; the connection then belongs to the forked proxy alone (its lifeline). Only
+ * connections from this process's own uid are served (unix(7) SO_PEERCRED). Returns None once
+ * no proxy of this server has been running and nothing has been asked for ``idle_seconds``. */
+static PyObject *forkloop_serve_host(PyObject *module, PyObject *args)
+{
+    int listener, idle_seconds;
+    if (!PyArg_ParseTuple(args, "ii", &listener, &idle_seconds))
+        return NULL;
+    sigset_t child_signal;
+    sigemptyset(&child_signal);
+    sigaddset(&child_signal, SIGCHLD);
+    if (sigprocmask(SIG_BLOCK, &child_signal, NULL) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    int exits = signalfd(-1, &child_signal, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (exits < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    struct pollfd watched[2 + MAX_PENDING];
+    long accepted_at[MAX_PENDING];
+    int pending = 0;
+    long children = 0;
+    long last_activity = now_ms();
+    uid_t uid = getuid();
+    for (;;) {
+        watched[0] = (struct pollfd){.fd = exits, .events = POLLIN};
+        watched[1] = (struct pollfd){.fd = listener, .events = POLLIN};
+        long now = now_ms();
+        long timeout = -1;
+        if (pending > 0) {
+            timeout = accepted_at[0] + PENDING_TIMEOUT_MS - now;
+            if (timeout < 0)
+                timeout = 0;
+        } else if (children == 0 && idle_seconds > 0) {
+            timeout = last_activity + idle_seconds * 1000L - now;
+            if (timeout <= 0)
+                break; /* idle: the next launcher starts a new server */
+        }
+        if (poll(watched, (nfds_t)(2 + pending), timeout > INT_MAX ? INT_MAX : (int)timeout) < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        now = now_ms();
+        if (watched[0].revents) {
+            struct signalfd_siginfo info;
+            while (read(exits, &info, sizeof(info)) == sizeof(info))
+                ;
+            int status;
+            while (waitpid(-1, &status, WNOHANG) > 0)
+                children--;
+            if (children <= 0) {
+                children = 0;
+                last_activity = now;
+            }
+        }
+        /* Pending connections first, oldest first: each is served or dropped, then removed. */
+        int kept = 0;
+        for (int i = 0; i < pending; i++) {
+            int conn = watched[2 + i].fd;
+            int done = 0;
+            if (watched[2 + i].revents) {
+                union {
+                    struct cmsghdr header;
+                    char space[CMSG_SPACE(MAX_FDS * sizeof(int))];
+                } control_data;
+                struct iovec iov;
+                struct msghdr message;
+                ssize_t length = receive_request(conn, &message, control_data.space,
+                                                 sizeof(control_data.space), &iov, MSG_DONTWAIT);
+                if (length < 0 && (errno == EAGAIN || errno == EINTR)) {
+                    done = 0;
+                } else if (length <= 0) {
+                    done = 1;
+                } else {
+                    PyObject *in_child = handle_request(conn, length, &message, 1);
+                    if (in_child != NULL)
+                        return in_child; /* the proxy: fds placed, the server's closed */
+                    children++;
+                    last_activity = now;
+                    done = 1;
+                }
+            } else if (now - accepted_at[i] >= PENDING_TIMEOUT_MS) {
+                done = 1;
+            }
+            if (done) {
+                close(conn);
+            } else {
+                watched[2 + kept] = watched[2 + i];
+                accepted_at[kept++] = accepted_at[i];
+            }
+        }
+        pending = kept;
+        if (watched[1].revents) {
+            int conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+            if (conn >= 0) {
+                struct ucred peer;
+                socklen_t size = sizeof(peer);
+                if (pending == MAX_PENDING ||
+                    getsockopt(conn, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0 ||
+                    peer.uid != uid) {
+                    close(conn);
+                } else {
+                    watched[2 + pending] = (struct pollfd){.fd = conn, .events = POLLIN};
+                    accepted_at[pending++] = now;
+                    last_activity = now;
+                }
+            }
         }
     }
     close(exits);
@@ -385,6 +560,9 @@ static PyObject *forkloop_serve(PyObject *module, PyObject *args)
 static PyMethodDef forkloop_methods[] = {
     {"serve", forkloop_serve, METH_VARARGS,
      "serve(control_fd) -> None in the server, (payload, ready) in a forked proxy."},
+    {"serve_host", forkloop_serve_host, METH_VARARGS,
+     "serve_host(listen_fd, idle_seconds) -> None in the server once idle, (payload, ready) in "
+     "a forked proxy."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -402,7 +580,8 @@ PyMODINIT_FUNC PyInit__forkloop(void)
         PyModule_AddIntConstant(module, "FLAG_OUTLIVE_PARENT", FLAG_OUTLIVE_PARENT) < 0 ||
         PyModule_AddIntConstant(module, "FLAG_IDLE_HERE", FLAG_IDLE_HERE) < 0 ||
         PyModule_AddIntConstant(module, "FLAG_UDP", FLAG_UDP) < 0 ||
-        PyModule_AddIntConstant(module, "FLAG_SECOND_LISTENER", FLAG_SECOND_LISTENER) < 0) {
+        PyModule_AddIntConstant(module, "FLAG_SECOND_LISTENER", FLAG_SECOND_LISTENER) < 0 ||
+        PyModule_AddIntConstant(module, "LIFELINE_FD", LIFELINE_FD) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -57,6 +57,7 @@ from proxy.options import ProxyOptions, UsageError, parse_command_line
 from proxy.prctl import outlive_parent, set_parent_death_signal
 
 CONTROL_FD = 3
+LIFELINE_FD = _forkloop.LIFELINE_FD
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = _forkloop.MAX_FDS  # fds per message, either way
 PROCESS_NAME = b"pyengine-proxy"
@@ -131,7 +132,7 @@ def main() -> None:
     # SIGINT at SIG_DFL (not Python's default handler), a proxy that installs its own handler
     # is spared signal.signal()'s enum conversion of the old one.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    _warm_up()
+    warm_up()
     socket.send_fds(control, [encode({"ready": True, "pid": os.getpid()})], [])
     control.detach()  # the loop below owns fd 3 now (and in a proxy, fd 3 is its status pipe)
     forked = _forkloop.serve(CONTROL_FD)
@@ -141,7 +142,7 @@ def main() -> None:
     run_forked_proxy(payload, ready)
 
 
-def _warm_up() -> None:
+def warm_up() -> None:
     """Import what a proxy imports and run its start-up path, so no child has to."""
     # libuv (>= 1.45) may set up an io_uring per loop for file operations, which a proxy never
     # does; libuv reads this once.
@@ -175,17 +176,21 @@ def rehearse() -> None:
         run(options, StartupStatus(None), rehearsal=True)
 
 
-def run_forked_proxy(payload: bytes, ready: bool) -> NoReturn:
+def run_forked_proxy(payload: bytes, ready: bool, *, lifeline: bool = False) -> NoReturn:
     """In a proxy the C loop forked, once it has traffic (``ready``: its listener is fd 4,
     reported ready, with SIGINT and SIGTERM blocked) or at once (not ``ready``: it starts the
-    ordinary way, with its status pipe as fd 3): run it, and exit."""
+    ordinary way, with its status pipe as fd 3): run it, and exit. ``lifeline``: a host
+    server's proxy, whose launcher's connection is fd 6 (proxy/hostserver.py)."""
     code = 1
     try:
         request = decode(payload)
         argv = [str(arg) for arg in request["argv"]]
-        if request.get("outlive_parent") is True:
+        if lifeline or request.get("outlive_parent") is True:
             outlive_parent()  # the C loop set no parent-death signal; keep it that way
-        code = _serve_ready(argv) if ready else _run_proxy_main(argv)
+        if ready:
+            code = _serve_ready(argv, LIFELINE_FD if lifeline else None)
+        else:
+            code = _run_proxy_main(argv)
     except BaseException as err:  # anything else is a bug; say so, never return to the server
         try:
             os.write(2, f"pyengine-proxy (forked): {err!r}\n".encode())
@@ -195,17 +200,28 @@ def run_forked_proxy(payload: bytes, ready: bool) -> NoReturn:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            if lifeline:
+                report_exit(code)
         finally:
             os._exit(code)
 
 
-def _serve_ready(argv: list[str]) -> int:
+def report_exit(code: int) -> None:
+    """Tell the launcher on the lifeline how this proxy ends (it is not our parent)."""
+    try:
+        os.write(LIFELINE_FD, encode({"exited": code}))
+    except OSError:
+        pass  # the launcher has gone
+
+
+def _serve_ready(argv: list[str], lifeline: int | None = None) -> int:
     from proxy.main import configure_logging, serve_ready_listener
 
     options = parse_command_line(argv).options
-    assert options is not None  # encode_request asked for this path only with valid options
+    if options is None:
+        return 2  # a launcher's request the launcher should not have sent this way
     configure_logging(options)
-    return serve_ready_listener(options)
+    return serve_ready_listener(options, lifeline)
 
 
 def _run_proxy_main(argv: list[str]) -> int:

@@ -100,11 +100,12 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
         loop.close()
 
 
-def serve_ready_listener(options: ProxyOptions) -> int:
+def serve_ready_listener(options: ProxyOptions, lifeline: int | None = None) -> int:
     """Proxy on fd 4 (and fd 5), listeners already made ready and reported, one of them
     readable (a proxy that the fork server's C loop forked and that has seen its first
-    traffic); SIGINT and SIGTERM are blocked until the event loop handles them. Returns the
-    exit code."""
+    traffic); SIGINT and SIGTERM are blocked until the event loop handles them. ``lifeline``:
+    a socket whose end of file (the launcher has gone) stops the proxy. Returns the exit
+    code."""
     raise_open_file_limit()
     listeners = [socket.socket(fileno=fd) for fd in LISTEN_FDS[: len(options.listeners())]]
     for listener in listeners:
@@ -113,7 +114,14 @@ def serve_ready_listener(options: ProxyOptions) -> int:
     loop = uvloop.new_event_loop()
     try:
         return loop.run_until_complete(
-            _serve(options, listeners, rehearsal=False, stopping=False, unblock_signals=True)
+            _serve(
+                options,
+                listeners,
+                rehearsal=False,
+                stopping=False,
+                unblock_signals=True,
+                lifeline=lifeline,
+            )
         )
     finally:
         loop.close()
@@ -131,12 +139,16 @@ async def _serve(
     rehearsal: bool,
     stopping: bool,
     unblock_signals: bool = False,
+    lifeline: int | None = None,
 ) -> int:
     """Proxy until stopped. ``rehearsal``: start and stop at once; ``stopping``: a stop signal
     came already; ``unblock_signals``: SIGINT and SIGTERM are blocked, unblock them once the
-    loop handles them (one that is pending is then delivered)."""
+    loop handles them (one that is pending is then delivered); ``lifeline``: stop when this
+    fd turns readable (its peer closed it)."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
+    if lifeline is not None:
+        loop.add_reader(lifeline, _stop_once, loop, lifeline, stop_requested)
     if not rehearsal:
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, stop_requested.set)
@@ -183,6 +195,11 @@ async def _serve(
     for proxy in proxies:
         proxy.close()
     return 0
+
+
+def _stop_once(loop: asyncio.AbstractEventLoop, fd: int, stop: asyncio.Event) -> None:
+    loop.remove_reader(fd)
+    stop.set()
 
 
 def _transparent(options: ProxyOptions, container_ip: str) -> TransparentSource | None:
