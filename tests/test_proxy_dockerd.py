@@ -49,6 +49,7 @@ class DockerDaemon:
     cgroup_parent: str
     process: subprocess.Popen[bytes]
     client: str
+    proxy_name: str
 
     def docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -119,10 +120,11 @@ def _parent_pid(pid: int) -> int:
     raise AssertionError(f"no PPid for {pid}")
 
 
-def _proxy_pids_for_port(port: int) -> list[int]:
-    """pyengine-proxy processes whose command line publishes host port ``port``."""
+def _proxy_pids_for_port(port: int, name: str = "pyengine-proxy") -> list[int]:
+    """Processes named ``name`` (the executable dockerd runs) whose command line publishes host
+    port ``port``."""
     found = []
-    for pid in _processes_mentioning("pyengine-proxy"):
+    for pid in _processes_mentioning(name):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
@@ -176,9 +178,9 @@ def _unmount_under(root: Path) -> None:
         subprocess.run(["umount", "-l", target], capture_output=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["pyengine-proxy", "pyengine-docker-proxy"])
 def dockerd(
-    tmp_path_factory: pytest.TempPathFactory, nginx_archive: Path
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, nginx_archive: Path
 ) -> Iterator[DockerDaemon]:
     require_root()
     dockerd_path = require_tool("dockerd")
@@ -186,7 +188,7 @@ def dockerd(
     require_tool("runc")
     skopeo = require_tool("skopeo")
     client = _docker_client()
-    proxy_path = BIN / "pyengine-proxy"
+    proxy_path = BIN / request.param
     require(os.access(proxy_path, os.X_OK), f"needs {proxy_path} (pip install -e .)")
 
     root = tmp_path_factory.mktemp("pyedockerd")
@@ -210,6 +212,8 @@ def dockerd(
     }
     (root / "daemon.json").write_text(json.dumps(config))
     (root / "client").mkdir()
+    # The launcher's host server: its socket under the test's root, so it is the test's own.
+    (root / "proxy-rt").mkdir(mode=0o700)
 
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     process: subprocess.Popen[bytes] | None = None
@@ -243,9 +247,17 @@ def dockerd(
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=root,
+                env={**os.environ, "PYENGINE_PROXY_RUNTIME_DIR": str(root / "proxy-rt")},
             )
         daemon = DockerDaemon(
-            root, f"unix://{root}/docker.sock", bridge, subnet, cgroup_parent, process, client
+            root,
+            f"unix://{root}/docker.sock",
+            bridge,
+            subnet,
+            cgroup_parent,
+            process,
+            client,
+            request.param,
         )
         deadline = time.monotonic() + START_TIMEOUT
         while daemon.docker("version", timeout=10).returncode != 0:
@@ -326,8 +338,8 @@ def test_dockerd_publishes_tcp_through_pyengine_proxy(dockerd: DockerDaemon) -> 
     name = f"pyetest-web-{port}"
     dockerd.check("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:80", "pyetest/nginx")
     try:
-        proxies = _proxy_pids_for_port(port)
-        assert len(proxies) == 1, f"expected one pyengine-proxy for {port}, found {proxies}"
+        proxies = _proxy_pids_for_port(port, dockerd.proxy_name)
+        assert len(proxies) == 1, f"expected one {dockerd.proxy_name} for {port}, found {proxies}"
         assert _parent_pid(proxies[0]) == dockerd.process.pid, "the proxy was not run by dockerd"
         status, body = _poll(lambda: _http_get(port))
         assert status == 200
@@ -339,9 +351,9 @@ def test_dockerd_publishes_tcp_through_pyengine_proxy(dockerd: DockerDaemon) -> 
         dockerd.check("rm", "-f", name)
     # docker rm stops the proxy (SIGTERM, which must exit 0) and the port is free again.
     deadline = time.monotonic() + 10
-    while _proxy_pids_for_port(port) and time.monotonic() < deadline:
+    while _proxy_pids_for_port(port, dockerd.proxy_name) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _proxy_pids_for_port(port), "pyengine-proxy outlived its container"
+    assert not _proxy_pids_for_port(port, dockerd.proxy_name), "the proxy outlived its container"
     assert _port_is_free(port, socket.SOCK_STREAM)
 
 
@@ -354,8 +366,8 @@ def test_dockerd_publishes_udp_through_pyengine_proxy(dockerd: DockerDaemon) -> 
         "pyetest/nginx", "perl", "-MIO::Socket::INET", "-e", UDP_ECHO_SCRIPT,
     )  # fmt: skip
     try:
-        proxies = _proxy_pids_for_port(port)
-        assert proxies, f"no pyengine-proxy for udp port {port}"
+        proxies = _proxy_pids_for_port(port, dockerd.proxy_name)
+        assert proxies, f"no {dockerd.proxy_name} for udp port {port}"
         assert all(_parent_pid(pid) == dockerd.process.pid for pid in proxies)
         reply = _poll(lambda: _udp_ask("127.0.0.1", port, b"hello"))
         assert reply == b"echo:hello"
@@ -367,7 +379,74 @@ def test_dockerd_publishes_udp_through_pyengine_proxy(dockerd: DockerDaemon) -> 
     finally:
         dockerd.check("rm", "-f", name)
     deadline = time.monotonic() + 10
-    while _proxy_pids_for_port(port) and time.monotonic() < deadline:
+    while _proxy_pids_for_port(port, dockerd.proxy_name) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _proxy_pids_for_port(port), "pyengine-proxy outlived its container"
+    assert not _proxy_pids_for_port(port, dockerd.proxy_name), "the proxy outlived its container"
     assert _port_is_free(port, socket.SOCK_DGRAM, "0.0.0.0")
+
+
+def _host_servers(dockerd: DockerDaemon) -> list[int]:
+    """The launcher's host server(s) of this dockerd (its proxies share the command line but
+    are named pyengine-proxy)."""
+    found = []
+    for pid in _processes_mentioning(str(dockerd.root / "proxy-rt")):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm != "pyengine-proxy":
+            found.append(pid)
+    return found
+
+
+def _http_get_from(host: str, port: int) -> int:
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    with urllib.request.urlopen(url, timeout=IO_TIMEOUT) as response:
+        return int(response.status)
+
+
+@pytest.mark.privileged
+def test_dockerd_loopback_both_families_and_a_killed_proxy_server(dockerd: DockerDaemon) -> None:
+    """127.0.0.1 and [::1] published by dockerd; with the launcher, killing the host server
+    while the ports are published loses neither listener, and docker stop leaves no launcher
+    or proxy behind."""
+    port4, port6 = free_port(), free_port()
+    name = f"pyetest-lo-{port4}"
+    dockerd.check(
+        "run", "-d", "--name", name, "-p", f"127.0.0.1:{port4}:80", "-p", f"[::1]:{port6}:80",
+        "pyetest/nginx",
+    )  # fmt: skip
+    try:
+        assert _poll(lambda: _http_get_from("127.0.0.1", port4)) == 200
+        assert _poll(lambda: _http_get_from("::1", port6)) == 200
+        launchers = _proxy_pids_for_port(port4, dockerd.proxy_name)
+        launchers += _proxy_pids_for_port(port6, dockerd.proxy_name)
+        assert len(launchers) == 2
+        assert all(_parent_pid(pid) == dockerd.process.pid for pid in launchers)
+        servers = _host_servers(dockerd)
+        if dockerd.proxy_name == "pyengine-docker-proxy":
+            assert len(servers) == 1, "the launchers share one host server"
+            os.kill(servers[0], signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while _host_servers(dockerd) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _host_servers(dockerd)
+        else:
+            assert not servers, "the Python proxy needs no host server"
+        # The next connection on each port is served, with or without a server.
+        assert _http_get_from("127.0.0.1", port4) == 200
+        assert _http_get_from("::1", port6) == 200
+        dockerd.check("stop", "-t", "1", name)
+        deadline = time.monotonic() + 10
+        left = launchers
+        while left and time.monotonic() < deadline:
+            left = [pid for pid in launchers if Path(f"/proc/{pid}").exists()]
+            time.sleep(0.05)
+        assert not left, "a proxy process outlived docker stop"
+        # The launcher's proxies (forked by the server, now orphans, so named by their
+        # comm and the server's command line they share) went with their launchers.
+        forked = [pid for pid in _processes_mentioning(str(dockerd.root / "proxy-rt"))]
+        assert not [pid for pid in forked if pid not in _host_servers(dockerd)]
+        assert _port_is_free(port4, socket.SOCK_STREAM)
+    finally:
+        dockerd.check("rm", "-f", name)
