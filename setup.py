@@ -1,5 +1,5 @@
 """The compiled parts: the fork server's C loop (proxy/_forkloop.c), and the launcher that
-dockerd can run in docker-proxy's place (proxy/launcher.c, an executable installed beside the
+dockerd can run in docker-proxy's place (proxy/launcher*.c, an executable installed beside the
 console scripts as ``pyengine-docker-proxy``). Metadata: pyproject.toml."""
 
 import os
@@ -18,7 +18,7 @@ class BuildWithLauncher(build_ext):
     def run(self) -> None:
         super().run()
         objects = self.compiler.compile(
-            ["proxy/launcher.c"],
+            ["proxy/launcher.c", "proxy/launcher_server.c"],
             output_dir=self.build_temp,
             extra_postargs=["-O2", "-Wall"],
         )

@@ -322,10 +322,12 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
     }
     memcpy(&header, request_buffer, sizeof(header));
     int valid = header.magic == HEADER_MAGIC && header.fd_count == fd_count;
-    int seen[FIRST_FREE_FD] = {0};
+    int seen[FIRST_FREE_FD + 1] = {0};
     for (int i = 0; valid && i < fd_count; i++) {
         uint8_t target = header.targets[i];
-        valid = target >= STATUS_FD && target < LIFELINE_FD && !seen[target];
+        /* fd 6 only to a host server: a resting proxy hands its lifeline on (proxy/rest.py) */
+        valid = target >= STATUS_FD && target <= (lifeline ? LIFELINE_FD : SECOND_LISTEN_FD) &&
+                !seen[target];
         if (valid)
             seen[target] = 1;
     }
@@ -337,8 +339,10 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
     int received = fd_count;
     if (lifeline) {
         header.flags |= FLAG_OUTLIVE_PARENT | FLAG_LIFELINE;
-        fds[fd_count] = control;
-        header.targets[fd_count++] = LIFELINE_FD;
+        if (!seen[LIFELINE_FD]) { /* else the request brought its own */
+            fds[fd_count] = control;
+            header.targets[fd_count++] = LIFELINE_FD;
+        }
     } else {
         header.flags &= ~FLAG_LIFELINE;
     }

@@ -58,6 +58,7 @@ from proxy.prctl import outlive_parent, set_parent_death_signal
 
 CONTROL_FD = 3
 LIFELINE_FD = _forkloop.LIFELINE_FD
+HANDED_OVER = -1  # a rested proxy's result: exit 0 and say nothing on the lifeline
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = _forkloop.MAX_FDS  # fds per message, either way
 PROCESS_NAME = b"pyengine-proxy"
@@ -89,11 +90,14 @@ def encode_request(
     *,
     outlive_parent: bool,
     options: ProxyOptions | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> bytes:
     """A request for a proxy running ``pyengine-proxy argv`` with the attached fds at the
-    numbers ``fds`` (3: the status pipe, 4: the listener, 5: a second listener)."""
-    if not set(fds) <= set(ASSIGNED_FDS) or len(set(fds)) < len(fds):
-        raise ValueError(f"fds can only be passed as {ASSIGNED_FDS}")
+    numbers ``fds`` (3: the status pipe, 4: the listener, 5: a second listener; 6, to a host
+    server only: the proxy's lifeline). ``extra``: more fields of the payload."""
+    allowed = (*ASSIGNED_FDS, LIFELINE_FD)
+    if not set(fds) <= set(allowed) or len(set(fds)) < len(fds):
+        raise ValueError(f"fds can only be passed as {allowed}")
     flags = _forkloop.FLAG_OUTLIVE_PARENT if outlive_parent else 0
     if options is None:
         options = _parse_quietly(argv)
@@ -101,7 +105,7 @@ def encode_request(
     if (
         options is not None
         and options.use_listen_fd
-        and set(fds) == set(ASSIGNED_FDS[: 1 + listeners])
+        and set(fds) - {LIFELINE_FD} == set(ASSIGNED_FDS[: 1 + listeners])
     ):
         # The C loop can make the listeners ready and wait for traffic; anything else (no
         # listener, or arguments to reject) goes the proxy's ordinary way, which reports it.
@@ -111,7 +115,7 @@ def encode_request(
         if listeners == 2:
             flags |= _forkloop.FLAG_SECOND_LISTENER
     header = _HEADER.pack(_forkloop.HEADER_MAGIC, request_id, flags, len(fds), bytes(fds))
-    return header + encode({"argv": argv, "outlive_parent": outlive_parent})
+    return header + encode({**(extra or {}), "argv": argv, "outlive_parent": outlive_parent})
 
 
 def _parse_quietly(argv: list[str]) -> ProxyOptions | None:
@@ -159,6 +163,11 @@ def warm_up() -> None:
     # bytecode of that path (PEP 659), in pages the children share.
     for _ in range(REHEARSALS):
         rehearse()
+    from proxy.rehearsal import rehearse_traffic
+
+    rehearse_traffic()  # and the path of a proxy's first connections (proxy/rehearsal.py)
+    for _ in range(16):
+        decode(encode({"argv": ["-proto", "tcp"], "outlive_parent": True}))  # as a child does
     # Everything alive now is shared with the children: keep the collector from touching it.
     gc.collect()
     gc.freeze()
@@ -188,7 +197,7 @@ def run_forked_proxy(payload: bytes, ready: bool, *, lifeline: bool = False) -> 
         if lifeline or request.get("outlive_parent") is True:
             outlive_parent()  # the C loop set no parent-death signal; keep it that way
         if ready:
-            code = _serve_ready(argv, LIFELINE_FD if lifeline else None)
+            code = _serve_ready(argv, request if lifeline else None)
         else:
             code = _run_proxy_main(argv)
     except BaseException as err:  # anything else is a bug; say so, never return to the server
@@ -200,10 +209,10 @@ def run_forked_proxy(payload: bytes, ready: bool, *, lifeline: bool = False) -> 
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-            if lifeline:
+            if lifeline and code != HANDED_OVER:
                 report_exit(code)
         finally:
-            os._exit(code)
+            os._exit(0 if code == HANDED_OVER else code)
 
 
 def report_exit(code: int) -> None:
@@ -214,14 +223,18 @@ def report_exit(code: int) -> None:
         pass  # the launcher has gone
 
 
-def _serve_ready(argv: list[str], lifeline: int | None = None) -> int:
+def _serve_ready(argv: list[str], request: dict[str, Any] | None = None) -> int:
+    """``request``: a host server's proxy's, whose lifeline is fd 6 (it may rest)."""
     from proxy.main import configure_logging, serve_ready_listener
+    from proxy.rest import RestPlan
 
     options = parse_command_line(argv).options
     if options is None:
         return 2  # a launcher's request the launcher should not have sent this way
     configure_logging(options)
-    return serve_ready_listener(options, lifeline)
+    if request is None:
+        return serve_ready_listener(options)
+    return serve_ready_listener(options, LIFELINE_FD, RestPlan.of(request, argv, options))
 
 
 def _run_proxy_main(argv: list[str]) -> int:

@@ -21,57 +21,11 @@
  * the directory must be this uid's, mode 0700, and so must the server be (SO_PEERCRED).
  */
 #define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <limits.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/file.h>
-#include <sys/signalfd.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
-#include <sys/un.h>
-#include <sys/wait.h>
-#include <time.h>
-#include <unistd.h>
-
-#define STATUS_FD 3
-#define LISTEN_FD 4
-/* struct request_header and the flags of proxy/_forkloop.c */
-#define HEADER_MAGIC 0x50594631u
-#define MAX_FDS 8
-#define FLAG_OUTLIVE_PARENT 1u
-#define FLAG_IDLE_HERE 2u
-#define FLAG_UDP 4u
-#define START_TIMEOUT_MS 30000 /* a cold server imports and warms up in ~1 s */
-#define REPLY_TIMEOUT_MS 5000 /* a warm server forks in milliseconds; after this it is replaced */
-#define STATUS_TIMEOUT_MS 15000 /* dockerd gives its proxy 16 s */
-#define LOCK_TIMEOUT_MS 40000
-
-struct request_header {
-    uint32_t magic;
-    uint32_t id;
-    uint32_t flags;
-    uint8_t fd_count;
-    uint8_t targets[MAX_FDS];
-    uint8_t padding[3];
-};
-
-struct options {
-    const char *proto, *host_ip, *host_port, *container_ip, *container_port;
-    int use_listen_fd;
-};
+#include "launcher.h"
 
 static int status_fd = -1; /* dockerd's status pipe, until the status is sent */
-static ino_t server_inode; /* the socket file of the server last connected to */
-static char python[PATH_MAX];
+ino_t server_inode; /* the socket file of the server last connected to */
+char python[PATH_MAX];
 
 static void report(const char *status, size_t length)
 {
@@ -91,7 +45,7 @@ static void report(const char *status, size_t length)
 }
 
 /* Fail before a proxy runs: "1\n<why>" on fd 3, as docker-proxy reports, and exit 1. */
-static void fail(const char *format, ...)
+void fail(const char *format, ...)
 {
     char text[1024] = "1\n";
     va_list args;
@@ -106,7 +60,7 @@ static void fail(const char *format, ...)
     exit(1);
 }
 
-static long now_ms(void)
+long now_ms(void)
 {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
@@ -114,7 +68,7 @@ static long now_ms(void)
 }
 
 /* poll(2) one fd for POLLIN up to timeout_ms; 1 ready, 0 timed out. */
-static int wait_readable(int fd, long timeout_ms)
+int wait_readable(int fd, long timeout_ms)
 {
     long deadline = now_ms() + timeout_ms;
     for (;;) {
@@ -245,7 +199,7 @@ static void find_python(void)
         fail("no Python for the proxy beside %s (set PYENGINE_PROXY_PYTHON)", self);
 }
 
-static void unblock_all_signals(void)
+void unblock_all_signals(void)
 {
     sigset_t none;
     sigemptyset(&none);
@@ -269,186 +223,7 @@ static void exec_python_proxy(int argc, char **argv)
 }
 
 
-/* 64-bit FNV-1a, to name the server after its interpreter. */
-static unsigned long long fnv1a(const char *text)
-{
-    unsigned long long hash = 14695981039346656037ULL;
-    for (const unsigned char *c = (const unsigned char *)text; *c; c++)
-        hash = (hash ^ *c) * 1099511628211ULL;
-    return hash;
-}
-
-struct paths {
-    char directory[128], socket[192], lock[192], log[192];
-};
-
-static void make_paths(struct paths *paths)
-{
-    uid_t uid = getuid();
-    const char *chosen = getenv("PYENGINE_PROXY_RUNTIME_DIR");
-    const char *runtime = getenv("XDG_RUNTIME_DIR");
-    if (chosen && *chosen)
-        snprintf(paths->directory, sizeof(paths->directory), "%s", chosen);
-    else if (uid == 0)
-        snprintf(paths->directory, sizeof(paths->directory), "/run/pyengine-proxy");
-    else if (runtime && *runtime)
-        snprintf(paths->directory, sizeof(paths->directory), "%s/pyengine-proxy", runtime);
-    else
-        snprintf(paths->directory, sizeof(paths->directory), "/tmp/pyengine-proxy-%u",
-                 (unsigned)uid);
-    if (strlen(paths->directory) > 80)
-        fail("the runtime directory %s is too long for a socket path", paths->directory);
-    if (mkdir(paths->directory, 0700) < 0 && errno != EEXIST)
-        fail("cannot create %s: %s", paths->directory, strerror(errno));
-    struct stat info;
-    if (lstat(paths->directory, &info) < 0)
-        fail("cannot use %s: %s", paths->directory, strerror(errno));
-    if (!S_ISDIR(info.st_mode) || info.st_uid != uid || (info.st_mode & 077))
-        fail("%s is not a private directory of uid %u (mode 0700)", paths->directory,
-             (unsigned)uid);
-    unsigned long long hash = fnv1a(python);
-    snprintf(paths->socket, sizeof(paths->socket), "%s/server-%016llx.sock", paths->directory,
-             hash);
-    snprintf(paths->lock, sizeof(paths->lock), "%s/server-%016llx.lock", paths->directory, hash);
-    snprintf(paths->log, sizeof(paths->log), "%s/server-%016llx.log", paths->directory, hash);
-}
-
-/* A connection to the server, or -1 with errno set. */
-static int connect_server(const struct paths *paths)
-{
-    struct stat before;
-    if (lstat(paths->socket, &before) < 0)
-        return -1;
-    int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        fail("cannot create a socket: %s", strerror(errno));
-    struct sockaddr_un address = {.sun_family = AF_UNIX};
-    memcpy(address.sun_path, paths->socket, strlen(paths->socket) + 1); /* < 108: make_paths */
-    while (connect(fd, (struct sockaddr *)&address, sizeof(address)) < 0) {
-        if (errno == EINTR)
-            continue;
-        int err = errno;
-        close(fd);
-        errno = err;
-        return -1;
-    }
-    struct ucred peer;
-    socklen_t size = sizeof(peer);
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &size) < 0 || peer.uid != getuid())
-        fail("the proxy server at %s does not run as uid %u", paths->socket,
-             (unsigned)getuid());
-    server_inode = before.st_ino;
-    return fd;
-}
-
-/* Under the lock: remove the socket of a server that took a request and did not answer, unless
- * another launcher has replaced that server already; the next reach_server starts a new one.
- * The old server, if it ever wakes, forks a proxy whose lifeline is closed: it exits at once. */
-static void drop_server(const struct paths *paths, ino_t inode)
-{
-    int lock = open(paths->lock, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (lock < 0 || flock(lock, LOCK_EX) < 0)
-        fail("cannot lock %s: %s", paths->lock, strerror(errno));
-    struct stat now;
-    if (lstat(paths->socket, &now) == 0 && now.st_ino == inode)
-        unlink(paths->socket);
-    close(lock);
-}
-
-/* Start the server: setsid and a second fork, so that it is nobody's child and in no session;
- * wait for its "0\n" (or its "1\n<why>"). */
-static void start_server(const struct paths *paths)
-{
-    int ready[2];
-    if (pipe2(ready, O_CLOEXEC) < 0)
-        fail("cannot create a pipe: %s", strerror(errno));
-    pid_t pid = fork();
-    if (pid < 0)
-        fail("cannot fork: %s", strerror(errno));
-    if (pid == 0) {
-        setsid();
-        if (fork() != 0)
-            _exit(0);
-        unblock_all_signals();
-        signal(SIGPIPE, SIG_DFL);
-        int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-        int log = open(paths->log, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-        int write_end = fcntl(ready[1], F_DUPFD_CLOEXEC, 10);
-        if (null < 0 || write_end < 0)
-            _exit(127);
-        dup2(null, 0);
-        dup2(null, 1);
-        dup2(log >= 0 ? log : null, 2);
-        dup2(write_end, 3);
-        syscall(SYS_close_range, 4, ~0u, 0);
-        char *args[] = {python, "-m", "proxy.hostserver", "--socket", (char *)paths->socket,
-                        "--ready-fd", "3", NULL};
-        execv(python, args);
-        _exit(127);
-    }
-    close(ready[1]);
-    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-        ;
-    char answer[512];
-    size_t got = 0;
-    long deadline = now_ms() + START_TIMEOUT_MS;
-    while (got < sizeof(answer) - 1) {
-        long left = deadline - now_ms();
-        if (left <= 0 || !wait_readable(ready[0], left))
-            fail("the proxy server did not start within %d s (log: %s)", START_TIMEOUT_MS / 1000,
-                 paths->log);
-        ssize_t n = read(ready[0], answer + got, sizeof(answer) - 1 - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-        if (got >= 2 && answer[0] == '0')
-            break;
-    }
-    close(ready[0]);
-    answer[got] = '\0';
-    if (got >= 2 && strncmp(answer, "0\n", 2) == 0)
-        return;
-    if (got >= 2 && answer[0] == '1')
-        fail("the proxy server could not start: %s", answer + 2);
-    fail("the proxy server exited during start-up (log: %s)", paths->log);
-}
-
-/* A connection to a running server, started first under the lock if there is none. */
-static int reach_server(const struct paths *paths)
-{
-    int fd = connect_server(paths);
-    if (fd >= 0)
-        return fd;
-    if (errno != ENOENT && errno != ECONNREFUSED)
-        fail("cannot reach the proxy server at %s: %s", paths->socket, strerror(errno));
-    int lock = open(paths->lock, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-    if (lock < 0)
-        fail("cannot open %s: %s", paths->lock, strerror(errno));
-    long deadline = now_ms() + LOCK_TIMEOUT_MS;
-    while (flock(lock, LOCK_EX | LOCK_NB) < 0) {
-        if (errno != EWOULDBLOCK && errno != EINTR)
-            fail("cannot lock %s: %s", paths->lock, strerror(errno));
-        if (now_ms() > deadline)
-            fail("%s stayed locked for %d s", paths->lock, LOCK_TIMEOUT_MS / 1000);
-        struct timespec pause = {.tv_nsec = 5 * 1000 * 1000};
-        nanosleep(&pause, NULL);
-    }
-    fd = connect_server(paths); /* another launcher may have started it meanwhile */
-    if (fd < 0) {
-        unlink(paths->socket); /* a dead server's */
-        start_server(paths);
-        fd = connect_server(paths);
-        if (fd < 0)
-            fail("cannot reach the proxy server at %s: %s", paths->socket, strerror(errno));
-    }
-    close(lock);
-    return fd;
-}
-
-/* The listener docker-proxy would bind (proxy/listener.py does the same). */
-static int bind_listener(const struct options *options)
+/* 64-bit FNV-1a, to name the server after its interpreter. */static int bind_listener(const struct options *options)
 {
     int udp = strcmp(options->proto, "udp") == 0;
     int six = strchr(options->host_ip, ':') != NULL;
@@ -484,118 +259,8 @@ static int bind_listener(const struct options *options)
     return fd;
 }
 
-/* Append text to buffer as a JSON string. */
-static size_t json_string(char *buffer, size_t at, size_t size, const char *text)
-{
-    if (at < size)
-        buffer[at] = '"';
-    at++;
-    for (const unsigned char *c = (const unsigned char *)text; *c; c++) {
-        char piece[8];
-        if (*c == '"' || *c == '\\')
-            snprintf(piece, sizeof(piece), "\\%c", *c);
-        else if (*c < 0x20)
-            snprintf(piece, sizeof(piece), "\\u%04x", *c);
-        else
-            snprintf(piece, sizeof(piece), "%c", *c);
-        for (char *p = piece; *p; p++, at++)
-            if (at < size)
-                buffer[at] = *p;
-    }
-    if (at < size)
-        buffer[at] = '"';
-    return at + 1;
-}
-
-/* Send the request; the server's reply: the proxy's pid and pidfd, or -1 if the server went
- * away without answering (an idle server exiting as it was reached), -2 if it did not answer
- * in time. */
-static int request_proxy(int server, const struct options *options, int argc, char **argv,
-                         int listener, int status_write, pid_t *pid)
-{
-    char message[8192];
-    struct request_header header = {
-        .magic = HEADER_MAGIC,
-        .id = 1,
-        .flags = FLAG_OUTLIVE_PARENT | FLAG_IDLE_HERE |
-                 (strcmp(options->proto, "udp") == 0 ? FLAG_UDP : 0),
-        .fd_count = 2,
-        .targets = {STATUS_FD, LISTEN_FD},
-    };
-    memcpy(message, &header, sizeof(header));
-    size_t at = sizeof(header);
-    size_t size = sizeof(message);
-    at += (size_t)snprintf(message + at, size - at, "{\"outlive_parent\":true,\"argv\":[");
-    for (int i = 1; i < argc; i++) {
-        at = json_string(message, at, size, argv[i]);
-        if (at < size)
-            message[at] = ',';
-        at++;
-    }
-    if (!options->use_listen_fd)
-        at = json_string(message, at, size, "-use-listen-fd") + 1;
-    if (at + 2 > size)
-        fail("the command line is too long");
-    at--; /* the last comma */
-    message[at++] = ']';
-    message[at++] = '}';
-    int fds[2] = {status_write, listener};
-    union {
-        struct cmsghdr header;
-        char space[CMSG_SPACE(sizeof(fds))];
-    } control;
-    memset(&control, 0, sizeof(control));
-    struct iovec iov = {.iov_base = message, .iov_len = at};
-    struct msghdr request = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
-                             .msg_controllen = sizeof(control.space)};
-    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&request);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(fds));
-    memcpy(CMSG_DATA(cmsg), fds, sizeof(fds));
-    while (sendmsg(server, &request, MSG_NOSIGNAL) < 0) {
-        if (errno == EINTR)
-            continue;
-        if (errno == EPIPE || errno == ECONNRESET)
-            return -1;
-        fail("cannot reach the proxy server: %s", strerror(errno));
-    }
-    if (!wait_readable(server, REPLY_TIMEOUT_MS))
-        return -2;
-    char reply[512];
-    union {
-        struct cmsghdr header;
-        char space[CMSG_SPACE(sizeof(int))];
-    } received;
-    iov = (struct iovec){.iov_base = reply, .iov_len = sizeof(reply) - 1};
-    struct msghdr answer = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = received.space,
-                            .msg_controllen = sizeof(received.space)};
-    ssize_t n;
-    while ((n = recvmsg(server, &answer, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR)
-        ;
-    if (n <= 0)
-        return -1;
-    reply[n] = '\0';
-    int pidfd = -1;
-    cmsg = CMSG_FIRSTHDR(&answer);
-    if (cmsg && cmsg->cmsg_level == SOL_SOCKET && cmsg->cmsg_type == SCM_RIGHTS)
-        memcpy(&pidfd, CMSG_DATA(cmsg), sizeof(int));
-    char *error = strstr(reply, "\"error\":\"");
-    if (error) {
-        error += 9;
-        error[strcspn(error, "\"")] = '\0';
-        fail("the proxy server could not start a proxy: %s", error);
-    }
-    int value;
-    char *field = strstr(reply, "\"pid\":");
-    if (pidfd < 0 || field == NULL || sscanf(field + 6, "%d", &value) != 1)
-        fail("the proxy server answered without a pid and its pidfd");
-    *pid = value;
-    return pidfd;
-}
-
-/* The proxy's start-up status from our pipe, relayed to dockerd's fd 3. */
-static void relay_status(int status_read, pid_t pid)
+/* Seconds without a connection or flow after which a woken proxy goes back to sleep
+ * (proxy/rest.py): $PYENGINE_PROXY_REST_AFTER, 0 for never; 60 by default. */static void relay_status(int status_read, pid_t pid)
 {
     char status[1024];
     size_t got = 0;
@@ -626,16 +291,61 @@ static void relay_status(int status_read, pid_t pid)
     fail("the proxy exited during start-up");
 }
 
-/* Wait for the proxy to end, forwarding SIGINT and SIGTERM; its exit code. */
-static int wait_proxy(int signals, int lifeline, int pidfd, pid_t pid)
+struct proxy {
+    pid_t pid;
+    int pidfd;
+    int code;   /* its exit code once it said it, else -1 */
+    int signal; /* the last signal forwarded to it, else 0 */
+};
+
+/* One message of the proxy on the lifeline: {"exited":C} as it exits, or {"handover":P} when a
+ * resting proxy has handed its listeners to a new one, P (proxy/rest.py): follow P from now on,
+ * and give it the stop signal the old one may have had. */
+static void take_message(struct proxy *proxy, const char *text)
 {
-    int code = -1;
-    struct pollfd watched[3] = {
-        {.fd = signals, .events = POLLIN},
-        {.fd = lifeline, .events = POLLIN},
-        {.fd = pidfd, .events = POLLIN},
-    };
+    const char *field;
+    int value;
+    if ((field = strstr(text, "\"exited\":")) && sscanf(field + 9, "%d", &value) == 1) {
+        proxy->code = value;
+    } else if ((field = strstr(text, "\"handover\":")) && sscanf(field + 11, "%d", &value) == 1) {
+        int pidfd = (int)syscall(SYS_pidfd_open, value, 0);
+        if (pidfd < 0)
+            return; /* gone already: its exit is not ours to see; the lifeline's end tells */
+        close(proxy->pidfd);
+        proxy->pidfd = pidfd;
+        proxy->pid = value;
+        if (proxy->signal)
+            syscall(SYS_pidfd_send_signal, pidfd, proxy->signal, NULL, 0);
+    }
+}
+
+/* Every message waiting on the lifeline; 0 once it reached end of file (no proxy holds it). */
+static int drain_lifeline(int lifeline, struct proxy *proxy)
+{
     for (;;) {
+        char text[64];
+        ssize_t n = recv(lifeline, text, sizeof(text) - 1, MSG_DONTWAIT);
+        if (n > 0) {
+            text[n] = '\0';
+            take_message(proxy, text);
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        return n < 0 && errno == EAGAIN;
+    }
+}
+
+/* Wait for the proxy to end, forwarding SIGINT and SIGTERM; its exit code. */
+static int wait_proxy(int signals, int lifeline, struct proxy *proxy)
+{
+    int open_lifeline = 1;
+    for (;;) {
+        struct pollfd watched[3] = {
+            {.fd = signals, .events = POLLIN},
+            {.fd = open_lifeline ? lifeline : -1, .events = POLLIN},
+            {.fd = proxy->pidfd, .events = POLLIN},
+        };
         if (poll(watched, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
@@ -643,36 +353,26 @@ static int wait_proxy(int signals, int lifeline, int pidfd, pid_t pid)
         }
         if (watched[0].revents) {
             struct signalfd_siginfo info;
-            if (read(signals, &info, sizeof(info)) == sizeof(info))
-                syscall(SYS_pidfd_send_signal, pidfd, (int)info.ssi_signo, NULL, 0);
-        }
-        if (watched[1].revents) {
-            char text[64];
-            ssize_t n = recv(lifeline, text, sizeof(text) - 1, MSG_DONTWAIT);
-            if (n > 0) {
-                text[n] = '\0';
-                char *field = strstr(text, "\"exited\":");
-                if (field)
-                    sscanf(field + 9, "%d", &code);
-            } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
-                watched[1].fd = -1; /* the proxy has closed it: it is exiting */
+            if (read(signals, &info, sizeof(info)) == sizeof(info)) {
+                proxy->signal = (int)info.ssi_signo;
+                syscall(SYS_pidfd_send_signal, proxy->pidfd, proxy->signal, NULL, 0);
             }
         }
+        int polled = proxy->pidfd;
+        if (watched[1].revents && !drain_lifeline(lifeline, proxy))
+            open_lifeline = 0; /* every proxy end is closed: the last one is exiting */
         if (watched[2].revents) {
-            char text[64];
-            ssize_t n = recv(lifeline, text, sizeof(text) - 1, MSG_DONTWAIT);
-            if (n > 0 && code < 0) {
-                text[n] = '\0';
-                char *field = strstr(text, "\"exited\":");
-                if (field)
-                    sscanf(field + 9, "%d", &code);
-            }
-            if (code < 0) {
+            /* A proxy writes its message before it exits: read it before deciding. */
+            if (open_lifeline && !drain_lifeline(lifeline, proxy))
+                open_lifeline = 0;
+            if (proxy->pidfd != polled)
+                continue; /* it handed over: follow the new one */
+            if (proxy->code < 0) {
                 fprintf(stderr, "pyengine-docker-proxy: proxy pid %d ended without an exit status\n",
-                        (int)pid);
+                        (int)proxy->pid);
                 return 1;
             }
-            return code;
+            return proxy->code;
         }
     }
 }
@@ -719,7 +419,7 @@ int main(int argc, char **argv)
         if (pipe2(status, O_CLOEXEC) < 0)
             fail("cannot create a pipe: %s", strerror(errno));
         server = reach_server(&paths);
-        pidfd = request_proxy(server, &options, argc, argv, listener, status[1], &pid);
+        pidfd = request_proxy(server, &paths, &options, argc, argv, listener, status[1], &pid);
         close(status[1]);
         if (pidfd < 0) {
             close(server);
@@ -730,5 +430,6 @@ int main(int argc, char **argv)
     }
     close(listener);
     relay_status(status[0], pid);
-    return wait_proxy(signals, server, pidfd, pid);
+    struct proxy proxy = {.pid = pid, .pidfd = pidfd, .code = -1, .signal = 0};
+    return wait_proxy(signals, server, &proxy);
 }

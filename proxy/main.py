@@ -17,11 +17,13 @@ import sys
 
 import uvloop
 
+from proxy.forkserver import HANDED_OVER
 from proxy.handshake import LISTEN_FDS, StartupStatus
 from proxy.idle import STOP_SIGNALS, IdleWait
 from proxy.listener import ListenerError, address_family, open_listeners
 from proxy.options import USAGE, ProxyOptions, UsageError, parse_command_line
 from proxy.prctl import set_parent_death_signal
+from proxy.rest import Rest, RestPlan
 from proxy.tcp import TcpProxy
 from proxy.transparent import TransparentSource, parse_skip
 from proxy.udp import UdpProxy, prepare_listener
@@ -100,12 +102,14 @@ def run(options: ProxyOptions, status: StartupStatus, *, rehearsal: bool = False
         loop.close()
 
 
-def serve_ready_listener(options: ProxyOptions, lifeline: int | None = None) -> int:
+def serve_ready_listener(
+    options: ProxyOptions, lifeline: int | None = None, rest: RestPlan | None = None
+) -> int:
     """Proxy on fd 4 (and fd 5), listeners already made ready and reported, one of them
     readable (a proxy that the fork server's C loop forked and that has seen its first
     traffic); SIGINT and SIGTERM are blocked until the event loop handles them. ``lifeline``:
-    a socket whose end of file (the launcher has gone) stops the proxy. Returns the exit
-    code."""
+    a socket whose end of file (the launcher has gone) stops the proxy; ``rest``: when and how
+    it goes back to sleep (proxy/rest.py). Returns the exit code, or HANDED_OVER."""
     raise_open_file_limit()
     listeners = [socket.socket(fileno=fd) for fd in LISTEN_FDS[: len(options.listeners())]]
     for listener in listeners:
@@ -121,6 +125,7 @@ def serve_ready_listener(options: ProxyOptions, lifeline: int | None = None) -> 
                 stopping=False,
                 unblock_signals=True,
                 lifeline=lifeline,
+                rest=rest,
             )
         )
     finally:
@@ -140,6 +145,7 @@ async def _serve(
     stopping: bool,
     unblock_signals: bool = False,
     lifeline: int | None = None,
+    rest: RestPlan | None = None,
 ) -> int:
     """Proxy until stopped. ``rehearsal``: start and stop at once; ``stopping``: a stop signal
     came already; ``unblock_signals``: SIGINT and SIGTERM are blocked, unblock them once the
@@ -191,7 +197,10 @@ async def _serve(
         _close_all(listeners)
         log.error("cannot start proxying: %s", err.strerror or err)
         return 1
+    resting = Rest(loop, proxies, rest, stop_requested) if rest is not None else None
     await stop_requested.wait()
+    if resting is not None and resting.close():
+        return HANDED_OVER  # the listeners serve on in the new proxy; nothing to close
     for proxy in proxies:
         proxy.close()
     return 0

@@ -70,6 +70,7 @@ class TcpProxy:
         self.proxy_protocol = proxy_protocol
         self.transparent = transparent
         self._connections: set[TcpConnection] = set()
+        self.activity = 0  # connections accepted so far (proxy/rest.py)
         self._accepting = False
         self._closed = False
         self._resume_accept_handle: asyncio.TimerHandle | None = None
@@ -98,6 +99,20 @@ class TcpProxy:
 
     def forget(self, connection: TcpConnection) -> None:
         self._connections.discard(connection)
+
+    def busy(self) -> bool:
+        return bool(self._connections)
+
+    def pause(self) -> None:
+        """Leave new connections in the listener's backlog (resume() takes them again)."""
+        if self._resume_accept_handle is not None:
+            self._resume_accept_handle.cancel()
+            self._resume_accept_handle = None
+        self._set_accepting(False)
+
+    def resume(self) -> None:
+        if not self._closed:
+            self._set_accepting(True)
 
     def _set_accepting(self, accepting: bool) -> None:
         if accepting == self._accepting:
@@ -132,6 +147,7 @@ class TcpProxy:
                 return
             connection = TcpConnection(self, self._loop, client, client_address)
             self._connections.add(connection)
+            self.activity += 1
             connection.connect_backend(self._backend_family, self._backend_address)
 
     def acquire_pipe(self) -> Pipe:

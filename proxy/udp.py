@@ -81,11 +81,23 @@ class UdpProxy:
         self._buffer = bytearray(_MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
         self._closed = False
+        self.activity = 0  # wake-ups by client datagrams so far (proxy/rest.py)
 
     def start(self) -> None:
         self._reply_from_destination = prepare_listener(self._listener)
         self._listener.setblocking(False)
         self._loop.add_reader(self._listener.fileno(), self._on_client_datagrams)
+
+    def busy(self) -> bool:
+        return bool(self._flows)
+
+    def pause(self) -> None:
+        """Leave new datagrams in the listener's buffer (resume() reads them again)."""
+        self._loop.remove_reader(self._listener.fileno())
+
+    def resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._listener.fileno(), self._on_client_datagrams)
 
     def close(self) -> None:
         if self._closed:
@@ -97,6 +109,7 @@ class UdpProxy:
             self._close_flow(flow)
 
     def _on_client_datagrams(self) -> None:
+        self.activity += 1
         for _ in range(_RECEIVE_BUDGET):
             try:
                 size, ancillary, _, client = self._listener.recvmsg_into(

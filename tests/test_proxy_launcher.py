@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +238,9 @@ def test_tcp_through_the_launcher_and_stop_on_sigint(runtime: Runtime, host: str
     assert launched.status == b"0\n"
     servers = runtime.servers()
     assert len(servers) == 1, "the first launcher starts one host server"
+    # One thread: fork(2) copies only the caller, and the C loop waits for SIGCHLD on a signalfd
+    # that another thread's unblocked mask would starve.
+    assert os.listdir(f"/proc/{servers[0]}/task") == [str(servers[0])]
     proxies = _children_of(servers)
     assert len(proxies) == 1
     assert Path(f"/proc/{proxies[0]}/comm").read_text().strip() == "pyengine-proxy"
@@ -457,3 +460,49 @@ def server_socket(directory: Path) -> Path:
     for byte in python.encode():
         digest = ((digest ^ byte) * 0x100000001B3) % (1 << 64)
     return directory / f"server-{digest:016x}.sock"
+
+
+def _private_dirty_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Private_Dirty for {pid}")
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.privileged
+def test_a_woken_proxy_rests_and_the_launcher_follows(runtime: Runtime) -> None:
+    """After its traffic stops, a woken proxy (Python, megabytes of private memory) hands its
+    listener to a fresh idle one (C, a few pages); the launcher stops and waits on the new
+    one. While a connection is open it does not rest."""
+    backend = TcpEcho("127.0.0.1")
+    port = free_port()
+    env = runtime.env(PYENGINE_PROXY_REST_AFTER="1")
+    launched = runtime.launch(*_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port), env=env)
+    assert launched.status == b"0\n"
+    (idle,) = _children_of(runtime.servers())
+    idle_kb = _private_dirty_kb(idle)
+    # An open connection keeps it awake past several checks.
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as held:
+        time.sleep(2.5)
+        assert _children_of(runtime.servers()) == [idle], "it rested with a connection open"
+        woken_kb = _private_dirty_kb(idle)
+        held.sendall(b"held")
+        assert held.recv(64) == b"echo:held"
+    assert woken_kb > idle_kb + 1024, (idle_kb, woken_kb)
+    assert _wait_for(lambda: _children_of(runtime.servers()) not in ([idle], []), 5), "no rest"
+    (rested,) = _children_of(runtime.servers())
+    assert not _wait_gone([idle]), "the woken proxy stayed beside the new one"
+    assert _private_dirty_kb(rested) < woken_kb - 1024
+    assert _tcp_ask("127.0.0.1", port, b"again") == b"echo:again"
+    os.kill(launched.pid, signal.SIGTERM)
+    assert launched.wait() == 0, "the launcher followed the new proxy and got its exit"
+    assert not _wait_gone([rested])
