@@ -133,6 +133,20 @@ class UdpProxy:
             except OSError as err:
                 # Full buffer, or an ICMP error left by an earlier datagram: UDP may drop.
                 log.debug("datagram to backend dropped: %s", err)
+                if err.errno != errno.EAGAIN:
+                    self._rewatch(flow)
+
+    def _rewatch(self, flow: UdpFlow) -> None:
+        if self._flows.get(flow.client_address) is flow:
+            self._watch_replies(flow)
+
+    def _watch_replies(self, flow: UdpFlow) -> None:
+        """(Re)arm the reader of a flow's backend socket. An ICMP error pending on a connected
+        UDP socket (udp(7): the container's port was closed) makes epoll report EPOLLERR, on
+        which libuv stops the socket's poll handle for good; the error has been taken by a
+        send() or recv() when we get here, so watching again is safe."""
+        self._loop.remove_reader(flow.backend.fileno())
+        self._loop.add_reader(flow.backend.fileno(), functools.partial(self._on_replies, flow))
 
     def _open_flow(self, client: ClientAddress) -> UdpFlow | None:
         if len(self._flows) >= self._max_flows:
@@ -170,7 +184,7 @@ class UdpProxy:
             log.warning("cannot open a UDP flow for %s: %s", client, err.strerror)
             return None
         flow = UdpFlow(client_address=client, backend=backend, last_active=self._loop.time())
-        self._loop.add_reader(backend.fileno(), functools.partial(self._on_replies, flow))
+        self._watch_replies(flow)
         flow.idle_timer = self._loop.call_later(
             self._idle_timeout, functools.partial(self._expire_if_idle, flow)
         )
@@ -185,8 +199,10 @@ class UdpProxy:
                 return
             except OSError as err:
                 # udp(7): a connected socket reports an ICMP error (ECONNREFUSED, ...) for an
-                # earlier datagram once, on the next call; the socket itself is still fine.
+                # earlier datagram once, on the next call; the socket itself is still fine,
+                # but libuv stops watching it after this wake-up (EPOLLERR): watch it again.
                 log.debug("backend reported: %s", err)
+                self._loop.call_soon(self._rewatch, flow)
                 continue
             flow.last_active = self._loop.time()
             self._send_to_client(flow, self._view[:size])

@@ -744,6 +744,40 @@ def test_udp_two_clients_each_get_their_own_replies(
         assert udp_exchange(alice, ("127.0.0.1", port), big) == (big, ("127.0.0.1", port))
 
 
+def test_udp_flow_recovers_once_the_backend_listens(
+    spawn_proxy: Callable[..., RunningProxy],
+) -> None:
+    """A client whose first datagrams met a closed port (ICMP port unreachable on the flow's
+    connected socket, EPOLLERR) is answered once the backend listens, on the same flow."""
+    backend_port = free_port(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
+    port = free_port(socket.AF_INET, socket.SOCK_DGRAM, "127.0.0.1")
+    proxy = spawn_proxy(proxy_args("udp", "127.0.0.1", port, ("127.0.0.1", backend_port)))
+    assert proxy.status == b"0\n"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(0.2)
+        for _ in range(5):  # refused at the backend: no answer
+            client.sendto(b"early", ("127.0.0.1", port))
+            with pytest.raises(TimeoutError):
+                client.recvfrom(100)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as backend:
+            backend.bind(("127.0.0.1", backend_port))
+            backend.settimeout(IO_TIMEOUT)
+            answered = False
+            deadline = time.monotonic() + IO_TIMEOUT
+            while not answered and time.monotonic() < deadline:
+                client.sendto(b"late", ("127.0.0.1", port))
+                try:
+                    data, peer = backend.recvfrom(100)
+                except TimeoutError:
+                    continue
+                backend.sendto(b"echo:" + data, peer)
+                try:
+                    answered = client.recvfrom(100)[0] == b"echo:late"
+                except TimeoutError:
+                    pass
+            assert answered, "the flow stayed deaf after the backend's port was refused"
+
+
 def test_udp_reply_leaves_from_the_address_the_client_sent_to(
     spawn_proxy: Callable[..., RunningProxy], udp_echo_server: Callable[[str], tuple[str, int]]
 ) -> None:
