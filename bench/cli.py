@@ -200,7 +200,7 @@ def _publish_steps(cfg: BenchConfig, backends: list[str]) -> int:
         for proxy in (True, False):
             per_rep += sum(1 for n in cfg.publish_counts if not proxy or n <= cfg.proxy_publish_max)
     if cfg.docker:
-        for proxy in (True, False):
+        for proxy in (False, True, True):  # dnat; docker-proxy; pyengine's launcher
             top = min(cfg.docker_publish_max, cfg.proxy_publish_max if proxy else 1 << 30)
             per_rep += sum(1 for n in cfg.publish_counts if n <= top)
     return per_rep * cfg.publish_repeat
