@@ -127,17 +127,18 @@ def wait_none_left(dockerd_pid: int, binary: str, runtime_dir: Path | None) -> i
 
 
 def udp_echo(host: str, port: int, payload: bytes) -> bool:
-    """One datagram to ``host:port``; whether the echo came back within UDP_WAIT_SECONDS
-    (asked again every UDP_TIMEOUT_SECONDS: the first may arrive before the echo binds)."""
+    """One datagram to ``host:port``; whether the echo came back within UDP_WAIT_SECONDS.
+    Asked again every UDP_TIMEOUT_SECONDS from a new socket: a datagram may arrive before the
+    echo binds, and pyengine-proxy keeps a client's flow dead once the container refused its
+    first datagrams (docker-proxy's recovers), so each try is a new client."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + UDP_WAIT_SECONDS
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(UDP_TIMEOUT_SECONDS)
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                sock.sendto(payload, (host, port))
-                reply, _ = sock.recvfrom(2048)
-                if reply == b"echo:" + payload:
-                    return True
-            time.sleep(0.1)
+    while time.monotonic() < deadline:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+            sock.settimeout(UDP_TIMEOUT_SECONDS)
+            sock.sendto(payload, (host, port))
+            reply, _ = sock.recvfrom(2048)
+            if reply == b"echo:" + payload:
+                return True
+        time.sleep(0.1)
     return False
