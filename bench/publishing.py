@@ -24,6 +24,7 @@ from pathlib import Path
 from bench import dockerdproxychecks, procfs, synprobe
 from bench.accounting import CpuSnapshot, usage_between
 from bench.cleanup import Cleanup
+from bench.config import DOCKERD_ROWS
 from bench.connectprobe import ProbeError, measure_connect_latency
 from bench.daemons import BenchDaemon, BenchDaemonError, Publish
 from bench.dockerarchive import ArchiveError
@@ -372,8 +373,12 @@ def run_docker_publishing(
     proxy mode with pyengine's launcher as --userland-proxy-path, one dockerd each (dockerd's
     chains have fixed names, so only one runs at a time), each removed with everything it
     left on the host before the next starts."""
-    launcher = launcher_path()
-    for userland_proxy, proxy_path in ((False, None), (True, None), (True, launcher)):
+    rows: dict[str, tuple[bool, Path | None]] = {
+        "dnat": (False, None),
+        "docker-proxy": (True, None),
+        "pyengine-proxy": (True, launcher_path()),
+    }
+    for userland_proxy, proxy_path in (rows[r] for r in DOCKERD_ROWS if r in env.cfg.dockerd_rows):
         mode = "proxy" if userland_proxy else "dnat"
         label = f"{mode}/dockerd" + ("+pyengine-proxy" if proxy_path else "")
         limit = _limit(env, userland_proxy, docker=True)
