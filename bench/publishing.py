@@ -9,7 +9,9 @@
   from the external client to the last of them (how the lookup scales with N); before it, the
   first-packet latency: connect() timed one connection at a time (``bench.connectprobe``).
 - Both against Debian's dockerd (``bench.dockerd``), driven through the same Docker API calls,
-  one dockerd at a time, after pyengined's samples.
+  one dockerd at a time, after pyengined's samples: DNAT mode, proxy mode with its
+  docker-proxy, and proxy mode with pyengine's launcher as its userland proxy (the checks
+  particular to those two: ``bench.dockerdproxychecks``).
 """
 
 from __future__ import annotations
