@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from bench.cleanup import Cleanup, Interrupted
-from bench.config import STUDIES, VARIANTS, BenchConfig
+from bench.config import DOCKERD_ROWS, STUDIES, VARIANTS, BenchConfig
 from bench.daemons import BenchDaemonError, available_backends
 from bench.datapath import METRICS, datapath_steps, memory_steps, record_memory, run_datapath
 from bench.environment import (
@@ -110,6 +110,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--docker-publish-max", type=int, help="largest N published through dockerd (1000)"
     )
+    p.add_argument(
+        "--dockerd-rows",
+        type=_csv,
+        help=f"dockerd rows of the publishing study, subset of {','.join(DOCKERD_ROWS)}",
+    )
     p.add_argument("--first-response-repeat", type=int, help="repetitions of run -d -p to 200")
     p.add_argument(
         "--backends", type=_csv, help="firewall backends (default: all pyengined offers)"
@@ -147,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         "studies": args.studies,
         "docker": args.docker,
         "docker_publish_max": args.docker_publish_max,
+        "dockerd_rows": args.dockerd_rows,
         "first_response_repeat": args.first_response_repeat,
         "backends": args.backends,
         "redo_disturbed": args.redo_disturbed,
@@ -200,7 +206,8 @@ def _publish_steps(cfg: BenchConfig, backends: list[str]) -> int:
         for proxy in (True, False):
             per_rep += sum(1 for n in cfg.publish_counts if not proxy or n <= cfg.proxy_publish_max)
     if cfg.docker:
-        for proxy in (True, False):
+        for row in cfg.dockerd_rows:
+            proxy = row != "dnat"
             top = min(cfg.docker_publish_max, cfg.proxy_publish_max if proxy else 1 << 30)
             per_rep += sum(1 for n in cfg.publish_counts if n <= top)
     return per_rep * cfg.publish_repeat

@@ -26,6 +26,7 @@ PROXY_VARIANTS = ("pyengine-proxy", "pyengine-proxy-transparent", "docker-proxy"
 REFERENCES = ("dnat-lo", "docker-proxy")  # the headline ratios divide by these
 # The studies, in the order they run; "publish" includes the DNAT connection rate.
 STUDIES = ("memory", "datapath", "first-response", "publish")
+DOCKERD_ROWS = ("dnat", "docker-proxy", "pyengine-proxy")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class BenchConfig:
     # iptables hold no Docker chains), up to docker_publish_max ports.
     docker: bool = True
     docker_publish_max: int = 1000
+    # Which dockerd rows: "dnat"; "docker-proxy" and "pyengine-proxy" (proxy mode, its own
+    # docker-proxy or --userland-proxy-path to pyengine's launcher).
+    dockerd_rows: tuple[str, ...] = DOCKERD_ROWS
     studies: tuple[str, ...] = STUDIES
     first_response_repeat: int = 5
     variants: tuple[str, ...] = tuple(VARIANTS)
@@ -90,6 +94,11 @@ class BenchConfig:
         if unknown or not self.studies:
             raise ValueError(
                 f"unknown or no studies {', '.join(unknown)} (known: {', '.join(STUDIES)})"
+            )
+        unknown = [r for r in self.dockerd_rows if r not in DOCKERD_ROWS]
+        if unknown:
+            raise ValueError(
+                f"unknown dockerd row(s) {', '.join(unknown)} (known: {', '.join(DOCKERD_ROWS)})"
             )
         if self.repeat < 1 or self.duration_s < 1:
             raise ValueError("--repeat and --duration must be at least 1")

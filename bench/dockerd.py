@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from pathlib import Path
 
-from bench import procfs
+from bench import dockerproxies, procfs
 from bench.daemons import BenchDaemon, BenchDaemonError, wait_until_answering
 from bench.dockerarchive import write_docker_archive
 from bench.dockerdhost import (
@@ -58,6 +58,10 @@ from bench.iptablesdiff import (
 from bench.tools import which
 
 START_TIMEOUT_SECONDS = 60
+# The launcher's host server reads its runtime directory from here (proxy/hostserver.py).
+PROXY_RUNTIME_ENV = "PYENGINE_PROXY_RUNTIME_DIR"
+PROXY_RUNTIME_DIR = "prt"  # under the dockerd's work directory: short (sun_path), and swept
+LAUNCHER = "pyengine-docker-proxy"
 
 
 def dockerd_binary() -> str | None:
@@ -74,10 +78,33 @@ class DockerDaemon(BenchDaemon):
 
     record: DockerdRecord | None = None
     lock: HostLock | None = None
+    # --userland-proxy-path (pyengine's launcher); None: dockerd's own docker-proxy.
+    proxy_path: Path | None = None
 
     @property
     def program(self) -> str:
         return "dockerd"
+
+    @property
+    def label(self) -> str:
+        """``dnat/dockerd``, ``proxy/dockerd`` (docker-proxy: the name older results use) or
+        ``proxy/dockerd+pyengine-proxy``."""
+        if self.proxy_path is not None:
+            return f"{self.mode}/dockerd+pyengine-proxy"
+        return super().label
+
+    @property
+    def proxy_binary(self) -> str:
+        """The file name of the proxies dockerd execs."""
+        return self.proxy_path.name if self.proxy_path is not None else "docker-proxy"
+
+    @property
+    def proxy_runtime_dir(self) -> Path | None:
+        """The launcher's host server directory ($PYENGINE_PROXY_RUNTIME_DIR)."""
+        return self.workdir / PROXY_RUNTIME_DIR if self.proxy_path is not None else None
+
+    def proxy_processes(self) -> dockerproxies.ProxyProcesses:
+        return dockerproxies.find(self.process.pid, self.proxy_binary, self.proxy_runtime_dir)
 
     @property
     def socket_path(self) -> Path:
@@ -120,14 +147,17 @@ class DockerDaemon(BenchDaemon):
         return docker_additions(before, current(4), self.name, (self.subnet,))
 
     def helper_pids(self) -> list[int]:
-        """containerd and the docker-proxy processes (dockerd's children) and containerd's
-        shims (re-parented away from it), outside containers."""
+        """containerd and the docker-proxy processes or launchers (dockerd's children),
+        containerd's shims (re-parented away from it) and the launcher's host server with the
+        proxies it forked, outside containers."""
         assert self.record is not None
         address = str(self.exec_root / "containerd" / "containerd.sock")
         pids = set(procfs.descendants(self.process.pid))
         for pid in procfs.all_pids():
             if address in procfs.cmdline(pid) and pid != self.process.pid:
                 pids.add(pid)
+        if self.proxy_path is not None:
+            pids.update(self.proxy_processes().all)
         return sorted(p for p in pids if not procfs.in_container(p))
 
     def sweep(self) -> None:
@@ -142,7 +172,10 @@ class DockerDaemon(BenchDaemon):
                 self.lock = None
 
 
-def dockerd_argv(binary: str, workdir: Path, bridge: str, userland_proxy: bool) -> list[str]:
+def dockerd_argv(
+    binary: str, workdir: Path, bridge: str, userland_proxy: bool, proxy_path: Path | None = None
+) -> list[str]:
+    path = ["--userland-proxy-path", str(proxy_path)] if proxy_path is not None else []
     return [
         binary,
         "--config-file",
@@ -162,6 +195,7 @@ def dockerd_argv(binary: str, workdir: Path, bridge: str, userland_proxy: bool) 
         "--iptables=true",
         "--ip-forward=false",
         f"--userland-proxy={'true' if userland_proxy else 'false'}",
+        *path,
         "--storage-driver",
         "overlay2",
     ]
@@ -179,11 +213,16 @@ def _create_bridge(name: str, bip: str) -> None:
 
 
 def start_dockerd(
-    workdir: Path, name: str, subnet: IPv4Network, userland_proxy: bool
+    workdir: Path,
+    name: str,
+    subnet: IPv4Network,
+    userland_proxy: bool,
+    proxy_path: Path | None = None,
 ) -> DockerDaemon:
     """Start dockerd on a new bridge ``name`` (first address of ``subnet``) and wait until it
-    answers. Raises DockerdUnavailable when it cannot run here; on any failure after the
-    snapshot everything is undone."""
+    answers; ``proxy_path``: its ``--userland-proxy-path`` (pyengine's launcher, whose host
+    server gets a runtime directory under ``workdir``). Raises DockerdUnavailable when it
+    cannot run here; on any failure after the snapshot everything is undone."""
     binary = dockerd_binary()
     if binary is None:
         raise DockerdUnavailable("dockerd is not installed (apt-get install docker.io)")
@@ -221,21 +260,29 @@ def start_dockerd(
         (workdir / "daemon.json").write_text(
             json.dumps({"deprecated-key-path": str(workdir / "data" / "key.json")}) + "\n"
         )
+        env = dict(os.environ)
+        if proxy_path is not None:
+            # The launcher's host server wants its directory 0700 (proxy/hostserver.py).
+            (workdir / PROXY_RUNTIME_DIR).mkdir(mode=0o700)
+            env[PROXY_RUNTIME_ENV] = str(workdir / PROXY_RUNTIME_DIR)
         _create_bridge(name, bip)
         with open(workdir / "dockerd.log", "wb") as log:
             process = subprocess.Popen(
-                dockerd_argv(binary, workdir, name, userland_proxy),
+                dockerd_argv(binary, workdir, name, userland_proxy, proxy_path),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # ^C in the terminal reaches the harness only
+                env=env,
             )
     except BaseException:
         undo(record)
         lock.release()
         raise
     record.dockerd_pid = process.pid
-    daemon = DockerDaemon(name, bip, userland_proxy, "dockerd", workdir, process, record, lock)
+    daemon = DockerDaemon(
+        name, bip, userland_proxy, "dockerd", workdir, process, record, lock, proxy_path
+    )
     try:
         record.save()
         wait_until_answering(daemon, f"dockerd {name}")

@@ -389,14 +389,21 @@ def start_study_daemon(
     return daemon
 
 
-def start_study_dockerd(env: Environment, cleanup: Cleanup, userland_proxy: bool) -> DockerDaemon:
+def start_study_dockerd(
+    env: Environment, cleanup: Cleanup, userland_proxy: bool, proxy_path: Path | None = None
+) -> DockerDaemon:
     """Debian's dockerd for the publishing study, on a bridge of its own, with the nginx
-    image loaded (raises bench.dockerd.DockerdUnavailable when it cannot run here)."""
-    role = "p" if userland_proxy else "d"
+    image loaded (raises bench.dockerd.DockerdUnavailable when it cannot run here);
+    ``proxy_path``: its --userland-proxy-path (pyengine's launcher)."""
+    role = "l" if proxy_path is not None else "p" if userland_proxy else "d"
     subnet = choose_subnets(1, BRIDGE_CANDIDATES)[0]
     env.bridge_subnets.append(str(subnet))
     daemon = start_dockerd(
-        env.workdir / f"dockerd-{role}", env.names.docker_bridge(role), subnet, userland_proxy
+        env.workdir / f"dockerd-{role}",
+        env.names.docker_bridge(role),
+        subnet,
+        userland_proxy,
+        proxy_path,
     )
     cleanup.push(f"stop dockerd {daemon.name}", daemon.stop)
     env.extra_daemons.append(daemon)

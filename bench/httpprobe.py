@@ -1,9 +1,13 @@
-"""A one-shot HTTP probe on a fresh TCP connection, and waiting until a server answers 200."""
+"""A one-shot HTTP probe on a fresh TCP connection, waiting until a server answers 200, and
+counting the ports that accept a connection."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+
+CONNECT_TIMEOUT_SECONDS = 2.0
 
 
 def probe(ip: str, port: int, timeout: float, path: str = "/") -> str:
@@ -41,3 +45,13 @@ def wait_for_200(ip: str, port: int, timeout: float, path: str = "/") -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def count_connecting(host: str, ports: list[int]) -> int:
+    """How many of ``ports`` accept a TCP connection on ``host`` (closed at once)."""
+    accepted = 0
+    for port in ports:
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS).close()
+            accepted += 1
+    return accepted

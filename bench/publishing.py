@@ -9,24 +9,28 @@
   from the external client to the last of them (how the lookup scales with N); before it, the
   first-packet latency: connect() timed one connection at a time (``bench.connectprobe``).
 - Both against Debian's dockerd (``bench.dockerd``), driven through the same Docker API calls,
-  one dockerd at a time, after pyengined's samples.
+  one dockerd at a time, after pyengined's samples: DNAT mode, proxy mode with its
+  docker-proxy, and proxy mode with pyengine's launcher as its userland proxy (the checks
+  particular to those two: ``bench.dockerdproxychecks``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
-from bench import procfs, synprobe
+from bench import dockerdproxychecks, procfs, synprobe
 from bench.accounting import CpuSnapshot, usage_between
 from bench.cleanup import Cleanup
+from bench.config import DOCKERD_ROWS
 from bench.connectprobe import ProbeError, measure_connect_latency
 from bench.daemons import BenchDaemon, BenchDaemonError, Publish
 from bench.dockerarchive import ArchiveError
-from bench.dockerd import DockerDaemon, DockerdCleanupError, DockerdUnavailable
+from bench.dockerd import LAUNCHER, DockerDaemon, DockerdCleanupError, DockerdUnavailable
 from bench.environment import (
     HTTP_PORT,
     NGINX_COMMAND,
@@ -35,7 +39,7 @@ from bench.environment import (
     Environment,
     start_study_dockerd,
 )
-from bench.httpprobe import probe, wait_for_200
+from bench.httpprobe import count_connecting, probe, wait_for_200
 from bench.listening import count_listening
 from bench.loadgen import LoadError, Target, run_wrk
 from bench.progress import Progress
@@ -47,7 +51,6 @@ PUBLISH_TIMEOUT_SECONDS = 1800
 # Ports of each sample that also serve a full HTTP request (spread over the range).
 HTTP_SAMPLE = 20
 HTTP_TIMEOUT_SECONDS = 10.0
-CONNECT_TIMEOUT_SECONDS = 2.0
 
 
 def kernel_objects(daemon: BenchDaemon) -> float | None:
@@ -131,6 +134,8 @@ def _publish_ports(
         run_s = time.monotonic() - t0
         objects = kernel_objects(daemon)
         helpers_pss = helper_processes_pss_mib(daemon)
+        docker_proxied = dockerdproxychecks.proxied_dockerd(daemon)
+        extra = dockerdproxychecks.footprint(docker_proxied) if docker_proxied else {}
         # Proxy mode: the ports whose proxies listen, on IPv4 and on IPv6.
         listening = listening6 = answering = answering6 = http_ok = None
         if daemon.userland_proxy and count:
@@ -147,12 +152,19 @@ def _publish_ports(
                 # Through DNAT a connect reaches nginx itself, which may not listen yet.
                 wait_for_200("127.0.0.1", ports[0], READY_TIMEOUT_SECONDS)
                 answering = float(count_connecting("127.0.0.1", ports))
+                if docker_proxied:  # its proxies on "::" too
+                    answering6 = float(count_connecting("::1", ports))
             wait_for_200("127.0.0.1", ports[0], READY_TIMEOUT_SECONDS)  # nginx listens
             sample_ports = ports[:: max(1, count // HTTP_SAMPLE)]
             http_ok = float(
                 sum(probe("127.0.0.1", port, HTTP_TIMEOUT_SECONDS) == "ok" for port in sample_ports)
             )
             sample.params["http_sample"] = len(sample_ports)
+            last_rep = rep == env.cfg.publish_repeat - 1
+            if docker_proxied and docker_proxied.proxy_path is not None and last_rep:
+                # Once per N (the last repetition): the next sample's first launcher starts
+                # the server again, so the other repetitions measure a warm server.
+                extra |= dockerdproxychecks.after_server_kill(docker_proxied, ports, sample_ports)
         if count and not daemon.userland_proxy and env.cfg.connrate_duration_s:
             ip = daemon.client.inspect(container_id)["NetworkSettings"]["IPAddress"]
             results.add(_connection_rate(env, daemon, container_id, ip, ports[-1], count, rep))
@@ -160,6 +172,8 @@ def _publish_ports(
         daemon.remove(container_id)
         container_id = ""
         rm_s = time.monotonic() - t1
+        if docker_proxied:
+            extra["proxies_left"] = dockerdproxychecks.proxies_left(docker_proxied)
         sample.values = {
             "run_s": run_s,
             "rm_s": rm_s,
@@ -170,6 +184,7 @@ def _publish_ports(
             "answering": answering,
             "answering6": answering6,
             "http_ok": http_ok,
+            **extra,
         }
     except (DaemonError, DaemonUnreachable, TimeoutError) as exc:
         sample.error = f"{daemon.program}: {exc or 'no answer'}"
@@ -179,16 +194,6 @@ def _publish_ports(
                 daemon.remove(container_id)
     sample.wall_s = round(time.monotonic() - t0, 3)
     return sample
-
-
-def count_connecting(host: str, ports: list[int]) -> int:
-    """How many of ``ports`` accept a TCP connection on ``host`` (closed at once)."""
-    accepted = 0
-    for port in ports:
-        with contextlib.suppress(OSError):
-            socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS).close()
-            accepted += 1
-    return accepted
 
 
 def _connection_rate(
@@ -333,6 +338,16 @@ def run_publishing(
                 if v.get("answering6") is not None:
                     text += f" ({v['answering6']:,.0f} on ::1)"
                 text += f", HTTP 200 from {v['http_ok']:.0f}/{sample.params['http_sample']}"
+            if v.get("proxies_pss_mib") is not None:
+                text += f", proxies' Pss {v['proxies_pss_mib']:,.1f} MiB"
+            if v.get("answering_after_server_kill") is not None:
+                text += (
+                    f"; host server killed: {v['answering_after_server_kill']:,.0f}/{count:,}"
+                    f" answer ({v.get('answering6_after_server_kill') or 0:,.0f} on ::1), HTTP"
+                    f" 200 from {v.get('http_ok_after_server_kill') or 0:.0f}"
+                )
+            if v.get("proxies_left") is not None:
+                text += f"; {v['proxies_left']:.0f} proxies left after rm -f"
             last = results.samples[-2] if len(results.samples) > 1 else None
             if last and last.study == "connrate" and last.params.get("ports") == count:
                 lv = last.values
@@ -348,24 +363,42 @@ def run_publishing(
             )
 
 
+def launcher_path() -> Path:
+    """pyengine's drop-in docker-proxy, installed beside this interpreter (pip install -e)."""
+    return Path(sys.executable).parent / LAUNCHER
+
+
 def run_docker_publishing(
     env: Environment, cleanup: Cleanup, results: Results, progress: Progress
 ) -> None:
-    """The publishing study against dockerd: DNAT mode, then proxy mode, one dockerd each
-    (dockerd's chains have fixed names, so only one runs at a time), each removed with
-    everything it left on the host before the next starts."""
-    for userland_proxy in (False, True):
+    """The publishing study against dockerd: DNAT mode, proxy mode with docker-proxy, then
+    proxy mode with pyengine's launcher as --userland-proxy-path, one dockerd each (dockerd's
+    chains have fixed names, so only one runs at a time), each removed with everything it
+    left on the host before the next starts."""
+    rows: dict[str, tuple[bool, Path | None]] = {
+        "dnat": (False, None),
+        "docker-proxy": (True, None),
+        "pyengine-proxy": (True, launcher_path()),
+    }
+    for userland_proxy, proxy_path in (rows[r] for r in DOCKERD_ROWS if r in env.cfg.dockerd_rows):
         mode = "proxy" if userland_proxy else "dnat"
+        label = f"{mode}/dockerd" + ("+pyengine-proxy" if proxy_path else "")
         limit = _limit(env, userland_proxy, docker=True)
         if limit and not any(n <= limit[0] for n in env.cfg.publish_counts):
             for n in env.cfg.publish_counts:
-                results.skipped.append(
-                    {"what": f"publish {n:,} ports, {mode}/dockerd", "why": limit[1]}
-                )
+                results.skipped.append({"what": f"publish {n:,} ports, {label}", "why": limit[1]})
             continue
-        progress.note(f"starting dockerd --userland-proxy={str(userland_proxy).lower()}")
+        if proxy_path is not None and not proxy_path.is_file():
+            why = f"no {proxy_path} (pip install -e . builds it)"
+            progress.note(f"no publishing study on {label}: {why}")
+            results.skipped.append({"what": f"publishing, {label}", "why": why})
+            continue
+        flags = f"--userland-proxy={str(userland_proxy).lower()}"
+        if proxy_path is not None:
+            flags += f" --userland-proxy-path={proxy_path}"
+        progress.note(f"starting dockerd {flags}")
         try:
-            daemon = start_study_dockerd(env, cleanup, userland_proxy)
+            daemon = start_study_dockerd(env, cleanup, userland_proxy, proxy_path)
         except (
             DockerdUnavailable,
             BenchDaemonError,
@@ -374,10 +407,12 @@ def run_docker_publishing(
             ArchiveError,
         ) as exc:
             why = str(exc).splitlines()[0]
-            progress.note(f"no publishing study on dockerd ({mode}): {why}")
-            results.skipped.append({"what": f"publishing, {mode}/dockerd", "why": why})
+            progress.note(f"no publishing study on {label}: {why}")
+            results.skipped.append({"what": f"publishing, {label}", "why": why})
             continue
         try:
+            if userland_proxy:
+                _udp_check(env, daemon, results, progress)
             run_publishing(env, [daemon], results, progress)
         finally:
             progress.note(f"stopping dockerd {daemon.name} and removing what it left")
@@ -385,3 +420,22 @@ def run_docker_publishing(
                 daemon.stop()
             except DockerdCleanupError as exc:  # the run's clean-up tries once more
                 progress.note(str(exc))
+
+
+def _udp_check(
+    env: Environment, daemon: DockerDaemon, results: Results, progress: Progress
+) -> None:
+    port = env.ports.one()
+    try:
+        sample = dockerdproxychecks.udp_loopback(daemon, port)
+    finally:
+        env.ports.give_back([port])
+    results.add(sample)
+    v = sample.values
+    text = (
+        f"FAILED: {sample.error}"
+        if not sample.ok
+        else f"echo via 127.0.0.1 {'ok' if v['udp_echo_127'] else 'FAILED'}, via ::1 "
+        f"{'ok' if v['udp_echo_v6'] else 'FAILED'}, {v['proxies_left']:.0f} proxies left"
+    )
+    progress.note(f"UDP published through {daemon.label}: {text}")

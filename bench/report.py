@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from bench.config import PROXY_VARIANTS, REFERENCES, VARIANTS
 from bench.datapath import METRICS, Metric
+from bench.dockerdreport import display, dockerd_proxy_section
 from bench.results import Results, Stat, ratio, summarize
 
 DASH = "–"
@@ -190,7 +191,7 @@ def _counts(results: Results, study: str, label: str) -> list[int]:
 def _publish_table(results: Results) -> str:
     rows = []
     for label in _labels(results, "publish"):
-        for count in _counts(results, "publish", label):
+        for count in sorted({s.params["ports"] for s in results.select("publish", "run", label)}):
             samples = results.select("publish", "run", label, ports=count)
             objects = summarize(s.values.get("kernel_objects") for s in samples)
             helpers = summarize(s.values.get("helpers_pss_mib") for s in samples)
@@ -205,7 +206,7 @@ def _publish_table(results: Results) -> str:
                 http = f"{http_ok.low:.0f}/{samples[0].params.get('http_sample', '?')}"
             rows.append(
                 [
-                    label,
+                    display(label),
                     f"{count:,}",
                     spread(summarize(s.values["run_s"] for s in samples), 3),
                     spread(summarize(s.values["rm_s"] for s in samples), 3),
@@ -227,7 +228,7 @@ def _publish_table(results: Results) -> str:
     )
 
 
-BACKEND_ORDER = ("nftables", "iptables", "dockerd")
+BACKEND_ORDER = ("nftables", "iptables", "dockerd", "dockerd+pyengine-proxy")
 # The bar: with many ports published, the new-connection rate and the p99 latency stay
 # within 5 % of their 1-port figures.
 SCALING_TOLERANCE = 0.05
@@ -354,7 +355,7 @@ def _docker_table(results: Results, key: str, digits: int, ratios: bool = True) 
         docker = f"{mode}/dockerd"
         if docker not in labels:
             continue
-        others = [label for label in labels if label != docker] if ratios else []
+        others = [label for label in labels if "/dockerd" not in label] if ratios else []
         ratio_headers = ratio_headers or [f"dockerd ÷ {o.split('/')[1]}" for o in others]
         counts = sorted({c for label in labels for c in _counts(results, "publish", label)})
         for count in counts:
@@ -370,7 +371,8 @@ def _docker_table(results: Results, key: str, digits: int, ratios: bool = True) 
         return ""
     width = 2 + len(BACKEND_ORDER) + len(ratio_headers)
     rows = [r + [DASH] * (width - len(r)) for r in rows]
-    headers = ["mode", "ports", "pyengine nftables", "pyengine iptables", "dockerd"]
+    headers = ["mode", "ports", "pyengine nftables", "pyengine iptables"]
+    headers += ["dockerd (proxy: +docker-proxy)", "dockerd+pyengine-proxy"]
     return markdown_table([*headers, *ratio_headers], rows)
 
 
@@ -381,7 +383,8 @@ def _docker_section(results: Results) -> str:
     out = [
         f"dockerd from {version}, started by the bench with its own roots, socket, bridge and "
         "cgroup parent, `--iptables=true --ip-forward=false`, `--userland-proxy=false` (dnat) "
-        "or `=true` (proxy), one at a time after pyengined's samples; the same API calls "
+        "or `=true` (proxy: its docker-proxy, and again with `--userland-proxy-path` to "
+        "pyengine-docker-proxy), one at a time after pyengined's samples; the same API calls "
         "(create, start, `rm -f` of one nginx container with N ports → 80). Medians.\n\n",
         "### create + start, seconds\n\n",
         _docker_table(results, "run_s", 3),
@@ -527,6 +530,10 @@ def render(results: Results) -> str:
         if docker:
             out.append("\n## Publishing against Docker\n\n")
             out.append(docker)
+        launcher = dockerd_proxy_section(results)
+        if launcher:
+            out.append("\n## dockerd's userland proxy: docker-proxy vs pyengine-proxy\n\n")
+            out.append(launcher)
     if any(s.study == "connrate" for s in results.samples):
         out.append(
             "\n## DNAT connection rate vs published ports "

@@ -272,6 +272,29 @@ def test_connrate_scaling_divides_most_by_fewest_ports() -> None:
     _assert_tables_well_formed(text)
 
 
+def test_report_sets_dockerd_proxies_side_by_side() -> None:
+    """The docker-proxy row keeps its label in the samples (older results) and is named
+    dockerd+docker-proxy in the report, beside dockerd+pyengine-proxy with the ratios."""
+    results = _synthetic_results()
+    for label, pss in (("proxy/dockerd", 1400.0), ("proxy/dockerd+pyengine-proxy", 350.0)):
+        params = {"ports": 1000, "mode": "proxy", "backend": "dockerd", "http_sample": 20}
+        values: dict[str, float | None] = {"run_s": 15.0, "rm_s": 24.0, "kernel_objects": 1017.0}
+        values |= {"helpers_pss_mib": pss + 50, "proxies_pss_mib": pss, "proxy_processes": 2000.0}
+        values |= {"answering": 1000.0, "answering6": 1000.0, "http_ok": 20.0, "proxies_left": 0.0}
+        if "pyengine" in label:
+            values |= {"answering_after_server_kill": 1000.0, "answering6_after_server_kill": 999.0}
+            values |= {"http_ok_after_server_kill": 20.0}
+        results.add(Sample("publish", "run", label, 0, values=values, params=params))
+    text = render(results)
+    _assert_tables_well_formed(text)
+    assert "| proxy/dockerd+docker-proxy | 1,000 |" in text
+    assert "| 1,000 | 1,450 | 400.0 | 0.28 | 1,400 | 350.0 | 0.25 | 2,000 | 2,000 | 1.00 |" in text
+    assert (
+        "| dockerd+pyengine-proxy | 1,000 | 1,000 / 1,000 | 20/20 | 1,000 / 999, HTTP 20/20 | 0 |"
+        in text
+    )
+
+
 def test_report_and_plots_from_synthetic_results(tmp_path: Path) -> None:
     results = _synthetic_results()
     text = render(results)
@@ -365,9 +388,7 @@ def test_quick_run_writes_well_formed_json(quick_run: QuickRun) -> None:
             # and the sampled ones serve HTTP.
             assert s.values["answering"] == s.params["ports"], (s.variant, s.values)
             assert s.values["http_ok"] == s.params["http_sample"] > 0, (s.variant, s.values)
-    assert all(
-        s.values["answering6"] == s.params["ports"] for s in proxied if s.variant != "proxy/dockerd"
-    )
+    assert all(s.values["answering6"] == s.params["ports"] for s in proxied)
     rates = results.select("connrate")
     assert {s.params["ports"] for s in rates} == {1, 10}
     assert all(s.params["mode"] == "dnat" for s in rates)
@@ -376,7 +397,12 @@ def test_quick_run_writes_well_formed_json(quick_run: QuickRun) -> None:
         # Measured, or skipped with the reason (another bench's dockerd, Docker's chains taken).
         docker = {s.variant for s in published if s.params["backend"] == "dockerd"}
         skipped = {x["what"] for x in results.skipped if "dockerd" in x["what"]}
-        assert docker | {w.split(", ")[-1] for w in skipped} == {"dnat/dockerd", "proxy/dockerd"}
+        assert docker | {w.split(", ")[-1] for w in skipped} == {
+            "dnat/dockerd",
+            "proxy/dockerd",
+            "proxy/dockerd+pyengine-proxy",
+        }
+        _assert_dockerd_proxy_checks(results)
 
 
 def test_quick_run_writes_markdown_with_every_variant(quick_run: QuickRun) -> None:
@@ -493,6 +519,28 @@ def test_killed_dockerd_is_removed_exactly(tmp_path: Path) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _assert_dockerd_proxy_checks(results: Results) -> None:
+    """dockerd's proxies, docker-proxy or pyengine's launcher: the proxies' own Pss, none
+    left after rm -f, UDP through both loopbacks; the launcher's proxies outlive its killed
+    host server."""
+    for label in ("proxy/dockerd", "proxy/dockerd+pyengine-proxy"):
+        runs = results.select("publish", "run", label)
+        if not runs:
+            continue
+        assert all(s.values["proxies_left"] == 0 for s in runs), label
+        for s in runs:
+            if s.params["ports"]:
+                assert 0 < s.values["proxies_pss_mib"] <= s.values["helpers_pss_mib"], s.values
+        (udp,) = results.select("publish", "udp-echo", label)
+        assert udp.values == {"udp_echo_127": 1.0, "udp_echo_v6": 1.0, "proxies_left": 0.0}
+    for s in results.select("publish", "run", "proxy/dockerd+pyengine-proxy"):
+        if s.params["ports"]:
+            assert s.values["servers_killed"] == 1, s.values
+            assert s.values["answering_after_server_kill"] == s.params["ports"], s.values
+            assert s.values["answering6_after_server_kill"] == s.params["ports"], s.values
+            assert s.values["http_ok_after_server_kill"] == s.params["http_sample"], s.values
 
 
 def _iptables_save() -> str:
