@@ -391,6 +391,14 @@ int main(int argc, char **argv)
             fcntl(STATUS_FD, F_SETFD, 0);
         exec_python_proxy(argc, argv);
     }
+    /* fd 4 first, before this process opens an fd that could land on it. */
+    int listener = LISTEN_FD;
+    if (options.use_listen_fd) {
+        if (fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC) < 0)
+            fail("-use-listen-fd: fd %d is not open", LISTEN_FD);
+    } else {
+        listener = bind_listener(&options);
+    }
     sigset_t stop;
     sigemptyset(&stop);
     sigaddset(&stop, SIGINT);
@@ -400,13 +408,6 @@ int main(int argc, char **argv)
     if (signals < 0)
         fail("signalfd: %s", strerror(errno));
     signal(SIGPIPE, SIG_IGN);
-    int listener = LISTEN_FD;
-    if (options.use_listen_fd) {
-        if (fcntl(LISTEN_FD, F_SETFD, FD_CLOEXEC) < 0)
-            fail("-use-listen-fd: fd %d is not open", LISTEN_FD);
-    } else {
-        listener = bind_listener(&options);
-    }
     struct paths paths;
     make_paths(&paths);
     int status[2] = {-1, -1};

@@ -331,6 +331,14 @@ def test_a_taken_port_is_one_line_on_fd_3(runtime: Runtime) -> None:
 
 
 @pytest.mark.privileged
+def test_use_listen_fd_without_fd_4_is_one_line_on_fd_3(runtime: Runtime) -> None:
+    launched = runtime.launch(*_args("tcp", "127.0.0.1", 80, "127.0.0.1", 9), "-use-listen-fd")
+    assert launched.wait() == 1
+    assert launched.status == b"1\n-use-listen-fd: fd 4 is not open"
+    assert not runtime.servers()
+
+
+@pytest.mark.privileged
 def test_a_runtime_directory_others_can_write_is_refused(runtime: Runtime) -> None:
     runtime.directory.chmod(0o777)
     launched = runtime.launch(*_args("tcp", "127.0.0.1", free_port(), "127.0.0.1", 9))
