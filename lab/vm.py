@@ -1,0 +1,182 @@
+"""The VM lab driven from the host: ``python -m lab vm up | exercise | down``.
+
+``up`` builds (or reuses) the box, stages what the engine VM installs from and runs
+``vagrant up``; ``exercise`` runs docs/lab.md's exercises across the two VMs over SSH (through
+the 127.0.0.1 forwards) and shows each command with its output; ``down`` is
+``vagrant destroy -f`` plus the checks that nothing of the lab is left.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lab.box import cached_box
+from lab.plan import ROLES, LabError
+from lab.vmhost import (
+    MACHINES,
+    VagrantUser,
+    add_box,
+    install_vagrantfile,
+    leftovers,
+    remove_box_volume,
+    stage,
+    stop_session_daemon,
+    vagrant_user,
+)
+
+ENGINE_IP = "192.168.56.10"
+CLIENT_IP = "192.168.56.11"
+PORTS = {"proxy": 8081, "dnat": 8082}
+GATEWAYS = {"proxy": "10.201.0.1", "dnat": "10.201.1.1"}
+VENV = "/opt/pyelab-venv"
+SRC = "/opt/pyelab/src"
+SSH_TIMEOUT = 180.0
+
+
+def _pyengine(role: str) -> str:
+    return f"sudo {VENV}/bin/pyengine -H unix:///var/lib/pyengine-lab/{role}/{role}.sock"
+
+
+@dataclass
+class Step:
+    machine: str
+    command: str
+    output: str
+    returncode: int
+
+
+@dataclass
+class VmRun:
+    """The outcome of the exercises: every step, and the facts the test asserts."""
+
+    steps: list[Step] = field(default_factory=list)
+    client_view: dict[str, str] = field(default_factory=dict)  # role -> curl's status line
+    logged_client: dict[str, str] = field(default_factory=dict)  # role -> nginx's $remote_addr
+    bridge_capture: dict[str, str] = field(default_factory=dict)  # role -> tcpdump's lines
+    direct_probe: dict[str, int] = field(default_factory=dict)  # role -> curl's exit status
+
+
+class VmLab:
+    def __init__(self, user: VagrantUser, echo: Callable[[str], None]) -> None:
+        self.user = user
+        self.echo = echo
+
+    def vagrant(self, *args: str, timeout: float = 900.0) -> str:
+        self.echo("+ vagrant " + " ".join(args))
+        return self.user.check(["vagrant", *args], timeout)
+
+    def up(self) -> dict[str, float]:
+        """Box, stage, ``vagrant up``; returns the seconds each part took."""
+        timings: dict[str, float] = {}
+        started = time.monotonic()
+        box = cached_box(self.echo)
+        timings["box"] = time.monotonic() - started
+        started = time.monotonic()
+        install_vagrantfile(self.user)
+        add_box(self.user, box, self.echo)
+        stage(self.user, self.echo)
+        timings["stage"] = time.monotonic() - started
+        started = time.monotonic()
+        self.vagrant("up", "--no-provision")
+        timings["boot"] = time.monotonic() - started
+        started = time.monotonic()
+        self.vagrant("provision")
+        timings["provision"] = time.monotonic() - started
+        return timings
+
+    def ssh(self, machine: str, command: str, timeout: float = SSH_TIMEOUT) -> Step:
+        """One command on a VM, through Vagrant's SSH (127.0.0.1:<forwarded port>)."""
+        result = self.user.run(["vagrant", "ssh", machine, "-c", command], timeout)
+        step = Step(machine, command, (result.stdout + result.stderr).strip(), result.returncode)
+        self.echo(f"[{machine}]$ {command}")
+        if step.output:
+            self.echo(step.output)
+        return step
+
+    def exercise(self) -> VmRun:
+        run = VmRun()
+
+        def on(machine: str, command: str, ok: bool = True) -> Step:
+            step = self.ssh(machine, command)
+            run.steps.append(step)
+            if ok and step.returncode != 0:
+                raise LabError(f"{machine}: {command}: exit {step.returncode}")
+            return step
+
+        on("engine", f"cd {SRC} && sudo {VENV}/bin/python -m lab exercise publish")
+        web_ips = {}
+        for role in ROLES:
+            inspect = on("engine", f"{_pyengine(role)} inspect web")
+            web_ips[role] = _container_ip(inspect.output)
+        for role in ROLES:
+            port = PORTS[role]
+            bridge = f"pyelab-{role}"
+            # tcpdump on the engine's bridge while the client connects through the LAN.
+            capture = (
+                f"sudo sh -c \"timeout 60 tcpdump -i {bridge} -l -tnn -c 2 "
+                f"'tcp port 80 and tcp[tcpflags] & tcp-syn != 0' </dev/null "
+                f'>/tmp/pyelab-{role}.pcap.txt 2>/dev/null &"; sleep 3'
+            )
+            on("engine", capture)
+            fmt = "'%{http_code} from %{remote_ip}:%{remote_port}\\n'"
+            view = on(
+                "client",
+                f"curl -sS -o /dev/null -A lab-client-vm -w {fmt} http://{ENGINE_IP}:{port}/",
+            )
+            run.client_view[role] = view.output.strip()
+            lines = on(
+                "engine",
+                f"for i in $(seq 100); do [ $(wc -l < /tmp/pyelab-{role}.pcap.txt) -ge 2 ] "
+                f"&& break; sleep 0.2; done; cat /tmp/pyelab-{role}.pcap.txt",
+            )
+            run.bridge_capture[role] = lines.output
+            logged = on("engine", f"{_pyengine(role)} logs web 2>/dev/null | grep lab-client-vm")
+            last = logged.output.strip().splitlines()[-1:] or [""]
+            run.logged_client[role] = last[0].split(" ")[0]
+            # The LAN probe: the client routes to the container itself, around the published
+            # port; netd drops it (docs/lab.md, "counters").
+            probe = on(
+                "client",
+                f"curl -sS --max-time 3 -o /dev/null http://{web_ips[role]}/",
+                ok=False,
+            )
+            run.direct_probe[role] = probe.returncode
+        return run
+
+    def down(self) -> list[str]:
+        """``vagrant destroy -f``, then the box's pool volume and the session daemon; returns
+        what is still there."""
+        try:
+            self.vagrant("destroy", "-f", timeout=300)
+        finally:
+            remove_box_volume(self.user)
+            stop_session_daemon(self.user)
+        left: list[str] = []
+        for _ in range(50):
+            left = leftovers(self.user)
+            if not left:
+                break
+            time.sleep(0.2)
+        stop_session_daemon(self.user)
+        return left
+
+
+def _container_ip(inspect_output: str) -> str:
+    data = json.loads(inspect_output)
+    item = data[0] if isinstance(data, list) else data
+    networks = item["NetworkSettings"]["Networks"]
+    address = next(iter(networks.values()))["IPAddress"]
+    if not isinstance(address, str) or not address:
+        raise LabError("web has no address")
+    return shlex.quote(address)
+
+
+def vm_lab(echo: Callable[[str], None]) -> VmLab:
+    return VmLab(vagrant_user(), echo)
+
+
+__all__ = ["MACHINES", "VmLab", "VmRun", "vm_lab", "CLIENT_IP", "GATEWAYS"]
