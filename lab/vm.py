@@ -56,6 +56,7 @@ class VmRun:
     steps: list[Step] = field(default_factory=list)
     client_view: dict[str, str] = field(default_factory=dict)  # role -> curl's status line
     logged_client: dict[str, str] = field(default_factory=dict)  # role -> nginx's $remote_addr
+    logged_loopback: dict[str, str] = field(default_factory=dict)  # the engine's own request
     bridge_capture: dict[str, str] = field(default_factory=dict)  # role -> tcpdump's lines
     direct_probe: dict[str, int] = field(default_factory=dict)  # role -> curl's exit status
 
@@ -88,20 +89,22 @@ class VmLab:
         timings["provision"] = time.monotonic() - started
         return timings
 
-    def ssh(self, machine: str, command: str, timeout: float = SSH_TIMEOUT) -> Step:
+    def ssh(
+        self, machine: str, command: str, timeout: float = SSH_TIMEOUT, show: bool = True
+    ) -> Step:
         """One command on a VM, through Vagrant's SSH (127.0.0.1:<forwarded port>)."""
         result = self.user.run(["vagrant", "ssh", machine, "-c", command], timeout)
         step = Step(machine, command, (result.stdout + result.stderr).strip(), result.returncode)
         self.echo(f"[{machine}]$ {command}")
-        if step.output:
+        if step.output and show:
             self.echo(step.output)
         return step
 
     def exercise(self) -> VmRun:
         run = VmRun()
 
-        def on(machine: str, command: str, ok: bool = True) -> Step:
-            step = self.ssh(machine, command)
+        def on(machine: str, command: str, ok: bool = True, show: bool = True) -> Step:
+            step = self.ssh(machine, command, show=show)
             run.steps.append(step)
             if ok and step.returncode != 0:
                 raise LabError(f"{machine}: {command}: exit {step.returncode}")
@@ -110,8 +113,9 @@ class VmLab:
         on("engine", f"cd {SRC} && sudo {VENV}/bin/python -m lab exercise publish")
         web_ips = {}
         for role in ROLES:
-            inspect = on("engine", f"{_pyengine(role)} inspect web")
+            inspect = on("engine", f"{_pyengine(role)} inspect web", show=False)
             web_ips[role] = _container_ip(inspect.output)
+            self.echo(f"web ({role}): {web_ips[role]}")
         for role in ROLES:
             port = PORTS[role]
             bridge = f"pyelab-{role}"
@@ -134,9 +138,12 @@ class VmLab:
                 f"&& break; sleep 0.2; done; cat /tmp/pyelab-{role}.pcap.txt",
             )
             run.bridge_capture[role] = lines.output
-            logged = on("engine", f"{_pyengine(role)} logs web 2>/dev/null | grep lab-client-vm")
-            last = logged.output.strip().splitlines()[-1:] or [""]
-            run.logged_client[role] = last[0].split(" ")[0]
+            # The engine's own loopback connection: the userland proxy's path in proxy mode
+            # (nginx sees the bridge's gateway), DNAT plus masquerade in the other.
+            on("engine", f"curl -sS -o /dev/null -A lab-engine-loopback http://127.0.0.1:{port}/")
+            logged = on("engine", f"{_pyengine(role)} logs web 2>/dev/null | grep ' \"lab-'")
+            run.logged_client[role] = _logged_address(logged.output, "lab-client-vm")
+            run.logged_loopback[role] = _logged_address(logged.output, "lab-engine-loopback")
             # The LAN probe: the client routes to the container itself, around the published
             # port; netd drops it (docs/lab.md, "counters").
             probe = on(
@@ -163,6 +170,12 @@ class VmLab:
             time.sleep(0.2)
         stop_session_daemon(self.user)
         return left
+
+
+def _logged_address(access_log: str, agent: str) -> str:
+    """nginx's ``$remote_addr`` (the first field) of the last request made as ``agent``."""
+    lines = [line for line in access_log.splitlines() if f'"{agent}"' in line]
+    return lines[-1].split(" ")[0] if lines else ""
 
 
 def _container_ip(inspect_output: str) -> str:

@@ -41,7 +41,10 @@ def vm_exercise() -> None:
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     for role, line in run.client_view.items():
-        click.echo(f"{role}: client sees {line}; nginx logs {run.logged_client[role]}")
+        click.echo(
+            f"{role}: the client VM gets {line}; nginx logs it as {run.logged_client[role]}, "
+            f"the engine's own 127.0.0.1 request as {run.logged_loopback[role]}"
+        )
 
 
 @vm_group.command("down")
