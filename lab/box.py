@@ -36,15 +36,15 @@ ROOT_LABEL = "pyelab-root"
 # The kernel's command line: the box's only disk is the root file system itself.
 CMDLINE = "root=/dev/vda rw console=ttyS0 quiet"
 
-PACKAGES = (
+PACKAGES = tuple(
     # a bootable, manageable machine
     "systemd-sysv udev dbus linux-image-amd64 initramfs-tools openssh-server sudo "
     "qemu-guest-agent iproute2 iputils-ping kmod procps less ca-certificates netbase "
     # pyengine's own needs: a venv, the fork server's C loop, runc and the firewall tools
     "python3 python3-venv python3-dev gcc libc6-dev make runc nftables iptables rsync "
     # the exercises' tools (docs/lab.md)
-    "curl tcpdump conntrack apache2-utils iperf3 socat netcat-openbsd"
-).split()
+    "curl tcpdump conntrack apache2-utils iperf3 socat netcat-openbsd".split()
+)
 
 _DPKG_OPTS = (
     "path-exclude=/usr/share/man/*",
@@ -226,13 +226,13 @@ def _uuid_from(key: str, purpose: str) -> str:
 
 def cached_box(echo: Callable[[str], None], inputs: BoxInputs | None = None) -> Path:
     """The box for ``inputs`` (the default package list), built if it is not cached yet."""
-    if os.geteuid() != 0:
-        raise LabError("building the box needs root (mmdebstrap, chroot)")
     inputs = inputs or default_inputs()
     out = BOX_CACHE / f"pyelab-bookworm64-{inputs.key()}.box"
     if out.exists():
         echo(f"box: cached {out}")
         return out
+    if os.geteuid() != 0:
+        raise LabError(f"{out.name} is not built yet; building it needs root: sudo make lab-box")
     for stale in BOX_CACHE.glob("pyelab-bookworm64-*.box"):
         stale.unlink()  # one box at a time: each is ~1 GB
     build_box(inputs, out, echo)

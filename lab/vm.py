@@ -70,8 +70,9 @@ class VmLab:
         self.echo("+ vagrant " + " ".join(args))
         return self.user.check(["vagrant", *args], timeout)
 
-    def up(self) -> dict[str, float]:
-        """Box, stage, ``vagrant up``; returns the seconds each part took."""
+    def prepare(self) -> dict[str, float]:
+        """Everything ``vagrant up`` needs: the box (built or cached, and added to Vagrant) and
+        the stage; returns the seconds each part took."""
         timings: dict[str, float] = {}
         started = time.monotonic()
         box = cached_box(self.echo)
@@ -81,6 +82,11 @@ class VmLab:
         add_box(self.user, box, self.echo)
         stage(self.user, self.echo)
         timings["stage"] = time.monotonic() - started
+        return timings
+
+    def up(self) -> dict[str, float]:
+        """``prepare``, then ``vagrant up`` and the provisioners; the seconds of each part."""
+        timings = self.prepare()
         started = time.monotonic()
         self.vagrant("up", "--no-provision")
         timings["boot"] = time.monotonic() - started
@@ -121,7 +127,7 @@ class VmLab:
             bridge = f"pyelab-{role}"
             # tcpdump on the engine's bridge while the client connects through the LAN.
             capture = (
-                f"sudo sh -c \"timeout 60 tcpdump -i {bridge} -l -tnn -c 2 "
+                f'sudo sh -c "timeout 60 tcpdump -i {bridge} -l -tnn -c 2 '
                 f"'tcp port 80 and tcp[tcpflags] & tcp-syn != 0' </dev/null "
                 f'>/tmp/pyelab-{role}.pcap.txt 2>/dev/null &"; sleep 3'
             )

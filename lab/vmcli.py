@@ -23,6 +23,16 @@ def vm_group() -> None:
     """The VM lab: two QEMU VMs under Vagrant, on loopback only (docs/lab.md, "The VM lab")."""
 
 
+@vm_group.command("prepare")
+def vm_prepare() -> None:
+    """The box (cached or built) added to Vagrant, and the stage: what `vagrant up` needs."""
+    try:
+        timings = vm_lab(click.echo).prepare()
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(" ".join(f"{part} {seconds:.0f} s" for part, seconds in timings.items()))
+
+
 @vm_group.command("up")
 def vm_up() -> None:
     """Build or reuse the box, stage the engine's install, vagrant up both VMs."""

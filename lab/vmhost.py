@@ -42,33 +42,40 @@ class VagrantUser:
     name: str
     uid: int
     gid: int
-    home: Path
+    home: Path  # the lab user's home; for anyone else, where the lab keeps its markers
+    project: Path  # the Vagrantfile's directory (vagrant/ itself, or the lab user's copy)
+    stage: Path  # what the engine VM installs from (the Vagrantfile's PYENGINE_LAB_STAGE)
 
     @property
-    def project(self) -> Path:  # the Vagrantfile's copy, and .vagrant/ beside it
-        return self.home / "project"
+    def is_lab_user(self) -> bool:
+        return self.name == LAB_USER
 
     @property
-    def stage(self) -> Path:
-        return self.home / "stage"
+    def vagrant_home(self) -> Path:
+        default = Path(pwd.getpwuid(self.uid).pw_dir) / ".vagrant.d"
+        return Path(self.env().get("VAGRANT_HOME", default))
 
     def env(self) -> dict[str, str]:
-        runtime = self.home / "run"
+        lab = {
+            "VAGRANT_CHECKPOINT_DISABLE": "1",
+            "VAGRANT_DEFAULT_PROVIDER": "libvirt",
+            "PYENGINE_LAB_STAGE": str(self.stage),
+            "PYENGINE_LAB_VM_PREFIX": VM_PREFIX,
+        }
+        if not self.is_lab_user:
+            return {**os.environ, **lab}
         return {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": str(self.home),
             "USER": self.name,
             "LOGNAME": self.name,
             "LC_ALL": "C.UTF-8",
-            "XDG_RUNTIME_DIR": str(runtime),
+            "XDG_RUNTIME_DIR": str(self.home / "run"),
             "XDG_CONFIG_HOME": str(self.home / ".config"),
             "XDG_CACHE_HOME": str(self.home / ".cache"),
             "XDG_DATA_HOME": str(self.home / ".local/share"),
             "VAGRANT_HOME": str(self.home / "vagrant.d"),
-            "VAGRANT_CHECKPOINT_DISABLE": "1",
-            "VAGRANT_DEFAULT_PROVIDER": "libvirt",
-            "PYENGINE_LAB_STAGE": str(self.stage),
-            "PYENGINE_LAB_VM_PREFIX": VM_PREFIX,
+            **lab,
         }
 
     def argv(self, argv: list[str]) -> list[str]:
@@ -108,10 +115,15 @@ class VagrantUser:
 
 
 def vagrant_user() -> VagrantUser:
-    """The lab's user (made if missing when run as root), or the caller when not root."""
+    """The lab's user (made if missing) when run as root; otherwise the caller, with the
+    repository's vagrant/ as the project and build/vmlab-stage as the stage."""
     if os.geteuid() != 0:
         pw = pwd.getpwuid(os.geteuid())
-        return VagrantUser(pw.pw_name, pw.pw_uid, pw.pw_gid, Path(pw.pw_dir) / ".pyelab")
+        build = REPO / "build"
+        return VagrantUser(
+            pw.pw_name, pw.pw_uid, pw.pw_gid, build / "vmlab", REPO / "vagrant",
+            build / "vmlab-stage",
+        )  # fmt: skip
     try:
         pw = pwd.getpwnam(LAB_USER)
     except KeyError:
@@ -122,7 +134,9 @@ def vagrant_user() -> VagrantUser:
             check=True,
         )  # fmt: skip
         pw = pwd.getpwnam(LAB_USER)
-    user = VagrantUser(pw.pw_name, pw.pw_uid, pw.pw_gid, LAB_HOME)
+    user = VagrantUser(
+        pw.pw_name, pw.pw_uid, pw.pw_gid, LAB_HOME, LAB_HOME / "project", LAB_HOME / "stage"
+    )
     for sub in (user.home, user.home / "run", user.project):
         sub.mkdir(parents=True, exist_ok=True)
         os.chown(sub, user.uid, user.gid)
@@ -133,6 +147,8 @@ def vagrant_user() -> VagrantUser:
 def install_vagrantfile(user: VagrantUser) -> None:
     """The repository's Vagrantfile, copied where the lab's user can read it (a clone under
     /root is not)."""
+    if not user.is_lab_user:
+        return  # the caller uses vagrant/Vagrantfile where it is
     target = user.project / "Vagrantfile"
     shutil.copyfile(REPO / "vagrant/Vagrantfile", target)
     user.chown(target)
@@ -140,8 +156,10 @@ def install_vagrantfile(user: VagrantUser) -> None:
 
 def add_box(user: VagrantUser, box: Path, echo: Callable[[str], None]) -> None:
     """``vagrant box add`` the built box, unless this very box is the one added already."""
+    user.home.mkdir(parents=True, exist_ok=True)
     marker = user.home / "box.added"
-    if marker.exists() and marker.read_text() == box.name:
+    added = user.vagrant_home / "boxes" / BOX_NAME.replace("/", "-VAGRANTSLASH-")
+    if added.is_dir() and marker.exists() and marker.read_text() == box.name:
         echo(f"box: {BOX_NAME} already added ({box.name})")
         return
     echo(f"+ vagrant box add --force --name {BOX_NAME} {box}")
@@ -247,7 +265,7 @@ def remove_box_volume(user: VagrantUser) -> None:
 def stop_session_daemon(user: VagrantUser) -> None:
     """libvirt's session daemon, which the lab's user's first virsh/Vagrant call started
     (it would exit after 120 s idle by itself). Only the lab's own user's daemon is stopped."""
-    if user.uid == 0 or user.name != LAB_USER:
+    if not user.is_lab_user:
         return
     for pid, _ in _user_processes(user, "libvirtd") + _user_processes(user, "virtqemud"):
         try:
