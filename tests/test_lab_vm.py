@@ -5,8 +5,9 @@ across them, then ``vagrant destroy -f`` and a search for anything left behind.
 The host's side of all the lab's traffic must stay on 127.0.0.1: the test checks that every
 socket of the VMs' QEMU processes is bound to 127.0.0.1, and that no tap/bridge link, and no
 address or route in the subnets the VMs use, appeared on the host. Other test runs may add and
-remove their own links meanwhile, so the comparison is about what QEMU or libvirt could make,
-not a diff of the whole host.
+remove their own links and bridges meanwhile, so the comparison is about what QEMU or libvirt
+could make (tun/tap devices, libvirt's vnet*/virbr* names, addresses and routes in the VMs'
+subnets), not a diff of the whole host.
 
 Runs where ``/dev/kvm`` exists; QEMU uses KVM where this user may and the CPU has VMX/SVM, and
 TCG otherwise (the Vagrantfile's ACCEL). One VM run at a time on the machine (/tmp/pye-vm.lock).
@@ -62,7 +63,7 @@ def _vm_traces(before: dict[str, list[dict[str, object]]]) -> list[str]:
         info = link.get("linkinfo") or {}
         kind = str(info.get("info_kind", "")) if isinstance(info, dict) else ""
         new = name not in old_links
-        if new and (name.startswith(VM_LINK_PREFIXES) or kind in ("tun", "bridge")):
+        if new and (name.startswith(VM_LINK_PREFIXES) or kind == "tun"):
             found.append(f"link {name} ({kind})")
     for addr in after["addrs"]:
         for entry in addr.get("addr_info", []) or []:  # type: ignore[attr-defined]
