@@ -8,8 +8,8 @@ the 127.0.0.1 forwards) and shows each command with its output; ``down`` is
 
 from __future__ import annotations
 
+import ipaddress
 import json
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -185,13 +185,16 @@ def _logged_address(access_log: str, agent: str) -> str:
 
 
 def _container_ip(inspect_output: str) -> str:
-    data = json.loads(inspect_output)
-    item = data[0] if isinstance(data, list) else data
-    networks = item["NetworkSettings"]["Networks"]
-    address = next(iter(networks.values()))["IPAddress"]
-    if not isinstance(address, str) or not address:
-        raise LabError("web has no address")
-    return shlex.quote(address)
+    """The container's address from ``pyengine inspect`` run in the engine VM (whose output is
+    the VM's to choose: checked to be an IPv4 address before it goes into a command line)."""
+    try:
+        data = json.loads(inspect_output)
+        item = data[0] if isinstance(data, list) else data
+        networks = item["NetworkSettings"]["Networks"]
+        address = str(ipaddress.IPv4Address(next(iter(networks.values()))["IPAddress"]))
+    except (ValueError, KeyError, TypeError, IndexError, StopIteration):
+        raise LabError("pyengine inspect web: no IPv4 address in its output") from None
+    return address
 
 
 def vm_lab(echo: Callable[[str], None]) -> VmLab:
