@@ -29,7 +29,7 @@ from lab.plan import LabError
 
 BOX_NAME = "pyengine/bookworm64-lab"
 BOX_CACHE = Path(os.environ.get("PYENGINE_BOX_CACHE", "/var/cache/pyengine/boxes"))
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 SOURCE_DATE_EPOCH = "1700000000"
 DISK_SIZE_GB = 8
 ROOT_LABEL = "pyelab-root"
@@ -121,7 +121,13 @@ def default_inputs() -> BoxInputs:
 
 def _run(argv: list[str], timeout: float, echo: Callable[[str], None]) -> None:
     echo("+ " + " ".join(argv))
-    env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH, LC_ALL="C.UTF-8")
+    # E2FSPROGS_FAKE_TIME: mkfs.ext4's own timestamps (superblock, root and lost+found).
+    env = dict(
+        os.environ,
+        SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH,
+        E2FSPROGS_FAKE_TIME=SOURCE_DATE_EPOCH,
+        LC_ALL="C.UTF-8",
+    )
     try:
         result = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, env=env, check=False
@@ -191,6 +197,13 @@ def build_box(inputs: BoxInputs, out: Path, echo: Callable[[str], None]) -> None
             echo,
         )
         _customize(tree, inputs.vagrant_pubkey, echo)
+        # Files the build itself wrote carry its time: clamped, as dpkg's are by the packages.
+        _run(
+            ["find", str(tree), "-xdev", "-newermt", f"@{SOURCE_DATE_EPOCH}", "-exec",
+             "touch", "--no-dereference", f"--date=@{SOURCE_DATE_EPOCH}", "{}", "+"],
+            300,
+            echo,
+        )  # fmt: skip
         kernel, initrd = _kernel_files(tree)
         shutil.copyfile(kernel, pack / "vmlinuz")
         shutil.copyfile(initrd, pack / "initrd.img")
