@@ -28,7 +28,7 @@ import pytest
 
 from lab.box import PACKAGES, BoxInputs
 from lab.vm import CLIENT_IP, GATEWAYS, VmLab, VmRun, vm_lab
-from lab.vmhost import leftovers
+from lab.vmhost import VagrantUser
 from tests.conftest import REPO, require_root, require_tool
 
 pytestmark = pytest.mark.privileged
@@ -106,6 +106,29 @@ def _owned_qemu(proc: Path, uid: int) -> bool:
         return False
 
 
+def _live_processes(user: VagrantUser) -> list[str]:
+    """Every process of the lab's own user still running (zombies aside) a few seconds after
+    ``down``: QEMU, libvirt's session daemon, Vagrant, ssh. None when Vagrant runs as root."""
+    if not user.is_lab_user:
+        return []
+    found: list[str] = []
+    for _ in range(50):
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit() or proc.stat().st_uid != user.uid:
+                    continue
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(f"process {proc.name} {(proc / 'comm').read_text().strip()}")
+            except OSError:
+                continue
+        if not found:
+            break
+        time.sleep(0.1)
+    return found
+
+
 def _loopback(endpoint: str) -> bool:
     host = endpoint.rsplit(":", 1)[0].strip("[]")
     return host == "*" or ipaddress.ip_address(host).is_loopback
@@ -139,7 +162,7 @@ def vm_run() -> Iterator[tuple[VmRun, dict[str, float], list[str], list[str]]]:
             left = lab.down()
             timings["destroy"] = time.monotonic() - started
             print("\n".join(lines[-40:]))
-        problems = traces + _vm_traces(before) + left + leftovers(lab.user)
+        problems = traces + _vm_traces(before) + left + _live_processes(lab.user)
     print("VM lab timings:", {k: round(v) for k, v in timings.items()})
     yield run, timings, sockets, problems
 
