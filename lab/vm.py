@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from lab.box import cached_box
 from lab.plan import ROLES, LabError
 from lab.vmhost import (
-    MACHINES,
     VagrantUser,
     add_box,
     install_vagrantfile,
@@ -107,58 +106,66 @@ class VmLab:
         return step
 
     def exercise(self) -> VmRun:
+        """``lab exercise publish`` on the engine, then each daemon's paths from the client."""
         run = VmRun()
-
-        def on(machine: str, command: str, ok: bool = True, show: bool = True) -> Step:
-            step = self.ssh(machine, command, show=show)
-            run.steps.append(step)
-            if ok and step.returncode != 0:
-                raise LabError(f"{machine}: {command}: exit {step.returncode}")
-            return step
-
-        on("engine", f"cd {SRC} && sudo {VENV}/bin/python -m lab exercise publish")
+        self._on(run, "engine", f"cd {SRC} && sudo {VENV}/bin/python -m lab exercise publish")
         web_ips = {}
         for role in ROLES:
-            inspect = on("engine", f"{_pyengine(role)} inspect web", show=False)
+            inspect = self._on(run, "engine", f"{_pyengine(role)} inspect web", show=False)
             web_ips[role] = _container_ip(inspect.output)
             self.echo(f"web ({role}): {web_ips[role]}")
         for role in ROLES:
-            port = PORTS[role]
-            bridge = f"pyelab-{role}"
-            # tcpdump on the engine's bridge while the client connects through the LAN.
-            capture = (
-                f'sudo sh -c "timeout 60 tcpdump -i {bridge} -l -tnn -c 2 '
-                f"'tcp port 80 and tcp[tcpflags] & tcp-syn != 0' </dev/null "
-                f'>/tmp/pyelab-{role}.pcap.txt 2>/dev/null &"; sleep 3'
-            )
-            on("engine", capture)
-            fmt = "'%{http_code} from %{remote_ip}:%{remote_port}\\n'"
-            view = on(
-                "client",
-                f"curl -sS -o /dev/null -A lab-client-vm -w {fmt} http://{ENGINE_IP}:{port}/",
-            )
-            run.client_view[role] = view.output.strip()
-            lines = on(
-                "engine",
-                f"for i in $(seq 100); do [ $(wc -l < /tmp/pyelab-{role}.pcap.txt) -ge 2 ] "
-                f"&& break; sleep 0.2; done; cat /tmp/pyelab-{role}.pcap.txt",
-            )
-            run.bridge_capture[role] = lines.output
-            # The engine's own loopback connection: the userland proxy's path in proxy mode
-            # (nginx sees the bridge's gateway), DNAT plus masquerade in the other.
-            on("engine", f"curl -sS -o /dev/null -A lab-engine-loopback http://127.0.0.1:{port}/")
-            logged = on("engine", f"{_pyengine(role)} logs web 2>/dev/null | grep ' \"lab-'")
-            run.logged_client[role] = _logged_address(logged.output, "lab-client-vm")
-            run.logged_loopback[role] = _logged_address(logged.output, "lab-engine-loopback")
-            # The LAN probe: the client routes to the container itself, around the published
-            # port; netd drops it (docs/lab.md, "counters").
-            probe = on(
-                "client",
-                f"curl -sS --max-time 3 -o /dev/null http://{web_ips[role]}/",
-                ok=False,
-            )
-            run.direct_probe[role] = probe.returncode
+            self._exercise_daemon(run, role, web_ips[role])
         return run
+
+    def _on(
+        self, run: VmRun, machine: str, command: str, ok: bool = True, show: bool = True
+    ) -> Step:
+        step = self.ssh(machine, command, show=show)
+        run.steps.append(step)
+        if ok and step.returncode != 0:
+            raise LabError(f"{machine}: {command}: exit {step.returncode}")
+        return step
+
+    def _exercise_daemon(self, run: VmRun, role: str, web_ip: str) -> None:
+        port, pcap = PORTS[role], f"/tmp/pyelab-{role}.pcap.txt"
+        # tcpdump on the engine's bridge (the SYN and the SYN-ACK) while the client connects
+        # through the LAN; detached, so that the SSH session ends at once.
+        self._on(
+            run,
+            "engine",
+            f'sudo sh -c "timeout 60 tcpdump -i pyelab-{role} -l -tnn -c 2 '
+            f"'tcp port 80 and tcp[tcpflags] & tcp-syn != 0' </dev/null "
+            f'>{pcap} 2>/dev/null &"; sleep 3',
+        )
+        fmt = "'%{http_code} from %{remote_ip}:%{remote_port}\\n'"
+        view = self._on(
+            run,
+            "client",
+            f"curl -sS -o /dev/null -A lab-client-vm -w {fmt} http://{ENGINE_IP}:{port}/",
+        )
+        run.client_view[role] = view.output.strip()
+        capture = self._on(
+            run,
+            "engine",
+            f"for i in $(seq 100); do [ $(wc -l < {pcap}) -ge 2 ] && break; sleep 0.2; done; "
+            f"cat {pcap}",
+        )
+        run.bridge_capture[role] = capture.output
+        # The engine's own loopback connection: the userland proxy's path in proxy mode
+        # (nginx sees the bridge's gateway), DNAT plus masquerade in the other.
+        self._on(
+            run, "engine", f"curl -sS -o /dev/null -A lab-engine-loopback http://127.0.0.1:{port}/"
+        )
+        logged = self._on(run, "engine", f"{_pyengine(role)} logs web 2>/dev/null | grep ' \"lab-'")
+        run.logged_client[role] = _logged_address(logged.output, "lab-client-vm")
+        run.logged_loopback[role] = _logged_address(logged.output, "lab-engine-loopback")
+        # The LAN probe: the client routes to the container itself, around the published
+        # port; netd drops it (docs/lab.md, "counters").
+        probe = self._on(
+            run, "client", f"curl -sS --max-time 3 -o /dev/null http://{web_ip}/", ok=False
+        )
+        run.direct_probe[role] = probe.returncode
 
     def down(self) -> list[str]:
         """``vagrant destroy -f``, then the box's pool volume and the session daemon; returns
@@ -199,6 +206,3 @@ def _container_ip(inspect_output: str) -> str:
 
 def vm_lab(echo: Callable[[str], None]) -> VmLab:
     return VmLab(vagrant_user(), echo)
-
-
-__all__ = ["MACHINES", "VmLab", "VmRun", "vm_lab", "CLIENT_IP", "GATEWAYS"]

@@ -31,7 +31,6 @@ LAB_HOME = Path(os.environ.get("PYENGINE_VMLAB_HOME", "/var/cache/pyengine/vmlab
 IMAGE_CACHE = Path(os.environ.get("IMAGE_CACHE", "/var/cache/pyengine/images"))
 STAGE_IMAGES = ("nginx", "busybox")
 VM_PREFIX = "pyelab-"
-MACHINES = ("engine", "client")
 VAGRANT_TIMEOUT = 900.0
 
 
@@ -262,12 +261,16 @@ def remove_box_volume(user: VagrantUser) -> None:
             user.run(["virsh", "-c", "qemu:///session", "vol-delete", line.split()[0], "default"])
 
 
+SESSION_DAEMONS = ("libvirtd", "virtqemud", "virtlogd", "virtlockd")
+
+
 def stop_session_daemon(user: VagrantUser) -> None:
-    """libvirt's session daemon, which the lab's user's first virsh/Vagrant call started
-    (it would exit after 120 s idle by itself). Only the lab's own user's daemon is stopped."""
+    """libvirt's session daemons (libvirtd and the virtlogd it starts for QEMU's logs), which
+    the lab's user's first virsh/Vagrant call started; each would exit after 120 s idle by
+    itself. Only the lab's own user's daemons are stopped."""
     if not user.is_lab_user:
         return
-    for pid, _ in _user_processes(user, "libvirtd") + _user_processes(user, "virtqemud"):
+    for pid, _ in [p for name in SESSION_DAEMONS for p in _user_processes(user, name)]:
         try:
             os.kill(pid, 15)
         except ProcessLookupError:
