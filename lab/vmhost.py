@@ -11,6 +11,7 @@ anyone else, it runs Vagrant as that user. The VMs' QEMU processes are that user
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
 import pwd
@@ -127,8 +128,11 @@ def vagrant_user() -> VagrantUser:
         pw = pwd.getpwnam(LAB_USER)
     except KeyError:
         LAB_HOME.parent.mkdir(parents=True, exist_ok=True)
+        # In the kvm group where there is one, so that QEMU may use /dev/kvm (udev gives it
+        # mode 0660 root:kvm on Debian); TCG otherwise.
+        kvm = ["--groups", "kvm"] if _group_exists("kvm") else []
         subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir",
+            ["useradd", "--system", "--user-group", *kvm, "--no-create-home", "--home-dir",
              str(LAB_HOME), "--shell", "/usr/sbin/nologin", LAB_USER],
             check=True,
         )  # fmt: skip
@@ -136,11 +140,21 @@ def vagrant_user() -> VagrantUser:
     user = VagrantUser(
         pw.pw_name, pw.pw_uid, pw.pw_gid, LAB_HOME, LAB_HOME / "project", LAB_HOME / "stage"
     )
+    if user.home.exists() and user.home.stat().st_uid != user.uid:
+        user.chown(user.home)  # left by an earlier pyelab user of another uid
     for sub in (user.home, user.home / "run", user.project):
         sub.mkdir(parents=True, exist_ok=True)
         os.chown(sub, user.uid, user.gid)
     (user.home / "run").chmod(0o700)
     return user
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def install_vagrantfile(user: VagrantUser) -> None:
