@@ -96,3 +96,14 @@ lab-validate:
 	fi
 	ruby -c vagrant/Vagrantfile
 	cd vagrant && VAGRANT_CHECKPOINT_DISABLE=1 vagrant validate --ignore-provider
+
+# The VM lab (docs/lab.md, "The VM lab"): its Debian 12 box, built offline from Debian packages
+# and cached under /var/cache/pyengine/boxes (needs root); then the two VMs under Vagrant.
+.PHONY: lab-box lab-vm lab-vm-down
+lab-box: setup
+	$(BIN)/python -m lab box
+lab-vm: lab-box
+	$(BIN)/python -m lab vm up
+	$(BIN)/python -m lab vm exercise
+lab-vm-down:
+	$(BIN)/python -m lab vm down

@@ -31,6 +31,7 @@ from lab.exercises import EXERCISES
 from lab.lifecycle import down, status_text, up
 from lab.plan import DEFAULT_DIR, LabError, LabOptions, LabState
 from lab.runner import run_exercise
+from lab.vmcli import box_command, vm_group
 from netd.firewall import BACKENDS
 
 
@@ -134,6 +135,9 @@ def exercise_command(ctx: click.Context, name: str) -> None:
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
 
+
+main.add_command(box_command)
+main.add_command(vm_group)
 
 if __name__ == "__main__":
     main(prog_name="python -m lab")

@@ -14,6 +14,11 @@ set -euo pipefail
 packages=(runc nftables iptables iproute2 mmdebstrap busybox-static conntrack curl socat procps
   python3-venv python3-dev gcc libc6-dev ca-certificates openssl docker-registry skopeo apache2-utils tcpdump wrk iperf3
   dnsmasq-base graphviz podman containernetworking-plugins)
+# The VM lab (lab/box.py, vagrant/): Vagrant with vagrant-libvirt, libvirt's QEMU driver for its
+# session daemon, QEMU; without recommends, so that neither libvirt's system daemon nor its
+# "default" NAT network (libvirt-daemon-config-network) comes in.
+vm_packages=(vagrant vagrant-libvirt libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+  qemu-system-x86 qemu-utils e2fsprogs)
 # docker-compose is installed with the anchor: it recommends docker.io, which would otherwise
 # come in (and start) with the packages above.
 anchors=(docker.io docker-compose)
@@ -29,6 +34,7 @@ apt_install() {
 }
 
 need=$(missing "${packages[@]}")
+need_vm=$(missing "${vm_packages[@]}")
 need_anchor=$(missing "${anchors[@]}")
 anchor_opts=()
 # docker.io conflicts with Docker's own packages (docker-ce's containerd.io): installing it
@@ -38,10 +44,12 @@ if [ -n "$need_anchor" ] && { [ -z "$(missing docker-ce)" ] || [ -z "$(missing c
   need_anchor=$(missing docker-compose)
   anchor_opts=(--no-install-recommends)
 fi
-[ -z "$need$need_anchor" ] && exit 0
+[ -z "$need$need_vm$need_anchor" ] && exit 0
 apt-get update -q
 # shellcheck disable=SC2086
 [ -n "$need" ] && apt_install $need
+# shellcheck disable=SC2086
+[ -n "$need_vm" ] && apt_install --no-install-recommends $need_vm
 
 if [ -n "$need_anchor" ]; then
   made_policy=""
