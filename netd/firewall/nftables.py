@@ -76,6 +76,10 @@ MAP_ON_ANY = "published_on_any"
 MAP6_ON_ADDR = "published6_on_addr"
 MAP6_ON_ANY = "published6_on_any"
 MAPS = (MAP_ON_ADDR, MAP_ON_ANY, MAP6_ON_ADDR, MAP6_ON_ANY)
+# The keys of MAP_ON_ADDR on 127.0.0.0/8, as a set: the raw chain's drop of such ports from a
+# wire looks them up here. A lookup of a map's keys as a set ("... @map") is refused with EINVAL
+# by Linux 6.1 (Debian 12's kernel); newer kernels take it.
+LOOPBACK4 = "published_on_loopback"
 # Published targets (container address . protocol . port) on routed networks, per family.
 ROUTED4 = "routed4"
 ROUTED6 = "routed6"
@@ -88,6 +92,10 @@ def _map_name(m: PortMapping) -> str:
     if is_ipv6_mapping(m):
         return MAP6_ON_ANY if m.host_ip == ANY_IPV6 else MAP6_ON_ADDR
     return MAP_ON_ANY if m.host_ip == ANY_IPV4 else MAP_ON_ADDR
+
+
+def _on_loopback4(m: PortMapping) -> bool:
+    return _map_name(m) == MAP_ON_ADDR and m.host_ip.startswith("127.")
 
 
 def _key(m: PortMapping) -> str:
@@ -136,7 +144,7 @@ class NftablesFirewall(Firewall):
             # A port published on a loopback address is for this host only, even when some
             # interface has route_localnet=1 (moby#45610).
             'iifname != "lo" ip daddr 127.0.0.0/8 '
-            f"ip daddr . meta l4proto . th dport @{MAP_ON_ADDR} counter drop",
+            f"ip daddr . meta l4proto . th dport @{LOOPBACK4} counter drop",
         ]
         # Loopback never arrives from a wire.
         prerouting = ["ip daddr 127.0.0.0/8 return", "ip6 daddr ::1 return"]
@@ -241,6 +249,9 @@ class NftablesFirewall(Firewall):
             f"  map {MAP6_ON_ANY} {{\n"
             "    type inet_proto . inet_service : ipv6_addr . inet_service\n"
             "  }\n"
+            f"  set {LOOPBACK4} {{\n"
+            "    type ipv4_addr . inet_proto . inet_service\n"
+            "  }\n"
             f"  set {ROUTED4} {{\n"
             "    type ipv4_addr . inet_proto . inet_service\n"
             "  }\n"
@@ -300,6 +311,10 @@ class NftablesFirewall(Firewall):
                 render = _element if with_values else _key
                 body = ", ".join(render(m) for m in items)
                 lines.append(f"{verb} element inet {self.table} {name} {{ {body} }}\n")
+        loopback = [_key(m) for m in dnat_mappings(mappings) if _on_loopback4(m)]
+        if loopback:
+            body = ", ".join(loopback)
+            lines.append(f"{verb} element inet {self.table} {LOOPBACK4} {{ {body} }}\n")
         return "".join(lines)
 
     def _routed_elements(self, verb: str, targets: Sequence[tuple[str, str, int]]) -> str:
