@@ -25,7 +25,7 @@ $(STAMPS)/apt: Makefile scripts/install-deps.sh
 	@touch $@
 
 venv: $(STAMPS)/venv
-$(STAMPS)/venv: pyproject.toml setup.py proxy/_forkloop.c proxy/launcher.c proxy/launcher_server.c proxy/launcher.h $(STAMPS)/apt
+$(STAMPS)/venv: pyproject.toml setup.py proxy/_forkloop.c proxy/launcher.c proxy/launcher_server.c proxy/launcher.h proxy/forkproto.h $(STAMPS)/apt
 	@mkdir -p $(STAMPS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[test,bench]'

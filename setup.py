@@ -19,6 +19,7 @@ class BuildWithLauncher(build_ext):
         super().run()
         objects = self.compiler.compile(
             ["proxy/launcher.c", "proxy/launcher_server.c"],
+            depends=["proxy/launcher.h", "proxy/forkproto.h"],
             output_dir=self.build_temp,
             extra_postargs=["-O2", "-Wall"],
         )
@@ -40,7 +41,9 @@ class CopyExecutables(build_scripts):
 
 
 setup(
-    ext_modules=[Extension("proxy._forkloop", ["proxy/_forkloop.c"])],
+    ext_modules=[
+        Extension("proxy._forkloop", ["proxy/_forkloop.c"], depends=["proxy/forkproto.h"])
+    ],
     cmdclass={"build_ext": BuildWithLauncher, "build_scripts": CopyExecutables},
     scripts=[os.path.join(LAUNCHER_DIR, LAUNCHER)],
 )

@@ -39,32 +39,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "forkproto.h"
+
 #define MAX_MESSAGE (64 * 1024)
-#define MAX_FDS 8
-#define STATUS_FD 3
-#define LISTEN_FD 4
-#define SECOND_LISTEN_FD 5
-#define LIFELINE_FD 6 /* a host server's proxy: its launcher's connection (proxy/hostserver.py) */
 #define FIRST_FREE_FD 7
-#define HEADER_MAGIC 0x50594631u /* "PYF1" */
-
-#define FLAG_OUTLIVE_PARENT 1u /* no PR_SET_PDEATHSIG: the proxy outlives the server */
-#define FLAG_IDLE_HERE 2u      /* fd 4 is the listener: get it ready and wait here */
-#define FLAG_UDP 4u            /* with FLAG_IDLE_HERE: a UDP listener (else TCP) */
-#define FLAG_SECOND_LISTENER 8u /* with FLAG_IDLE_HERE: fd 5 is a listener too */
-#define FLAG_LIFELINE 16u       /* set by the host server: the request's connection is fd 6 */
-#define MAX_PENDING 64          /* host server: accepted connections awaiting their request */
+#define MAX_PENDING 64 /* host server: accepted connections awaiting their request */
 #define PENDING_TIMEOUT_MS 5000
-
-/* The fixed part of a request; the supervisor's JSON payload follows it. */
-struct request_header {
-    uint32_t magic;
-    uint32_t id;
-    uint32_t flags;
-    uint8_t fd_count;
-    uint8_t targets[MAX_FDS];
-    uint8_t padding[3];
-};
 
 static char request_buffer[MAX_MESSAGE];
 
@@ -372,6 +352,20 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
     return NULL;
 }
 
+/* recvmsg(2) one request into request_buffer, its fds received close-on-exec. */
+static ssize_t receive_request(int fd, struct msghdr *message, void *control_space,
+                               size_t control_size, struct iovec *iov, int flags)
+{
+    iov->iov_base = request_buffer;
+    iov->iov_len = sizeof(request_buffer);
+    memset(message, 0, sizeof(*message));
+    message->msg_iov = iov;
+    message->msg_iovlen = 1;
+    message->msg_control = control_space;
+    message->msg_controllen = control_size;
+    return recvmsg(fd, message, MSG_CMSG_CLOEXEC | flags);
+}
+
 static PyObject *forkloop_serve(PyObject *module, PyObject *args)
 {
     int control;
@@ -406,14 +400,10 @@ static PyObject *forkloop_serve(PyObject *module, PyObject *args)
                 struct cmsghdr header;
                 char space[CMSG_SPACE(MAX_FDS * sizeof(int))];
             } control_data;
-            struct iovec iov = {.iov_base = request_buffer, .iov_len = sizeof(request_buffer)};
-            struct msghdr message = {
-                .msg_iov = &iov,
-                .msg_iovlen = 1,
-                .msg_control = control_data.space,
-                .msg_controllen = sizeof(control_data.space),
-            };
-            ssize_t length = recvmsg(control, &message, MSG_CMSG_CLOEXEC);
+            struct iovec iov;
+            struct msghdr message;
+            ssize_t length = receive_request(control, &message, control_data.space,
+                                             sizeof(control_data.space), &iov, 0);
             if (length < 0 && errno == EINTR)
                 continue;
             if (length <= 0)
@@ -425,20 +415,6 @@ static PyObject *forkloop_serve(PyObject *module, PyObject *args)
     }
     close(exits);
     Py_RETURN_NONE;
-}
-
-/* recvmsg(2) one request into request_buffer, its fds received close-on-exec. */
-static ssize_t receive_request(int fd, struct msghdr *message, void *control_space,
-                               size_t control_size, struct iovec *iov, int flags)
-{
-    iov->iov_base = request_buffer;
-    iov->iov_len = sizeof(request_buffer);
-    memset(message, 0, sizeof(*message));
-    message->msg_iov = iov;
-    message->msg_iovlen = 1;
-    message->msg_control = control_space;
-    message->msg_controllen = control_size;
-    return recvmsg(fd, message, MSG_CMSG_CLOEXEC | flags);
 }
 
 static long now_ms(void)

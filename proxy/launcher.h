@@ -23,27 +23,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define STATUS_FD 3
-#define LISTEN_FD 4
-/* struct request_header and the flags of proxy/_forkloop.c */
-#define HEADER_MAGIC 0x50594631u
-#define MAX_FDS 8
-#define FLAG_OUTLIVE_PARENT 1u
-#define FLAG_IDLE_HERE 2u
-#define FLAG_UDP 4u
+#include "forkproto.h"
+
 #define START_TIMEOUT_MS 30000 /* a cold server imports and warms up in ~1 s */
 #define REPLY_TIMEOUT_MS 5000 /* a warm server forks in milliseconds; after this it is replaced */
 #define STATUS_TIMEOUT_MS 15000 /* dockerd gives its proxy 16 s */
 #define LOCK_TIMEOUT_MS 40000
-
-struct request_header {
-    uint32_t magic;
-    uint32_t id;
-    uint32_t flags;
-    uint8_t fd_count;
-    uint8_t targets[MAX_FDS];
-    uint8_t padding[3];
-};
 
 struct options {
     const char *proto, *host_ip, *host_port, *container_ip, *container_port;
