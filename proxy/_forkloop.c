@@ -352,18 +352,37 @@ static PyObject *handle_request(int control, ssize_t length, struct msghdr *mess
     return NULL;
 }
 
-/* recvmsg(2) one request into request_buffer, its fds received close-on-exec. */
-static ssize_t receive_request(int fd, struct msghdr *message, void *control_space,
-                               size_t control_size, struct iovec *iov, int flags)
+/* recvmsg(2) one request into request_buffer, its fds received close-on-exec into
+ * request_fds (which ``message`` points at until the next call). */
+static ssize_t receive_request(int fd, struct msghdr *message, struct iovec *iov, int flags)
 {
+    static union {
+        struct cmsghdr header;
+        char space[CMSG_SPACE(MAX_FDS * sizeof(int))];
+    } request_fds;
     iov->iov_base = request_buffer;
     iov->iov_len = sizeof(request_buffer);
     memset(message, 0, sizeof(*message));
     message->msg_iov = iov;
     message->msg_iovlen = 1;
-    message->msg_control = control_space;
-    message->msg_controllen = control_size;
+    message->msg_control = request_fds.space;
+    message->msg_controllen = sizeof(request_fds.space);
     return recvmsg(fd, message, MSG_CMSG_CLOEXEC | flags);
+}
+
+/* SIGCHLD blocked and delivered to a signalfd, for the loop to reap its children; -1 (with a
+ * Python error set) if that fails. */
+static int watch_child_exits(void)
+{
+    sigset_t child_signal;
+    sigemptyset(&child_signal);
+    sigaddset(&child_signal, SIGCHLD);
+    int exits = -1;
+    if (sigprocmask(SIG_BLOCK, &child_signal, NULL) == 0)
+        exits = signalfd(-1, &child_signal, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (exits < 0)
+        PyErr_SetFromErrno(PyExc_OSError);
+    return exits;
 }
 
 static PyObject *forkloop_serve(PyObject *module, PyObject *args)
@@ -371,14 +390,9 @@ static PyObject *forkloop_serve(PyObject *module, PyObject *args)
     int control;
     if (!PyArg_ParseTuple(args, "i", &control))
         return NULL;
-    sigset_t child_signal;
-    sigemptyset(&child_signal);
-    sigaddset(&child_signal, SIGCHLD);
-    if (sigprocmask(SIG_BLOCK, &child_signal, NULL) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    int exits = signalfd(-1, &child_signal, SFD_NONBLOCK | SFD_CLOEXEC);
+    int exits = watch_child_exits();
     if (exits < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
     struct pollfd watched[2] = {
         {.fd = control, .events = POLLIN},
         {.fd = exits, .events = POLLIN},
@@ -396,14 +410,9 @@ static PyObject *forkloop_serve(PyObject *module, PyObject *args)
             report_exits(control);
         }
         if (watched[0].revents) {
-            union {
-                struct cmsghdr header;
-                char space[CMSG_SPACE(MAX_FDS * sizeof(int))];
-            } control_data;
             struct iovec iov;
             struct msghdr message;
-            ssize_t length = receive_request(control, &message, control_data.space,
-                                             sizeof(control_data.space), &iov, 0);
+            ssize_t length = receive_request(control, &message, &iov, 0);
             if (length < 0 && errno == EINTR)
                 continue;
             if (length <= 0)
@@ -433,14 +442,9 @@ static PyObject *forkloop_serve_host(PyObject *module, PyObject *args)
     int listener, idle_seconds;
     if (!PyArg_ParseTuple(args, "ii", &listener, &idle_seconds))
         return NULL;
-    sigset_t child_signal;
-    sigemptyset(&child_signal);
-    sigaddset(&child_signal, SIGCHLD);
-    if (sigprocmask(SIG_BLOCK, &child_signal, NULL) < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    int exits = signalfd(-1, &child_signal, SFD_NONBLOCK | SFD_CLOEXEC);
+    int exits = watch_child_exits();
     if (exits < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
     struct pollfd watched[2 + MAX_PENDING];
     long accepted_at[MAX_PENDING];
     int pending = 0;
@@ -485,14 +489,9 @@ static PyObject *forkloop_serve_host(PyObject *module, PyObject *args)
             int conn = watched[2 + i].fd;
             int done = 0;
             if (watched[2 + i].revents) {
-                union {
-                    struct cmsghdr header;
-                    char space[CMSG_SPACE(MAX_FDS * sizeof(int))];
-                } control_data;
                 struct iovec iov;
                 struct msghdr message;
-                ssize_t length = receive_request(conn, &message, control_data.space,
-                                                 sizeof(control_data.space), &iov, MSG_DONTWAIT);
+                ssize_t length = receive_request(conn, &message, &iov, MSG_DONTWAIT);
                 if (length < 0 && (errno == EAGAIN || errno == EINTR)) {
                     done = 0;
                 } else if (length <= 0) {
